@@ -1,0 +1,3 @@
+from mtreg.cli.main import main
+
+main()

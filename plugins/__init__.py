@@ -1,0 +1,1 @@
+"""Task plugins: the hook specification, the loader and the built-in plugins."""
