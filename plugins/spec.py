@@ -87,9 +87,7 @@ class HeadSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
-            raise MtregError(
-                f"unknown head kind {self.kind!r}: use one of {', '.join(HEAD_KINDS)}"
-            )
+            raise MtregError(f"unknown head kind {self.kind!r}: use one of {', '.join(HEAD_KINDS)}")
         labels = tuple(self.labels)
         object.__setattr__(self, "labels", labels)
         if not all(isinstance(label, str) and label for label in labels):

@@ -1,0 +1,37 @@
+"""What every command shares: the global options and a lazily opened Registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    from mtreg.registry.api import Registry
+
+
+@dataclass
+class Context:
+    url: str | None
+    home: Path | None
+    plugins_dirs: tuple[Path, ...]
+    debug: bool
+    _registry: Registry | None = field(default=None, repr=False)
+
+    @property
+    def registry(self) -> Registry:
+        """The Registry for this invocation, opened on first use."""
+        if self._registry is None:
+            from mtreg.registry.api import Registry
+
+            self._registry = Registry(self.url, self.home, self.plugins_dirs)
+        return self._registry
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+
+
+pass_context = click.make_pass_decorator(Context)

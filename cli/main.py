@@ -1,0 +1,74 @@
+"""The ``mtreg`` command: global options, error handling and the command groups.
+
+Commands live in modules named for their topic; each one is a thin layer over
+:class:`mtreg.Registry`, so everything here is also available from Python.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mtreg.cli import db, plugin, task, trunk
+from mtreg.cli.context import Context
+from mtreg.errors import MtregError
+
+
+class _Group(click.Group):
+    """Turns every :class:`MtregError` into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MtregError as exc:
+            if ctx.find_object(Context) and ctx.find_object(Context).debug:
+                raise
+            raise click.ClickException(str(exc).replace("\n", " ")) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    "url",
+    envvar="MTREG_DATABASE_URL",
+    metavar="URL",
+    help="SQLAlchemy database URL [env MTREG_DATABASE_URL; default: SQLite in MTREG_HOME].",
+)
+@click.option(
+    "--home",
+    envvar="MTREG_HOME",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Registry home (objects, bundles, SQLite) [env MTREG_HOME].",
+)
+@click.option(
+    "--plugins-dir",
+    "plugins_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Extra plugin file or directory (repeatable) [env MTREG_PLUGINS_PATH].",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="mtreg")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    url: str | None,
+    home: Path | None,
+    plugins_dirs: tuple[Path, ...],
+    debug: bool,
+) -> None:
+    """mtreg: register task plugins on a shared BERT trunk and merge them into bundles."""
+    ctx.obj = Context(url=url, home=home, plugins_dirs=plugins_dirs, debug=debug)
+    ctx.call_on_close(ctx.obj.close)
+
+
+for module in (db, plugin, task, trunk):
+    for command in module.COMMANDS:
+        cli.add_command(command)
+
+
+def main() -> None:
+    """Entry point of the ``mtreg`` console script."""
+    sys.exit(cli.main(prog_name="mtreg"))

@@ -1,0 +1,38 @@
+"""``mtreg plugins``: what loaded, from where, and what failed."""
+
+from __future__ import annotations
+
+import click
+
+from mtreg.cli.context import Context, pass_context
+from mtreg.cli.output import echo_json, echo_table, json_option
+
+
+@click.command("plugins")
+@json_option
+@pass_context
+def plugins(ctx: Context, as_json: bool) -> None:
+    """List task plugins (installed and from plugin paths), their tasks and errors."""
+    discovery = ctx.registry.discover()
+    if as_json:
+        echo_json(discovery.to_dict())
+        return
+    echo_table(
+        [
+            [
+                p.name,
+                p.version or "",
+                ", ".join(p.tasks) or "-",
+                f"ERROR {p.error}" if p.error else "ok",
+                p.where,
+            ]
+            for p in discovery.plugins
+        ],
+        ["PLUGIN", "VERSION", "TASKS", "STATUS", "WHERE"],
+        "no plugins found: install one, or pass --plugins-dir / set MTREG_PLUGINS_PATH",
+    )
+    for message in (*discovery.conflicts, *discovery.warnings):
+        click.echo(f"warning: {message}", err=True)
+
+
+COMMANDS = [plugins]
