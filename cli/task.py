@@ -2,36 +2,80 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from mtreg.cli.context import Context, pass_context
 from mtreg.cli.output import echo_fields, echo_json, echo_table, json_option, listing, short
+
+if TYPE_CHECKING:
+    from mtreg.registry.api import Changes
 
 dry_run_option = click.option(
     "--dry-run", is_flag=True, help="Say what would happen; write nothing."
 )
 
 
+def echo_changes(changes: Changes, dry_run: bool, as_json: bool) -> None:
+    """Print what a write command did (or, with ``dry_run``, would do)."""
+    if as_json:
+        echo_json({**changes.to_dict(), "dry_run": dry_run})
+        return
+    prefix = "would be " if dry_run else ""
+    for r in changes.tasks:
+        was = f" (was {r.previous})" if r.previous and r.previous != r.version else ""
+        click.echo(f"{r.task} {r.version}: {prefix}{r.change}{was}")
+    for refusal in changes.refused:
+        click.echo(f"{refusal.task}: refused: {refusal.reason}")
+    for bundle in changes.bundles:
+        aliases = f" ({', '.join(bundle.aliases)})" if bundle.aliases else ""
+        click.echo(f"bundle {short(bundle.id)}{aliases}: {len(bundle.members)} task(s)")
+
+
 @click.command("register")
 @click.argument("tasks", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Register every task the plugins offer.")
+@click.option("--promote", is_flag=True, help="Also point the 'serving' alias at the new bundle.")
 @dry_run_option
 @json_option
 @pass_context
 def register(
-    ctx: Context, tasks: tuple[str, ...], all_: bool, dry_run: bool, as_json: bool
+    ctx: Context, tasks: tuple[str, ...], all_: bool, promote: bool, dry_run: bool, as_json: bool
 ) -> None:
-    """Register the plugins' current versions of TASKS (all or nothing)."""
+    """Register the plugins' current versions of TASKS (all or nothing), then rebuild."""
     if all_ and tasks:
         raise click.UsageError("name tasks or pass --all, not both")
-    results = ctx.registry.register(tasks, all=all_, dry_run=dry_run)
-    if as_json:
-        echo_json([r.to_dict() for r in results])
-        return
-    prefix = "would be " if dry_run else ""
-    for r in results:
-        was = f" (was {r.previous})" if r.previous and r.previous != r.version else ""
-        click.echo(f"{r.task} {r.version}: {prefix}{r.change}{was}")
+    changes = ctx.registry.register(tasks, all=all_, dry_run=dry_run, promote=promote)
+    echo_changes(changes, dry_run, as_json)
+
+
+@click.command("sync")
+@click.option("--promote", is_flag=True, help="Also point the 'serving' alias at the new bundle.")
+@dry_run_option
+@json_option
+@pass_context
+def sync(ctx: Context, promote: bool, dry_run: bool, as_json: bool) -> None:
+    """Register every new or upgraded task the plugins offer and rebuild once.
+
+    A refused task is reported and does not stop the others; the exit code is 1 if any
+    task was refused.
+    """
+    changes = ctx.registry.sync(dry_run=dry_run, promote=promote)
+    echo_changes(changes, dry_run, as_json)
+    if changes.refused:
+        click.get_current_context().exit(1)
+
+
+@click.command("rollback")
+@click.argument("name")
+@click.option("--to", "version", required=True, help="The registered version to re-activate.")
+@dry_run_option
+@json_option
+@pass_context
+def rollback(ctx: Context, name: str, version: str, dry_run: bool, as_json: bool) -> None:
+    """Re-activate an earlier registered VERSION of task NAME and rebuild."""
+    echo_changes(ctx.registry.rollback(name, version, dry_run=dry_run), dry_run, as_json)
 
 
 @click.command("list")
@@ -128,12 +172,11 @@ def versions(ctx: Context, name: str, as_json: bool) -> None:
 @click.command("remove")
 @click.argument("name")
 @dry_run_option
+@json_option
 @pass_context
-def remove(ctx: Context, name: str, dry_run: bool) -> None:
-    """Deactivate task NAME (its history stays; roll back to re-activate)."""
-    record = ctx.registry.remove(name, dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
-    click.echo(f"{verb} {name} (was at {record.active_version})")
+def remove(ctx: Context, name: str, dry_run: bool, as_json: bool) -> None:
+    """Deactivate task NAME and rebuild (its history stays; roll back to re-activate)."""
+    echo_changes(ctx.registry.remove(name, dry_run=dry_run), dry_run, as_json)
 
 
-COMMANDS = [register, list_, show, versions, remove]
+COMMANDS = [register, sync, rollback, list_, show, versions, remove]

@@ -6,17 +6,25 @@ inside the operations that read weights, so listing tasks stays fast.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mtreg.errors import AlreadyExists, IncompatibleTrunk, InvalidWeights, MtregError, NotFound
 from mtreg.plugins.spec import validate_name
+from mtreg.registry.bundles import build_manifest, bundle_id, clean_leftovers, write_bundle
 from mtreg.registry.objects import ObjectStore, sha256_file
-from mtreg.registry.records import TaskRecord, TaskVersionRecord, TrunkRecord
+from mtreg.registry.records import (
+    BundleRecord,
+    EventRecord,
+    TaskRecord,
+    TaskVersionRecord,
+    TrunkRecord,
+)
 from mtreg.registry.settings import resolve_home, resolve_url
 from mtreg.registry.versioning import Change, decide
 
@@ -25,6 +33,18 @@ if TYPE_CHECKING:
 
     from mtreg.plugins.loader import Discovery, LoadedTask
     from mtreg.registry.store import Store
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A task that :meth:`Registry.sync` could not register, and why."""
+
+    task: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        """Return a JSON-ready dict."""
+        return {"task": self.task, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,35 @@ class Registration:
             "previous": self.previous,
             "plugin": self.plugin,
         }
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a write command did: per-task outcomes, refusals, and the bundles it built."""
+
+    tasks: list[Registration]
+    refused: list[Refusal]
+    bundles: list[BundleRecord]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "tasks": [t.to_dict() for t in self.tasks],
+            "refused": [r.to_dict() for r in self.refused],
+            "bundles": [b.id for b in self.bundles],
+        }
+
+
+@dataclass
+class _Write:
+    """State of one write transaction: what it created, which trunks need a new bundle."""
+
+    tx: Any = None
+    objects: list[str] = field(default_factory=list)
+    directories: list[Path] = field(default_factory=list)
+    rebuild: set[str] = field(default_factory=set)
+    promote: bool = False
+    bundles: dict[str, BundleRecord] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +123,7 @@ class Registry:
         self.home = resolve_home(home)
         self.url = resolve_url(url, self.home)
         self.objects = ObjectStore(self.home / "objects")
+        self.bundles_dir = self.home / "bundles"
         self.plugins_dirs = tuple(plugins_dirs)
         self._store: Store | None = None
         self._discovery: Discovery | None = None
@@ -106,27 +156,62 @@ class Registry:
         self.close()
 
     @contextmanager
-    def _writing(self) -> Iterator[tuple]:
-        """One write transaction holding the registry lock, plus a list of new objects.
+    def _writing(self) -> Iterator[_Write]:
+        """One write transaction holding the registry lock.
 
-        Objects copied in during the transaction are deleted again if it fails, so a
-        refused or crashed operation leaves ``MTREG_HOME`` as it found it.
+        Bundles of the trunks marked in ``write.rebuild`` are rebuilt before the commit.
+        Objects and bundle directories created during a transaction that fails are deleted
+        again, so a refused or crashed operation leaves ``MTREG_HOME`` as it found it.
         """
-        created: list[str] = []
+        write = _Write()
         try:
             with self.store.transaction() as tx:
                 tx.lock_registry()
-                yield tx, created
+                write.tx = tx
+                self.objects.clean_incoming()
+                clean_leftovers(self.bundles_dir, {b.id for b in tx.list_bundles()})
+                yield write
+                for trunk in sorted(write.rebuild):
+                    ident = self._rebuild(write, trunk)
+                    if write.promote:
+                        tx.set_alias("serving", ident)
+                        tx.add_event("alias.set", "serving", {"bundle": ident})
+                    write.bundles[trunk] = tx.get_bundle(ident)
         except BaseException:
-            for sha in created:
+            for sha in write.objects:
                 self.objects.discard(sha)
+            for directory in write.directories:
+                shutil.rmtree(directory, ignore_errors=True)
             raise
 
-    def _put_object(self, source: Path, created: list[str]) -> str:
+    def _put_object(self, source: Path, write: _Write) -> str:
         sha, is_new = self.objects.put(source)
         if is_new:
-            created.append(sha)
+            write.objects.append(sha)
         return sha
+
+    def _rebuild(self, write: _Write, trunk_name: str) -> str:
+        """Build the bundle of the active versions on a trunk, point ``latest`` at it.
+
+        Returns:
+            The bundle id.
+        """
+        tx = write.tx
+        members = tx.active_versions(trunk_name)
+        manifest = build_manifest(tx.get_trunk(trunk_name), members)
+        ident = bundle_id(manifest)
+        fresh = not (self.bundles_dir / ident).exists()
+        path = write_bundle(self.bundles_dir, manifest, self.objects)
+        if fresh:
+            write.directories.append(path)
+        existing = tx.get_bundle(ident)
+        if existing is None:
+            tx.add_bundle(
+                BundleRecord(ident, trunk_name, manifest, {m.task: m.version for m in members})
+            )
+            tx.add_event("bundle.build", ident, {"trunk": trunk_name, "tasks": len(members)})
+        tx.set_alias("latest", ident)
+        return ident
 
     # -- setup ------------------------------------------------------------------------
 
@@ -158,28 +243,24 @@ class Registry:
             InvalidCheckpoint: not a usable BERT/RoBERTa folder (the message names why).
         """
         validate_name(name, "trunk")
-        with self.store.transaction() as tx:
-            if tx.get_trunk(name) is not None:
-                raise AlreadyExists(
-                    f"trunk {name!r} is already registered: choose another name "
-                    "(`mtreg trunk list` shows the registered ones)"
-                )
+        self._refuse_taken_trunk(name)
         from mtreg.model.trunk import read_checkpoint, save_component
 
         checkpoint = read_checkpoint(Path(path))
-        with self._writing() as (tx, created), tempfile.TemporaryDirectory() as scratch:
+        with self._writing() as write, tempfile.TemporaryDirectory() as scratch:
+            self._refuse_taken_trunk(name, write.tx)
 
             def put_tensors(tensors: dict, label: str) -> str:
                 file = Path(scratch) / f"{label}.safetensors"
                 save_component(tensors, file)
-                return self._put_object(file, created)
+                return self._put_object(file, write)
 
             objects = {
                 "embeddings": put_tensors(checkpoint.embeddings, "embeddings"),
                 "layers": [put_tensors(t, f"layer{i}") for i, t in enumerate(checkpoint.layers)],
                 "pooler": put_tensors(checkpoint.pooler, "pooler") if checkpoint.pooler else None,
                 "tokenizer": {
-                    file_name: self._put_object(file_path, created)
+                    file_name: self._put_object(file_path, write)
                     for file_name, file_path in sorted(checkpoint.tokenizer_files.items())
                 },
             }
@@ -192,9 +273,19 @@ class Registry:
                 objects=objects,
                 source=str(Path(path).resolve()),
             )
-            tx.add_trunk(record)
-            tx.add_event("trunk.add", name, {"source": record.source})
+            write.tx.add_trunk(record)
+            write.tx.add_event("trunk.add", name, {"source": record.source})
         return self.trunk(name)
+
+    def _refuse_taken_trunk(self, name: str, tx: Any = None) -> None:
+        if tx is None:
+            with self.store.transaction() as tx:
+                return self._refuse_taken_trunk(name, tx)
+        if tx.get_trunk(name) is not None:
+            raise AlreadyExists(
+                f"trunk {name!r} is already registered: choose another name "
+                "(`mtreg trunk list` shows the registered ones)"
+            )
 
     def trunks(self) -> list[TrunkRecord]:
         """Return every registered trunk, by name."""
@@ -204,7 +295,11 @@ class Registry:
     def trunk(self, name: str) -> TrunkRecord:
         """Return trunk ``name``. Raises NotFound if it is not registered."""
         with self.store.transaction() as tx:
-            record = tx.get_trunk(name)
+            return self._trunk(tx, name)
+
+    @staticmethod
+    def _trunk(tx: Any, name: str) -> TrunkRecord:
+        record = tx.get_trunk(name)
         if record is None:
             raise NotFound(
                 f"trunk {name!r} is not registered: add it with `mtreg trunk add {name} PATH`"
@@ -221,18 +316,24 @@ class Registry:
             self._discovery = discover(self.plugins_dirs)
         return self._discovery
 
-    # -- tasks ------------------------------------------------------------------------
+    # -- registering, removing, rolling back -------------------------------------------
 
     def register(
-        self, tasks: Iterable[str] = (), *, all: bool = False, dry_run: bool = False
-    ) -> list[Registration]:
+        self,
+        tasks: Iterable[str] = (),
+        *,
+        all: bool = False,
+        dry_run: bool = False,
+        promote: bool = False,
+    ) -> Changes:
         """Register the plugins' current versions of ``tasks`` (or of every task).
 
         Everything is validated first (weights by the strict reader, trunk compatibility,
-        the version rules); then all of it is written in one transaction, or nothing is.
+        the version rules); then it is all written in one transaction with the rebuilt
+        bundle, or nothing is.
 
         Returns:
-            One :class:`Registration` per task, in the order given.
+            The outcome per task, in the order given, and the bundles built.
 
         Raises:
             MtregError: the first refusal (its message names the task); nothing is written.
@@ -244,49 +345,83 @@ class Registry:
                 "no tasks to register: name them, or pass --all (`mtreg plugins` lists them)"
             )
         candidates = [self._candidate(discovery.task(name)) for name in names]
-        results: list[Registration] = []
-        with self._writing() as (tx, created):
+        with self._writing() as write:
+            write.promote = promote
+            done = [self._apply(write, c, dry_run) for c in candidates]
+            if dry_run:
+                write.rebuild.clear()
+        return self._finish(write, done, [])
+
+    def sync(self, *, dry_run: bool = False, promote: bool = False) -> Changes:
+        """Register every new or upgraded task the plugins offer, then rebuild once.
+
+        Unlike :meth:`register`, a refused task (bad weights, wrong trunk, bad version,
+        broken plugin) does not stop the others: it is reported in ``Changes.refused``.
+
+        Returns:
+            Added, upgraded, unchanged and refused tasks, and the bundles built.
+        """
+        discovery = self.discover()
+        refused = [Refusal(name, message) for name, message in discovery.failures()]
+        candidates = []
+        for name in sorted(discovery.tasks):
+            try:
+                candidates.append(self._candidate(discovery.task(name)))
+            except MtregError as exc:
+                refused.append(Refusal(name, str(exc)))
+        done: list[Registration] = []
+        with self._writing() as write:
+            write.promote = promote
             for candidate in candidates:
-                record = candidate.record
-                current = tx.get_task(record.task)
-                if current is not None and current.trunk != record.trunk:
-                    raise IncompatibleTrunk(
-                        f"task {record.task!r} is registered on trunk {current.trunk!r}, this "
-                        f"version was trained on {record.trunk!r}: register it under a new "
-                        "task name"
-                    )
-                decision = decide(
-                    record,
-                    tx.list_versions(record.task) if current else [],
-                    current.active_version if current else None,
+                try:
+                    with write.tx.savepoint():
+                        done.append(self._apply(write, candidate, dry_run))
+                except MtregError as exc:
+                    refused.append(Refusal(candidate.record.task, str(exc)))
+            if dry_run:
+                write.rebuild.clear()
+        return self._finish(write, done, refused)
+
+    @staticmethod
+    def _finish(write: _Write, done: list[Registration], refused: list[Refusal]) -> Changes:
+        return Changes(done, refused, list(write.bundles.values()))
+
+    def _apply(self, write: _Write, candidate: _Candidate, dry_run: bool) -> Registration:
+        """Register one validated candidate inside ``write``'s transaction."""
+        tx, record = write.tx, candidate.record
+        current = tx.get_task(record.task)
+        if current is not None and current.trunk != record.trunk:
+            raise IncompatibleTrunk(
+                f"task {record.task!r} is registered on trunk {current.trunk!r}, this "
+                f"version was trained on {record.trunk!r}: register it under a new task name"
+            )
+        decision = decide(
+            record,
+            tx.list_versions(record.task) if current else [],
+            current.active_version if current else None,
+        )
+        result = Registration(
+            record.task, record.version, decision.change, decision.previous, candidate.plugin
+        )
+        if dry_run or decision.change == "unchanged":
+            return result
+        if decision.change == "reactivated":
+            tx.set_active(record.task, record.version)
+        else:
+            sha = self._put_object(candidate.weights, write)
+            if sha != record.weights_sha256:
+                raise InvalidWeights(
+                    f"task {record.task!r}: {candidate.weights} changed while it was being "
+                    "registered: run the command again"
                 )
-                results.append(
-                    Registration(
-                        record.task,
-                        record.version,
-                        decision.change,
-                        decision.previous,
-                        candidate.plugin,
-                    )
-                )
-                if dry_run or decision.change == "unchanged":
-                    continue
-                if decision.change == "reactivated":
-                    tx.set_active(record.task, record.version)
-                else:
-                    sha = self._put_object(candidate.weights, created)
-                    if sha != record.weights_sha256:
-                        raise InvalidWeights(
-                            f"task {record.task!r}: {candidate.weights} changed while it was "
-                            "being registered: run the command again"
-                        )
-                    tx.add_version(record)
-                tx.add_event(
-                    f"task.{decision.change}",
-                    record.task,
-                    {"version": record.version, "previous": decision.previous},
-                )
-        return results
+            tx.add_version(record)
+        tx.add_event(
+            f"task.{decision.change}",
+            record.task,
+            {"version": record.version, "previous": decision.previous},
+        )
+        write.rebuild.add(record.trunk)
+        return result
 
     def _candidate(self, loaded: LoadedTask) -> _Candidate:
         """Validate one plugin task against its trunk; read weights, write nothing."""
@@ -342,23 +477,55 @@ class Registry:
         )
         return _Candidate(record, Path(spec.weights), loaded.plugin)
 
-    def remove(self, task: str, *, dry_run: bool = False) -> TaskRecord:
-        """Deactivate ``task``; its versions stay in the history and can be rolled back to.
+    def remove(self, task: str, *, dry_run: bool = False) -> Changes:
+        """Deactivate ``task`` and rebuild; its versions stay and can be rolled back to.
 
         Returns:
-            The task's record as it was before removal.
+            The removal (``change`` "removed", ``previous`` the version it had) and the
+            bundle built.
 
         Raises:
             NotFound: unknown task. MtregError: the task is already removed.
         """
-        with self._writing() as (tx, _):
-            record = self._task(tx, task)
+        with self._writing() as write:
+            record = self._task(write.tx, task)
             if record.active_version is None:
-                raise MtregError(f"task {task!r} is already removed")
+                raise MtregError(
+                    f"task {task!r} is already removed: `mtreg rollback {task} --to VERSION` "
+                    "re-activates it"
+                )
             if not dry_run:
-                tx.set_active(task, None)
-                tx.add_event("task.remove", task, {"version": record.active_version})
-        return record
+                write.tx.set_active(task, None)
+                write.tx.add_event("task.remove", task, {"version": record.active_version})
+                write.rebuild.add(record.trunk)
+        done = [Registration(task, record.active_version, "removed", record.active_version, "")]
+        return self._finish(write, done, [])
+
+    def rollback(self, task: str, to: str, *, dry_run: bool = False) -> Changes:
+        """Re-activate registered version ``to`` of ``task`` and rebuild.
+
+        Raises:
+            NotFound: unknown task or version (the message lists the registered ones).
+        """
+        with self._writing() as write:
+            record = self._task(write.tx, task)
+            versions = [v.version for v in write.tx.list_versions(task)]
+            if to not in versions:
+                raise NotFound(
+                    f"task {task!r} has no version {to!r}: registered versions are "
+                    f"{', '.join(versions)}"
+                )
+            change: Change = "unchanged" if record.active_version == to else "rolled back"
+            if not dry_run and change != "unchanged":
+                write.tx.set_active(task, to)
+                write.tx.add_event(
+                    "task.rollback", task, {"version": to, "previous": record.active_version}
+                )
+                write.rebuild.add(record.trunk)
+        done = [Registration(task, to, change, record.active_version, "")]
+        return self._finish(write, done, [])
+
+    # -- reading tasks ----------------------------------------------------------------
 
     def tasks(self, include_removed: bool = False) -> list[TaskRecord]:
         """Return the registered tasks, by name (removed ones only when asked)."""
@@ -377,7 +544,7 @@ class Registry:
             return tx.list_versions(name)
 
     @staticmethod
-    def _task(tx, name: str) -> TaskRecord:
+    def _task(tx: Any, name: str) -> TaskRecord:
         record = tx.get_task(name)
         if record is None:
             raise NotFound(
@@ -385,3 +552,111 @@ class Registry:
                 "`mtreg plugins` the ones plugins offer"
             )
         return record
+
+    # -- bundles and aliases ------------------------------------------------------------
+
+    def bundles(self) -> list[BundleRecord]:
+        """Return every bundle, newest first, with the aliases pointing at it."""
+        with self.store.transaction() as tx:
+            return tx.list_bundles()
+
+    def bundle(self, ref: str = "latest") -> BundleRecord:
+        """Return the bundle named by an alias, a bundle id or a unique id prefix.
+
+        Raises:
+            NotFound: nothing by that name (the message lists the aliases).
+        """
+        with self.store.transaction() as tx:
+            return self._bundle(tx, ref)
+
+    @staticmethod
+    def _bundle(tx: Any, ref: str) -> BundleRecord:
+        record = tx.get_alias(ref) or tx.get_bundle(ref)
+        if record is None:
+            aliases = ", ".join(sorted(tx.list_aliases())) or "none yet"
+            raise NotFound(
+                f"no bundle or alias {ref!r}: aliases are {aliases}; `mtreg bundle list` "
+                "shows bundle ids"
+            )
+        return record
+
+    def bundle_path(self, ref: str = "latest") -> Path:
+        """Return the directory of the bundle named by ``ref`` (see :meth:`bundle`)."""
+        return self.bundles_dir / self.bundle(ref).id
+
+    def diff(self, a: str, b: str) -> dict[str, dict[str, str | None]]:
+        """Return the tasks whose versions differ between bundles ``a`` and ``b``.
+
+        Returns:
+            ``{task: {"a": version or None, "b": version or None}}`` for each difference.
+        """
+        with self.store.transaction() as tx:
+            left, right = self._bundle(tx, a).members, self._bundle(tx, b).members
+        return {
+            task: {"a": left.get(task), "b": right.get(task)}
+            for task in sorted(set(left) | set(right))
+            if left.get(task) != right.get(task)
+        }
+
+    def set_alias(self, name: str, ref: str) -> BundleRecord:
+        """Point alias ``name`` at the bundle ``ref`` names; return that bundle.
+
+        Raises:
+            InvalidName: a bad alias name. NotFound: no such bundle.
+        """
+        validate_name(name, "alias")
+        with self._writing() as write:
+            bundle = self._bundle(write.tx, ref)
+            write.tx.set_alias(name, bundle.id)
+            write.tx.add_event("alias.set", name, {"bundle": bundle.id})
+        return self.bundle(name)
+
+    def gc(self, *, dry_run: bool = False) -> dict[str, list[str]]:
+        """Delete bundles no alias points at, and objects nothing refers to.
+
+        Trunk components and every registered task version's weights are always kept
+        (rollback needs them); so is every aliased bundle.
+
+        Returns:
+            ``{"bundles": [ids], "objects": [sha256s]}`` removed (or, with ``dry_run``,
+            that would be removed).
+        """
+        with self._writing() as write:
+            tx = write.tx
+            doomed = [b.id for b in tx.list_bundles() if not b.aliases]
+            keep = set()
+            for trunk in tx.list_trunks():
+                objects = trunk.objects
+                keep.update(
+                    [objects["embeddings"], *objects["layers"], *objects["tokenizer"].values()]
+                )
+                if objects.get("pooler"):
+                    keep.add(objects["pooler"])
+            for task in tx.list_tasks(include_removed=True):
+                keep.update(v.weights_sha256 for v in tx.list_versions(task.name))
+            for bundle in tx.list_bundles():
+                if bundle.id not in doomed:
+                    keep.update(bundle.manifest["files"].values())
+            stored = (
+                sorted(p.name for p in self.objects.root.glob("*"))
+                if (self.objects.root.is_dir())
+                else []
+            )
+            orphans = [sha for sha in stored if sha not in keep]
+            if not dry_run:
+                for ident in doomed:
+                    tx.delete_bundle(ident)
+                if doomed or orphans:
+                    tx.add_event("gc", "", {"bundles": doomed, "objects": len(orphans)})
+        if not dry_run:
+            # Files go only after the commit: a failed transaction must lose nothing.
+            for ident in doomed:
+                shutil.rmtree(self.bundles_dir / ident, ignore_errors=True)
+            for sha in orphans:
+                self.objects.discard(sha)
+        return {"bundles": doomed, "objects": orphans}
+
+    def events(self, limit: int = 50, subject: str | None = None) -> list[EventRecord]:
+        """Return the audit log, newest first."""
+        with self.store.transaction() as tx:
+            return tx.list_events(limit=limit, subject=subject)

@@ -10,7 +10,7 @@ from mtreg.errors import AlreadyExists, InvalidVersion
 from mtreg.plugins.spec import parse_version
 from mtreg.registry.records import TaskVersionRecord
 
-Change = Literal["added", "upgraded", "unchanged", "reactivated"]
+Change = Literal["added", "upgraded", "unchanged", "reactivated", "removed", "rolled back"]
 
 
 @dataclass(frozen=True)

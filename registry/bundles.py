@@ -1,0 +1,213 @@
+"""Merged bundles on disk: the manifest, its id, and the atomic, incremental writer.
+
+A bundle is a directory ``bundles/<id>/`` holding::
+
+    manifest.json                 what the bundle serves; its sha256 is the bundle id
+    README.md                     model card (tasks, versions, metrics, layer cost)
+    trunk/embeddings.safetensors  the trunk's embeddings
+    trunk/layer_00.safetensors    trunk layers 0..K-1, K = the deepest fork
+    branches/<task>.safetensors   one branch per task, byte for byte as registered
+    tokenizer/...                 the trunk's tokenizer files
+
+Every weight file is a hard link to (or a copy of) an object in the object store, so a
+rebuild writes only the manifest and model card; unchanged tasks' files are the same
+inodes as before. Nothing here imports torch or touches the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from mtreg.errors import MtregError
+from mtreg.registry.objects import ObjectStore, fsync_dir
+from mtreg.registry.records import TaskVersionRecord, TrunkRecord
+
+FORMAT = "mtreg-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def canonical_json(data: Any) -> bytes:
+    """Serialise ``data`` deterministically (sorted keys, fixed separators, UTF-8)."""
+    return (json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def bundle_id(manifest: dict[str, Any]) -> str:
+    """Return the id of a bundle: the sha256 of its canonical manifest bytes."""
+    return hashlib.sha256(canonical_json(manifest)).hexdigest()
+
+
+def layer_path(index: int) -> str:
+    """Return the bundle-relative path of trunk layer ``index``."""
+    return f"trunk/layer_{index:02d}.safetensors"
+
+
+def build_manifest(trunk: TrunkRecord, members: Sequence[TaskVersionRecord]) -> dict[str, Any]:
+    """Describe the bundle of ``members`` (active task versions) on ``trunk``.
+
+    The trunk is cut at K, the deepest fork among the members; its files are always the
+    registered trunk's own objects, never an older bundle's.
+    """
+    depth = max((m.fork_depth for m in members), default=0)
+    objects = trunk.objects
+    files = {"trunk/embeddings.safetensors": objects["embeddings"]}
+    files.update({layer_path(i): objects["layers"][i] for i in range(depth)})
+    files.update({f"tokenizer/{name}": sha for name, sha in objects["tokenizer"].items()})
+    tasks = {}
+    for m in sorted(members, key=lambda m: m.task):
+        path = f"branches/{m.task}.safetensors"
+        files[path] = m.weights_sha256
+        tasks[m.task] = {
+            "version": m.version,
+            "fork_depth": m.fork_depth,
+            "num_layers": m.num_layers,
+            "head": {"kind": m.head_kind, "labels": list(m.labels)},
+            "inputs": list(m.inputs),
+            "max_length": m.max_length,
+            "metrics": m.metrics,
+            "file": path,
+            "sha256": m.weights_sha256,
+        }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "trunk": {
+            "name": trunk.name,
+            "config": trunk.config,
+            "fingerprint": trunk.fingerprint,
+            "depth": depth,
+        },
+        "tasks": tasks,
+        "files": files,
+        "cost": layer_cost(trunk.num_layers, tasks),
+    }
+
+
+def layer_cost(trunk_layers: int, tasks: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Transformer layers evaluated per input: this bundle against one model per task."""
+    depth = max((t["fork_depth"] for t in tasks.values()), default=0)
+    return {
+        "bundle_layers": depth + sum(t["num_layers"] for t in tasks.values()),
+        "one_model_per_task_layers": trunk_layers * len(tasks),
+    }
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    """Return the bundle's README.md: what it serves and what it costs."""
+    trunk, tasks, cost = manifest["trunk"], manifest["tasks"], manifest["cost"]
+    lines = [
+        f"# mtreg bundle on trunk `{trunk['name']}`",
+        "",
+        f"Trunk: {trunk['config']['model_type']}, {trunk['depth']} shared layers kept "
+        f"(of {len(trunk['fingerprint']['layers'])}), hidden size "
+        f"{trunk['config']['hidden_size']}.",
+        "",
+        "| task | version | head | fork depth | branch layers | metrics |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, task in tasks.items():
+        metrics = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in sorted(task["metrics"].items())
+        )
+        lines.append(
+            f"| {name} | {task['version']} | {task['head']['kind']} "
+            f"({len(task['head']['labels'])} labels) | {task['fork_depth']} "
+            f"| {task['num_layers']} | {metrics or '-'} |"
+        )
+    bundle, separate = cost["bundle_layers"], cost["one_model_per_task_layers"]
+    share = f" ({bundle / separate:.0%})" if separate else ""
+    lines += [
+        "",
+        f"Layer cost per input: {bundle} transformer layers for all {len(tasks)} tasks, "
+        f"against {separate} for one full model per task{share}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def safe_relative(path: str) -> PurePosixPath:
+    """Return ``path`` if it is a plain relative path inside a bundle.
+
+    Raises:
+        MtregError: absolute paths, ``..``, backslashes, NUL or empty parts, so that a
+            manifest can never point outside its bundle.
+    """
+    pure = PurePosixPath(path)
+    if (
+        not path
+        or "\\" in path
+        or "\x00" in path
+        or pure.is_absolute()
+        or any(part in ("", ".", "..") for part in path.split("/"))
+    ):
+        raise MtregError(f"bundle manifest names an unsafe path {path!r}: rebuild the bundle")
+    return pure
+
+
+def write_bundle(root: Path, manifest: dict[str, Any], objects: ObjectStore) -> Path:
+    """Materialise ``manifest`` as ``root/<id>`` atomically and return that directory.
+
+    Files are linked from the object store into a temporary directory, flushed, and the
+    directory renamed into place; an existing bundle with the same id is reused as is.
+    A crash leaves at most a ``.tmp-*`` directory, removed by :func:`clean_leftovers`.
+    """
+    target = root / bundle_id(manifest)
+    if (target / MANIFEST).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        for rel, sha in manifest["files"].items():
+            dest = scratch / safe_relative(rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            objects.link_or_copy(sha, dest)
+        (scratch / "README.md").write_text(model_card(manifest), encoding="utf-8")
+        _write_synced(scratch / MANIFEST, canonical_json(manifest))
+        for directory in {scratch, *(p.parent for p in scratch.rglob("*"))}:
+            fsync_dir(directory)
+        try:
+            os.replace(scratch, target)
+        except OSError:
+            # Another writer produced the same bundle first: identical by construction.
+            if not (target / MANIFEST).is_file():
+                raise
+            shutil.rmtree(scratch, ignore_errors=True)
+        fsync_dir(root)
+        return target
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def clean_leftovers(root: Path, known: set[str]) -> list[str]:
+    """Remove half-written bundles and bundle directories the database does not know.
+
+    Call only while holding the registry's write lock: another writer's directory is
+    unknown to the database until its transaction commits.
+
+    Returns:
+        The names of the directories removed.
+    """
+    removed = []
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        if entry.is_dir() and (entry.name.startswith(".tmp-") or entry.name not in known):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
