@@ -28,6 +28,8 @@ def echo_changes(changes: Changes, dry_run: bool, as_json: bool) -> None:
         click.echo(f"{r.task} {r.version}: {prefix}{r.change}{was}")
     for refusal in changes.refused:
         click.echo(f"{refusal.task}: refused: {refusal.reason}")
+    for skip in changes.skipped:
+        click.echo(f"{skip.task}: skipped: {skip.reason}")
     for bundle in changes.bundles:
         aliases = f" ({', '.join(bundle.aliases)})" if bundle.aliases else ""
         click.echo(f"bundle {short(bundle.id)}{aliases}: {len(bundle.members)} task(s)")

@@ -70,11 +70,13 @@ class Registration:
 
 @dataclass(frozen=True)
 class Changes:
-    """What a write command did: per-task outcomes, refusals, and the bundles it built."""
+    """What a write command did: per-task outcomes, refusals, the bundles it built, and
+    (for sync) the tasks skipped because they have no weights yet."""
 
     tasks: list[Registration]
     refused: list[Refusal]
     bundles: list[BundleRecord]
+    skipped: list[Refusal] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -82,6 +84,7 @@ class Changes:
             "tasks": [t.to_dict() for t in self.tasks],
             "refused": [r.to_dict() for r in self.refused],
             "bundles": [b.id for b in self.bundles],
+            "skipped": [r.to_dict() for r in self.skipped],
         }
 
 
@@ -350,7 +353,7 @@ class Registry:
             done = [self._apply(write, c, dry_run) for c in candidates]
             if dry_run:
                 write.rebuild.clear()
-        return self._finish(write, done, [])
+        return self._finish(write, done)
 
     def sync(self, *, dry_run: bool = False, promote: bool = False) -> Changes:
         """Register every new or upgraded task the plugins offer, then rebuild once.
@@ -363,8 +366,11 @@ class Registry:
         """
         discovery = self.discover()
         refused = [Refusal(name, message) for name, message in discovery.failures()]
-        candidates = []
+        candidates, skipped = [], []
         for name in sorted(discovery.tasks):
+            if discovery.task(name).spec.weights is None:
+                skipped.append(Refusal(name, "no weights yet: train it with `mtreg onboard`"))
+                continue
             try:
                 candidates.append(self._candidate(discovery.task(name)))
             except MtregError as exc:
@@ -380,11 +386,11 @@ class Registry:
                     refused.append(Refusal(candidate.record.task, str(exc)))
             if dry_run:
                 write.rebuild.clear()
-        return self._finish(write, done, refused)
+        return Changes(done, refused, list(write.bundles.values()), skipped)
 
     @staticmethod
-    def _finish(write: _Write, done: list[Registration], refused: list[Refusal]) -> Changes:
-        return Changes(done, refused, list(write.bundles.values()))
+    def _finish(write: _Write, done: list[Registration]) -> Changes:
+        return Changes(done, [], list(write.bundles.values()))
 
     def _apply(self, write: _Write, candidate: _Candidate, dry_run: bool) -> Registration:
         """Register one validated candidate inside ``write``'s transaction."""
@@ -499,7 +505,7 @@ class Registry:
                 write.tx.add_event("task.remove", task, {"version": record.active_version})
                 write.rebuild.add(record.trunk)
         done = [Registration(task, record.active_version, "removed", record.active_version, "")]
-        return self._finish(write, done, [])
+        return self._finish(write, done)
 
     def rollback(self, task: str, to: str, *, dry_run: bool = False) -> Changes:
         """Re-activate registered version ``to`` of ``task`` and rebuild.
@@ -523,7 +529,7 @@ class Registry:
                 )
                 write.rebuild.add(record.trunk)
         done = [Registration(task, to, change, record.active_version, "")]
-        return self._finish(write, done, [])
+        return self._finish(write, done)
 
     # -- reading tasks ----------------------------------------------------------------
 

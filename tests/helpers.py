@@ -1,0 +1,69 @@
+"""Test helpers: task plugins written to disk, and snapshots of a whole registry."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+
+def write_plugin(directory: Path, module: str, tasks: list[dict[str, Any]]) -> Path:
+    """Write a path plugin ``directory/module.py`` registering ``tasks``.
+
+    Each task dict holds TaskSpec keyword arguments, with ``head`` as ``(kind, labels)``.
+    Returns the plugin file's path.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    calls = []
+    for task in tasks:
+        fields = dict(task)
+        kind, labels = fields.pop("head")
+        args = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        calls.append(
+            f"    register(mtreg.TaskSpec({args}, head=mtreg.HeadSpec({kind!r}, {labels!r})))"
+        )
+    source = (
+        textwrap.dedent(
+            """\
+        import mtreg
+
+
+        @mtreg.hookimpl
+        def register_tasks(register):
+        """
+        )
+        + "\n".join(calls or ["    pass"])
+        + "\n"
+    )
+    path = directory / f"{module}.py"
+    path.write_text(source)
+    return path
+
+
+def snapshot(url: str, home: Path) -> dict[str, Any]:
+    """Return every row of every table and the sha256 of every file under ``home``.
+
+    Two equal snapshots mean an operation changed nothing, in the database or on disk.
+    """
+    engine = sa.create_engine(url)
+    try:
+        meta = sa.MetaData()
+        meta.reflect(engine)
+        with engine.connect() as conn:
+            rows = {
+                name: sorted(
+                    (tuple(str(v) for v in row) for row in conn.execute(table.select())),
+                )
+                for name, table in meta.tables.items()
+            }
+    finally:
+        engine.dispose()
+    files = {}
+    for path in sorted(home.rglob("*")):
+        # SQLite's own files change on every read (WAL, shm); the rows above cover them.
+        if path.is_file() and not path.name.startswith("registry.db"):
+            files[str(path.relative_to(home))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"rows": rows, "files": files}
