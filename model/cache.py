@@ -1,0 +1,80 @@
+"""On-disk cache of frozen activations: the trunk's hidden state at depth k per example.
+
+The layers below a fork never change during training, so each example's hidden state at
+depth k is computed once and reused across epochs, learning rates and branch depths that
+share the fork. Entries are safetensors files (never pickle) under
+``MTREG_HOME/cache/activations``, keyed by everything that determines their content, and the
+cache is bounded: the least recently used entries are evicted beyond ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+DEFAULT_MAX_BYTES = 4 << 30
+
+
+def cache_key(**parts: Any) -> str:
+    """Return a sha256 over the canonical JSON of everything an entry depends on."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ActivationCache:
+    """Variable-length per-example tensors, stored packed: ``values`` [total, ...] plus
+    ``lengths`` [n]; :meth:`get` returns them split back into a list."""
+
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+        self.root = Path(root)
+        env = os.environ.get("MTREG_CACHE_MAX_BYTES")
+        self.max_bytes = max_bytes if max_bytes is not None else int(env or DEFAULT_MAX_BYTES)
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def get(self, key: str) -> list[torch.Tensor] | None:
+        """Return the cached tensors for ``key``, or None (also for an unreadable entry)."""
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            data = load_file(path)
+        except (SafetensorError, OSError):
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(path)  # mark as recently used
+        return list(torch.split(data["values"], data["lengths"].tolist()))
+
+    def put(self, key: str, tensors: Sequence[torch.Tensor]) -> None:
+        """Store ``tensors`` under ``key`` atomically, then evict beyond the size bound."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        values = torch.cat([t.contiguous() for t in tensors]) if tensors else torch.empty(0)
+        lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        os.close(fd)
+        try:
+            save_file({"values": values, "lengths": lengths}, tmp)
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._evict()
+
+    def _evict(self) -> None:
+        entries = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in entries)
+        for path in entries[:-1]:  # never evict the entry just written
+            if total <= self.max_bytes:
+                break
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)

@@ -1,0 +1,257 @@
+"""Training a branch on a frozen trunk: the teacher (partial fine-tuning) and the student
+(distillation), both on cached activations.
+
+The recipe follows DESIGN.md: AdamW (weight decay 0.01, none on LayerNorm weights and
+biases), gradient clipping at 1.0, linear warm-up over 10% of one epoch then linear decay,
+and the checkpoint with the best dev score (the task's first metric) is kept.
+
+Because the layers below the fork are frozen, the trunk's hidden state at depth k is
+computed once per example (with dropout off, as at serving time) and the branch trains on
+it. A teacher of L layers forks at k = N - L; its student of l layers forks at the same k.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtreg.model.data import IGNORE
+from mtreg.model.metrics import evaluate
+from mtreg.plugins.spec import HeadSpec
+
+TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyper-parameters of one training run."""
+
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1  # of one epoch's steps
+    clip: float = 1.0
+    dropout: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class Split:
+    """Cached inputs of one data split: per-example hidden states at the fork depth, the
+    encoded labels, and (for distillation) the teacher's logits."""
+
+    hidden: list[torch.Tensor]
+    labels: list[Any]
+    teacher: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+
+@dataclass
+class TrainResult:
+    """The best branch of a run and how it got there."""
+
+    branch: nn.Module
+    best_epoch: int
+    dev_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def pad_hidden(
+    rows: Sequence[torch.Tensor], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length [len, H] hidden states into [B, S, H] fp32 plus a 0/1 mask."""
+    width = max(r.shape[0] for r in rows)
+    hidden = torch.zeros(len(rows), width, rows[0].shape[-1], device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        hidden[i, : row.shape[0]] = row.to(device=device, dtype=torch.float32)
+        mask[i, : row.shape[0]] = 1
+    return hidden, mask
+
+
+def stack_labels(head: HeadSpec, labels: Sequence[Any], width: int) -> torch.Tensor:
+    """Return a batch's labels as a tensor (tagging labels padded with IGNORE to width)."""
+    if head.kind == "classification":
+        return torch.tensor(labels, dtype=torch.long)
+    if head.kind == "tagging":
+        out = torch.full((len(labels), width), IGNORE, dtype=torch.long)
+        for i, tags in enumerate(labels):
+            out[i, : len(tags)] = torch.tensor(tags)
+        return out
+    return torch.tensor(labels, dtype=torch.float32)
+
+
+def hard_loss(head: HeadSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The supervised loss for a head kind: CE, BCE, MSE or token CE."""
+    if head.kind == "classification":
+        return F.cross_entropy(logits, labels)
+    if head.kind == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    if head.kind == "regression":
+        return F.mse_loss(logits, labels)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+
+
+def soft_loss(
+    head: HeadSpec,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = TEMPERATURE,
+) -> torch.Tensor:
+    """The distillation term: T² · CE(softmax(z_t/T), softmax(z_s/T)) (sigmoids for
+    multilabel; plain MSE to the teacher's output for regression)."""
+    t = temperature
+    if head.kind == "regression":
+        return F.mse_loss(student, teacher)
+    if head.kind == "multilabel":
+        return t * t * F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(teacher / t))
+    if head.kind == "tagging":
+        keep = labels != IGNORE
+        student, teacher = student[keep], teacher[keep]
+    target = F.softmax(teacher / t, dim=-1)
+    return t * t * -(target * F.log_softmax(student / t, dim=-1)).sum(-1).mean()
+
+
+def optimizer_for(module: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: LayerNorm weights and biases are 1-D."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": recipe.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=recipe.lr,
+    )
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, steps_per_epoch: int, recipe: Recipe
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_fraction`` of one epoch, then linear decay to zero."""
+    warmup = max(1, math.ceil(steps_per_epoch * recipe.warmup_fraction))
+    total = max(warmup + 1, steps_per_epoch * recipe.epochs)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / (total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def predict_logits(
+    branch: nn.Module, split: Split, batch_size: int = 64, device: str = "cpu"
+) -> list[torch.Tensor]:
+    """Run ``branch`` (in eval mode) over a split; return per-example logits on the CPU
+    (tagging: [len, labels] per example, padding removed)."""
+    branch.eval()
+    out: list[torch.Tensor] = []
+    for start in range(0, len(split), batch_size):
+        rows = split.hidden[start : start + batch_size]
+        hidden, mask = pad_hidden(rows, device)
+        logits = branch(hidden, mask).float().cpu()
+        for i, row in enumerate(rows):
+            out.append(logits[i, : row.shape[0]] if logits.ndim == 3 else logits[i])
+    return out
+
+
+def score(
+    head: HeadSpec, logits: Sequence[torch.Tensor], labels: Sequence[Any], metrics: Sequence[str]
+) -> dict[str, float]:
+    """Compute ``metrics`` of per-example logits against encoded labels."""
+    if head.kind == "classification":
+        predictions = [int(z.argmax()) for z in logits]
+        references = list(labels)
+    elif head.kind == "multilabel":
+        predictions = [(z > 0).int().tolist() for z in logits]
+        references = [[int(v) for v in row] for row in labels]
+    elif head.kind == "regression":
+        predictions = [float(z[0]) for z in logits]
+        references = [float(row[0]) for row in labels]
+    else:
+        names = head.labels
+        predictions, references = [], []
+        for z, tags in zip(logits, labels, strict=True):
+            keep = [i for i, t in enumerate(tags) if t != IGNORE]
+            predictions.append([names[int(z[i].argmax())] for i in keep])
+            references.append([names[tags[i]] for i in keep])
+    return evaluate(metrics, predictions, references)
+
+
+def fit(
+    branch: nn.Module,
+    head: HeadSpec,
+    train: Split,
+    dev: Split,
+    metrics: Sequence[str],
+    recipe: Recipe,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``branch`` on cached activations and keep its best epoch by the first metric.
+
+    With ``train.teacher`` set the loss is hard + soft (distillation, 1:1); otherwise the
+    hard loss alone. Seeded by ``recipe.seed``: the same inputs give the same weights.
+
+    Returns:
+        The best branch (a copy, in eval mode), its epoch, its dev metrics and the history.
+    """
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(recipe.seed)
+    branch.to(device)
+    optimizer = optimizer_for(branch, recipe)
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    schedule = linear_schedule(optimizer, steps_per_epoch, recipe)
+    best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
+    history = []
+    for epoch in range(1, recipe.epochs + 1):
+        branch.train()
+        total = 0.0
+        for indices in torch.randperm(len(train), generator=generator).split(recipe.batch_size):
+            rows = [train.hidden[i] for i in indices]
+            hidden, mask = pad_hidden(rows, device)
+            labels = stack_labels(head, [train.labels[i] for i in indices], hidden.shape[1])
+            labels = labels.to(device)
+            logits = branch(hidden, mask)
+            loss = hard_loss(head, logits, labels)
+            if train.teacher is not None:
+                teacher = [train.teacher[i] for i in indices]
+                if head.kind == "tagging":
+                    teacher, _ = pad_hidden(teacher, device)
+                else:
+                    teacher = torch.stack(teacher).to(device=device, dtype=torch.float32)
+                loss = loss + soft_loss(head, logits, teacher, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(branch.parameters(), recipe.clip)
+            optimizer.step()
+            schedule.step()
+            total += float(loss) * len(indices)
+        dev_metrics = score(head, predict_logits(branch, dev, device=device), dev.labels, metrics)
+        history.append({"epoch": epoch, "train_loss": total / len(train), **dev_metrics})
+        if progress:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
+            progress(f"epoch {epoch}/{recipe.epochs}: loss {total / len(train):.4f}, {shown}")
+        key = dev_metrics[metrics[0]]
+        if best is None or key > best[0]:
+            state = {k: v.detach().clone() for k, v in branch.state_dict().items()}
+            best = (key, epoch, dev_metrics, state)
+    assert best is not None, "recipe.epochs must be at least 1"
+    result = copy.deepcopy(branch).cpu()
+    result.load_state_dict(best[3])
+    result.eval()
+    return TrainResult(result, best[1], best[2], history, time.perf_counter() - started)

@@ -1,0 +1,95 @@
+"""Plain, immutable records that the store returns. No SQLAlchemy objects leave the store."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        """Return the record as a JSON-ready dict (datetimes in ISO 8601)."""
+        return _jsonable(asdict(self))  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class TrunkRecord(_Record):
+    name: str
+    model_type: str
+    num_layers: int
+    config: dict[str, Any]
+    fingerprint: dict[str, Any]
+    objects: dict[str, Any]
+    source: str
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TaskVersionRecord(_Record):
+    task: str
+    version: str
+    weights_sha256: str
+    fork_depth: int
+    num_layers: int
+    head_kind: str
+    labels: list[str]
+    inputs: list[str]
+    max_length: int
+    trunk: str
+    trunk_prefix: dict[str, Any]
+    description: str = ""
+    metric_names: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    plugin: str = ""
+    plugin_version: str = ""
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TaskRecord(_Record):
+    name: str
+    trunk: str
+    active_version: str | None
+    latest_version: str
+    description: str
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def status(self) -> str:
+        return "active" if self.active_version is not None else "removed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "status": self.status}
+
+
+@dataclass(frozen=True)
+class BundleRecord(_Record):
+    id: str
+    trunk: str
+    manifest: dict[str, Any]
+    members: dict[str, str]  # task -> version
+    aliases: list[str] = field(default_factory=list)
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class EventRecord(_Record):
+    id: int
+    at: datetime
+    kind: str
+    subject: str
+    actor: str
+    detail: dict[str, Any]
