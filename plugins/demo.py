@@ -22,8 +22,10 @@ def _loader(file_name: str):
     def load(split: str) -> Iterator[dict[str, str]]:
         if split not in ("train", "dev"):
             raise ValueError(f"the demo data has train and dev splits, not {split!r}")
-        text = resources.files("mtreg.plugins").joinpath("demo_data", file_name).read_text(
-            encoding="utf-8"
+        text = (
+            resources.files("mtreg.plugins")
+            .joinpath("demo_data", file_name)
+            .read_text(encoding="utf-8")
         )
         rows = csv.DictReader(text.splitlines(), delimiter="\t")
         for index, row in enumerate(rows):

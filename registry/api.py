@@ -168,8 +168,7 @@ class Registry:
         """
         write = _Write()
         try:
-            with self.store.transaction() as tx:
-                tx.lock_registry()
+            with self.store.transaction(write=True) as tx:
                 write.tx = tx
                 self.objects.clean_incoming()
                 clean_leftovers(self.bundles_dir, {b.id for b in tx.list_bundles()})

@@ -1,0 +1,160 @@
+"""The branch weight file: one task's layers, pooler and head, as safetensors.
+
+Tensors are named ``layers.{j}.<layer tensor>``, ``pooler.dense.{weight,bias}`` (absent for
+tagging heads) and ``head.{weight,bias}``. The file's string metadata (``mtreg.*`` keys)
+records what the branch is: task, version, fork depth, head, max length, the trunk
+fingerprint prefix it was trained on and a training summary. The reader is strict: every
+way a file can be wrong ends in an :class:`InvalidWeights` naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mtreg.errors import InvalidWeights, MtregError
+from mtreg.model.config import TrunkConfig
+from mtreg.model.trunk import check_shapes, layer_shapes, pooler_shapes
+from mtreg.plugins.spec import HeadSpec, parse_version, validate_name
+
+FORMAT = "mtreg-branch/1"
+
+
+@dataclass(frozen=True)
+class BranchMeta:
+    """What a branch file says about itself."""
+
+    task: str
+    task_version: str
+    fork_depth: int
+    num_layers: int
+    head: HeadSpec
+    max_length: int
+    trunk_prefix: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        """Return the safetensors string metadata for this branch."""
+        return {
+            "mtreg.format": FORMAT,
+            "mtreg.task": self.task,
+            "mtreg.task_version": self.task_version,
+            "mtreg.fork_depth": str(self.fork_depth),
+            "mtreg.num_layers": str(self.num_layers),
+            "mtreg.head_kind": self.head.kind,
+            "mtreg.labels": json.dumps(list(self.head.labels)),
+            "mtreg.max_length": str(self.max_length),
+            "mtreg.trunk_prefix": json.dumps(self.trunk_prefix, sort_keys=True),
+            "mtreg.training": json.dumps(self.training, sort_keys=True),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> BranchMeta:
+        """Parse safetensors metadata written by :meth:`to_metadata`.
+
+        Raises:
+            InvalidWeights: no mtreg metadata, another format, or a malformed value.
+        """
+        if metadata.get("mtreg.format") != FORMAT:
+            found = metadata.get("mtreg.format", "none")
+            raise InvalidWeights(
+                f"it has no {FORMAT} metadata (found {found!r}): write branch files with "
+                "`mtreg train`/`mtreg distill` or mtreg.model.branch_file.write_branch"
+            )
+        try:
+            meta = cls(
+                task=validate_name(metadata["mtreg.task"]),
+                task_version=metadata["mtreg.task_version"],
+                fork_depth=int(metadata["mtreg.fork_depth"]),
+                num_layers=int(metadata["mtreg.num_layers"]),
+                head=HeadSpec(metadata["mtreg.head_kind"], json.loads(metadata["mtreg.labels"])),
+                max_length=int(metadata["mtreg.max_length"]),
+                trunk_prefix=json.loads(metadata["mtreg.trunk_prefix"]),
+                training=json.loads(metadata.get("mtreg.training", "{}")),
+            )
+            parse_version(meta.task_version)
+        except (KeyError, ValueError, TypeError, MtregError) as exc:
+            raise InvalidWeights(f"its mtreg metadata is malformed ({exc})") from None
+        if not isinstance(meta.trunk_prefix, dict) or not isinstance(meta.training, dict):
+            raise InvalidWeights("its mtreg metadata is malformed (trunk_prefix, training)")
+        if meta.fork_depth < 0 or meta.num_layers < 0 or meta.max_length < 2:
+            raise InvalidWeights("its mtreg metadata is malformed (negative depth or size)")
+        return meta
+
+
+def branch_shapes(
+    config: TrunkConfig, num_layers: int, head: HeadSpec
+) -> dict[str, tuple[int, ...]]:
+    """Return every tensor a branch file must hold: name -> shape."""
+    shapes = {
+        f"layers.{j}.{name}": shape
+        for j in range(num_layers)
+        for name, shape in layer_shapes(config).items()
+    }
+    if head.kind != "tagging":
+        shapes |= {f"pooler.{name}": shape for name, shape in pooler_shapes(config).items()}
+    return shapes | {
+        "head.weight": (head.num_outputs, config.hidden_size),
+        "head.bias": (head.num_outputs,),
+    }
+
+
+def write_branch(path: Path, tensors: Mapping[str, torch.Tensor], meta: BranchMeta) -> Path:
+    """Write a branch file (tensors in fp32, sorted, with ``meta``); return ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ordered = {name: tensors[name].detach().float().contiguous() for name in sorted(tensors)}
+    save_file(ordered, str(path), metadata=meta.to_metadata())
+    return path
+
+
+def read_branch(
+    path: Path, config: TrunkConfig, head: HeadSpec | None = None
+) -> tuple[BranchMeta, dict[str, torch.Tensor]]:
+    """Read and check a branch file against a trunk config and (optionally) a head spec.
+
+    Returns:
+        The metadata and the tensors.
+
+    Raises:
+        InvalidWeights: a missing or unreadable file, bad metadata, a fork deeper than the
+            trunk, a head that differs from ``head``, a missing, unexpected or misshapen
+            tensor, or NaN/Inf values. The message names the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidWeights(f"weights file {path} not found: train the task or fix its path")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidWeights(
+            f"{path} is not a readable safetensors file ({reason}): write it again"
+        ) from None
+    try:
+        meta = BranchMeta.from_metadata(metadata)
+    except InvalidWeights as exc:
+        raise InvalidWeights(f"{path}: {exc}") from None
+    if meta.fork_depth > config.num_hidden_layers:
+        raise InvalidWeights(
+            f"{path} forks at depth {meta.fork_depth} but the trunk has "
+            f"{config.num_hidden_layers} layers"
+        )
+    if head is not None and head != meta.head:
+        raise InvalidWeights(
+            f"{path} has a {meta.head.kind} head with labels {list(meta.head.labels)}, the "
+            f"plugin declares {head.kind} with label list {list(head.labels)}: make them agree"
+        )
+    problem = check_shapes(tensors, branch_shapes(config, meta.num_layers, meta.head), "branch")
+    if problem:
+        raise InvalidWeights(f"{path}: {problem}")
+    return meta, tensors

@@ -1,0 +1,226 @@
+"""Reading a Hugging Face BERT-family checkpoint folder into trunk components.
+
+A trunk is stored as separate components (embeddings, one file per layer, pooler,
+tokenizer files) with tensor names relative to the component, so that a bundle can hold
+only the layers below its deepest fork and a loader can read just those.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mtreg.errors import InvalidCheckpoint
+from mtreg.model.config import TrunkConfig
+from mtreg.model.fingerprint import TrunkFingerprint, tensor_group_hash, tokenizer_hash
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+_MODEL_PREFIXES = ("", "bert.", "roberta.")
+# Checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta.
+_LEGACY = {".gamma": ".weight", ".beta": ".bias"}
+
+Tensors = dict[str, torch.Tensor]
+
+
+def embedding_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
+    """Return the expected embeddings tensors: name -> shape."""
+    h = config.hidden_size
+    return {
+        "word_embeddings.weight": (config.vocab_size, h),
+        "position_embeddings.weight": (config.max_position_embeddings, h),
+        "token_type_embeddings.weight": (config.type_vocab_size, h),
+        "LayerNorm.weight": (h,),
+        "LayerNorm.bias": (h,),
+    }
+
+
+def layer_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
+    """Return the expected tensors of one encoder layer: name -> shape."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in ("attention.self.query", "attention.self.key", "attention.self.value"):
+        shapes |= {f"{name}.weight": (h, h), f"{name}.bias": (h,)}
+    return shapes | {
+        "attention.output.dense.weight": (h, h),
+        "attention.output.dense.bias": (h,),
+        "attention.output.LayerNorm.weight": (h,),
+        "attention.output.LayerNorm.bias": (h,),
+        "intermediate.dense.weight": (i, h),
+        "intermediate.dense.bias": (i,),
+        "output.dense.weight": (h, i),
+        "output.dense.bias": (h,),
+        "output.LayerNorm.weight": (h,),
+        "output.LayerNorm.bias": (h,),
+    }
+
+
+def pooler_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
+    """Return the expected pooler tensors: name -> shape."""
+    h = config.hidden_size
+    return {"dense.weight": (h, h), "dense.bias": (h,)}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trunk read from a checkpoint folder, split into components."""
+
+    config: TrunkConfig
+    embeddings: Tensors
+    layers: list[Tensors]
+    pooler: Tensors | None
+    tokenizer_files: dict[str, Path]
+    fingerprint: TrunkFingerprint
+
+
+def check_shapes(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str
+) -> str | None:
+    """Compare tensors with expected names and shapes.
+
+    Returns:
+        None if they match, else a phrase naming the first problem (missing, unexpected,
+        wrong shape, not floating point, NaN/Inf).
+    """
+    for name, shape in expected.items():
+        if name not in tensors:
+            return f"{where} lacks tensor {name!r}"
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            return f"{where} tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}"
+        if not tensor.is_floating_point():
+            return f"{where} tensor {name!r} has dtype {tensor.dtype}, expected floating point"
+        if not torch.isfinite(tensor).all():
+            return f"{where} tensor {name!r} holds NaN or Inf values"
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        return f"{where} has unexpected tensor {extra[0]!r}"
+    return None
+
+
+def _read_tensors(folder: Path) -> Tensors:
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / "pytorch_model.bin").is_file():
+        raise InvalidCheckpoint(
+            f"{folder} holds only pytorch_model.bin: mtreg reads safetensors only (never "
+            "pickles); convert it with transformers' save_pretrained(safe_serialization=True)"
+        )
+    else:
+        raise InvalidCheckpoint(f"{folder} has no model.safetensors: point at a checkpoint folder")
+    tensors: Tensors = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensors[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InvalidCheckpoint(f"{file} is not a readable safetensors file: {exc}") from None
+    return tensors
+
+
+def _split(tensors: Tensors, config: TrunkConfig) -> tuple[Tensors, list[Tensors], Tensors]:
+    prefix = next(
+        (p for p in _MODEL_PREFIXES if f"{p}embeddings.word_embeddings.weight" in tensors), None
+    )
+    if prefix is None:
+        raise InvalidCheckpoint(
+            "no embeddings.word_embeddings.weight tensor (with or without a bert./roberta. "
+            "prefix): not a BERT-family encoder"
+        )
+    embeddings: Tensors = {}
+    layers: list[Tensors] = [{} for _ in range(config.num_hidden_layers)]
+    pooler: Tensors = {}
+    for full_name, tensor in tensors.items():
+        if not full_name.startswith(prefix):
+            continue  # a task head of a *ForSequenceClassification checkpoint, for example
+        name = full_name[len(prefix) :]
+        for old, new in _LEGACY.items():
+            if name.endswith(old):
+                name = name[: -len(old)] + new
+        if name.startswith("embeddings."):
+            if not name.endswith("position_ids"):
+                embeddings[name.removeprefix("embeddings.")] = tensor
+        elif name.startswith("encoder.layer."):
+            index, _, rest = name.removeprefix("encoder.layer.").partition(".")
+            if not index.isdigit() or int(index) >= len(layers):
+                raise InvalidCheckpoint(
+                    f"tensor {full_name!r} names a layer beyond num_hidden_layers "
+                    f"{config.num_hidden_layers}"
+                )
+            layers[int(index)][rest] = tensor
+        elif name.startswith("pooler."):
+            pooler[name.removeprefix("pooler.")] = tensor
+    return embeddings, layers, pooler
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """Read a Hugging Face BERT or RoBERTa checkpoint folder.
+
+    Returns:
+        The config, the components (tensor names relative to each) and the fingerprint.
+
+    Raises:
+        InvalidCheckpoint: a missing folder or file, another architecture, a missing or
+            misshapen tensor, non-finite weights, or no tokenizer; the message names it.
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InvalidCheckpoint(
+            f"{folder} has no config.json: point at a Hugging Face checkpoint folder "
+            "(config.json, model.safetensors, tokenizer files)"
+        )
+    try:
+        config = TrunkConfig.from_hf(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as exc:
+        raise InvalidCheckpoint(f"{config_file} is not valid JSON: {exc}") from None
+    embeddings, layers, pooler = _split(_read_tensors(folder), config)
+    problem = check_shapes(embeddings, embedding_shapes(config), "embeddings")
+    for index, layer in enumerate(layers):
+        problem = problem or check_shapes(layer, layer_shapes(config), f"layer {index}")
+    if pooler:
+        problem = problem or check_shapes(pooler, pooler_shapes(config), "pooler")
+    if problem:
+        raise InvalidCheckpoint(f"{folder}: {problem}")
+    tokenizer_files = {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
+    if not {"tokenizer.json", "vocab.txt", "vocab.json"} & set(tokenizer_files):
+        raise InvalidCheckpoint(
+            f"{folder} has no tokenizer (tokenizer.json, vocab.txt or vocab.json): save the "
+            "tokenizer into the checkpoint folder"
+        )
+    fingerprint = TrunkFingerprint(
+        tokenizer=tokenizer_hash(tokenizer_files),
+        config=config.architecture_hash(),
+        embeddings=tensor_group_hash(embeddings),
+        layers=tuple(tensor_group_hash(layer) for layer in layers),
+    )
+    return Checkpoint(config, embeddings, layers, pooler or None, tokenizer_files, fingerprint)
+
+
+def save_component(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write one component's tensors to a safetensors file (same tensors, same bytes)."""
+    save_file({name: tensors[name].contiguous() for name in sorted(tensors)}, str(path))
+
+
+def load_component(path: Path) -> Tensors:
+    """Read one component file written by :func:`save_component` (safetensors only)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118

@@ -1,0 +1,175 @@
+"""Engines and schema: connecting to the registry database and migrating it with Alembic.
+
+The migrations ship inside the package (``mtreg.migrations``), so an installed mtreg can
+create and upgrade its own database; ``alembic.ini`` at the repository root points at the
+same directory for developers writing new revisions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from mtreg.errors import DatabaseError
+
+SchemaState = Literal["empty", "current", "outdated", "newer", "unmanaged"]
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# SQLite waits this long for another writer's lock before giving up (milliseconds).
+BUSY_TIMEOUT_MS = 60_000
+
+
+def make_engine(url: str) -> sa.Engine:
+    """Return an engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys.
+
+    SQLite transactions are begun explicitly, so that a write transaction can take the
+    database's write lock up front (``BEGIN IMMEDIATE``, see :mod:`mtreg.registry.store`)
+    instead of failing half-way when another process writes.
+
+    Raises:
+        DatabaseError: the URL cannot be parsed or names a driver that is not installed.
+    """
+    try:
+        parsed = sa.engine.make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, pool_pre_ping=True)
+    except (sa.exc.ArgumentError, ImportError, sa.exc.NoSuchModuleError) as exc:
+        hint = " (PostgreSQL needs `pip install 'mtreg[postgres]'`)" if "postgres" in url else ""
+        raise DatabaseError(f"cannot use database URL {mask(url)}: {exc}{hint}") from None
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_connect)
+        sa.event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_begin(connection: sa.Connection) -> None:
+    write = connection.get_execution_options().get("mtreg_write", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def mask(url: str) -> str:
+    """Return ``url`` with any password hidden, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparseable URL>"
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    """Return an Alembic config for the packaged migrations (bound to ``connection``)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """Return the newest migration revision this mtreg knows."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "mtreg ships at least one migration"
+    return head
+
+
+def known_revisions() -> list[str]:
+    """Return every migration revision this mtreg knows, oldest first."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
+def _connect(engine: sa.Engine) -> sa.Connection:
+    try:
+        return engine.connect()
+    except sa.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise DatabaseError(
+            f"cannot reach database {mask(str(engine.url))}: {reason}: check --db or "
+            "MTREG_DATABASE_URL"
+        ) from None
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    """Return the database's migration revision, or None for a database mtreg never touched.
+
+    Raises:
+        DatabaseError: the database cannot be reached.
+    """
+    with _connect(engine) as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def schema_state(engine: sa.Engine) -> SchemaState:
+    """Compare the database's revision with the code's.
+
+    Returns:
+        ``empty`` (no tables), ``current``, ``outdated`` (run ``mtreg db upgrade``),
+        ``newer`` (written by a newer mtreg) or ``unmanaged`` (tables but no revision).
+    """
+    revision = current_revision(engine)
+    if revision is None:
+        with _connect(engine) as connection:
+            tables = sa.inspect(connection).get_table_names()
+        return "unmanaged" if "trunks" in tables else "empty"
+    if revision == head_revision():
+        return "current"
+    return "outdated" if revision in known_revisions() else "newer"
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Apply migrations up to ``revision`` in one transaction.
+
+    Raises:
+        DatabaseError: unreachable database, a database newer than the code, or an
+            unknown target revision.
+    """
+    if schema_state(engine) == "newer":
+        raise DatabaseError(
+            f"database revision {current_revision(engine)} is newer than this mtreg "
+            f"(head {head_revision()}): upgrade mtreg"
+        )
+    _run(engine, lambda config: command.upgrade(config, revision))
+
+
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    """Revert migrations down to ``revision`` (``base`` empties the database)."""
+    _run(engine, lambda config: command.downgrade(config, revision))
+
+
+def _run(engine: sa.Engine, operation) -> None:
+    from alembic.util import CommandError
+
+    with _connect(engine) as connection, connection.begin():
+        if connection.dialect.name == "postgresql":
+            # Two processes creating one new database must not both run the migrations.
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7291)")
+        try:
+            operation(alembic_config(connection))
+        except CommandError as exc:
+            raise DatabaseError(f"migration failed: {exc}") from None
+
+
+def check(engine: sa.Engine) -> list[str]:
+    """Return the differences between the database schema and the code's tables."""
+    from mtreg.registry.tables import Base
+
+    with _connect(engine) as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "render_as_batch": True}
+        )
+        return [str(diff) for diff in compare_metadata(context, Base.metadata)]

@@ -1,0 +1,398 @@
+"""The store: every query and transaction of the registry database lives here.
+
+Callers open a transaction and call methods of :class:`Tx`; they get plain records back
+(:mod:`mtreg.registry.records`), never ORM objects, and never build SQL themselves.
+
+Write transactions serialise: on SQLite they begin with ``BEGIN IMMEDIATE`` (the database's
+write lock, waited for up to the busy timeout), on PostgreSQL they take a transaction-level
+advisory lock. One writer at a time is what keeps "rebuild the bundle, then commit"
+consistent when several teams register at once.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from mtreg.errors import DatabaseError, MtregError
+from mtreg.plugins.spec import parse_version
+from mtreg.registry import db
+from mtreg.registry.records import (
+    BundleRecord,
+    EventRecord,
+    TaskRecord,
+    TaskVersionRecord,
+    TrunkRecord,
+)
+from mtreg.registry.tables import Alias, Bundle, BundleMember, Event, Task, TaskVersion, Trunk
+
+# Arbitrary constant naming mtreg's write lock among PostgreSQL advisory locks.
+_PG_WRITE_LOCK = 0x6D747265
+MIN_PREFIX = 6
+
+
+class Store:
+    """The registry database at ``url``, migrated to the code's schema.
+
+    A new (empty) database is created by running the migrations. An older one is refused
+    until ``mtreg db upgrade`` runs; one written by a newer mtreg is refused outright.
+
+    Raises:
+        DatabaseError: unreachable, outdated, newer or unmanaged database.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.engine = db.make_engine(url)
+        self.url = db.mask(url)
+        try:
+            state = db.schema_state(self.engine)
+            if state == "empty":
+                db.upgrade(self.engine)
+            elif state != "current":
+                raise DatabaseError(_STATE_MESSAGES[state].format(url=self.url))
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    def close(self) -> None:
+        """Release all pooled connections."""
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self, write: bool = False) -> Iterator[Tx]:
+        """Open a transaction; commit when the block ends, roll back if it raises.
+
+        ``write=True`` takes the registry's write lock first (see the module docstring).
+
+        Raises:
+            DatabaseError: the database cannot be reached or the lock not taken in time.
+        """
+        try:
+            with Session(self.engine) as session:
+                connection = session.connection(execution_options={"mtreg_write": write})
+                if write and connection.dialect.name == "postgresql":
+                    connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_WRITE_LOCK)))
+                yield Tx(session)
+                session.commit()
+        except sa.exc.OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise DatabaseError(
+                f"database {self.url} failed: {reason}: check that it is reachable and retry"
+            ) from None
+
+
+_STATE_MESSAGES = {
+    "outdated": "database {url} has an older schema than this mtreg: run `mtreg db upgrade`",
+    "newer": "database {url} was written by a newer mtreg: upgrade mtreg to use it",
+    "unmanaged": "database {url} has tables but no mtreg migration history: use another "
+    "database for mtreg",
+}
+
+
+class Tx:
+    """Queries inside one transaction. Every method returns records or None."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction: if the block raises, only its own changes are undone."""
+        with self.session.begin_nested():
+            yield
+
+    # -- trunks -------------------------------------------------------------------------
+
+    def add_trunk(self, record: TrunkRecord) -> None:
+        """Insert a trunk. The caller has checked that the name is free."""
+        self.session.add(
+            Trunk(
+                name=record.name,
+                model_type=record.model_type,
+                num_layers=record.num_layers,
+                config=record.config,
+                fingerprint=record.fingerprint,
+                objects=record.objects,
+                source=record.source,
+            )
+        )
+        self.session.flush()
+
+    def get_trunk(self, name: str) -> TrunkRecord | None:
+        """Return the trunk called ``name``, or None."""
+        row = self._trunk_row(name)
+        return _trunk_record(row) if row else None
+
+    def list_trunks(self) -> list[TrunkRecord]:
+        """Return every trunk, by name."""
+        rows = self.session.scalars(sa.select(Trunk).order_by(Trunk.name))
+        return [_trunk_record(row) for row in rows]
+
+    def _trunk_row(self, name: str) -> Trunk | None:
+        return self.session.scalars(sa.select(Trunk).where(Trunk.name == name)).one_or_none()
+
+    # -- tasks and versions ---------------------------------------------------------------
+
+    def get_task(self, name: str) -> TaskRecord | None:
+        """Return task ``name`` (removed or not), or None if it was never registered."""
+        row = self._task_row(name)
+        return self._task_record(row) if row else None
+
+    def list_tasks(self, include_removed: bool = False) -> list[TaskRecord]:
+        """Return the tasks by name; removed ones (no active version) only when asked."""
+        query = sa.select(Task).order_by(Task.name)
+        if not include_removed:
+            query = query.where(Task.active_version_id.is_not(None))
+        return [self._task_record(row) for row in self.session.scalars(query)]
+
+    def list_versions(self, task: str) -> list[TaskVersionRecord]:
+        """Return every version of ``task``, lowest semantic version first."""
+        rows = self.session.execute(
+            sa.select(TaskVersion, Trunk.name)
+            .join(Task, TaskVersion.task_id == Task.id)
+            .join(Trunk, Task.trunk_id == Trunk.id)
+            .where(Task.name == task)
+        ).all()
+        records = [_version_record(version, task, trunk) for version, trunk in rows]
+        return sorted(records, key=lambda r: parse_version(r.version))
+
+    def get_version(self, task: str, version: str) -> TaskVersionRecord | None:
+        """Return one version of a task, or None."""
+        return next((r for r in self.list_versions(task) if r.version == version), None)
+
+    def add_version(self, record: TaskVersionRecord, activate: bool = True) -> None:
+        """Insert a task version (creating the task on first use) and activate it.
+
+        Raises:
+            MtregError: the record names a trunk that is not registered.
+        """
+        task = self._task_row(record.task)
+        if task is None:
+            trunk = self._trunk_row(record.trunk)
+            if trunk is None:
+                raise MtregError(f"trunk {record.trunk!r} is not registered")
+            task = Task(name=record.task, trunk_id=trunk.id)
+            self.session.add(task)
+            self.session.flush()
+        row = TaskVersion(
+            task_id=task.id,
+            version=record.version,
+            weights_sha256=record.weights_sha256,
+            fork_depth=record.fork_depth,
+            num_layers=record.num_layers,
+            head_kind=record.head_kind,
+            labels=list(record.labels),
+            inputs=list(record.inputs),
+            max_length=record.max_length,
+            description=record.description,
+            metric_names=list(record.metric_names),
+            metrics=dict(record.metrics),
+            training=dict(record.training),
+            trunk_prefix=dict(record.trunk_prefix),
+            plugin=record.plugin,
+            plugin_version=record.plugin_version,
+        )
+        self.session.add(row)
+        self.session.flush()
+        if activate:
+            task.active_version_id = row.id
+            self.session.flush()
+
+    def set_active(self, task: str, version: str | None) -> None:
+        """Serve ``version`` of ``task`` (None: remove it from bundles, keep its history)."""
+        row = self._task_row(task)
+        assert row is not None, f"set_active on unknown task {task!r}"
+        row.active_version_id = None if version is None else self._version_id(row.id, version)
+        self.session.flush()
+
+    def active_versions(self, trunk: str) -> list[TaskVersionRecord]:
+        """Return the active version of every task on ``trunk``, by task name."""
+        rows = self.session.execute(
+            sa.select(TaskVersion, Task.name)
+            .join(Task, Task.active_version_id == TaskVersion.id)
+            .join(Trunk, Task.trunk_id == Trunk.id)
+            .where(Trunk.name == trunk)
+            .order_by(Task.name)
+        ).all()
+        return [_version_record(version, name, trunk) for version, name in rows]
+
+    def _task_row(self, name: str) -> Task | None:
+        return self.session.scalars(sa.select(Task).where(Task.name == name)).one_or_none()
+
+    def _version_id(self, task_id: int, version: str) -> int:
+        return self.session.scalars(
+            sa.select(TaskVersion.id).where(
+                TaskVersion.task_id == task_id, TaskVersion.version == version
+            )
+        ).one()
+
+    def _task_record(self, row: Task) -> TaskRecord:
+        trunk = self.session.get(Trunk, row.trunk_id)
+        versions = self.session.scalars(
+            sa.select(TaskVersion).where(TaskVersion.task_id == row.id)
+        ).all()
+        latest = max(versions, key=lambda v: parse_version(v.version))
+        active = next((v for v in versions if v.id == row.active_version_id), None)
+        return TaskRecord(
+            name=row.name,
+            trunk=trunk.name if trunk else "",
+            active_version=active.version if active else None,
+            latest_version=latest.version,
+            description=(active or latest).description,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+    # -- bundles and aliases -----------------------------------------------------------------
+
+    def add_bundle(self, record: BundleRecord) -> None:
+        """Insert a bundle and its members (task -> version, all registered)."""
+        trunk = self._trunk_row(record.trunk)
+        assert trunk is not None, f"bundle on unknown trunk {record.trunk!r}"
+        self.session.add(Bundle(id=record.id, trunk_id=trunk.id, manifest=record.manifest))
+        self.session.flush()
+        for task, version in sorted(record.members.items()):
+            task_row = self._task_row(task)
+            assert task_row is not None, f"bundle member {task!r} is not registered"
+            self.session.add(
+                BundleMember(
+                    bundle_id=record.id, task_version_id=self._version_id(task_row.id, version)
+                )
+            )
+        self.session.flush()
+
+    def get_bundle(self, ref: str) -> BundleRecord | None:
+        """Return the bundle with id ``ref``, or with a unique id prefix of 6+ characters.
+
+        Raises:
+            MtregError: the prefix matches more than one bundle.
+        """
+        row = self.session.get(Bundle, ref)
+        if row is None and len(ref) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in ref):
+            rows = self.session.scalars(
+                sa.select(Bundle).where(Bundle.id.startswith(ref, autoescape=True)).limit(2)
+            ).all()
+            if len(rows) > 1:
+                raise MtregError(f"bundle id prefix {ref!r} is ambiguous: give more characters")
+            row = rows[0] if rows else None
+        return self._bundle_record(row) if row else None
+
+    def list_bundles(self) -> list[BundleRecord]:
+        """Return every bundle, newest first."""
+        rows = self.session.scalars(
+            sa.select(Bundle).order_by(Bundle.created_at.desc(), Bundle.id)
+        ).all()
+        return [self._bundle_record(row) for row in rows]
+
+    def delete_bundle(self, ident: str) -> None:
+        """Delete a bundle's rows. The caller has checked that no alias points at it."""
+        self.session.execute(sa.delete(BundleMember).where(BundleMember.bundle_id == ident))
+        self.session.execute(sa.delete(Bundle).where(Bundle.id == ident))
+
+    def set_alias(self, name: str, bundle: str) -> None:
+        """Point alias ``name`` at bundle id ``bundle`` (creating the alias if new)."""
+        row = self.session.get(Alias, name)
+        if row is None:
+            self.session.add(Alias(name=name, bundle_id=bundle))
+        elif row.bundle_id != bundle:
+            row.bundle_id = bundle
+        self.session.flush()
+
+    def get_alias(self, name: str) -> BundleRecord | None:
+        """Return the bundle alias ``name`` points at, or None."""
+        row = self.session.get(Alias, name)
+        return self.get_bundle(row.bundle_id) if row else None
+
+    def list_aliases(self) -> dict[str, str]:
+        """Return every alias: name -> bundle id."""
+        rows = self.session.scalars(sa.select(Alias).order_by(Alias.name))
+        return {row.name: row.bundle_id for row in rows}
+
+    def delete_alias(self, name: str) -> None:
+        """Delete alias ``name`` if it exists."""
+        self.session.execute(sa.delete(Alias).where(Alias.name == name))
+
+    def _bundle_record(self, row: Bundle) -> BundleRecord:
+        members = self.session.execute(
+            sa.select(Task.name, TaskVersion.version)
+            .join(TaskVersion, TaskVersion.task_id == Task.id)
+            .join(BundleMember, BundleMember.task_version_id == TaskVersion.id)
+            .where(BundleMember.bundle_id == row.id)
+        ).all()
+        aliases = self.session.scalars(
+            sa.select(Alias.name).where(Alias.bundle_id == row.id).order_by(Alias.name)
+        ).all()
+        trunk = self.session.get(Trunk, row.trunk_id)
+        return BundleRecord(
+            id=row.id,
+            trunk=trunk.name if trunk else "",
+            manifest=row.manifest,
+            members=dict(sorted(members)),
+            aliases=list(aliases),
+            created_at=row.created_at,
+        )
+
+    # -- events ---------------------------------------------------------------------------
+
+    def add_event(self, kind: str, subject: str, detail: dict[str, Any]) -> None:
+        """Append to the audit log (committed with the change it describes)."""
+        self.session.add(Event(kind=kind, subject=subject, actor=_actor(), detail=detail))
+        self.session.flush()
+
+    def list_events(self, limit: int = 50, subject: str | None = None) -> list[EventRecord]:
+        """Return up to ``limit`` events, newest first, optionally about one subject."""
+        query = sa.select(Event).order_by(Event.id.desc()).limit(limit)
+        if subject is not None:
+            query = query.where(Event.subject == subject)
+        return [
+            EventRecord(row.id, row.at, row.kind, row.subject, row.actor, row.detail)
+            for row in self.session.scalars(query)
+        ]
+
+
+def _actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def _trunk_record(row: Trunk) -> TrunkRecord:
+    return TrunkRecord(
+        name=row.name,
+        model_type=row.model_type,
+        num_layers=row.num_layers,
+        config=row.config,
+        fingerprint=row.fingerprint,
+        objects=row.objects,
+        source=row.source,
+        created_at=row.created_at,
+    )
+
+
+def _version_record(row: TaskVersion, task: str, trunk: str) -> TaskVersionRecord:
+    return TaskVersionRecord(
+        task=task,
+        version=row.version,
+        weights_sha256=row.weights_sha256,
+        fork_depth=row.fork_depth,
+        num_layers=row.num_layers,
+        head_kind=row.head_kind,
+        labels=list(row.labels),
+        inputs=list(row.inputs),
+        max_length=row.max_length,
+        trunk=trunk,
+        trunk_prefix=row.trunk_prefix,
+        description=row.description,
+        metric_names=list(row.metric_names),
+        metrics=row.metrics,
+        training=row.training,
+        plugin=row.plugin,
+        plugin_version=row.plugin_version,
+        created_at=row.created_at,
+    )
