@@ -128,9 +128,7 @@ class Standalone(nn.Module):
     def __init__(self, trunk: Trunk, fork_depth: int, branch: Branch) -> None:
         super().__init__()
         if not 0 <= fork_depth <= trunk.depth:
-            raise ValueError(
-                f"fork depth {fork_depth} outside 0..{trunk.depth} of the trunk"
-            )
+            raise ValueError(f"fork depth {fork_depth} outside 0..{trunk.depth} of the trunk")
         self.trunk = trunk
         self.fork_depth = fork_depth
         self.branch = branch

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mtreg.errors import MtregError
+from mtreg.errors import MtregError, NotFound
+from mtreg.plugins.spec import validate_name
 from mtreg.registry.objects import ObjectStore, fsync_dir
 from mtreg.registry.records import TaskVersionRecord, TrunkRecord
 
@@ -88,6 +89,70 @@ def build_manifest(trunk: TrunkRecord, members: Sequence[TaskVersionRecord]) -> 
         "files": files,
         "cost": layer_cost(trunk.num_layers, tasks),
     }
+
+
+def subset_manifest(manifest: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """Return the manifest of a bundle holding only ``tasks`` of ``manifest``, its trunk cut
+    at their deepest fork (what ``mtreg export --tasks`` writes)."""
+    chosen = {name: manifest["tasks"][name] for name in sorted(tasks)}
+    depth = max((t["fork_depth"] for t in chosen.values()), default=0)
+    keep = {"trunk/embeddings.safetensors", *(layer_path(i) for i in range(depth))}
+    keep |= {t["file"] for t in chosen.values()}
+    files = {
+        rel: sha
+        for rel, sha in manifest["files"].items()
+        if rel in keep or rel.startswith("tokenizer/")
+    }
+    trunk_layers = len(manifest["trunk"]["fingerprint"]["layers"])
+    return {
+        **manifest,
+        "trunk": {**manifest["trunk"], "depth": depth},
+        "tasks": chosen,
+        "files": files,
+        "cost": layer_cost(trunk_layers, chosen),
+    }
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read a bundle's ``manifest.json`` and check that it is safe to act on.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        NotFound: no manifest at ``path``. MtregError: not valid JSON, another format, a
+            bad task name, or a file path that would leave the bundle directory.
+    """
+    try:
+        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"no bundle manifest at {path}: point at a bundle directory") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MtregError(f"{path} is not valid JSON ({exc}): rebuild or re-export it") from None
+    if not isinstance(manifest, dict) or (
+        manifest.get("format"),
+        manifest.get("format_version"),
+    ) != (
+        FORMAT,
+        FORMAT_VERSION,
+    ):
+        raise MtregError(
+            f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: rebuild or re-export it"
+        )
+    try:
+        files, tasks = dict(manifest["files"]), dict(manifest["tasks"])
+        for relative in files:
+            safe_relative(relative)
+        for name, task in tasks.items():
+            validate_name(name)
+            if task["file"] not in files:
+                raise MtregError(f"task {name!r} names file {task['file']!r}, not listed")
+        trunk = manifest["trunk"]
+        if not isinstance(trunk["config"], dict) or not isinstance(trunk["depth"], int):
+            raise TypeError("trunk")
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise MtregError(f"{path} is malformed (missing or bad {exc}): rebuild it") from None
+    return manifest
 
 
 def layer_cost(trunk_layers: int, tasks: dict[str, dict[str, Any]]) -> dict[str, int]:

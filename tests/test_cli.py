@@ -86,14 +86,16 @@ def test_walkthrough(env: dict[str, str]) -> None:
     assert shown["version"]["fork_depth"] == 2
     run(env, "rollback", "sentiment", "--to", "1.0.0")
     bundles = json.loads(run(env, "bundle", "list", "--json").stdout)
-    assert len(bundles) == 3
-    diff = json.loads(run(env, "bundle", "diff", bundles[1]["id"], "latest", "--json").stdout)
+    # Bundles are content-addressed: rolling back brings the first bundle back as latest.
+    assert len(bundles) == 2
+    (upgraded,) = [b["id"] for b in bundles if "latest" not in b["aliases"]]
+    diff = json.loads(run(env, "bundle", "diff", upgraded, "latest", "--json").stdout)
     assert diff == {"sentiment": {"a": "1.1.0", "b": "1.0.0"}}
     run(env, "alias", "set", "serving", "latest")
     assert json.loads(run(env, "alias", "list", "--json").stdout).keys() == {"latest", "serving"}
     assert "removed" in run(env, "remove", "sentiment").stdout
     gc = json.loads(run(env, "gc", "--json").stdout)
-    assert len(gc["bundles"]) == 2
+    assert gc["bundles"] == [upgraded]
     assert "schema matches" in run(env, "db", "check").stdout
 
 

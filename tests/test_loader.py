@@ -256,7 +256,9 @@ def test_same_path_twice_loads_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [p.name for p in found.plugins] == ["p"] and found.conflicts == []
 
 
-def test_rewritten_plugin_is_reloaded(tmp_path: Path) -> None:
+def test_rewritten_plugin_is_reloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bytecode writing on (PYTHONDONTWRITEBYTECODE may hide the stale-.pyc case).
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
     write_plugin(tmp_path, "p", [task("t", "1.0.0")])
     assert discover([tmp_path]).task("t").spec.version == "1.0.0"
 
