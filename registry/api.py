@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -327,12 +327,14 @@ class Registry:
         all: bool = False,
         dry_run: bool = False,
         promote: bool = False,
+        weights: Mapping[str, str | Path] | None = None,
     ) -> Changes:
         """Register the plugins' current versions of ``tasks`` (or of every task).
 
         Everything is validated first (weights by the strict reader, trunk compatibility,
         the version rules); then it is all written in one transaction with the rebuilt
-        bundle, or nothing is.
+        bundle, or nothing is. ``weights`` maps a task to a branch file to use instead of
+        the one its plugin names (``mtreg onboard`` registers what it just trained).
 
         Returns:
             The outcome per task, in the order given, and the bundles built.
@@ -346,7 +348,14 @@ class Registry:
             raise MtregError(
                 "no tasks to register: name them, or pass --all (`mtreg plugins` lists them)"
             )
-        candidates = [self._candidate(discovery.task(name)) for name in names]
+        overrides = dict(weights or {})
+        candidates = []
+        for name in names:
+            loaded = discovery.task(name)
+            if name in overrides:
+                spec = replace(loaded.spec, weights=Path(overrides[name]))
+                loaded = replace(loaded, spec=spec)
+            candidates.append(self._candidate(loaded))
         with self._writing() as write:
             write.promote = promote
             done = [self._apply(write, c, dry_run) for c in candidates]
