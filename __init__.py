@@ -9,20 +9,27 @@ The public names a plugin author and a Python user need live here::
         register(mtreg.TaskSpec(name="sentiment", version="1.0.0", ...))
 
     reg = mtreg.Registry()          # the same operations as the CLI
+    bundle = mtreg.load_bundle("serving")
+    bundle.predict(["where is my parcel?"])
 """
 
 from mtreg.errors import MtregError
 from mtreg.plugins.hookspecs import hookimpl
 from mtreg.plugins.spec import HeadSpec, TaskSpec
 
-__all__ = ["HeadSpec", "MtregError", "Registry", "TaskSpec", "hookimpl"]
+__all__ = ["HeadSpec", "MtregError", "Registry", "TaskSpec", "hookimpl", "load_bundle"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Registry pulls in SQLAlchemy; keep `import mtreg` cheap for plugin modules.
+    # Registry pulls in SQLAlchemy, load_bundle torch: keep `import mtreg` cheap for plugins.
     if name == "Registry":
         from mtreg.registry.api import Registry
 
         return Registry
+    if name == "load_bundle":
+        # Pulls in torch: only when a bundle is actually loaded.
+        from mtreg.model.bundle import load_bundle
+
+        return load_bundle
     raise AttributeError(f"module 'mtreg' has no attribute {name!r}")

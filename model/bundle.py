@@ -82,40 +82,81 @@ def _checked(root: Path, manifest: Mapping[str, Any], relative: str) -> Path:
     return path
 
 
+class OnnxModel:
+    """The ONNX graph of an ``mtreg export --format onnx`` folder, called like
+    :class:`MultiTaskModel`: ``model(input_ids, attention_mask, token_type_ids, tasks)``."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise MtregError("the onnx backend needs `pip install 'mtreg[onnx]'`") from None
+        graph = Path(path) / "model.onnx"
+        if not graph.is_file():
+            raise NotFound(
+                f"{path} holds no model.onnx: export one with `mtreg export --format onnx`"
+            )
+        self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, tasks=None) -> dict:
+        names = self.outputs if tasks is None else sorted(tasks)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        feeds = {
+            "input_ids": input_ids.numpy(),
+            "attention_mask": attention_mask.numpy(),
+            "token_type_ids": token_type_ids.numpy(),
+        }
+        values = self.session.run(names, feeds)
+        return {name: torch.from_numpy(v) for name, v in zip(names, values, strict=True)}
+
+
 class LoadedBundle:
     """A bundle loaded for inference.
 
     Attributes:
         path: the bundle directory. manifest: its manifest. tasks: the loaded task names.
-        model: the :class:`MultiTaskModel` (eval mode). tokenizer: the trunk's tokenizer.
+        model: the :class:`MultiTaskModel` (eval mode), or with ``backend="onnx"`` an
+            :class:`OnnxModel` called the same way. tokenizer: the trunk's tokenizer.
     """
 
-    def __init__(self, path: Path, tasks: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, path: Path, tasks: Iterable[str] | None = None, backend: str = "torch"
+    ) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path / MANIFEST)
         self.tasks = select_tasks(self.manifest, tasks)
         self.info = {name: task_info(self.manifest, name) for name in self.tasks}
         self.config = TrunkConfig(**self.manifest["trunk"]["config"])
+        self.backend = backend
+        if backend == "torch":
+            self.model = self._torch_model()
+        elif backend == "onnx":
+            self.model = OnnxModel(self.path)
+        else:
+            raise MtregError(f"unknown backend {backend!r}: use torch or onnx")
+        for relative in self.manifest["files"]:
+            if relative.startswith("tokenizer/"):
+                self._read(relative)
+        self.tokenizer = load_tokenizer(self.path / "tokenizer")
+
+    def _torch_model(self) -> MultiTaskModel:
         depth = max((i.fork_depth for i in self.info.values()), default=0)
-        read = self._read
         trunk = Trunk.from_tensors(
             self.config,
-            load_component(read("trunk/embeddings.safetensors")),
-            [load_component(read(layer_path(i))) for i in range(depth)],
+            load_component(self._read("trunk/embeddings.safetensors")),
+            [load_component(self._read(layer_path(i))) for i in range(depth)],
         )
         branches = {}
         for name, info in self.info.items():
-            _, tensors = read_branch(read(self.manifest["tasks"][name]["file"]), self.config)
-            branch = Branch(self.config, self.manifest["tasks"][name]["num_layers"], info.head)
+            entry = self.manifest["tasks"][name]
+            _, tensors = read_branch(self._read(entry["file"]), self.config)
+            branch = Branch(self.config, entry["num_layers"], info.head)
             branch.load_state_dict(tensors, strict=True)
             branches[name] = (info.fork_depth, branch)
-        self.model = MultiTaskModel(trunk, branches).eval()
         self.layers_read = depth
-        tokenizer_dir = self.path / "tokenizer"
-        for relative in self.manifest["files"]:
-            if relative.startswith("tokenizer/"):
-                read(relative)
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        return MultiTaskModel(trunk, branches).eval()
 
     def _read(self, relative: str) -> Path:
         return _checked(self.path, self.manifest, relative)
@@ -277,15 +318,13 @@ def load_bundle(
     Args:
         ref: a directory holding ``manifest.json``, or an alias or bundle id (prefix).
         tasks: load only these tasks (and the trunk up to their deepest fork).
-        backend: ``torch`` (the ONNX backend comes with ``mtreg export --format onnx``).
+        backend: ``torch``, or ``onnx`` for a folder written by ``mtreg export --format onnx``.
         registry: the :class:`mtreg.Registry` resolving aliases (default: ``Registry()``).
 
     Raises:
         NotFound: no such directory, alias, bundle or task. InvalidWeights: a damaged bundle.
-        MtregError: an unknown backend.
+        MtregError: an unknown backend, or onnx without an ONNX export.
     """
-    if backend != "torch":
-        raise MtregError(f"unknown backend {backend!r}: use 'torch'")
     path = Path(ref)
     if not (path / MANIFEST).is_file():
         if path.is_dir() or "/" in str(ref):
@@ -297,4 +336,4 @@ def load_bundle(
                 path = registry.bundle_path(str(ref))
         else:
             path = registry.bundle_path(str(ref))
-    return LoadedBundle(path, tasks)
+    return LoadedBundle(path, tasks, backend)
