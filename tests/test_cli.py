@@ -171,3 +171,63 @@ def test_listing_does_not_import_torch(env: dict[str, str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+
+
+def test_predict_and_export_in_real_subprocesses(env: dict[str, str]) -> None:
+    run(env, "trunk", "add", "tiny", env["TRUNK"])
+    run(env, "register", "sentiment", "--promote")
+    done = _subprocess(env, "predict", "the film was great")
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout)
+    assert line["input"] == "the film was great"
+    assert line["predictions"]["sentiment"]["label"] in HEAD[1]
+    inputs = Path(env["TMP"]) / "in.jsonl"
+    inputs.write_text('"good"\n{"text": "bad"}\n\n["awful"]\n')
+    done = _subprocess(env, "predict", "--bundle", "latest", "--input", str(inputs), "--logits")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(x) for x in done.stdout.splitlines()]
+    assert [r["input"] for r in rows] == ["good", "bad", ["awful"]]
+    assert len(rows[0]["predictions"]["sentiment"]["logits"]) == 2
+    out = Path(env["TMP"]) / "exports"
+    for fmt, extra in (
+        ("dir", []),
+        ("onnx", ["--quantize", "int8"]),
+        ("hf", ["--tasks", "sentiment"]),
+    ):
+        done = _subprocess(env, "export", "--format", fmt, "--out", str(out / fmt), *extra)
+        assert done.returncode == 0, done.stderr
+    assert (out / "onnx" / "model.int8.onnx").is_file()
+    assert (out / "hf" / "config.json").is_file()
+    onnx = _subprocess(
+        env, "predict", "--bundle", str(out / "onnx"), "--backend", "onnx", "the film was great"
+    )
+    assert (
+        json.loads(onnx.stdout)["predictions"]["sentiment"]["label"]
+        == line["predictions"]["sentiment"]["label"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["export", "--tasks", "nosuch", "--out", "{TMP}/x"],
+            "task 'nosuch' is not in this bundle",
+        ),
+        (["export", "--out", "{TMP}"], "already exists"),
+        (["predict", "--bundle", "nosuch", "hello"], "no bundle or alias 'nosuch'"),
+        (["predict", "--input", "{TMP}/bad.jsonl"], "bad.jsonl:1 is not valid JSON"),
+        (["predict", "--bundle", "latest", "--backend", "onnx", "hi"], "holds no model.onnx"),
+    ],
+)
+def test_bundle_user_errors_are_one_line(
+    env: dict[str, str], args: list[str], message: str
+) -> None:
+    run(env, "trunk", "add", "tiny", env["TRUNK"])
+    run(env, "register", "sentiment", "--promote")
+    (Path(env["TMP"]) / "bad.jsonl").write_text("{nope\n")
+    before = snapshot(env["MTREG_DATABASE_URL"], Path(env["MTREG_HOME"]))
+    result = run(env, *[a.replace("{TMP}", env["TMP"]) for a in args], code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert snapshot(env["MTREG_DATABASE_URL"], Path(env["MTREG_HOME"])) == before

@@ -1,0 +1,147 @@
+"""Using bundles: ``predict`` and ``export``. torch is imported only inside the commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mtreg.cli.context import Context, pass_context
+from mtreg.errors import MtregError
+
+bundle_option = click.option(
+    "--bundle",
+    "ref",
+    default="serving",
+    show_default=True,
+    help="Alias, bundle id (prefix) or bundle directory.",
+)
+tasks_option = click.option(
+    "--tasks", default=None, metavar="A,B", help="Comma-separated tasks (default: all)."
+)
+
+
+def _split(tasks: str | None) -> list[str] | None:
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+
+
+def _resolve(ctx: Context, ref: str) -> Path:
+    path = Path(ref)
+    if (path / "manifest.json").is_file():
+        return path
+    return ctx.registry.bundle_path(ref)
+
+
+def _read_jsonl(path: Path) -> Iterator[Any]:
+    """Yield inputs from a JSON-lines file: a string, a ``[text, pair]`` list, or an object
+    with ``text`` (and ``text_pair``) or with the tasks' own input field names."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MtregError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+            if isinstance(item, dict) and set(item) <= {"text", "text_pair"} and "text" in item:
+                item = (item["text"], item["text_pair"]) if "text_pair" in item else item["text"]
+            elif isinstance(item, list):
+                item = tuple(item)
+            yield item
+
+
+@click.command("predict")
+@bundle_option
+@tasks_option
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON-lines file of inputs (instead of TEXT).",
+)
+@click.option("--logits", is_flag=True, help="Add the raw outputs.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.argument("text", required=False)
+@click.argument("text_pair", required=False)
+@pass_context
+def predict(
+    ctx: Context,
+    ref: str,
+    tasks: str | None,
+    input_file: Path | None,
+    logits: bool,
+    batch_size: int,
+    backend: str,
+    text: str | None,
+    text_pair: str | None,
+) -> None:
+    """Predict TEXT (and TEXT_PAIR) or every line of --input with a bundle; print JSON lines."""
+    if (text is None) == (input_file is None):
+        raise click.UsageError("give either TEXT [TEXT_PAIR] or --input FILE.jsonl")
+    from mtreg.model.bundle import load_bundle
+
+    bundle = load_bundle(_resolve(ctx, ref), tasks=_split(tasks), backend=backend)
+    if input_file is None:
+        inputs: list[Any] = [text if text_pair is None else (text, text_pair)]
+    else:
+        inputs = list(_read_jsonl(input_file))
+    results = bundle.predict(inputs, batch_size=batch_size, with_logits=logits)
+    for item, result in zip(inputs, results, strict=True):
+        shown = list(item) if isinstance(item, tuple) else item
+        click.echo(json.dumps({"input": shown, "predictions": result}, sort_keys=True))
+
+
+@click.command("export")
+@bundle_option
+@tasks_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["dir", "onnx", "hf"]),
+    default="dir",
+    show_default=True,
+    help="dir: a smaller bundle folder; onnx: one ONNX graph; hf: one task for transformers.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder to create (must not exist).",
+)
+@click.option("--quantize", type=click.Choice(["int8"]), help="Also write an int8 ONNX graph.")
+@pass_context
+def export(
+    ctx: Context, ref: str, tasks: str | None, fmt: str, out: Path, quantize: str | None
+) -> None:
+    """Export a bundle (or some of its tasks) to OUT."""
+    from mtreg.model import export as exporting
+
+    source, names = _resolve(ctx, ref), _split(tasks)
+    if quantize and fmt != "onnx":
+        raise click.UsageError("--quantize applies to --format onnx only")
+    if fmt == "dir":
+        exporting.export_dir(source, out, names)
+        click.echo(f"exported {', '.join(names or ['all tasks'])} to {out}")
+    elif fmt == "onnx":
+        report = exporting.export_onnx(source, out, names, quantize)
+        click.echo(
+            f"exported {len(report['outputs'])} task(s) as one ONNX graph to {out} "
+            f"(max abs diff to torch {report['max_abs_diff']:.2e})"
+        )
+        if quantize:
+            click.echo(
+                f"int8: argmax agreement with fp32 {report['int8_argmax_agreement']:.1%}, "
+                f"max abs diff {report['int8_max_abs_diff']:.3g}"
+            )
+    else:
+        if not names or len(names) != 1:
+            raise click.UsageError("--format hf exports one task: pass --tasks NAME")
+        exporting.export_hf(source, out, names[0])
+        click.echo(f"exported {names[0]} as a transformers folder to {out}")
+
+
+COMMANDS = [predict, export]
