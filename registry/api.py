@@ -329,7 +329,7 @@ class Registry:
         promote: bool = False,
         weights: Mapping[str, str | Path] | None = None,
     ) -> Changes:
-        """Register the plugins' current versions of ``tasks`` (or of every task).
+        """Register the plugins' current versions of ``tasks`` (or of every trained task).
 
         Everything is validated first (weights by the strict reader, trunk compatibility,
         the version rules); then it is all written in one transaction with the rebuilt
@@ -343,7 +343,11 @@ class Registry:
             MtregError: the first refusal (its message names the task); nothing is written.
         """
         discovery = self.discover()
-        names = sorted(discovery.tasks) if all else list(dict.fromkeys(tasks))
+        if all:
+            # Built-in and scaffolded plugins offer tasks before they are trained.
+            names = sorted(n for n, t in discovery.tasks.items() if t.spec.weights is not None)
+        else:
+            names = list(dict.fromkeys(tasks))
         if not names:
             raise MtregError(
                 "no tasks to register: name them, or pass --all (`mtreg plugins` lists them)"
