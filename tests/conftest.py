@@ -27,6 +27,19 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MTREG_HOME", str(tmp_path / "default-home"))
 
 
+@pytest.fixture(autouse=True)
+def _no_builtin_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide mtreg's own entry points (glue, intent): tests see only the plugins they write."""
+    from mtreg.plugins import loader
+
+    real = loader._entry_point_sources
+    monkeypatch.setattr(
+        loader,
+        "_entry_point_sources",
+        lambda: [s for s in real() if not s.where.startswith("entry point mtreg.")],
+    )
+
+
 def _postgres_database() -> Iterator[str]:
     admin_url = os.environ.get(POSTGRES_ENV)
     if not admin_url:
