@@ -252,30 +252,41 @@ class LoadedBundle:
             for name, (logits, encoded) in self.logits(chunk, tasks).items():
                 info = self.info[name]
                 for i, row in enumerate(rows):
-                    row[name] = _result(info, logits[i], encoded, i, with_logits)
+                    row[name] = task_result(info, logits[i], encoded, i, with_logits)
             results.extend(rows)
         return results
 
 
-def _fields(item: Input, info: TaskInfo) -> list[str]:
+def input_fields(item: Input, info: TaskInfo) -> list[str] | None:
+    """Return the texts task ``info`` reads from ``item``, or None if it cannot read it
+    (a pair for a one-text task, a missing field, a non-string)."""
     if isinstance(item, str):
-        values = [item]
+        values: list = [item]
     elif isinstance(item, Mapping):
-        missing = [f for f in info.inputs if f not in item]
-        if missing:
-            raise MtregError(f"task {info.name!r} needs input field {missing[0]!r}")
-        values = [item[f] for f in info.inputs]
+        if any(name not in item for name in info.inputs):
+            return None
+        values = [item[name] for name in info.inputs]
     else:
         values = list(item)
     if len(values) != len(info.inputs) or not all(isinstance(v, str) for v in values):
+        return None
+    return values
+
+
+def _fields(item: Input, info: TaskInfo) -> list[str]:
+    values = input_fields(item, info)
+    if values is None:
         want = "one text" if len(info.inputs) == 1 else "a pair of texts"
         raise MtregError(f"task {info.name!r} reads {want} ({', '.join(info.inputs)})")
     return values
 
 
-def _result(
+def task_result(
     info: TaskInfo, logits: torch.Tensor, encoded: dict[str, Any], row: int, with_logits: bool
 ) -> dict[str, Any]:
+    """Turn one row of a task's logits into its public result (label and score, labels and
+    scores, value, or spans; plus the logits when asked). ``encoded`` is what
+    :meth:`LoadedBundle.encode` returned for the batch."""
     head = info.head
     if head.kind == "classification":
         probs = logits.softmax(-1)

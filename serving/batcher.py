@@ -1,0 +1,185 @@
+"""Dynamic micro-batching: a bounded queue of jobs and one inference thread.
+
+Each job is one request's rows, admitted against the bundle that was current when it
+arrived. The thread takes the oldest job, waits at most ``max_wait_ms`` (counted from that
+job's arrival) for more to fill ``max_batch_size`` inputs, and runs the jobs that came next
+*for the same bundle* together: after a hot reload the old bundle finishes its jobs before
+the new one starts, and it is freed when the last of them is done. Inference runs outside
+the event loop: torch releases the GIL, so the server keeps accepting requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mtreg.serving.metrics import ServeMetrics
+from mtreg.serving.plan import Row
+
+log = logging.getLogger("mtreg.serving")
+
+Results = list[dict[str, Any]]
+# Runs rows on a bundle: (bundle, rows) -> one result per row.
+Runner = Callable[[Any, Sequence[Row]], Results]
+
+
+class QueueFull(Exception):
+    """The queue holds ``queue_size`` inputs already: try again later (HTTP 503)."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining and takes no new work (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's rows and where to deliver its results.
+
+    ``done(results, error)`` is called once, from the inference thread, with either the
+    results (one per row) or the exception that stopped them.
+    """
+
+    bundle: Any
+    rows: list[Row]
+    done: Callable[[Results | None, BaseException | None], None]
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """The bounded queue and the thread that empties it."""
+
+    def __init__(
+        self,
+        run: Runner,
+        metrics: ServeMetrics,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 512,
+    ) -> None:
+        self.run = run
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.queue_size = queue_size
+        self._jobs: deque[Job] = deque()
+        self._queued = 0  # inputs in self._jobs
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="mtreg-inference", daemon=True)
+
+    @property
+    def depth(self) -> int:
+        """Inputs waiting for a batch."""
+        return self._queued
+
+    def start(self) -> None:
+        """Start the inference thread."""
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``.
+
+        Raises:
+            QueueFull: it does not fit in the queue. ShuttingDown: the batcher is stopping.
+        """
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if self._queued + len(job.rows) > self.queue_size:
+                raise QueueFull(
+                    f"the queue is full ({self._queued} of {self.queue_size} inputs waiting)"
+                )
+            self._jobs.append(job)
+            self._queued += len(job.rows)
+            self._cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new jobs, finish the queued ones (for at most ``timeout`` seconds), then
+        fail whatever is left with ShuttingDown."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._cond:
+            left = list(self._jobs)
+            self._jobs.clear()
+            self._queued = 0
+        for job in left:
+            job.done(None, ShuttingDown("the server shut down before this request ran"))
+
+    def _take(self) -> list[Job] | None:
+        """Wait for work; return the next batch of jobs, or None once stopped and empty."""
+        with self._cond:
+            while not self._jobs:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._jobs[0]
+            deadline = first.arrived + self.max_wait
+            while self._queued < self.max_batch_size and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch = [self._jobs.popleft()]
+            size = len(first.rows)
+            while self._jobs:
+                job = self._jobs[0]
+                if job.bundle is not first.bundle or size + len(job.rows) > self.max_batch_size:
+                    break
+                batch.append(self._jobs.popleft())
+                size += len(job.rows)
+            self._queued -= size
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            self._run(batch)
+
+    def _chunks(self, bundle: Any, rows: list[Row]) -> Results:
+        """Run ``rows`` in forward passes of at most ``max_batch_size`` inputs."""
+        out: Results = []
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start : start + self.max_batch_size]
+            began = time.perf_counter()
+            out.extend(self.run(bundle, chunk))
+            self.metrics.batch_seconds.observe(time.perf_counter() - began)
+            self.metrics.batch_size.observe(len(chunk))
+        return out
+
+    def _run(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        for job in batch:
+            self.metrics.queue_wait.observe(now - job.arrived)
+        rows = [row for job in batch for row in job.rows]
+        try:
+            results = self._chunks(batch[0].bundle, rows)
+        except Exception:
+            if len(batch) == 1:
+                self._fail(batch[0])
+                return
+            # One job broke the batch: run each alone so only that one fails.
+            for job in batch:
+                try:
+                    job.done(self._chunks(job.bundle, job.rows), None)
+                except Exception:
+                    self._fail(job)
+            return
+        start = 0
+        for job in batch:
+            job.done(results[start : start + len(job.rows)], None)
+            start += len(job.rows)
+        for row in rows:
+            for task in row.tasks:
+                self.metrics.task_inputs.labels(task=task).inc()
+
+    def _fail(self, job: Job) -> None:
+        log.exception("inference failed for a request of %d inputs", len(job.rows))
+        self.metrics.failures.inc()
+        job.done(None, RuntimeError("inference failed; see the server log"))

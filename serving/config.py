@@ -1,0 +1,51 @@
+"""The options of ``mtreg serve``, in one value shared by the app, batcher and reloader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What to serve and how.
+
+    Attributes:
+        bundle: a bundle directory, or an alias / bundle id of the registry.
+        tasks: serve only these tasks (default: all the bundle holds).
+        backend: ``torch`` or ``onnx``.
+        max_batch_size: most inputs one forward pass takes.
+        max_wait_ms: how long the first queued input waits for others to fill a batch.
+        queue_size: most inputs waiting (over all requests); past it a request gets 503.
+        max_inputs: most inputs in one request.
+        max_text_chars: longest text accepted (texts are truncated to the task's
+            max_length in tokens anyway; this bounds the tokeniser's work).
+        max_body_bytes: largest request body.
+        poll_seconds: how often the alias is looked up for hot reload (0: never).
+        retry_after_s: the Retry-After header of a 503.
+        drain_seconds: how long shutdown waits for queued work.
+    """
+
+    bundle: str = "serving"
+    tasks: tuple[str, ...] | None = None
+    backend: str = "torch"
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    queue_size: int = 512
+    max_inputs: int = 64
+    max_text_chars: int = 10_000
+    max_body_bytes: int = 4 * 1024 * 1024
+    poll_seconds: float = 2.0
+    retry_after_s: int = 1
+    drain_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.queue_size < 1 or self.max_inputs < 1:
+            raise ValueError("max batch size, queue size and max inputs must be at least 1")
+        if self.max_wait_ms < 0 or self.poll_seconds < 0:
+            raise ValueError("max wait and poll interval cannot be negative")
+        if self.max_inputs > self.queue_size:
+            # A request larger than the whole queue could never be admitted.
+            raise ValueError(
+                f"max inputs per request ({self.max_inputs}) exceeds the queue size "
+                f"({self.queue_size})"
+            )

@@ -1,0 +1,99 @@
+"""Running the app under uvicorn: what ``mtreg serve`` does, callable from Python.
+
+Shutdown on SIGTERM or SIGINT: /readyz turns 503 at once (so a load balancer stops sending),
+uvicorn stops accepting connections and waits for requests in flight, then the lifespan
+drains the queue and stops the inference and reload threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from mtreg.serving.config import ServeConfig
+from mtreg.serving.reload import RegistryFactory, Served, is_directory_ref, load_served
+
+log = logging.getLogger("mtreg.serving")
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (default: every core this process may use); return it.
+
+    One inference thread runs at a time, so it may use all cores; inter-op parallelism only
+    adds contention for these small graphs, so it is set to 1.
+    """
+    import torch
+
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    torch.set_num_threads(max(1, threads))
+    # RuntimeError: already set, or parallel work already started; keep it then.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    return torch.get_num_threads()
+
+
+def load_first(config: ServeConfig, registry_factory: RegistryFactory | None) -> Served:
+    """Load the bundle to serve at start-up.
+
+    Raises:
+        NotFound, InvalidWeights, MtregError: the bundle cannot be served.
+    """
+    if is_directory_ref(config.bundle) or registry_factory is None:
+        return load_served(config.bundle, config.tasks, config.backend)
+    registry = registry_factory()
+    try:
+        return load_served(config.bundle, config.tasks, config.backend, registry)
+    finally:
+        registry.close()
+
+
+def serve(
+    config: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    registry_factory: RegistryFactory | None = None,
+    threads: int | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load the bundle and serve it until SIGTERM or SIGINT.
+
+    Raises:
+        NotFound, InvalidWeights, MtregError: the bundle cannot be served (nothing listens).
+    """
+    import uvicorn
+
+    from mtreg.serving.app import create_app
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=log_level.upper(), format="%(levelname)s:%(name)s: %(message)s")
+    logging.getLogger("mtreg").setLevel(log_level.upper())
+    used = set_threads(threads)
+    served = load_first(config, registry_factory)
+    log.info("loaded bundle %s (%s backend, %d torch threads)", served.id, config.backend, used)
+    app = create_app(config, served, registry_factory)
+    state = app.state.server
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.draining = True  # /readyz answers 503 from now on
+            super().handle_exit(sig, frame)
+
+    settings = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(config.drain_seconds),
+        lifespan="on",
+    )
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM that was
+        # served by draining is a clean exit (status 0), so let that second one pass.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Server(settings).run()
