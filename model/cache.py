@@ -9,6 +9,7 @@ cache is bounded: the least recently used entries are evicted beyond ``max_bytes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,8 @@ class ActivationCache:
         self.root = Path(root)
         env = os.environ.get("MTREG_CACHE_MAX_BYTES")
         self.max_bytes = max_bytes if max_bytes is not None else int(env or DEFAULT_MAX_BYTES)
+        self.hits = 0
+        self.misses = 0
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
@@ -46,14 +49,21 @@ class ActivationCache:
         """Return the cached tensors for ``key``, or None (also for an unreadable entry)."""
         path = self._path(key)
         if not path.is_file():
+            self.misses += 1
             return None
         try:
             data = load_file(path)
-        except (SafetensorError, OSError):
+        except (SafetensorError, OSError, KeyError):
             path.unlink(missing_ok=True)
+            self.misses += 1
             return None
-        os.utime(path)  # mark as recently used
-        return list(torch.split(data["values"], data["lengths"].tolist()))
+        with contextlib.suppress(OSError):
+            os.utime(path)  # mark as recently used, for eviction
+        self.hits += 1
+        lengths = data["lengths"].tolist()
+        if not lengths:
+            return []
+        return list(torch.split(data["values"], lengths))
 
     def put(self, key: str, tensors: Sequence[torch.Tensor]) -> None:
         """Store ``tensors`` under ``key`` atomically, then evict beyond the size bound."""
@@ -68,13 +78,28 @@ class ActivationCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self._evict()
+        self._evict(keep=self._path(key))
 
-    def _evict(self) -> None:
-        entries = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in entries)
-        for path in entries[:-1]:  # never evict the entry just written
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used entries until the total fits ``max_bytes``.
+
+        ``keep`` (the entry just written) is never evicted: it is compared by path, not
+        by position, because two entries written within the file system's timestamp
+        resolution share an mtime.
+        """
+        entries = []
+        for path in self.root.glob("*.safetensors"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # evicted by a concurrent writer
+                continue
+            entries.append((stat.st_mtime_ns, path.name, stat.st_size, path))
+        entries.sort()
+        total = sum(size for _, _, size, _ in entries)
+        for _, _, size, path in entries:
             if total <= self.max_bytes:
                 break
-            total -= path.stat().st_size
+            if path == keep:
+                continue
             path.unlink(missing_ok=True)
+            total -= size

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtreg.errors import MtregError
 from mtreg.model.data import IGNORE
 from mtreg.model.metrics import evaluate
 from mtreg.plugins.spec import HeadSpec
@@ -42,6 +43,8 @@ class Recipe:
     clip: float = 1.0
     dropout: float = 0.1
     seed: int = 0
+    # Stop after this many epochs without a better dev score (None: run every epoch).
+    patience: int | None = None
 
 
 @dataclass
@@ -192,6 +195,25 @@ def score(
     return evaluate(metrics, predictions, references)
 
 
+def batch_loss(
+    branch: nn.Module, head: HeadSpec, split: Split, indices: Sequence[int], device: str = "cpu"
+) -> torch.Tensor:
+    """Return the training loss of ``branch`` on the examples at ``indices`` of ``split``:
+    the hard loss, plus the soft (distillation) loss when ``split.teacher`` is set."""
+    hidden, mask = pad_hidden([split.hidden[i] for i in indices], device)
+    labels = stack_labels(head, [split.labels[i] for i in indices], hidden.shape[1]).to(device)
+    logits = branch(hidden, mask)
+    loss = hard_loss(head, logits, labels)
+    if split.teacher is not None:
+        rows = [split.teacher[i] for i in indices]
+        if head.kind == "tagging":
+            teacher, _ = pad_hidden(rows, device)
+        else:
+            teacher = torch.stack(rows).to(device=device, dtype=torch.float32)
+        loss = loss + soft_loss(head, logits, teacher, labels)
+    return loss
+
+
 def fit(
     branch: nn.Module,
     head: HeadSpec,
@@ -206,12 +228,22 @@ def fit(
 
     With ``train.teacher`` set the loss is hard + soft (distillation, 1:1); otherwise the
     hard loss alone. Seeded by ``recipe.seed``: the same inputs give the same weights.
+    With ``recipe.patience`` set, training stops after that many epochs without a better
+    dev score (the learning-rate schedule still spans ``recipe.epochs``).
 
     Returns:
         The best branch (a copy, in eval mode), its epoch, its dev metrics and the history.
+
+    Raises:
+        MtregError: the train or the dev split is empty.
     """
+    if not len(train) or not len(dev):
+        raise MtregError("cannot train on an empty split: the train and dev splits need examples")
     started = time.perf_counter()
+    # The shuffling generator and the global RNG (dropout) both start from the seed, so a
+    # run is reproducible on the CPU whatever ran before it in the process.
     generator = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
     branch.to(device)
     optimizer = optimizer_for(branch, recipe)
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
@@ -222,25 +254,13 @@ def fit(
         branch.train()
         total = 0.0
         for indices in torch.randperm(len(train), generator=generator).split(recipe.batch_size):
-            rows = [train.hidden[i] for i in indices]
-            hidden, mask = pad_hidden(rows, device)
-            labels = stack_labels(head, [train.labels[i] for i in indices], hidden.shape[1])
-            labels = labels.to(device)
-            logits = branch(hidden, mask)
-            loss = hard_loss(head, logits, labels)
-            if train.teacher is not None:
-                teacher = [train.teacher[i] for i in indices]
-                if head.kind == "tagging":
-                    teacher, _ = pad_hidden(teacher, device)
-                else:
-                    teacher = torch.stack(teacher).to(device=device, dtype=torch.float32)
-                loss = loss + soft_loss(head, logits, teacher, labels)
+            loss = batch_loss(branch, head, train, indices.tolist(), device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(branch.parameters(), recipe.clip)
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(indices)
+            total += float(loss.detach()) * len(indices)
         dev_metrics = score(head, predict_logits(branch, dev, device=device), dev.labels, metrics)
         history.append({"epoch": epoch, "train_loss": total / len(train), **dev_metrics})
         if progress:
@@ -250,6 +270,8 @@ def fit(
         if best is None or key > best[0]:
             state = {k: v.detach().clone() for k, v in branch.state_dict().items()}
             best = (key, epoch, dev_metrics, state)
+        elif recipe.patience is not None and epoch - best[1] >= recipe.patience:
+            break  # early stop: the best epoch is kept either way
     assert best is not None, "recipe.epochs must be at least 1"
     result = copy.deepcopy(branch).cpu()
     result.load_state_dict(best[3])

@@ -1,0 +1,305 @@
+"""Training commands: ``train`` (teacher search), ``distill`` (students) and ``onboard``
+(both, then choose, write and register). Thin layers over :mod:`mtreg.model.onboard`.
+
+torch is imported inside the command bodies only, so that ``mtreg list`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from mtreg.cli.context import Context, pass_context
+from mtreg.cli.output import echo_json, echo_table, json_option
+from mtreg.errors import MtregError
+
+if TYPE_CHECKING:
+    from mtreg.model.onboard import Run
+
+
+def _progress() -> Callable[[str], None] | None:
+    """Progress lines on stderr, only when stderr is a terminal (never in pipes or logs)."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: click.echo(f"  {line}", err=True)
+
+
+def _layers(layers: int | None, search: str | None, what: str) -> tuple[int, ...] | None:
+    """Return the layer candidates from ``--layers N`` or ``--search LO..HI`` (or None)."""
+    from mtreg.model.onboard import parse_range
+
+    if layers is not None and search is not None:
+        raise click.UsageError(f"give --layers or --search for the {what}, not both")
+    if layers is not None:
+        if layers < 1:
+            raise MtregError("--layers must be at least 1")
+        return (layers,)
+    return parse_range(search) if search is not None else None
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every training command shares."""
+    options = [
+        click.option("--epochs", type=int, help="Epochs per run [default: auto, 3..10]."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--max-length", type=int, help="Token limit [default: the task's]."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--patience",
+            type=int,
+            default=3,
+            show_default=True,
+            help="Stop a run after this many epochs without a better dev score (0: never).",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="auto picks CUDA where present.",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Data folder for the built-in plugins [env MTREG_DATA_DIR].",
+        ),
+        json_option,
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(**values: Any) -> Any:
+    """Build Settings from CLI values: unset ones keep their defaults, patience 0 means
+    never stop early."""
+    from mtreg.model.onboard import Settings
+
+    patience = values.pop("patience", None)
+    fields = {k: v for k, v in values.items() if v is not None}
+    return Settings(**fields, patience=patience or None)
+
+
+def _lrs(values: Sequence[float]) -> tuple[float, ...] | None:
+    return tuple(values) or None
+
+
+def _run_rows(runs: Sequence[Run], metrics: Sequence[str], chosen: Run | None) -> list[list]:
+    rows = []
+    for run in runs:
+        mark = "*" if chosen is not None and run.name == chosen.name else ""
+        scores = [f"{run.dev_metrics.get(m, float('nan')):.4f}" for m in metrics]
+        epochs = f"{run.best_epoch}/{run.epochs_run or run.epochs}"
+        seconds = "resumed" if run.resumed else f"{run.seconds:.1f}"
+        rows.append(
+            [mark, run.stage, run.layers, run.fork_depth, f"{run.lr:g}", epochs, *scores, seconds]
+        )
+    return rows
+
+
+def _echo_runs(runs: Sequence[Run], chosen: Run | None) -> None:
+    metrics = list(runs[0].dev_metrics) if runs else []
+    headers = ["", "stage", "layers", "depth", "lr", "best/epochs", *metrics, "seconds"]
+    echo_table(_run_rows(runs, metrics, chosen), headers, "no runs")
+
+
+@click.command("train")
+@click.argument("task")
+@click.option("--layers", type=int, help="Train a teacher of exactly L layers.")
+@click.option("--search", metavar="LO..HI", help="Teacher layers to try [default: ~N/3..N/2].")
+@click.option("--lr", "lrs", type=float, multiple=True, help="Learning rate (repeatable).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the best teacher here.",
+)
+@_common
+@pass_context
+def train(
+    ctx: Context, task: str, layers: int | None, search: str | None, lrs, out, **opts
+) -> None:
+    """Partially fine-tune teachers for TASK: the trunk's top L layers, pooler and head."""
+    from mtreg.model.onboard import train_teacher
+
+    as_json, data_dir = opts.pop("as_json"), opts.pop("data_dir")
+    settings = _settings(
+        teacher_layers=_layers(layers, search, "teacher"), teacher_lrs=_lrs(lrs), **opts
+    )
+    result = train_teacher(
+        ctx.registry, task, settings, data_dir=data_dir, out=out, progress=_progress()
+    )
+    if as_json:
+        echo_json(
+            {
+                "runs": [r.to_dict() for r in result.runs],
+                "best": result.best.to_dict(),
+                "settings": result.settings,
+                "out": str(out) if out else None,
+            }
+        )
+        return
+    _echo_runs(result.runs, result.best)
+    click.echo(f"best teacher: {result.best.name} (next: `mtreg distill {task}`)")
+    if out:
+        click.echo(f"wrote {out}")
+
+
+@click.command("distill")
+@click.argument("task")
+@click.option("--layers", type=int, help="Distil into a student of exactly l layers.")
+@click.option("--search", metavar="LO..HI", help="Student layers to try [default: 1..min(3, L-1)].")
+@click.option("--lr", "lrs", type=float, multiple=True, help="Learning rate (repeatable).")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=0.99,
+    show_default=True,
+    help="Keep the smallest student scoring at least this share of the teacher.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Branch file [default: the plugin's weights path, else MTREG_HOME/trained/].",
+)
+@_common
+@pass_context
+def distill(
+    ctx: Context,
+    task: str,
+    layers: int | None,
+    search: str | None,
+    lrs,
+    tolerance: float,
+    out,
+    **opts,
+) -> None:
+    """Distil TASK's trained teacher into a smaller student and write the branch file."""
+    from mtreg.model.onboard import distill_task
+
+    as_json, data_dir = opts.pop("as_json"), opts.pop("data_dir")
+    epochs = opts.pop("epochs")
+    settings = _settings(
+        student_layers=_layers(layers, search, "student"),
+        student_lrs=_lrs(lrs),
+        student_epochs=epochs,
+        tolerance=tolerance,
+        **opts,
+    )
+    result, picked, path = distill_task(
+        ctx.registry, task, settings, data_dir=data_dir, out=out, progress=_progress()
+    )
+    if as_json:
+        echo_json(
+            {
+                "runs": [r.to_dict() for r in result.runs],
+                "chosen": picked.to_dict(),
+                "settings": result.settings,
+                "weights": str(path),
+            }
+        )
+        return
+    _echo_runs(result.runs, picked)
+    click.echo(f"wrote {picked.name} to {path} (next: `mtreg register {task}`)")
+
+
+@click.command("onboard")
+@click.argument("task")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=0.99,
+    show_default=True,
+    help="Keep the smallest branch scoring at least this share of the best teacher.",
+)
+@click.option("--layers", type=int, help="Teacher of exactly L layers (no L search).")
+@click.option("--search", metavar="LO..HI", help="Teacher layers to try [default: ~N/3..N/2].")
+@click.option(
+    "--student-search", metavar="LO..HI", help="Student layers [default: 1..min(3, L-1)]."
+)
+@click.option(
+    "--lr",
+    "lrs",
+    type=float,
+    multiple=True,
+    help="Teacher learning rate (repeatable) [default: 1e-4, 2e-4].",
+)
+@click.option(
+    "--student-lr",
+    "student_lrs",
+    type=float,
+    multiple=True,
+    help="Student learning rate (repeatable) [default: 5e-4].",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Branch file [default: the plugin's weights path, else MTREG_HOME/trained/].",
+)
+@click.option("--promote", is_flag=True, help="Also point the 'serving' alias at the new bundle.")
+@_common
+@pass_context
+def onboard(
+    ctx: Context,
+    task: str,
+    tolerance: float,
+    layers,
+    search,
+    student_search,
+    lrs,
+    student_lrs,
+    out,
+    promote: bool,
+    **opts,
+) -> None:
+    """Train, distil, keep the smallest good branch, register TASK and rebuild the bundle.
+
+    A killed onboarding, run again, resumes after its last finished training run.
+    """
+    from mtreg.model.onboard import onboard as run_onboard
+
+    as_json, data_dir = opts.pop("as_json"), opts.pop("data_dir")
+    settings = _settings(
+        teacher_layers=_layers(layers, search, "teacher"),
+        student_layers=_layers(None, student_search, "student"),
+        teacher_lrs=_lrs(lrs),
+        student_lrs=_lrs(student_lrs),
+        tolerance=tolerance,
+        **opts,
+    )
+    report = run_onboard(
+        ctx.registry,
+        task,
+        settings,
+        data_dir=data_dir,
+        out=out,
+        promote=promote,
+        progress=_progress(),
+    )
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    _echo_runs(report.runs, report.chosen)
+    metric = report.metric
+    chosen, teacher = report.chosen, report.teacher
+    click.echo(
+        f"chosen: {chosen.name} at depth {chosen.fork_depth}, {metric} "
+        f"{chosen.dev_metrics[metric]:.4f} (teacher {teacher.dev_metrics[metric]:.4f}, "
+        f"floor {report.threshold:.4f} = tolerance {report.tolerance:g})"
+    )
+    budget = report.budget
+    click.echo(
+        f"budget: {budget['runs']} runs, {budget['layer_epochs']} layer-epochs = "
+        f"{budget['ratio_vs_full']:g}x one full fine-tuning; {report.seconds:.1f}s in all"
+    )
+    click.echo(f"weights: {report.weights}")
+    if report.changes is not None:
+        from mtreg.cli.task import echo_changes
+
+        echo_changes(report.changes, dry_run=False, as_json=False)
+
+
+COMMANDS = [train, distill, onboard]

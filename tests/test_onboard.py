@@ -1,0 +1,128 @@
+"""``mtreg train``/``distill``/``onboard`` end to end on a tiny random BERT: registration and
+bundle, resuming after a kill, and the one-line errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_train import FAST, toy_registry
+
+from mtreg.cli.main import cli
+from mtreg.errors import MtregError, NotFound
+from mtreg.model import onboard as ob
+from mtreg.model.branch_file import read_branch
+from mtreg.model.config import TrunkConfig
+from mtreg.registry.api import Registry
+
+FLAGS = ["--search", "2..2", "--lr", "3e-3", "--student-lr", "3e-3", "--epochs", "6"]
+FLAGS += ["--batch-size", "16", "--patience", "0"]
+
+
+def test_onboard_through_the_cli_registers_the_task_and_builds_a_bundle(
+    tmp_path: Path, db_url: str
+) -> None:
+    registry = toy_registry(tmp_path, db_url)
+    registry.close()
+    base = ["--db", db_url, "--home", str(tmp_path / "home")]
+    base += ["--plugins-dir", str(tmp_path / "plugins")]
+    result = CliRunner().invoke(cli, [*base, "onboard", "toy", *FLAGS, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [r["stage"] for r in report["runs"]] == ["teacher", "student"]
+    assert report["changes"]["tasks"][0]["change"] == "added"
+    assert report["chosen"]["layers"] in (1, 2) and report["budget"]["runs"] == 2
+    weights = Path(report["weights"])
+    assert weights == tmp_path / "home" / "trained" / "toy" / "1.0.0.safetensors"
+    with Registry(db_url, tmp_path / "home", [tmp_path / "plugins"]) as reg:
+        meta, _ = read_branch(weights, TrunkConfig(**reg.trunk("tiny").config))
+        assert meta.fork_depth == 1 and meta.training["teacher_layers"] == 2
+        assert meta.training["dev_metrics"] == report["chosen"]["dev_metrics"]
+        assert reg.task("toy").active_version == "1.0.0"
+        assert reg.bundle("latest").members == {"toy": "1.0.0"}
+    # The table form, run again: every run resumes and registration is unchanged.
+    again = CliRunner().invoke(cli, [*base, "onboard", "toy", *FLAGS])
+    assert again.exit_code == 0, again.output
+    assert "resumed" in again.output and "toy 1.0.0: unchanged" in again.output
+    assert "chosen:" in again.output and "budget:" in again.output
+
+
+def test_a_killed_onboarding_resumes_at_the_run_it_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = toy_registry(tmp_path)
+    settings = ob.Settings(**{**FAST.__dict__, "teacher_layers": (2, 3), "epochs": 3})
+
+    def killed(line: str) -> None:
+        if line.startswith("student"):
+            raise KeyboardInterrupt  # as if the process died during distillation
+
+    with pytest.raises(KeyboardInterrupt):
+        ob.onboard(registry, "toy", settings, progress=killed)
+    assert registry.tasks() == []
+    calls = []
+    real_fit = ob.fit
+    monkeypatch.setattr(ob, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
+    report = ob.onboard(registry, "toy", settings)
+    teachers = [r for r in report.runs if r.stage == "teacher"]
+    assert len(teachers) == 2 and all(r.resumed for r in teachers)
+    assert len(calls) == len(report.runs) - 2  # only the students trained this time
+    assert registry.task("toy").active_version == "1.0.0"
+    registry.close()
+
+
+def test_train_then_distill_through_the_cli(tmp_path: Path) -> None:
+    toy_registry(tmp_path).close()
+    base = ["--db", f"sqlite:///{tmp_path / 'registry.db'}", "--home", str(tmp_path / "home")]
+    base += ["--plugins-dir", str(tmp_path / "plugins")]
+    runner = CliRunner()
+    early = runner.invoke(cli, [*base, "distill", "toy"])
+    assert early.exit_code == 1 and "no teacher yet" in early.output
+    trained = runner.invoke(cli, [*base, "train", "toy", "--layers", "2", "--lr", "3e-3"])
+    assert trained.exit_code == 0, trained.output
+    assert "best teacher: teacher-L2" in trained.output
+    out = tmp_path / "student.safetensors"
+    distilled = runner.invoke(cli, [*base, "distill", "toy", "--layers", "1", "--out", str(out)])
+    assert distilled.exit_code == 0, distilled.output
+    assert out.is_file() and "wrote" in distilled.output
+
+
+@pytest.mark.parametrize(
+    ("task", "error", "message"),
+    [
+        ("unknown", NotFound, "no plugin offers task 'unknown'"),
+        ("nodata", MtregError, "has no dataset loader"),
+        ("ghost", NotFound, "trunk 'missing' is not registered"),
+        ("empty", MtregError, "its dev split is empty"),
+        ("badlabel", MtregError, "label 'neutral' is not in the head's labels"),
+    ],
+)
+def test_user_errors_are_one_line_mtreg_errors(
+    tmp_path: Path, task: str, error: type, message: str
+) -> None:
+    with toy_registry(tmp_path) as registry, pytest.raises(error, match=message) as info:
+        ob.onboard(registry, task, FAST)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_errors_exit_1_with_one_line(tmp_path: Path) -> None:
+    toy_registry(tmp_path).close()
+    base = ["--db", f"sqlite:///{tmp_path / 'registry.db'}", "--home", str(tmp_path / "home")]
+    base += ["--plugins-dir", str(tmp_path / "plugins")]
+    result = CliRunner().invoke(cli, [*base, "onboard", "empty"])
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0 and "dev split is empty" in result.output
+    bad = CliRunner().invoke(cli, [*base, "train", "toy", "--search", "3..1"])
+    assert bad.exit_code == 1 and "invalid range" in bad.output
+
+
+def test_settings_helpers() -> None:
+    assert ob.parse_range("1..3") == (1, 2, 3) and ob.parse_range("2") == (2,)
+    assert ob.default_teacher_layers(6) == (2, 3) and ob.default_teacher_layers(12) == (4, 5, 6)
+    assert ob.auto_epochs(48, 32) == 10 and ob.auto_epochs(10_000, 32) == 3
+    assert ob.threshold(0.9, 0.99) == pytest.approx(0.891)
+    assert ob.threshold(-0.5, 0.99) == pytest.approx(-0.505)
+    with pytest.raises(MtregError, match="tolerance"):
+        ob.Settings(tolerance=1.5).check()

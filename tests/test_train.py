@@ -1,0 +1,266 @@
+"""Training a branch on a frozen trunk: learning, frozen weights, distillation loss, student
+initialisation, cached against uncached gradients, and the activation cache.
+
+Everything runs on a tiny random 3-layer BERT (tests/factories.py) and a toy sentiment
+task whose label is decided by one word, written as a path plugin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from factories import make_checkpoint
+
+from mtreg.model import onboard as ob
+from mtreg.model.cache import ActivationCache
+from mtreg.model.train import Split, batch_loss, soft_loss
+from mtreg.plugins.spec import HeadSpec
+from mtreg.registry.api import Registry
+
+PLUGIN = textwrap.dedent(
+    '''
+    import random
+
+    import mtreg
+
+    POS = ["good", "great", "love", "excellent", "fun", "fine"]
+    NEG = ["bad", "awful", "hate", "terrible", "boring", "slow"]
+    FILLER = ["the", "movie", "film", "book", "service", "food", "it", "this", "was", "is"]
+
+
+    def toy(split):
+        """A label decided by one sentiment word among fillers: separable."""
+        rng = random.Random({"train": 0, "dev": 1}[split])
+        for i in range({"train": 192, "dev": 40}[split]):
+            label = "positive" if i % 2 == 0 else "negative"
+            words = rng.sample(FILLER, 3)
+            words.insert(rng.randrange(5), rng.choice(POS if label == "positive" else NEG))
+            yield {"text": " ".join(words), "label": label}
+
+
+    def empty(split):
+        return toy(split) if split == "train" else iter(())
+
+
+    def bad_label(split):
+        yield {"text": "good film", "label": "neutral"}
+
+
+    def task(name, loader, trunk="tiny", **extra):
+        return mtreg.TaskSpec(
+            name=name,
+            version="1.0.0",
+            head=mtreg.HeadSpec("classification", ("negative", "positive")),
+            load_dataset=loader,
+            metrics=("accuracy",),
+            trunk=trunk,
+            max_length=16,
+            **extra,
+        )
+
+
+    @mtreg.hookimpl
+    def register_tasks(register):
+        register(task("toy", toy))
+        register(task("nodata", None))
+        register(task("ghost", toy, trunk="missing"))
+        register(task("empty", empty))
+        register(task("badlabel", bad_label))
+    '''
+)
+
+# Fast settings for the tiny model: a random trunk wants a higher rate than a real one.
+FAST = ob.Settings(
+    teacher_layers=(2,),
+    teacher_lrs=(3e-3,),
+    student_lrs=(3e-3,),
+    epochs=12,
+    batch_size=16,
+    patience=None,
+)
+
+
+def _fix_tokenizer(folder: Path) -> None:
+    # Under transformers 5, factories.make_checkpoint saves a tokenizer.json whose WordPiece
+    # vocabulary holds only the 5 special tokens (every word becomes [UNK]); training needs
+    # real tokens, so rebuild it from the checkpoint's vocab.txt.
+    from tokenizers import BertWordPieceTokenizer
+
+    tokenizer = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def toy_registry(root: Path, url: str | None = None) -> Registry:
+    """Return a registry under ``root`` with trunk ``tiny`` (3 random layers) and the toy
+    plugin on its plugin path."""
+    folder = make_checkpoint(root / "ckpt", num_layers=3, seed=0)
+    _fix_tokenizer(folder)
+    (root / "plugins").mkdir(parents=True, exist_ok=True)
+    (root / "plugins" / "toyplug.py").write_text(PLUGIN)
+    registry = Registry(
+        url or f"sqlite:///{root / 'registry.db'}", root / "home", [root / "plugins"]
+    )
+    registry.add_trunk("tiny", root / "ckpt")
+    return registry
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    with toy_registry(tmp_path) as reg:
+        yield reg
+
+
+def test_teacher_learns_a_separable_task(registry: Registry) -> None:
+    job = ob.prepare(registry, "toy", FAST)
+    result = ob.train_teachers(job)
+    assert result.best.dev_metrics["accuracy"] > 0.9
+    assert result.best.fork_depth == 1 and result.best.layers == 2
+
+
+def test_frozen_trunk_is_bit_for_bit_unchanged(registry: Registry) -> None:
+    trunk = registry.trunk("tiny")
+    objects = [trunk.objects["embeddings"], *trunk.objects["layers"]]
+    files = {sha: registry.objects.path(sha).read_bytes() for sha in objects}
+    job = ob.prepare(registry, "toy", FAST)
+    before = {sha: {k: v.clone() for k, v in job.component(sha).items()} for sha in objects}
+    ob.train_teachers(job)
+    for sha in objects:
+        assert files[sha] == registry.objects.path(sha).read_bytes()
+        for name, tensor in job.component(sha).items():
+            assert torch.equal(tensor, before[sha][name]), name  # the teacher copied them
+
+
+def test_distillation_loss_matches_a_hand_computation() -> None:
+    head = HeadSpec("classification", ("a", "b", "c"))
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    teacher = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    t = 2.0
+    expected = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
+        tz = [math.exp(v / t) for v in t_row]
+        sz = [math.exp(v / t) for v in s_row]
+        p = [v / sum(tz) for v in tz]
+        log_q = [math.log(v / sum(sz)) for v in sz]
+        expected += -sum(pi * qi for pi, qi in zip(p, log_q, strict=True))
+    expected = t * t * expected / 2
+    got = soft_loss(head, student, teacher, torch.tensor([0, 2]))
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    # Regression distils by MSE to the teacher's output.
+    reg = HeadSpec("regression")
+    value = soft_loss(reg, torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]]), None)
+    assert float(value) == pytest.approx((1 + 4) / 2)
+
+
+def test_student_starts_from_the_teachers_bottom_layers_and_head(registry: Registry) -> None:
+    job = ob.prepare(registry, "toy", FAST)
+    teacher = ob.teacher_branch(job, 3, seed=0)
+    # The teacher starts from the trunk's own top layers.
+    for j in range(3):
+        for name, tensor in job.trunk_layer(j).items():
+            assert torch.equal(teacher.layers[j].state_dict()[name], tensor)
+    student = ob.student_branch(job, teacher, 2)
+    for j in range(2):
+        for name, tensor in teacher.layers[j].state_dict().items():
+            assert torch.equal(student.layers[j].state_dict()[name], tensor)
+    for part in ("head", "pooler"):
+        for name, tensor in getattr(teacher, part).state_dict().items():
+            assert torch.equal(getattr(student, part).state_dict()[name], tensor)
+    with pytest.raises(ob.MtregError, match=r"student needs 1\.\.2"):
+        ob.student_branch(job, teacher, 3)
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_cached_and_uncached_training_give_the_same_first_step_gradients(
+    registry: Registry,
+) -> None:
+    job = ob.prepare(registry, "toy", FAST)
+    depth, indices = 1, list(range(16))
+    trunk = job.trunk_module(depth)
+
+    def fresh():
+        branch = ob.teacher_branch(job, 2, seed=0)
+        branch.eval()  # no dropout: both paths must see the same network
+        return branch
+
+    uncached = fresh()
+    ob.uncached_batch_loss(trunk, uncached, job, job.train, indices, depth).backward()
+    exact = fresh()
+    hidden32 = ob.compute_hidden(job, job.train, [depth])[depth]
+    batch_loss(exact, job.spec.head, Split(hidden32, job.train.labels), indices).backward()
+    cached = fresh()
+    hidden16 = ob.hidden_states(job, "train", [depth])[depth]  # what training reads: fp16
+    assert hidden16[0].dtype == torch.float16
+    batch_loss(cached, job.spec.head, Split(hidden16, job.train.labels), indices).backward()
+    reference = _grads(uncached)
+    assert reference
+    for name, grad in _grads(exact).items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-6)
+    for name, grad in _grads(cached).items():  # fp16 storage: close, not equal
+        torch.testing.assert_close(grad, reference[name], rtol=2e-2, atol=2e-3)
+
+
+def test_training_is_reproducible(registry: Registry) -> None:
+    settings = ob.Settings(teacher_layers=(1,), teacher_lrs=(1e-3,), epochs=2, patience=None)
+    first = ob.train_teachers(ob.prepare(registry, "toy", settings))
+    second_job = ob.prepare(registry, "toy", settings)
+    # Force a real second run instead of a resume from the first run's checkpoint.
+    for path in second_job.stage_dir.glob("teacher-*"):
+        path.unlink()
+    second = ob.train_teachers(second_job)
+    assert not second.best.resumed
+    assert first.best.dev_metrics == second.best.dev_metrics
+    a = ob.load_run(second_job, first.best.name, first.best.key, 1)
+    assert a is not None
+
+
+def test_activation_cache_hits_misses_and_evicts_least_recently_used(tmp_path: Path) -> None:
+    rows = [torch.ones(3, 4, dtype=torch.float16), torch.zeros(1, 4, dtype=torch.float16)]
+    cache = ActivationCache(tmp_path, max_bytes=10**9)
+    assert cache.get("a") is None and cache.misses == 1
+    cache.put("a", rows)
+    got = cache.get("a")
+    assert cache.hits == 1 and [r.shape for r in got] == [(3, 4), (1, 4)]
+    assert all(torch.equal(x, y) for x, y in zip(got, rows, strict=True))
+    cache.put("empty", [])
+    assert cache.get("empty") == []
+    # Corrupt entries read as misses and are dropped.
+    (tmp_path / "a.safetensors").write_bytes(b"garbage")
+    assert cache.get("a") is None and not (tmp_path / "a.safetensors").exists()
+    # A bound of about two entries: writing a third evicts the least recently used.
+    small = ActivationCache(tmp_path / "small", max_bytes=1)
+    small.put("x", rows)
+    size = (tmp_path / "small" / "x.safetensors").stat().st_size
+    small.max_bytes = 2 * size
+    small.put("y", rows)
+    import os
+
+    os.utime(tmp_path / "small" / "x.safetensors", ns=(1, 1))  # x: oldest
+    os.utime(tmp_path / "small" / "y.safetensors", ns=(2, 2))
+    small.get("x")  # ...until it is read: now y is the least recently used
+    small.put("z", rows)
+    names = sorted(p.stem for p in (tmp_path / "small").glob("*.safetensors"))
+    assert names == ["x", "z"]
+    # The entry just written survives even a bound smaller than itself.
+    small.max_bytes = 1
+    small.put("w", rows)
+    assert [p.stem for p in (tmp_path / "small").glob("*.safetensors")] == ["w"]
+
+
+def test_the_cache_is_reused_across_runs(registry: Registry) -> None:
+    job = ob.prepare(registry, "toy", FAST)
+    ob.hidden_states(job, "train", [1, 2])
+    again = ob.prepare(registry, "toy", FAST)
+    again.cache.hits = again.cache.misses = 0
+    ob.hidden_states(again, "train", [1, 2])
+    assert (again.cache.hits, again.cache.misses) == (2, 0)
+    digest = hashlib.sha256(b"".join(sorted(p.name.encode() for p in job.cache.root.iterdir())))
+    assert digest.hexdigest()  # entries live under MTREG_HOME/cache/activations
+    assert job.cache.root == registry.home / "cache" / "activations"
