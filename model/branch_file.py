@@ -10,6 +10,7 @@ way a file can be wrong ends in an :class:`InvalidWeights` naming the problem.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from mtreg.errors import InvalidWeights, MtregError
 from mtreg.model.config import TrunkConfig
@@ -107,12 +108,29 @@ def branch_shapes(
 
 
 def write_branch(path: Path, tensors: Mapping[str, torch.Tensor], meta: BranchMeta) -> Path:
-    """Write a branch file (tensors in fp32, sorted, with ``meta``); return ``path``."""
+    """Write a branch file (tensors in fp32, with ``meta``) atomically; return ``path``.
+
+    The same tensors and metadata always give the same bytes, so registering a retrained
+    but identical branch is a no-op rather than a "different weights" refusal.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ordered = {name: tensors[name].detach().float().contiguous() for name in sorted(tensors)}
-    save_file(ordered, str(path), metadata=meta.to_metadata())
+    data = _sorted_header(save(ordered, metadata=meta.to_metadata()))
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_bytes(data)
+    os.replace(scratch, path)
     return path
+
+
+def _sorted_header(data: bytes) -> bytes:
+    # safetensors writes the metadata map in hash order, which changes from run to run.
+    # Sorting only reorders the JSON header: same length, same data offsets.
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(text) <= size, "a reordered header cannot grow"
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size :]
 
 
 def read_branch(

@@ -886,30 +886,9 @@ def write_chosen(
         },
     )
     try:
-        return canonical_header(write_branch(path, branch.state_dict(), meta))
+        return write_branch(path, branch.state_dict(), meta)
     except OSError as exc:
         raise MtregError(f"cannot write the branch file {path}: {exc}; pass --out") from None
-
-
-def canonical_header(path: Path) -> Path:
-    """Rewrite a safetensors file's JSON header with sorted keys; return ``path``.
-
-    safetensors (0.8) writes the metadata map in a random order, so the same branch
-    written twice would differ in bytes and a resumed onboarding could not register
-    "unchanged". Only the order changes: same length, same data offsets.
-    """
-    with open(path, "r+b") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        text = text.encode()
-        if len(text) > size:  # cannot happen for a reordering; keep the file as it is
-            return path
-        handle.seek(8)
-        handle.write(text + b" " * (size - len(text)))
-    return path
 
 
 def output_path(job: Job, out: str | Path | None) -> Path:

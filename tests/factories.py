@@ -60,8 +60,9 @@ def make_checkpoint(
         model_class = BertModel
     torch.manual_seed(seed)
     model_class(config).eval().save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizer(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    # transformers 5 ignores vocab_file here; the vocab itself must be passed.
+    vocab = {word: index for index, word in enumerate(VOCAB)}
+    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(folder)
     return folder
 
 

@@ -85,21 +85,10 @@ FAST = ob.Settings(
 )
 
 
-def _fix_tokenizer(folder: Path) -> None:
-    # Under transformers 5, factories.make_checkpoint saves a tokenizer.json whose WordPiece
-    # vocabulary holds only the 5 special tokens (every word becomes [UNK]); training needs
-    # real tokens, so rebuild it from the checkpoint's vocab.txt.
-    from tokenizers import BertWordPieceTokenizer
-
-    tokenizer = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-
-
 def toy_registry(root: Path, url: str | None = None) -> Registry:
     """Return a registry under ``root`` with trunk ``tiny`` (3 random layers) and the toy
     plugin on its plugin path."""
-    folder = make_checkpoint(root / "ckpt", num_layers=3, seed=0)
-    _fix_tokenizer(folder)
+    make_checkpoint(root / "ckpt", num_layers=3, seed=0)
     (root / "plugins").mkdir(parents=True, exist_ok=True)
     (root / "plugins" / "toyplug.py").write_text(PLUGIN)
     registry = Registry(
