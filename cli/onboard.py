@@ -18,7 +18,7 @@ from mtreg.cli.output import echo_json, echo_table, json_option
 from mtreg.errors import MtregError
 
 if TYPE_CHECKING:
-    from mtreg.model.onboard import Run
+    from mtreg.model.onboard import OnboardReport, Run
 
 
 def _progress() -> Callable[[str], None] | None:
@@ -281,7 +281,12 @@ def onboard(
     )
     if as_json:
         echo_json(report.to_dict())
-        return
+    else:
+        echo_report(report)
+
+
+def echo_report(report: OnboardReport) -> None:
+    """Print what an onboarding tried (a table), what it chose, its cost and registration."""
     _echo_runs(report.runs, report.chosen)
     metric = report.metric
     chosen, teacher = report.chosen, report.teacher
