@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any
 
 import sqlalchemy as sa
@@ -110,17 +111,7 @@ class Tx:
 
     def add_trunk(self, record: TrunkRecord) -> None:
         """Insert a trunk. The caller has checked that the name is free."""
-        self.session.add(
-            Trunk(
-                name=record.name,
-                model_type=record.model_type,
-                num_layers=record.num_layers,
-                config=record.config,
-                fingerprint=record.fingerprint,
-                objects=record.objects,
-                source=record.source,
-            )
-        )
+        self.session.add(Trunk(**_row_values(record, Trunk)))
         self.session.flush()
 
     def get_trunk(self, name: str) -> TrunkRecord | None:
@@ -179,24 +170,7 @@ class Tx:
             task = Task(name=record.task, trunk_id=trunk.id)
             self.session.add(task)
             self.session.flush()
-        row = TaskVersion(
-            task_id=task.id,
-            version=record.version,
-            weights_sha256=record.weights_sha256,
-            fork_depth=record.fork_depth,
-            num_layers=record.num_layers,
-            head_kind=record.head_kind,
-            labels=list(record.labels),
-            inputs=list(record.inputs),
-            max_length=record.max_length,
-            description=record.description,
-            metric_names=list(record.metric_names),
-            metrics=dict(record.metrics),
-            training=dict(record.training),
-            trunk_prefix=dict(record.trunk_prefix),
-            plugin=record.plugin,
-            plugin_version=record.plugin_version,
-        )
+        row = TaskVersion(task_id=task.id, **_row_values(record, TaskVersion))
         self.session.add(row)
         self.session.flush()
         if activate:
@@ -363,36 +337,16 @@ def _actor() -> str:
 
 
 def _trunk_record(row: Trunk) -> TrunkRecord:
-    return TrunkRecord(
-        name=row.name,
-        model_type=row.model_type,
-        num_layers=row.num_layers,
-        config=row.config,
-        fingerprint=row.fingerprint,
-        objects=row.objects,
-        source=row.source,
-        created_at=row.created_at,
-    )
+    return TrunkRecord(**{f.name: getattr(row, f.name) for f in fields(TrunkRecord)})
+
+
+def _row_values(record: Any, table: type) -> dict[str, Any]:
+    """The record's fields that are also columns of ``table`` (ids and timestamps are the
+    database's to set)."""
+    columns = set(table.__table__.columns.keys()) - {"id", "created_at"}
+    return {f.name: getattr(record, f.name) for f in fields(record) if f.name in columns}
 
 
 def _version_record(row: TaskVersion, task: str, trunk: str) -> TaskVersionRecord:
-    return TaskVersionRecord(
-        task=task,
-        version=row.version,
-        weights_sha256=row.weights_sha256,
-        fork_depth=row.fork_depth,
-        num_layers=row.num_layers,
-        head_kind=row.head_kind,
-        labels=list(row.labels),
-        inputs=list(row.inputs),
-        max_length=row.max_length,
-        trunk=trunk,
-        trunk_prefix=row.trunk_prefix,
-        description=row.description,
-        metric_names=list(row.metric_names),
-        metrics=row.metrics,
-        training=row.training,
-        plugin=row.plugin,
-        plugin_version=row.plugin_version,
-        created_at=row.created_at,
-    )
+    names = {f.name for f in fields(TaskVersionRecord)} - {"task", "trunk"}
+    return TaskVersionRecord(task=task, trunk=trunk, **{n: getattr(row, n) for n in names})
