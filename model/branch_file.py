@@ -81,7 +81,7 @@ class BranchMeta:
                 training=json.loads(metadata.get("mtreg.training", "{}")),
             )
             parse_version(meta.task_version)
-        except (KeyError, ValueError, TypeError, MtregError) as exc:
+        except (KeyError, ValueError, TypeError, RecursionError, MtregError) as exc:
             raise InvalidWeights(f"its mtreg metadata is malformed ({exc})") from None
         if not isinstance(meta.trunk_prefix, dict) or not isinstance(meta.training, dict):
             raise InvalidWeights("its mtreg metadata is malformed (trunk_prefix, training)")

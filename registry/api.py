@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from mtreg.errors import AlreadyExists, IncompatibleTrunk, InvalidWeights, MtregError, NotFound
 from mtreg.plugins.spec import validate_name
-from mtreg.registry.bundles import build_manifest, bundle_id, clean_leftovers, write_bundle
+from mtreg.registry import faults
+from mtreg.registry.bundles import (
+    build_manifest,
+    bundle_id,
+    clean_leftovers,
+    remove_bundle_dir,
+    write_bundle,
+)
 from mtreg.registry.objects import ObjectStore, sha256_file
 from mtreg.registry.records import (
     BundleRecord,
@@ -164,14 +171,15 @@ class Registry:
 
         Bundles of the trunks marked in ``write.rebuild`` are rebuilt before the commit.
         Objects and bundle directories created during a transaction that fails are deleted
-        again, so a refused or crashed operation leaves ``MTREG_HOME`` as it found it.
+        again, so a refused operation leaves ``MTREG_HOME`` as it found it; a crashed one
+        leaves only leftovers that the next write (directories) or ``gc`` (objects) removes.
         """
         write = _Write()
-        try:
-            with self.store.transaction(write=True) as tx:
-                write.tx = tx
-                self.objects.clean_incoming()
-                clean_leftovers(self.bundles_dir, {b.id for b in tx.list_bundles()})
+        with self.store.transaction(write=True) as tx:
+            write.tx = tx
+            self.objects.clean_incoming()
+            clean_leftovers(self.bundles_dir, {b.id for b in tx.list_bundles()})
+            try:
                 yield write
                 for trunk in sorted(write.rebuild):
                     ident = self._rebuild(write, trunk)
@@ -179,12 +187,21 @@ class Registry:
                         tx.set_alias("serving", ident)
                         tx.add_event("alias.set", "serving", {"bundle": ident})
                     write.bundles[trunk] = tx.get_bundle(ident)
-        except BaseException:
-            for sha in write.objects:
-                self.objects.discard(sha)
-            for directory in write.directories:
-                shutil.rmtree(directory, ignore_errors=True)
-            raise
+                faults.checkpoint("write.before_commit")
+            except BaseException:
+                # Undo while the write lock is still held: once it is released, another
+                # writer may link the same object or reuse the same (content-addressed)
+                # bundle directory, and deleting them afterwards would break what it commits.
+                self._undo(write)
+                raise
+        faults.checkpoint("write.after_commit")
+
+    def _undo(self, write: _Write) -> None:
+        """Delete the objects and bundle directories a failed transaction created."""
+        for sha in write.objects:
+            self.objects.discard(sha)
+        for directory in write.directories:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _put_object(self, source: Path, write: _Write) -> str:
         sha, is_new = self.objects.put(source)
@@ -347,7 +364,8 @@ class Registry:
             # Built-in and scaffolded plugins offer tasks before they are trained.
             names = sorted(n for n, t in discovery.tasks.items() if t.spec.weights is not None)
         else:
-            names = list(dict.fromkeys(tasks))
+            # A name with path characters is refused as such, not as "no plugin offers it".
+            names = [validate_name(name) for name in dict.fromkeys(tasks)]
         if not names:
             raise MtregError(
                 "no tasks to register: name them, or pass --all (`mtreg plugins` lists them)"
@@ -467,7 +485,15 @@ class Registry:
                 f"{meta.task!r} {meta.task_version}: point the plugin at the right file or "
                 "fix its version"
             )
-        mismatch = TrunkFingerprint.from_dict(trunk.fingerprint).first_mismatch(meta.trunk_prefix)
+        try:
+            fingerprint = TrunkFingerprint.from_dict(trunk.fingerprint)
+            mismatch = fingerprint.first_mismatch(meta.trunk_prefix)
+        except (TypeError, ValueError, AttributeError):
+            # The prefix comes from the weights file: a malformed one is bad weights.
+            raise InvalidWeights(
+                f"task {spec.name!r}: {spec.weights} has a malformed trunk record "
+                "(mtreg.trunk_prefix): write the branch file again"
+            ) from None
         if mismatch is not None:
             raise IncompatibleTrunk(
                 f"task {spec.name!r} was not trained on trunk {trunk.name!r}: {mismatch}; "
@@ -633,7 +659,8 @@ class Registry:
         """Delete bundles no alias points at, and objects nothing refers to.
 
         Trunk components and every registered task version's weights are always kept
-        (rollback needs them); so is every aliased bundle.
+        (rollback needs them); so is every aliased bundle. Objects left by a crashed
+        command (copied, never committed) are garbage too.
 
         Returns:
             ``{"bundles": [ids], "objects": [sha256s]}`` removed (or, with ``dry_run``,
@@ -642,37 +669,55 @@ class Registry:
         with self._writing() as write:
             tx = write.tx
             doomed = [b.id for b in tx.list_bundles() if not b.aliases]
-            keep = set()
-            for trunk in tx.list_trunks():
-                objects = trunk.objects
-                keep.update(
-                    [objects["embeddings"], *objects["layers"], *objects["tokenizer"].values()]
-                )
-                if objects.get("pooler"):
-                    keep.add(objects["pooler"])
-            for task in tx.list_tasks(include_removed=True):
-                keep.update(v.weights_sha256 for v in tx.list_versions(task.name))
-            for bundle in tx.list_bundles():
-                if bundle.id not in doomed:
-                    keep.update(bundle.manifest["files"].values())
-            stored = (
-                sorted(p.name for p in self.objects.root.glob("*"))
-                if (self.objects.root.is_dir())
-                else []
-            )
-            orphans = [sha for sha in stored if sha not in keep]
-            if not dry_run:
-                for ident in doomed:
-                    tx.delete_bundle(ident)
-                if doomed or orphans:
-                    tx.add_event("gc", "", {"bundles": doomed, "objects": len(orphans)})
-        if not dry_run:
-            # Files go only after the commit: a failed transaction must lose nothing.
+            orphans = self._orphans(tx, set(doomed))
+            if dry_run:
+                return {"bundles": doomed, "objects": orphans}
             for ident in doomed:
-                shutil.rmtree(self.bundles_dir / ident, ignore_errors=True)
+                tx.delete_bundle(ident)
+            if doomed or orphans:
+                tx.add_event("gc", "", {"bundles": doomed, "objects": len(orphans)})
+        faults.checkpoint("gc.after_commit")
+        return {"bundles": doomed, "objects": self._delete_garbage(doomed)}
+
+    def _orphans(self, tx: Any, doomed: set[str]) -> list[str]:
+        """Return the stored objects that nothing but the ``doomed`` bundles refers to."""
+        keep = set()
+        for trunk in tx.list_trunks():
+            objects = trunk.objects
+            keep.update([objects["embeddings"], *objects["layers"], *objects["tokenizer"].values()])
+            if objects.get("pooler"):
+                keep.add(objects["pooler"])
+        for task in tx.list_tasks(include_removed=True):
+            keep.update(v.weights_sha256 for v in tx.list_versions(task.name))
+        for bundle in tx.list_bundles():
+            if bundle.id not in doomed:
+                keep.update(bundle.manifest["files"].values())
+        return [sha for sha in self.objects.list() if sha not in keep]
+
+    def _delete_garbage(self, doomed: Sequence[str]) -> list[str]:
+        """Delete the directories of gc'd bundles and the unreferenced objects.
+
+        Files go only after the rows' commit (a failed transaction must lose nothing), and
+        under the write lock again, checked against the database as it is then: between
+        the two transactions another writer may have rebuilt a bundle with one of the doomed
+        ids (bundles are content-addressed) or stored one of the orphaned objects again.
+        A crash here leaves only garbage that the next write or gc removes.
+
+        Returns:
+            The objects deleted.
+        """
+        with self.store.transaction(write=True) as tx:
+            known = {b.id for b in tx.list_bundles()}
+            for ident in doomed:
+                if ident not in known:
+                    remove_bundle_dir(self.bundles_dir / ident)
+                    faults.checkpoint("gc.deleting")
+            clean_leftovers(self.bundles_dir, known)
+            orphans = self._orphans(tx, set())
             for sha in orphans:
                 self.objects.discard(sha)
-        return {"bundles": doomed, "objects": orphans}
+                faults.checkpoint("gc.deleting")
+        return orphans
 
     def events(self, limit: int = 50, subject: str | None = None) -> list[EventRecord]:
         """Return the audit log, newest first."""

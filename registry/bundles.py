@@ -26,7 +26,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mtreg.errors import MtregError, NotFound
-from mtreg.plugins.spec import validate_name
+from mtreg.plugins.spec import HeadSpec, parse_version, validate_name
+from mtreg.registry import faults
 from mtreg.registry.objects import ObjectStore, fsync_dir
 from mtreg.registry.records import TaskVersionRecord, TrunkRecord
 
@@ -116,6 +117,9 @@ def subset_manifest(manifest: dict[str, Any], tasks: Sequence[str]) -> dict[str,
 def read_manifest(path: Path) -> dict[str, Any]:
     """Read a bundle's ``manifest.json`` and check that it is safe to act on.
 
+    Everything that loading, exporting and describing a bundle reads is checked here, so
+    that a damaged or hostile manifest ends in one clean error, never in a crash later.
+
     Returns:
         The manifest.
 
@@ -127,8 +131,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NotFound(f"no bundle manifest at {path}: point at a bundle directory") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MtregError(f"{path} is not valid JSON ({exc}): rebuild or re-export it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the parser's stack allows.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MtregError(f"{path} is not valid JSON ({reason}): rebuild or re-export it") from None
+    except (OSError, ValueError) as exc:
+        raise MtregError(f"cannot read {path} ({exc}): rebuild or re-export it") from None
     if not isinstance(manifest, dict) or (
         manifest.get("format"),
         manifest.get("format_version"),
@@ -140,19 +148,59 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: rebuild or re-export it"
         )
     try:
-        files, tasks = dict(manifest["files"]), dict(manifest["tasks"])
-        for relative in files:
-            safe_relative(relative)
-        for name, task in tasks.items():
-            validate_name(name)
-            if task["file"] not in files:
-                raise MtregError(f"task {name!r} names file {task['file']!r}, not listed")
-        trunk = manifest["trunk"]
-        if not isinstance(trunk["config"], dict) or not isinstance(trunk["depth"], int):
-            raise TypeError("trunk")
+        _check_manifest(manifest)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise MtregError(f"{path} is malformed (missing or bad {exc}): rebuild it") from None
     return manifest
+
+
+def _check_manifest(manifest: dict[str, Any]) -> None:
+    """Check a manifest's structure; raise KeyError/TypeError/ValueError/MtregError."""
+    files, tasks, trunk = manifest["files"], manifest["tasks"], manifest["trunk"]
+    _require(isinstance(files, dict) and isinstance(tasks, dict), "files, tasks")
+    for relative, sha in files.items():
+        safe_relative(relative)
+        _require(_is_sha256(sha), f"sha256 of {relative!r}")
+    _require(isinstance(trunk, dict), "trunk")
+    config, fingerprint, depth = trunk["config"], trunk["fingerprint"], trunk["depth"]
+    _require(isinstance(trunk["name"], str) and isinstance(config, dict), "trunk")
+    _require(isinstance(fingerprint, dict) and isinstance(fingerprint["layers"], list), "trunk")
+    _require(_is_count(depth) and depth <= len(fingerprint["layers"]), "trunk depth")
+    _require(isinstance(manifest["cost"], dict), "cost")
+    for name, task in tasks.items():
+        validate_name(name)
+        _check_task(name, task, files, depth)
+
+
+def _check_task(name: str, task: Any, files: dict[str, Any], depth: int) -> None:
+    _require(isinstance(task, dict), f"task {name!r}")
+    parse_version(task["version"])
+    HeadSpec.from_dict(task["head"])
+    _require(_is_count(task["fork_depth"]) and task["fork_depth"] <= depth, f"{name} fork_depth")
+    _require(_is_count(task["num_layers"]), f"{name} num_layers")
+    _require(_is_count(task["max_length"]) and task["max_length"] >= 2, f"{name} max_length")
+    inputs = task["inputs"]
+    _require(isinstance(inputs, list) and len(inputs) in (1, 2), f"{name} inputs")
+    _require(all(isinstance(field, str) for field in inputs), f"{name} inputs")
+    _require(isinstance(task["metrics"], dict), f"{name} metrics")
+    if not isinstance(task["file"], str) or task["file"] not in files:
+        raise MtregError(f"task {name!r} names file {task['file']!r}, not listed")
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(what)
+
+
+def _is_count(value: Any) -> bool:
+    # bool is an int subclass; a manifest's counts are plain non-negative integers.
+    return type(value) is int and value >= 0
+
+
+def _is_sha256(value: Any) -> bool:
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def layer_cost(trunk_layers: int, tasks: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -238,6 +286,7 @@ def write_bundle(root: Path, manifest: dict[str, Any], objects: ObjectStore) -> 
         _write_synced(scratch / MANIFEST, canonical_json(manifest))
         for directory in {scratch, *(p.parent for p in scratch.rglob("*"))}:
             fsync_dir(directory)
+        faults.checkpoint("bundle.scratch")
         try:
             os.replace(scratch, target)
         except OSError:
@@ -246,6 +295,7 @@ def write_bundle(root: Path, manifest: dict[str, Any], objects: ObjectStore) -> 
                 raise
             shutil.rmtree(scratch, ignore_errors=True)
         fsync_dir(root)
+        faults.checkpoint("bundle.renamed")
         return target
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -271,8 +321,26 @@ def clean_leftovers(root: Path, known: set[str]) -> list[str]:
     removed = []
     if not root.is_dir():
         return removed
-    for entry in root.iterdir():
+    for entry in sorted(root.iterdir()):
         if entry.is_dir() and (entry.name.startswith(".tmp-") or entry.name not in known):
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_bundle_dir(entry)
             removed.append(entry.name)
     return removed
+
+
+def remove_bundle_dir(path: Path) -> None:
+    """Delete a bundle directory so that a crash half-way never leaves a damaged bundle
+    under its own name: it is first renamed to a ``.tmp-*`` leftover, then deleted."""
+    if not path.exists():
+        return
+    if path.name.startswith(".tmp-"):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    doomed = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-gc-"))
+    try:
+        os.replace(path, doomed / path.name)
+    except OSError:
+        shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -154,14 +154,19 @@ def downgrade(engine: sa.Engine, revision: str) -> None:
 def _run(engine: sa.Engine, operation) -> None:
     from alembic.util import CommandError
 
-    with _connect(engine) as connection, connection.begin():
-        if connection.dialect.name == "postgresql":
-            # Two processes creating one new database must not both run the migrations.
-            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7291)")
-        try:
-            operation(alembic_config(connection))
-        except CommandError as exc:
-            raise DatabaseError(f"migration failed: {exc}") from None
+    with _connect(engine) as connection:
+        # SQLite: take the write lock up front (BEGIN IMMEDIATE, see _sqlite_begin). A deferred
+        # transaction that reads the revision, then writes, fails at once with "database is
+        # locked" when another process is creating the same new database.
+        connection.execution_options(mtreg_write=True)
+        with connection.begin():
+            if connection.dialect.name == "postgresql":
+                # Two processes creating one new database must not both run the migrations.
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7291)")
+            try:
+                operation(alembic_config(connection))
+            except CommandError as exc:
+                raise DatabaseError(f"migration failed: {exc}") from None
 
 
 def check(engine: sa.Engine) -> list[str]:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from mtreg.errors import MtregError
+from mtreg.registry import faults
 
 _CHUNK = 1 << 20
 
@@ -41,6 +42,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _is_object_id(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
 class ObjectStore:
     """Files named by the sha256 of their bytes."""
 
@@ -53,7 +58,7 @@ class ObjectStore:
         Raises:
             MtregError: if ``sha256`` is not 64 lower-case hex digits (no path tricks).
         """
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not _is_object_id(sha256):
             raise MtregError(f"invalid object id {sha256!r}")
         return self.root / sha256
 
@@ -81,6 +86,7 @@ class ObjectStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+            faults.checkpoint("objects.incoming")
             sha = digest.hexdigest()
             target = self.path(sha)
             if target.exists():
@@ -89,10 +95,17 @@ class ObjectStore:
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
             fsync_dir(self.root)
+            faults.checkpoint("objects.stored")
             return sha, True
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def list(self) -> list[str]:
+        """Return the ids of the stored objects, sorted (temporary files excluded)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if _is_object_id(p.name))
 
     def discard(self, sha256: str) -> None:
         """Delete an object (used to undo a failed registration and by gc)."""
