@@ -64,7 +64,13 @@ def _read_jsonl(path: Path) -> Iterator[Any]:
 )
 @click.option("--logits", is_flag=True, help="Add the raw outputs.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnx", "auto"]),
+    default="torch",
+    show_default=True,
+    help="onnx/auto need an `export --format onnx` folder; auto picks per batch size.",
+)
 @click.argument("text", required=False)
 @click.argument("text_pair", required=False)
 @pass_context

@@ -7,6 +7,7 @@ to their deepest fork: trunk layers above that are never opened.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from mtreg.registry.bundles import MANIFEST, layer_path, read_manifest
 from mtreg.registry.objects import sha256_file
 
 Input = str | Sequence[str] | Mapping[str, str]
+BACKENDS = ("torch", "onnx", "auto")
 
 
 @dataclass(frozen=True)
@@ -112,13 +114,50 @@ class OnnxModel:
         return {name: torch.from_numpy(v) for name, v in zip(names, values, strict=True)}
 
 
+class AutoModel:
+    """Both backends, each serving the batch sizes where it measured faster on this machine.
+
+    onnxruntime tends to win at small batches and torch at large ones, but where the
+    crossover lies depends on the CPU, so it is measured once, when the bundle loads.
+    """
+
+    PROBE_SIZES = (1, 8, 32)
+
+    def __init__(self, torch_model: MultiTaskModel, onnx_model: OnnxModel, tokenizer) -> None:
+        self.backends = {"torch": torch_model, "onnx": onnx_model}
+        self.choice = {size: self._faster(size, tokenizer) for size in self.PROBE_SIZES}
+
+    def _faster(self, size: int, tokenizer) -> str:
+        batch = tokenizer(["a probe sentence of ordinary length for timing"] * size)
+        args = [torch.tensor(batch[key]) for key in ("input_ids", "attention_mask")]
+        seconds = {}
+        with torch.inference_mode():
+            for name, model in self.backends.items():
+                model(*args)  # warm-up
+                started = time.perf_counter()
+                for _ in range(3):
+                    model(*args)
+                seconds[name] = time.perf_counter() - started
+        return min(seconds, key=seconds.__getitem__)
+
+    def backend_for(self, size: int) -> str:
+        """Return the backend measured faster at the probe size nearest ``size``."""
+        nearest = min(self.PROBE_SIZES, key=lambda probe: abs(probe - size))
+        return self.choice[nearest]
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, tasks=None) -> dict:
+        model = self.backends[self.backend_for(input_ids.shape[0])]
+        return model(input_ids, attention_mask, token_type_ids, tasks=tasks)
+
+
 class LoadedBundle:
     """A bundle loaded for inference.
 
     Attributes:
         path: the bundle directory. manifest: its manifest. tasks: the loaded task names.
-        model: the :class:`MultiTaskModel` (eval mode), or with ``backend="onnx"`` an
-            :class:`OnnxModel` called the same way. tokenizer: the trunk's tokenizer.
+        model: the :class:`MultiTaskModel` (eval mode); with ``backend="onnx"`` an
+            :class:`OnnxModel`, with ``"auto"`` an :class:`AutoModel`, both called the same
+            way. tokenizer: the trunk's tokenizer.
     """
 
     def __init__(
@@ -129,17 +168,19 @@ class LoadedBundle:
         self.tasks = select_tasks(self.manifest, tasks)
         self.info = {name: task_info(self.manifest, name) for name in self.tasks}
         self.config = TrunkConfig(**self.manifest["trunk"]["config"])
+        if backend not in BACKENDS:
+            raise MtregError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
         self.backend = backend
+        for relative in self.manifest["files"]:
+            if relative.startswith("tokenizer/"):
+                self._read(relative)
+        self.tokenizer = load_tokenizer(self.path / "tokenizer")
         if backend == "torch":
             self.model = self._torch_model()
         elif backend == "onnx":
             self.model = OnnxModel(self.path)
         else:
-            raise MtregError(f"unknown backend {backend!r}: use torch or onnx")
-        for relative in self.manifest["files"]:
-            if relative.startswith("tokenizer/"):
-                self._read(relative)
-        self.tokenizer = load_tokenizer(self.path / "tokenizer")
+            self.model = AutoModel(self._torch_model(), OnnxModel(self.path), self.tokenizer)
 
     def _torch_model(self) -> MultiTaskModel:
         depth = max((i.fork_depth for i in self.info.values()), default=0)
@@ -329,7 +370,8 @@ def load_bundle(
     Args:
         ref: a directory holding ``manifest.json``, or an alias or bundle id (prefix).
         tasks: load only these tasks (and the trunk up to their deepest fork).
-        backend: ``torch``, or ``onnx`` for a folder written by ``mtreg export --format onnx``.
+        backend: ``torch``; ``onnx`` or ``auto`` (per batch size, whichever measured faster)
+            for a folder written by ``mtreg export --format onnx``.
         registry: the :class:`mtreg.Registry` resolving aliases (default: ``Registry()``).
 
     Raises:

@@ -213,6 +213,10 @@ def test_onnx_export_matches_torch(setup: Setup, tmp_path: Path) -> None:
         assert a["sentiment"]["label"] == b["sentiment"]["label"]
         assert a["score"]["value"] == pytest.approx(b["score"]["value"], abs=1e-4)
         assert a["slots"]["spans"] == b["slots"]["spans"]
+    auto = mtreg.load_bundle(tmp_path / "onnx", tasks=single, backend="auto")
+    assert set(auto.model.choice.values()) <= {"torch", "onnx"}
+    for a, b in zip(auto.predict(TEXTS), bundle.predict(TEXTS, tasks=single), strict=True):
+        assert a["sentiment"]["label"] == b["sentiment"]["label"]
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
