@@ -242,9 +242,11 @@ def backends(bundle_dir: Path, work: Path, texts, repeats: int) -> dict:
 
     report = export_onnx(bundle_dir, work / "onnx", quantize="int8")
     bundle = load_bundle(bundle_dir)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch
     sessions = {
         name: onnxruntime.InferenceSession(
-            str(work / "onnx" / file), providers=["CPUExecutionProvider"]
+            str(work / "onnx" / file), options, providers=["CPUExecutionProvider"]
         )
         for name, file in (("onnx_fp32", "model.onnx"), ("onnx_int8", "model.int8.onnx"))
     }
