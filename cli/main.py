@@ -11,7 +11,19 @@ from pathlib import Path
 
 import click
 
-from mtreg.cli import bundle, db, demo, inference, onboard, plugin, scaffold, serve, task, trunk
+from mtreg.cli import (
+    bundle,
+    db,
+    demo,
+    inference,
+    onboard,
+    plugin,
+    report,
+    scaffold,
+    serve,
+    task,
+    trunk,
+)
 from mtreg.cli.context import Context
 from mtreg.errors import MtregError
 
@@ -64,7 +76,7 @@ def cli(
     ctx.call_on_close(ctx.obj.close)
 
 
-for module in (bundle, db, demo, inference, onboard, plugin, scaffold, serve, task, trunk):
+for module in (bundle, db, demo, inference, onboard, plugin, report, scaffold, serve, task, trunk):
     for command in module.COMMANDS:
         cli.add_command(command)
 

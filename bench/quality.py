@@ -1,0 +1,807 @@
+"""The paper's comparison on this trunk (issue 6): quality and serving cost of mtreg's merged
+bundle against one fully fine-tuned MiniLM-L6 per task.
+
+For every task of :data:`TASKS` (CoLA, SST-2, MRPC, STS-B, RTE, QQP, CLINC150, SNIPS intent
+and slots), on the same fixed-seed subsample (bench/benchtasks.py) and the same max length:
+
+1. **full fine-tuning** of the whole model (:mod:`mtreg.model.finetune`: embeddings, 6 layers,
+   pooler, head, uncached) at every learning rate of :data:`LRS`;
+2. **mtreg onboard** (:func:`mtreg.model.onboard.onboard`, the code of ``mtreg onboard``):
+   teachers L in :data:`TEACHER_LAYERS` at the *same* learning rates, then students
+   l = 1..min(3, L-1) with onboarding's default student rate, the smallest branch within 99%
+   of the best teacher, registered into a bundle;
+3. the merged bundle of all tasks loaded with ``mtreg.load_bundle`` and scored on dev (and on
+   test for the intent sets, which select on dev and report test): the served numbers.
+
+Tuning budget, the same for both methods: learning rate over :data:`LRS` (2e-5..2e-4), up to
+:data:`EPOCHS` epochs with early stopping after :data:`PATIENCE` epochs without a better dev
+score, best epoch on dev (the first metric), a tie goes to the lower rate. Batch 32, dropout
+0.1. Seeds: seed 0 searches; small tasks (:data:`SMALL`) are repeated with seeds 1 and 2 at
+the configuration seed 0 chose for each method (full: its lr; onboard: its teacher L and lr,
+students searched again), and reported as mean ± std.
+
+Subsampling and lengths (:data:`TASKS`, documented in the results): training sets are
+fixed-seed subsamples sized so that seed 0 of all nine tasks, the bundle evaluation and the
+extra seeds fit about 3 hours on 2 CPU cores; dev/test are complete except where capped.
+Max lengths are the built-in plugins' (chosen from each task's length distribution) except
+RTE, cut from 256 to 128 tokens (12% of its pairs lose their tail) for cost. Dynamic padding
+throughout; teachers and students train on cached fp16 activations.
+
+Serving cost: layers per request (bundle: trunk to the deepest fork plus every branch; N
+full models: 6 each), throughput of the bundle against N full models on the same 256
+SST-2 dev sentences (tokenised once, batch 32, interleaved repeats, median), parameters,
+and the peak RSS of a fresh process holding each. The full models for timing have the full
+fine-tuned architecture with the trunk's weights (timing does not depend on the values).
+
+Resumable: every unit (task × seed × method, the bundle evaluation, the serving measurement)
+is cached as JSON under bench/results/quality/; a rerun skips what exists and onboarding
+resumes at its last finished run (checkpoints in the work folder). The report
+(bench/results/quality.{json,md,png}) is rewritten after every unit from whatever exists,
+marking what is missing.
+
+    nohup python bench/quality.py run > bench/results/quality/run.log 2>&1 &
+    python bench/quality.py report          # rewrite the report from the cached results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import benchtasks  # noqa: E402  (bench/ is not a package)
+
+RESULTS = HERE / "results"
+UNITS = RESULTS / "quality"
+WORK = Path(os.environ.get("MTREG_BENCH_WORK", Path.home() / ".cache" / "mtreg-bench" / "quality"))
+
+# Task -> subsample sizes per split (None or absent: the whole split) and max length override.
+TASKS: dict[str, dict[str, Any]] = {
+    "cola": {"sizes": {"train": 1500}},
+    "sst2": {"sizes": {"train": 1500}},
+    "mrpc": {"sizes": {"train": 600}},
+    "stsb": {"sizes": {"train": 800, "dev": 600}},
+    "rte": {"sizes": {"train": 500}, "max_length": 128},
+    "qqp": {"sizes": {"train": 1200, "dev": 800}},
+    "clinc150": {"sizes": {"train": 2000, "dev": 1000, "test": 2000}},
+    "snips-intent": {"sizes": {"train": 1000}},
+    "snips-slots": {"sizes": {"train": 1000}},
+}
+SMALL = ("rte", "mrpc", "cola", "stsb")
+TEST_TASKS = ("clinc150", "snips-intent", "snips-slots")
+LRS = (2e-5, 6e-5, 2e-4)
+EPOCHS = 10
+PATIENCE = 2
+TEACHER_LAYERS = (2, 3)
+SEEDS = (0, 1, 2)
+BOOTSTRAP = 200
+TIMING_SENTENCES, TIMING_BATCH, TIMING_REPEATS = 256, 32, 3
+
+
+def log(line: str) -> None:
+    """Print a timestamped progress line (to the run log)."""
+    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+
+def first_metric(task: str) -> str:
+    """Return the metric that selects checkpoints for a built-in task (its plugin's first;
+    unit JSON is written with sorted keys, so dict order cannot tell)."""
+    from mtreg.plugins import glue, intent
+
+    return {spec.name: spec.metrics[0] for spec in [*glue.tasks(), *intent.tasks()]}[task]
+
+
+def plugin_config(tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Return the benchmark plugin's config: the subsample of each task (default: all of
+    :data:`TASKS`), data seed 0."""
+    return {t: {**TASKS[t], "seed": 0} for t in (TASKS if tasks is None else tasks)}
+
+
+# -- cached units --------------------------------------------------------------------------
+
+
+def unit_path(root: Path, task: str, seed: int, name: str) -> Path:
+    """Return where a unit's JSON lives: ``root/<task>/seed<seed>/<name>.json``."""
+    return root / task / f"seed{seed}" / f"{name}.json"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """Return a JSON file's content, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a killed run never leaves half a unit)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Return the unit at ``path``, computing and writing it first when absent."""
+    found = read_json(path)
+    if found is not None:
+        return found
+    data = compute()
+    write_json(path, data)
+    return data
+
+
+# -- predictions and metrics ---------------------------------------------------------------
+
+
+def decode(head: Any, logits: Sequence[Any], labels: Sequence[Any]) -> tuple[list, list]:
+    """Return (predictions, references) as :func:`mtreg.model.metrics.evaluate` takes them,
+    from per-example logits and encoded labels (the conversion of ``train.score``)."""
+    from mtreg.model.data import IGNORE
+
+    if head.kind == "classification":
+        return [int(z.argmax()) for z in logits], [int(y) for y in labels]
+    if head.kind == "regression":
+        return [float(z[0]) for z in logits], [float(y[0]) for y in labels]
+    if head.kind == "multilabel":
+        return [(z > 0).int().tolist() for z in logits], [[int(v) for v in y] for y in labels]
+    names = head.labels
+    predictions, references = [], []
+    for z, tags in zip(logits, labels, strict=True):
+        keep = [i for i, t in enumerate(tags) if t != IGNORE]
+        predictions.append([names[int(z[i].argmax())] for i in keep])
+        references.append([names[tags[i]] for i in keep])
+    return predictions, references
+
+
+def scored(head: Any, metrics: Sequence[str], logits: Sequence[Any], labels: Sequence[Any]) -> dict:
+    """Return ``{"metrics", "predictions", "references"}`` for one split."""
+    from mtreg.model.metrics import evaluate
+
+    predictions, references = decode(head, logits, labels)
+    return {
+        "metrics": evaluate(metrics, predictions, references),
+        "predictions": predictions,
+        "references": references,
+    }
+
+
+def paired_bootstrap_se(
+    metric: str, a: Sequence[Any], b: Sequence[Any], references: Sequence[Any], n: int = BOOTSTRAP
+) -> float:
+    """Return the bootstrap standard error of ``metric(a) - metric(b)`` over examples resampled
+    together (fixed seed), the noise scale of a one-seed comparison on this split."""
+    from mtreg.model.metrics import evaluate
+
+    rng = random.Random(0)
+    size = len(references)
+    diffs = []
+    for _ in range(n):
+        idx = [rng.randrange(size) for _ in range(size)]
+        refs = [references[i] for i in idx]
+        left = evaluate([metric], [a[i] for i in idx], refs)[metric]
+        right = evaluate([metric], [b[i] for i in idx], refs)[metric]
+        diffs.append(left - right)
+    return statistics.stdev(diffs)
+
+
+def load_split(spec: Any, split: str) -> list[dict[str, Any]]:
+    """Return a task's examples of ``split`` (through the benchmark plugin's subsample)."""
+    return [dict(example) for example in spec.load_dataset(split)]
+
+
+# -- the units -----------------------------------------------------------------------------
+
+
+class Bench:
+    """Registries (one per seed) and the settings of one benchmark run."""
+
+    def __init__(self, work: Path, units: Path, tasks: Sequence[str]) -> None:
+        self.work, self.units, self.tasks = work, units, list(tasks)
+        self._registries: dict[int, Any] = {}
+
+    def registry(self, seed: int) -> Any:
+        """Return the registry of ``seed`` (its own home, so each seed has its bundle)."""
+        if seed not in self._registries:
+            self._registries[seed] = benchtasks.open_registry(
+                self.work / f"seed{seed}", plugin_config()
+            )
+        return self._registries[seed]
+
+    def close(self) -> None:
+        """Close every registry."""
+        for registry in self._registries.values():
+            registry.close()
+
+    def settings(self, seed: int, **overrides: Any) -> Any:
+        """Return the onboarding Settings of this benchmark for ``seed``."""
+        from mtreg.model.onboard import Settings
+
+        base = dict(
+            teacher_layers=TEACHER_LAYERS,
+            teacher_lrs=LRS,
+            epochs=EPOCHS,
+            patience=PATIENCE,
+            seed=seed,
+            device="cpu",
+        )
+        return Settings(**{**base, **overrides})
+
+    def full(self, task: str, seed: int, lr: float) -> dict[str, Any]:
+        """Full fine-tuning of ``task`` at ``lr`` (cached unit): dev and test scores with
+        predictions, history and seconds."""
+
+        def compute() -> dict[str, Any]:
+            from mtreg.model import finetune as ft
+            from mtreg.model import onboard as ob
+            from mtreg.model.data import encode
+
+            log(f"{task} seed {seed}: full fine-tuning lr {lr:g}")
+            job = ob.prepare(self.registry(seed), task, self.settings(seed))
+            result = ft.finetune(job, lr, progress=lambda line: log(f"  {task} full {line}"))
+            pad = ft.pad_id(job)
+            head, metrics = job.spec.head, job.metrics
+            out = {"task": task, "seed": seed, **result.to_dict()}
+            out["dev"] = scored(
+                head, metrics, ft.predict_live(result.model, job.dev, pad), job.dev.labels
+            )
+            if task in TEST_TASKS:
+                test = encode(
+                    job.tokenizer,
+                    load_split(job.spec, "test"),
+                    job.spec.inputs,
+                    head,
+                    job.max_length,
+                )
+                out["test"] = scored(
+                    head, metrics, ft.predict_live(result.model, test, pad), test.labels
+                )
+            out["train_size"], out["dev_size"] = len(job.train), len(job.dev)
+            return out
+
+        return cached(unit_path(self.units, task, seed, f"full-lr{lr:g}"), compute)
+
+    def onboard(self, task: str, seed: int, **overrides: Any) -> dict[str, Any]:
+        """``mtreg onboard`` of ``task`` with ``seed`` into the seed's registry (cached unit)."""
+        path = unit_path(self.units, task, seed, "onboard")
+        registry = self.registry(seed)
+        found = read_json(path)
+        registered = {t.name for t in registry.tasks() if t.active_version}
+        if found is not None and task in registered:
+            return found
+        from mtreg.model import onboard as ob
+
+        log(f"{task} seed {seed}: mtreg onboard")
+        started = time.perf_counter()
+        report = ob.onboard(
+            registry,
+            task,
+            self.settings(seed, **overrides),
+            progress=lambda line: log(f"  {task} {line}"),
+        )
+        data = {**report.to_dict(), "seed": seed, "wall_s": time.perf_counter() - started}
+        write_json(path, data)
+        return data
+
+    def bundle(self, seed: int) -> dict[str, Any] | None:
+        """Score every task of the seed's latest bundle through ``mtreg.load_bundle`` (cached
+        per bundle id); None when the seed has no bundle yet."""
+        import mtreg
+
+        registry = self.registry(seed)
+        try:
+            record = registry.bundle("latest")
+        except mtreg.MtregError:
+            return None
+        path = self.units / f"bundle-seed{seed}.json"
+        found = read_json(path)
+        if found is not None and found.get("bundle_id") == record.id:
+            return found
+        log(f"seed {seed}: scoring bundle {record.id[:12]} ({', '.join(sorted(record.members))})")
+        bundle = mtreg.load_bundle(registry.bundle_path("latest"))
+        discovery = registry.discover()
+        tasks: dict[str, Any] = {}
+        for task in bundle.tasks:
+            spec = discovery.task(task).spec
+            splits = ("dev", "test") if task in TEST_TASKS else ("dev",)
+            tasks[task] = {
+                split: score_bundle(bundle, task, load_split(spec, split), spec.metrics)
+                for split in splits
+            }
+            tasks[task]["fork_depth"] = bundle.info[task].fork_depth
+            tasks[task]["num_layers"] = bundle.manifest["tasks"][task]["num_layers"]
+        data = {"bundle_id": record.id, "seed": seed, "tasks": tasks}
+        write_json(path, data)
+        return data
+
+    def serving(self) -> dict[str, Any] | None:
+        """Serving cost of seed 0's bundle against one full model per task (cached per
+        bundle id); None without a bundle."""
+        import mtreg
+
+        registry = self.registry(0)
+        try:
+            record = registry.bundle("latest")
+        except mtreg.MtregError:
+            return None
+        path = self.units / "serving.json"
+        found = read_json(path)
+        if found is not None and found.get("bundle_id") == record.id:
+            return found
+        log(f"serving cost of bundle {record.id[:12]}")
+        data = {"bundle_id": record.id, **measure_serving(registry.bundle_path("latest"))}
+        write_json(path, data)
+        return data
+
+
+def score_bundle(
+    bundle: Any, task: str, examples: list[dict[str, Any]], metrics: Sequence[str]
+) -> dict:
+    """Return the served scores of ``task`` on ``examples``: tokenised and run by the loaded
+    bundle (:meth:`LoadedBundle.logits`), labels encoded the same way."""
+    from mtreg.model.data import encode
+
+    info = bundle.info[task]
+    encoded = encode(bundle.tokenizer, examples, info.inputs, info.head, info.max_length)
+    inputs = [[str(ex[f]) for f in info.inputs] for ex in examples]
+    inputs = [row[0] if len(row) == 1 else row for row in inputs]
+    logits = []
+    for start in range(0, len(inputs), 64):
+        out, _ = bundle.logits(inputs[start : start + 64], [task])[task]
+        for row in range(out.shape[0]):
+            n = len(encoded.input_ids[start + row])
+            logits.append(out[row, :n] if info.head.kind == "tagging" else out[row])
+    return scored(info.head, metrics, logits, encoded.labels)
+
+
+# -- serving cost --------------------------------------------------------------------------
+
+
+def timing_batches(tokenizer: Any) -> list[dict[str, Any]]:
+    """Return the timing inputs: SST-2 dev sentences, tokenised once, in batches."""
+    path = benchtasks.DATA_DIR / "glue" / "SST-2" / "dev.tsv"
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    texts = [line.split("\t")[0] for line in lines][:TIMING_SENTENCES]
+    return [
+        dict(
+            tokenizer(
+                texts[i : i + TIMING_BATCH],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(texts), TIMING_BATCH)
+    ]
+
+
+def bundle_heads(bundle_dir: Path) -> list[Any]:
+    """Return the head of every task of a bundle, read from its manifest alone."""
+    from mtreg.model.bundle import task_info
+    from mtreg.registry.bundles import MANIFEST, read_manifest
+
+    manifest = read_manifest(Path(bundle_dir) / MANIFEST)
+    return [task_info(manifest, task).head for task in sorted(manifest["tasks"])]
+
+
+def full_models(heads: Sequence[Any]) -> list[Any]:
+    """Return one full fine-tuning-shaped model per head (embeddings, all trunk layers,
+    pooler, the head) with the trunk's weights."""
+    from mtreg.model.layers import Branch
+    from mtreg.model.network import Standalone, Trunk
+    from mtreg.model.trunk import read_checkpoint
+
+    checkpoint = read_checkpoint(benchtasks.minilm_folder())
+    config = checkpoint.config
+    models = []
+    for head in heads:
+        trunk = Trunk.from_tensors(config, checkpoint.embeddings, [])
+        branch = Branch(config, config.num_hidden_layers, head)
+        for layer, tensors in zip(branch.layers, checkpoint.layers, strict=True):
+            layer.load_state_dict(tensors)
+        models.append(Standalone(trunk, 0, branch).eval())
+    return models
+
+
+def _seconds(fn: Callable[[dict], Any], batches: list[dict]) -> float:
+    import torch
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            fn(batch)
+    return time.perf_counter() - started
+
+
+def measure_serving(bundle_dir: Path) -> dict[str, Any]:
+    """Time the bundle against N full models on the same inputs; count layers and
+    parameters; measure each side's peak RSS in a fresh process."""
+    import mtreg
+
+    bundle = mtreg.load_bundle(bundle_dir)
+    models = full_models(bundle_heads(bundle_dir))
+    batches = timing_batches(bundle.tokenizer)
+
+    def run_bundle(b: dict) -> None:
+        bundle.model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+
+    def run_full(b: dict) -> None:
+        for model in models:
+            model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+
+    _seconds(run_bundle, batches[:1]), _seconds(run_full, batches[:1])  # warm-up
+    times: dict[str, list[float]] = {"bundle": [], "full": []}
+    for _ in range(TIMING_REPEATS):  # interleaved: drift in the machine's load hits both
+        times["bundle"].append(_seconds(run_bundle, batches))
+        times["full"].append(_seconds(run_full, batches))
+    bundle_s, full_s = statistics.median(times["bundle"]), statistics.median(times["full"])
+    sentences = sum(int(b["input_ids"].shape[0]) for b in batches)
+    depth = max(info.fork_depth for info in bundle.info.values())
+    branch_layers = sum(bundle.manifest["tasks"][t]["num_layers"] for t in bundle.tasks)
+    n_layers = bundle.config.num_hidden_layers
+    memory = {kind: peak_rss(kind, bundle_dir) for kind in ("baseline", "bundle", "full")}
+    return {
+        "tasks": bundle.tasks,
+        "sentences": sentences,
+        "batch_size": TIMING_BATCH,
+        "bundle_sentences_per_s": sentences / bundle_s,
+        "full_sentences_per_s": sentences / full_s,
+        "throughput_ratio": full_s / bundle_s,
+        "times_s": times,
+        "bundle_layers": depth + branch_layers,
+        "full_layers": n_layers * len(models),
+        "bundle_parameters": sum(p.numel() for p in bundle.model.parameters()),
+        "full_parameters": sum(p.numel() for m in models for p in m.parameters()),
+        "peak_rss_mib": memory,
+    }
+
+
+def _rss_child(kind: str, bundle_dir: str, queue: Any) -> None:
+    import torch
+
+    import mtreg
+
+    ids = torch.randint(1000, 2000, (8, 32))
+    mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+    with torch.inference_mode():
+        if kind != "baseline":
+            if kind == "bundle":
+                models = [mtreg.load_bundle(bundle_dir).model]
+            else:  # the full models stand alone: the bundle is never loaded
+                models = full_models(bundle_heads(Path(bundle_dir)))
+            for model in models:
+                model(ids, mask, types)
+    queue.put(peak_mib())
+
+
+def peak_mib() -> float:
+    """This process's peak resident set in MiB (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def peak_rss(kind: str, bundle_dir: Path) -> float:
+    """Peak RSS (MiB) of a fresh process importing mtreg (``baseline``) and holding the
+    bundle or the N full models, after one forward pass."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_rss_child, args=(kind, str(bundle_dir), queue))
+    process.start()
+    value = queue.get()
+    process.join()
+    return value
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+def best_full(units: Path, task: str, seed: int) -> dict[str, Any] | None:
+    """Return the seed's full fine-tuning run with the best dev score (tie: lower lr) among
+    the cached ones, or None."""
+    from mtreg.model.finetune import better
+
+    best, best_run = None, None
+    for path in sorted((units / task / f"seed{seed}").glob("full-lr*.json")):
+        data = read_json(path)
+        if data is None:
+            continue
+        metric = first_metric(task)
+        run = _Scored(data["lr"], data["dev_metrics"])
+        if better(run, best_run, metric):  # type: ignore[arg-type]
+            best, best_run = data, run
+    return best
+
+
+class _Scored:
+    """The two fields :func:`mtreg.model.finetune.better` compares."""
+
+    def __init__(self, lr: float, dev_metrics: dict[str, float]) -> None:
+        self.lr, self.dev_metrics = lr, dev_metrics
+
+
+def run(bench: Bench, seeds: Sequence[int], write: Callable[[], None]) -> None:
+    """Run every missing unit in priority order, rewriting the report after each: seed 0 of
+    every task (full search, onboard), its bundle and serving cost, then the extra seeds of
+    the small tasks and their bundles. A failing unit is logged and skipped."""
+
+    def attempt(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            value = fn()
+        except Exception:
+            log(f"FAILED {what}:\n{traceback.format_exc()}")
+            value = None
+        try:
+            write()
+        except Exception:  # a report bug must not stop the training run
+            log(f"FAILED writing the report:\n{traceback.format_exc()}")
+        return value
+
+    for task in bench.tasks:
+        for lr in LRS:
+            attempt(f"{task} full lr {lr:g}", lambda task=task, lr=lr: bench.full(task, 0, lr))
+        attempt(f"{task} onboard", lambda task=task: bench.onboard(task, 0))
+    attempt("bundle seed 0", lambda: bench.bundle(0))
+    attempt("serving", bench.serving)
+    for seed in (s for s in seeds if s != 0):
+        for task in (t for t in bench.tasks if t in SMALL):
+            chosen = best_full(bench.units, task, 0)
+            searched = read_json(unit_path(bench.units, task, 0, "onboard"))
+            if chosen is None or searched is None:
+                log(f"{task} seed {seed}: skipped, seed 0 is not complete")
+                continue
+            attempt(
+                f"{task} seed {seed} full",
+                lambda t=task, s=seed, lr=chosen["lr"]: bench.full(t, s, lr),
+            )
+            teacher = searched["teacher"]
+            attempt(
+                f"{task} seed {seed} onboard",
+                lambda t=task, s=seed, te=teacher: bench.onboard(
+                    t, s, teacher_layers=(te["layers"],), teacher_lrs=(te["lr"],)
+                ),
+            )
+        attempt(f"bundle seed {seed}", lambda seed=seed: bench.bundle(seed))
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+def task_row(units: Path, task: str, seeds: Sequence[int]) -> tuple[Any, list[str]]:
+    """Return the report row of ``task`` from the cached units, and what is missing."""
+    from mtreg.model.report import TaskRow, mean
+
+    split = "test" if task in TEST_TASKS else "dev"
+    missing: list[str] = []
+    full, full_dev, served, teacher = [], [], [], []
+    geometry: dict[str, Any] = {}
+    metric = None
+    first_pair = None
+    for seed in seeds if task in SMALL else (0,):
+        best = best_full(units, task, seed)
+        bundle = read_json(units / f"bundle-seed{seed}.json") or {}
+        onboard = read_json(unit_path(units, task, seed, "onboard"))
+        entry = bundle.get("tasks", {}).get(task)
+        if best is None:
+            missing.append(f"{task} seed {seed} full fine-tuning")
+        if onboard is None:
+            missing.append(f"{task} seed {seed} onboard")
+        elif entry is None:
+            missing.append(f"{task} seed {seed} bundle score")
+        if best is not None:
+            metric = metric or first_metric(task)
+            full.append(best[split]["metrics"][metric])
+            full_dev.append(best["dev"]["metrics"][metric])
+        if onboard is not None:
+            metric = metric or onboard["metric"]
+            teacher.append(onboard["teacher"]["dev_metrics"][metric])
+            if seed == 0:
+                geometry = {
+                    "fork_depth": onboard["chosen"]["fork_depth"],
+                    "branch_layers": onboard["chosen"]["layers"],
+                    "teacher_layers": onboard["teacher"]["layers"],
+                }
+        if entry is not None and metric is not None:
+            served.append(entry[split]["metrics"][metric])
+            if seed == 0 and best is not None:
+                first_pair = (entry[split], best[split])
+    row = TaskRow(
+        task=task,
+        metric=metric or "?",
+        split=split,
+        fork_depth=geometry.get("fork_depth", 0),
+        branch_layers=geometry.get("branch_layers", 0),
+        teacher_layers=geometry.get("teacher_layers"),
+        served=served,
+        teacher=teacher,
+        full=full,
+        teacher_ratio=mean(teacher) / mean(full_dev) if teacher and mean(full_dev or [0]) else None,
+    )
+    if len(served) > 1 and len(full) > 1:
+        # Several seeds: the standard error of the difference of the two means.
+        row.noise = math.sqrt(
+            statistics.variance(served) / len(served) + statistics.variance(full) / len(full)
+        )
+    elif first_pair is not None and metric is not None:
+        a, b = first_pair
+        if a["references"] == b["references"]:
+            row.noise = paired_bootstrap_se(
+                metric, a["predictions"], b["predictions"], a["references"]
+            )
+    if not geometry:
+        row.note = "(not onboarded yet)"
+    return row, missing
+
+
+def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+    """Return the whole report (rows, overall, serving, baseline, missing) from the units."""
+    from mtreg.model.report import summary
+
+    rows, missing = [], []
+    for task in tasks:
+        row, gaps = task_row(units, task, seeds)
+        rows.append(row)
+        missing += gaps
+    onboarded = [r for r in rows if r.branch_layers or r.fork_depth]
+    overall = summary(onboarded, 6)
+    overall["tasks_planned"] = len(rows)
+    serving = read_json(units / "serving.json")
+    baseline = {}
+    for task in tasks:
+        metric = first_metric(task)
+        values = [
+            b["dev"]["metrics"][metric]
+            for seed in (seeds if task in SMALL else (0,))
+            if (b := best_full(units, task, seed)) is not None
+        ]
+        if values:
+            baseline[task] = {"metric": metric, "split": "dev", "full": values}
+    if serving is None:
+        missing.append("serving cost")
+    return {
+        "rows": [r.to_dict() for r in rows],
+        "overall": overall,
+        "serving": {k: v for k, v in (serving or {}).items() if k != "times_s"} or None,
+        "baseline": baseline,
+        "missing": missing,
+        "settings": {
+            "tasks": TASKS,
+            "lrs": list(LRS),
+            "epochs": EPOCHS,
+            "patience": PATIENCE,
+            "teacher_layers": list(TEACHER_LAYERS),
+            "seeds_small_tasks": list(seeds),
+            "small_tasks": list(SMALL),
+        },
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """Return the markdown of a report."""
+    from mtreg.model.report import TaskRow, markdown
+
+    rows = [TaskRow.from_dict(r) for r in report["rows"]]
+    overall = report["overall"]
+    lines = [
+        "# Quality and serving cost against full fine-tuning (bench/quality.py)",
+        "",
+        f"Trunk all-MiniLM-L6-v2 (6 layers). Written {report['written']} on "
+        f"{report['machine']}. Scores in % (×100); `mean ± std (seeds)` for the small tasks. "
+        "Full FT: the whole model fine-tuned, best of the lr search. Teacher: best partial "
+        "run (dev, training-time). Served: the branch `mtreg onboard` chose, scored through "
+        "`mtreg.load_bundle` on the merged bundle of all tasks; k = fork depth, l = branch "
+        "layers. Noise: SE of served − full (seed spread where there are seeds, else a paired "
+        "bootstrap over examples); within noise = |Δ| ≤ 2 SE.",
+        "",
+        markdown(rows, overall),
+    ]
+    serving = report.get("serving")
+    if serving:
+        m = serving["peak_rss_mib"]
+        lines += [
+            "## Serving cost (measured)",
+            "",
+            "| | bundle | one full model per task | ratio |",
+            "|---|---:|---:|---:|",
+            f"| layers per request | {serving['bundle_layers']} | {serving['full_layers']} "
+            f"| {serving['bundle_layers'] / serving['full_layers']:.2f} |",
+            f"| sentences/s (all {len(serving['tasks'])} tasks, batch {serving['batch_size']}) "
+            f"| {serving['bundle_sentences_per_s']:.1f} | {serving['full_sentences_per_s']:.1f} "
+            f"| {serving['throughput_ratio']:.2f}× faster |",
+            f"| parameters | {serving['bundle_parameters'] / 1e6:.1f} M "
+            f"| {serving['full_parameters'] / 1e6:.1f} M "
+            f"| {serving['bundle_parameters'] / serving['full_parameters']:.2f} |",
+            f"| peak RSS (MiB; import alone {m['baseline']:.0f}) | {m['bundle']:.0f} "
+            f"| {m['full']:.0f} | {m['bundle'] / m['full']:.2f} |",
+            "",
+        ]
+    s = report["settings"]
+    lines += [
+        "## Settings",
+        "",
+        f"Same search for both methods: lr {', '.join(f'{x:g}' for x in s['lrs'])}; up to "
+        f"{s['epochs']} epochs, early stop after {s['patience']} without a better dev score; "
+        f"teachers L in {s['teacher_layers']}, students l = 1..min(3, L-1) (onboard's student "
+        f"rate); small tasks {', '.join(s['small_tasks'])} over seeds {s['seeds_small_tasks']} "
+        "(seed 0 searches; later seeds rerun each method's chosen configuration).",
+        "",
+        "| task | train | dev | test | max length |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for task, cfg in s["tasks"].items():
+        sizes = cfg.get("sizes", {})
+        lines.append(
+            f"| {task} | {sizes.get('train', 'all')} | {sizes.get('dev', 'all')} "
+            f"| {sizes.get('test', 'all' if task in TEST_TASKS else '–')} "
+            f"| {cfg.get('max_length', 'plugin default')} |"
+        )
+    if report["missing"]:
+        lines += ["", "## Missing (run not finished)", ""] + [f"* {m}" for m in report["missing"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(units: Path, out: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dict:
+    """Write quality.json, quality.md and quality.png under ``out``; return the report."""
+    from mtreg.model.report import TaskRow, figure
+
+    report = build_report(units, tasks, seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "quality.json", report)
+    (out / "quality.md").write_text(report_markdown(report))
+    rows = [TaskRow.from_dict(r) for r in report["rows"] if r["branch_layers"] or r["fork_depth"]]
+    serving = report.get("serving") or {}
+    title = "MiniLM-L6: mtreg bundle vs full fine-tuning"
+    if serving:
+        title += f" (measured throughput {serving['throughput_ratio']:.1f}× one model per task)"
+    figure(rows, report["overall"], out / "quality.png", title)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``run`` (resume the benchmark) or ``report`` (rewrite the report only)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--work", type=Path, default=WORK, help=f"default: {WORK}")
+    parser.add_argument("--units", type=Path, default=UNITS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    def write() -> None:
+        write_report(args.units, args.out, args.tasks, args.seeds)
+
+    if args.command == "report":
+        write()
+        print((args.out / "quality.md").read_text())
+        return
+    log(f"quality run: tasks {args.tasks}, seeds {args.seeds}, work {args.work}, pid {os.getpid()}")
+    bench = Bench(args.work, args.units, args.tasks)
+    try:
+        run(bench, args.seeds, write)
+    finally:
+        bench.close()
+    write()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Full fine-tuning: the baseline a user would otherwise deploy, one whole model per task.
+
+Everything trains: the embeddings, all N trunk layers, a pooler and a fresh head, on the live
+network (nothing is cached; the trunk runs on every step). The model is a
+:class:`~mtreg.model.network.Standalone` made of a depth-0 trunk (the embeddings, trainable)
+and a branch of all N layers copied from the trunk, i.e. a teacher with L = N built by
+:func:`mtreg.model.onboard.teacher_branch`. Initialisation (trunk pooler, seeded fresh head),
+dropout, recipe (:func:`mtreg.model.onboard._recipe`: AdamW without decay on LayerNorm and
+biases, clip 1.0, warm-up over 10% of one epoch then linear decay), epochs
+(:func:`~mtreg.model.onboard.auto_epochs` unless set), the shuffling order, the selection rule
+(best epoch by the first dev metric, a tie is not an improvement, stop after ``patience``
+epochs without one) and the learning-rate choice (highest score, a tie goes to the lower
+rate) are therefore exactly those of the partial runs of ``mtreg onboard``.
+
+One difference from Hugging Face's fine-tuning: mtreg's embedding module has no dropout (HF
+applies ``hidden_dropout_prob`` there in training); the layers, pooler and head have the same
+dropout as a teacher's.
+
+The same loop (:func:`fit_live`) trains a *partial* teacher uncached: the frozen trunk up to
+its fork runs under ``no_grad`` every step and only the branch learns. With the same seed it
+sees the same batches in the same order as the cached run of :func:`mtreg.model.train.fit`,
+which is what ``bench/onboarding.py`` times against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mtreg.errors import MtregError
+from mtreg.model import onboard as ob
+from mtreg.model.data import Encoded, collate
+from mtreg.model.network import Standalone, Trunk
+from mtreg.model.train import Recipe, hard_loss, linear_schedule, optimizer_for, score, stack_labels
+from mtreg.plugins.spec import HeadSpec
+
+if TYPE_CHECKING:
+    from mtreg.registry.api import Registry
+
+# The learning rates full fine-tuning tries by default: the teachers' own grid (issue 5:
+# partial runs like 2e-4, full ones 1e-4 on this trunk) widened down to BERT's usual 2e-5.
+FULL_LRS = (2e-5, 5e-5, 1e-4, 2e-4)
+
+
+@dataclass
+class FinetuneResult:
+    """One live (uncached) training run and its best epoch.
+
+    Attributes:
+        model: the best epoch's weights, on the CPU, in eval mode.
+        lr, epochs: the recipe's learning rate and epoch budget.
+        best_epoch, dev_metrics: the selected epoch (1-based) and its dev scores.
+        history: one dict per epoch run (``epoch``, ``train_loss``, dev metrics).
+        seconds: wall time of the run, evaluation included.
+    """
+
+    model: Standalone
+    lr: float
+    epochs: int
+    best_epoch: int
+    dev_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        """Epochs actually trained (fewer than ``epochs`` after an early stop)."""
+        return len(self.history)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of everything but the model."""
+        return {
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "dev_metrics": dict(self.dev_metrics),
+            "history": list(self.history),
+            "seconds": self.seconds,
+        }
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def full_model(
+    job: ob.Job, seed: int | None = None, *, train_embeddings: bool = True
+) -> Standalone:
+    """Return a fresh full model for ``job``'s task: trainable embeddings (unless
+    ``train_embeddings`` is False), copies of all N trunk layers, the trunk's pooler and a
+    fresh head seeded by ``seed`` (default: the job's seed). Shares no tensor with the trunk
+    held by the job."""
+    seed = job.settings.seed if seed is None else seed
+    trunk = Trunk.from_tensors(
+        job.config, job.component(job.trunk.objects["embeddings"]), []
+    )  # load_state_dict copies: the job's cached components never change
+    trunk.requires_grad_(train_embeddings)
+    branch = ob.teacher_branch(job, job.config.num_hidden_layers, seed)
+    return Standalone(trunk, 0, branch)
+
+
+def teacher_model(job: ob.Job, layers: int, seed: int | None = None) -> Standalone:
+    """Return a fresh *uncached* teacher: the frozen trunk up to k = N - ``layers`` (no
+    gradients) and the same branch :func:`mtreg.model.onboard.teacher_branch` builds.
+
+    Raises:
+        MtregError: ``layers`` outside 1..N.
+    """
+    seed = job.settings.seed if seed is None else seed
+    branch = ob.teacher_branch(job, layers, seed)
+    depth = job.config.num_hidden_layers - layers
+    return Standalone(job.trunk_module(depth), depth, branch)
+
+
+def _trunk_frozen(model: Standalone) -> bool:
+    return not any(p.requires_grad for p in model.trunk.parameters())
+
+
+def _forward(model: Standalone, batch: dict[str, torch.Tensor], frozen: bool) -> torch.Tensor:
+    """Return the model's logits; a frozen trunk runs without building a graph."""
+    depth = model.fork_depth
+    guard = torch.no_grad() if frozen else contextlib.nullcontext()
+    with guard:
+        hidden = model.trunk(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], (depth,)
+        )[depth]
+    return model.branch(hidden, batch["attention_mask"])
+
+
+def live_batch_loss(
+    model: Standalone,
+    head: HeadSpec,
+    encoded: Encoded,
+    indices: Sequence[int],
+    pad_id: int,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """Return the hard loss of ``model`` on the examples at ``indices``, run through the
+    live trunk (dynamically padded to the batch's longest example)."""
+    batch = {k: v.to(device) for k, v in collate(encoded, indices, pad_id).items()}
+    assert encoded.labels is not None
+    labels = stack_labels(head, [encoded.labels[i] for i in indices], batch["input_ids"].shape[1])
+    logits = _forward(model, batch, _trunk_frozen(model))
+    return hard_loss(head, logits, labels.to(device))
+
+
+@torch.no_grad()
+def predict_live(
+    model: Standalone, encoded: Encoded, pad_id: int, batch_size: int = 64, device: str = "cpu"
+) -> list[torch.Tensor]:
+    """Return per-example logits of ``model`` (eval mode) on the CPU, in input order
+    (tagging: [len, labels] per example, padding removed). Batches group similar lengths."""
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(encoded, indices, pad_id).items()}
+        logits = _forward(model, batch, True).float().cpu()
+        for row, i in enumerate(indices):
+            n = len(encoded.input_ids[i])
+            out[i] = logits[row, :n] if logits.ndim == 3 else logits[row]
+    return out  # type: ignore[return-value]
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+def fit_live(
+    model: Standalone,
+    head: HeadSpec,
+    train: Encoded,
+    dev: Encoded,
+    metrics: Sequence[str],
+    recipe: Recipe,
+    *,
+    pad_id: int = 0,
+    device: str = "cpu",
+    progress: ob.Progress | None = None,
+) -> FinetuneResult:
+    """Train ``model``'s trainable parameters on live batches; keep the best dev epoch.
+
+    The loop is :func:`mtreg.model.train.fit`'s, step for step: the same seeding (a
+    generator for the shuffle, the global RNG for dropout), optimizer, schedule, clipping,
+    selection and early stopping; only the inputs differ (tokens through the trunk instead
+    of cached hidden states).
+
+    Returns:
+        The best epoch's model (a CPU copy in eval mode), its epoch and dev metrics, the
+        history and the seconds taken.
+
+    Raises:
+        MtregError: the train or dev split is empty, or has no labels.
+    """
+    if not len(train) or not len(dev) or train.labels is None or dev.labels is None:
+        raise MtregError("cannot train on an empty split: the train and dev splits need examples")
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model.to(device)
+    frozen = _trunk_frozen(model)
+    optimizer = optimizer_for(model, recipe)
+    schedule = linear_schedule(optimizer, math.ceil(len(train) / recipe.batch_size), recipe)
+    best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
+    history: list[dict[str, Any]] = []
+    for epoch in range(1, recipe.epochs + 1):
+        model.train()
+        if frozen:
+            model.trunk.eval()  # no dropout below the fork, as on the cached path
+        total = 0.0
+        for indices in torch.randperm(len(train), generator=generator).split(recipe.batch_size):
+            loss = live_batch_loss(model, head, train, indices.tolist(), pad_id, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(indices)
+        logits = predict_live(model, dev, pad_id, device=device)
+        dev_metrics = score(head, logits, dev.labels, metrics)
+        history.append({"epoch": epoch, "train_loss": total / len(train), **dev_metrics})
+        if progress:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
+            progress(f"epoch {epoch}/{recipe.epochs}: loss {total / len(train):.4f}, {shown}")
+        key = dev_metrics[metrics[0]]
+        if best is None or key > best[0]:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = (key, epoch, dev_metrics, state)
+        elif recipe.patience is not None and epoch - best[1] >= recipe.patience:
+            break  # early stop, as fit() does
+    assert best is not None, "recipe.epochs must be at least 1"
+    result = copy.deepcopy(model).cpu()
+    result.load_state_dict(best[3])
+    result.eval()
+    return FinetuneResult(
+        result, recipe.lr, recipe.epochs, best[1], best[2], history, time.perf_counter() - started
+    )
+
+
+def job_epochs(job: ob.Job, epochs: int | None = None) -> int:
+    """Return the epoch budget a teacher of ``job`` gets: ``epochs``, else the settings',
+    else :func:`~mtreg.model.onboard.auto_epochs` of the training set."""
+    return epochs or job.settings.epochs or ob.auto_epochs(len(job.train), job.settings.batch_size)
+
+
+def pad_id(job: ob.Job) -> int:
+    """Return the tokenizer's padding id (0 when it names none)."""
+    return job.tokenizer.pad_token_id or 0
+
+
+def finetune(
+    job: ob.Job,
+    lr: float,
+    epochs: int | None = None,
+    *,
+    train_embeddings: bool = True,
+    progress: ob.Progress | None = None,
+) -> FinetuneResult:
+    """Fully fine-tune ``job``'s task at ``lr`` with the teachers' recipe and epochs.
+
+    Raises:
+        MtregError: see :func:`fit_live`.
+    """
+    recipe = ob._recipe(job, lr, job_epochs(job, epochs))
+    model = full_model(job, train_embeddings=train_embeddings)
+    return fit_live(
+        model,
+        job.spec.head,
+        job.train,
+        job.dev,
+        job.metrics,
+        recipe,
+        pad_id=pad_id(job),
+        device=job.device,
+        progress=progress,
+    )
+
+
+def train_uncached_teacher(
+    job: ob.Job,
+    layers: int,
+    lr: float,
+    epochs: int | None = None,
+    *,
+    progress: ob.Progress | None = None,
+) -> FinetuneResult:
+    """Train one teacher of ``layers`` layers without the activation cache (the trunk below
+    the fork runs every step): the reference :func:`mtreg.model.onboard.train_teachers`'
+    cached path is measured against.
+
+    Raises:
+        MtregError: ``layers`` outside 1..N; see :func:`fit_live`.
+    """
+    recipe = ob._recipe(job, lr, job_epochs(job, epochs))
+    return fit_live(
+        teacher_model(job, layers),
+        job.spec.head,
+        job.train,
+        job.dev,
+        job.metrics,
+        recipe,
+        pad_id=pad_id(job),
+        device=job.device,
+        progress=progress,
+    )
+
+
+def better(result: FinetuneResult, other: FinetuneResult | None, metric: str) -> bool:
+    """The learning-rate choice of the teacher search: higher dev score wins, a tie goes to
+    the lower learning rate."""
+    if other is None:
+        return True
+    a, b = result.dev_metrics[metric], other.dev_metrics[metric]
+    return (a, -result.lr) > (b, -other.lr)
+
+
+def search(
+    job: ob.Job,
+    lrs: Sequence[float] = FULL_LRS,
+    epochs: int | None = None,
+    *,
+    keep_models: bool = False,
+    progress: ob.Progress | None = None,
+) -> tuple[list[FinetuneResult], FinetuneResult]:
+    """Fully fine-tune at every learning rate of ``lrs``; return every run and the best.
+
+    Only the best run keeps its model unless ``keep_models`` (each is a full model).
+
+    Raises:
+        MtregError: no learning rate, or see :func:`fit_live`.
+    """
+    if not lrs:
+        raise MtregError("full fine-tuning needs at least one learning rate")
+    runs: list[FinetuneResult] = []
+    best: FinetuneResult | None = None
+    for lr in lrs:
+
+        def report(line: str, lr: float = lr) -> None:
+            if progress is not None:
+                progress(f"full-lr{lr:g} {line}")
+
+        run = finetune(job, lr, epochs, progress=report)
+        if better(run, best, job.metrics[0]):
+            if best is not None and not keep_models:
+                best.model = None  # type: ignore[assignment]
+            best = run
+        elif not keep_models:
+            run.model = None  # type: ignore[assignment]
+        runs.append(run)
+    assert best is not None
+    return runs, best
+
+
+def finetune_task(
+    registry: Registry,
+    task: str,
+    settings: ob.Settings | None = None,
+    *,
+    lrs: Sequence[float] = FULL_LRS,
+    data_dir: str | Path | None = None,
+    progress: ob.Progress | None = None,
+    **overrides: Any,
+) -> tuple[list[FinetuneResult], FinetuneResult]:
+    """Prepare ``task`` as ``mtreg onboard`` would (same data, trunk, max length, settings)
+    and fully fine-tune it over ``lrs``. Keyword ``overrides`` set Settings fields.
+
+    Returns:
+        Every run and the best (with its model).
+
+    Raises:
+        MtregError: see :func:`mtreg.model.onboard.prepare` and :func:`search`.
+    """
+    unknown = set(overrides) - set(ob.Settings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+    settings = replace(settings or ob.Settings(), **overrides)
+    job = ob.prepare(registry, task, settings, data_dir=data_dir, progress=progress)
+    return search(job, lrs, progress=progress)

@@ -1,0 +1,224 @@
+"""The quality benchmark's pieces on tiny data: fixed-seed subsampling and the benchmark
+plugin, the metric table and its noise verdicts, the figure, a whole (tiny) resumable run
+scored through ``load_bundle``, and ``mtreg report`` from a registry."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from factories import make_checkpoint
+
+from mtreg.cli.main import cli
+from mtreg.model import report as rp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import benchtasks
+import quality
+
+PNG = b"\x89PNG\r\n\x1a\n"
+POS, NEG = ["good", "great", "love", "fun"], ["bad", "awful", "hate", "boring"]
+FILLER = ["the", "movie", "film", "book", "it", "this", "was", "is"]
+
+
+def write_sst2(data: Path, train: int = 96, dev: int = 32) -> Path:
+    """Write a toy SST-2 in the shared data's layout (a sentiment word among fillers)."""
+    rng = random.Random(0)
+    folder = data / "glue" / "SST-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("dev", dev)):
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            words = rng.sample(FILLER, 3)
+            words.insert(rng.randrange(4), rng.choice(POS if i % 2 else NEG))
+            lines.append(f"{' '.join(words)}\t{i % 2}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return data
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Tiny data and trunk; environment changes undone after the test."""
+    data = write_sst2(tmp_path / "data")
+    ckpt = make_checkpoint(tmp_path / "ckpt", num_layers=3)
+    monkeypatch.setenv("MTREG_DATA_DIR", str(data))
+    monkeypatch.setenv("MTREG_LOAD_PLUGINS", benchtasks.PLUGIN_NAME)
+    monkeypatch.setattr(benchtasks, "DATA_DIR", data)
+    monkeypatch.setattr(benchtasks, "minilm_folder", lambda: ckpt)
+    return {"data": data, "ckpt": ckpt, "root": tmp_path}
+
+
+def test_subsample_is_fixed_ordered_and_seeded() -> None:
+    rows = list(range(100))
+    a = benchtasks.subsample(rows, 10, "sst2-0-train")
+    assert a == benchtasks.subsample(rows, 10, "sst2-0-train") == sorted(a) and len(set(a)) == 10
+    assert a != benchtasks.subsample(rows, 10, "sst2-1-train")
+    assert benchtasks.subsample(rows, None, "x") == rows == benchtasks.subsample(rows, 500, "x")
+
+
+def test_plugin_registers_subsampled_tasks_under_builtin_names(tiny: dict[str, Path]) -> None:
+    config = {"sst2": {"sizes": {"train": 40}, "seed": 0, "max_length": 12}}
+    with benchtasks.open_registry(tiny["root"] / "home", config, tiny["ckpt"]) as registry:
+        spec = registry.discover().task("sst2").spec
+        train, dev = list(spec.load_dataset("train")), list(spec.load_dataset("dev"))
+        assert len(train) == 40 and len(dev) == 32 and spec.max_length == 12
+        assert train == list(spec.load_dataset("train"))  # the same rows every time
+        assert registry.trunk("minilm").config["num_hidden_layers"] == 3
+    path = benchtasks.write_plugin(tiny["root"] / "home" / "plugins", config)
+    assert path.read_text() == benchtasks.plugin_source(config)
+
+
+def _row(task: str, served: list[float], full: list[float], k: int = 3, layers: int = 1):
+    return rp.TaskRow(task, "accuracy", "dev", k, layers, 3, served, served, full, 1.0)
+
+
+def test_metric_table_ratios_layers_and_noise() -> None:
+    rows = [_row("a", [0.9], [0.9]), _row("b", [0.8, 0.82], [0.9, 0.9], k=4, layers=2)]
+    rows[0].noise, rows[1].noise = 0.01, 0.01
+    overall = rp.summary([*rows, _row("c", [0.5], [])], 6)
+    assert rows[0].ratio == pytest.approx(1.0) and rows[1].ratio == pytest.approx(0.81 / 0.9)
+    assert rows[0].within_noise is True and rows[1].within_noise is False
+    assert overall["mean_ratio"] == pytest.approx((1.0 + 0.81 / 0.9) / 2)
+    assert overall["tasks_with_reference"] == 2 and overall["tasks"] == 3
+    assert overall["bundle_layers"] == 4 + 1 + 2 + 1 and overall["full_layers"] == 18
+    text = rp.markdown(rows, overall)
+    assert "| a | accuracy (dev) | 90.0 |" in text and "within noise (SE 1.0)" in text
+    assert "81.0 ± 1.4 (2)" in text and "outside noise" in text and "**8**" in text
+    assert rp.TaskRow.from_dict(rows[1].to_dict()) == rows[1]
+
+
+def test_figure_renders_a_png(tmp_path: Path) -> None:
+    rows = [_row("a", [0.9], [0.91]), _row("b", [0.7], [0.75], k=4, layers=2)]
+    path = rp.figure(rows, rp.summary(rows, 6), tmp_path / "f" / "q.png", "title")
+    assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+
+
+def test_paired_bootstrap_is_zero_for_equal_predictions_and_positive_otherwise() -> None:
+    refs = [i % 2 for i in range(50)]
+    assert quality.paired_bootstrap_se("accuracy", refs, refs, refs, n=20) == 0
+    other = [1 - r if i % 5 == 0 else r for i, r in enumerate(refs)]
+    assert quality.paired_bootstrap_se("accuracy", refs, other, refs, n=20) > 0
+
+
+def test_report_marks_missing_units(tmp_path: Path) -> None:
+    report = quality.build_report(tmp_path / "units", ["sst2", "rte"], [0, 1])
+    assert "sst2 seed 0 full fine-tuning" in report["missing"]
+    assert "rte seed 1 onboard" in report["missing"] and "serving cost" in report["missing"]
+    assert "## Missing" in quality.report_markdown(report)
+
+
+def test_a_tiny_run_scores_the_bundle_and_resumes(
+    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quality, "TASKS", {"sst2": {"sizes": {"train": 64}}})
+    monkeypatch.setattr(quality, "SMALL", ("sst2",))
+    monkeypatch.setattr(quality, "LRS", (1e-3, 3e-3))
+    monkeypatch.setattr(quality, "EPOCHS", 3)
+    monkeypatch.setattr(quality, "TEACHER_LAYERS", (2,))
+    monkeypatch.setattr(quality, "BOOTSTRAP", 10)
+    monkeypatch.setattr(quality, "TIMING_SENTENCES", 16)
+    monkeypatch.setattr(quality, "peak_rss", lambda kind, path: 1.0)
+    monkeypatch.setattr(benchtasks, "open_registry", _tiny_registry(tiny["ckpt"]))
+    units, out = tiny["root"] / "units", tiny["root"] / "out"
+
+    def go() -> None:
+        bench = quality.Bench(tiny["root"] / "work", units, ["sst2"])
+        try:
+            quality.run(bench, (0, 1), lambda: quality.write_report(units, out, ["sst2"], (0, 1)))
+        finally:
+            bench.close()
+
+    go()
+    report = json.loads((out / "quality.json").read_text())
+    assert report["missing"] == []
+    (row,) = report["rows"]
+    assert row["fork_depth"] == 1 and row["teacher_layers"] == 2 and len(row["served"]) == 2
+    assert len(row["full"]) == 2 and row["ratio"] is not None and row["noise"] is not None
+    assert report["serving"]["bundle_layers"] == 1 + row["branch_layers"]
+    assert report["serving"]["full_layers"] == 3
+    assert (
+        report["baseline"]["sst2"]["split"] == "dev"
+        and len(report["baseline"]["sst2"]["full"]) == 2
+    )
+    bundle = json.loads((units / "bundle-seed0.json").read_text())
+    onboard = json.loads((units / "sst2" / "seed0" / "onboard.json").read_text())
+    chosen = onboard["chosen"]["dev_metrics"]["accuracy"]
+    # Served through load_bundle (fp32 trunk) vs recorded at training (fp16 cache): close.
+    assert bundle["tasks"]["sst2"]["dev"]["metrics"]["accuracy"] == pytest.approx(chosen, abs=0.07)
+    assert (out / "quality.png").read_bytes()[:8] == PNG and "## Serving cost" in (
+        out / "quality.md"
+    ).read_text()
+    seed1 = json.loads((units / "sst2" / "seed1" / "onboard.json").read_text())
+    assert seed1["settings"]["teacher_lrs"] == [onboard["teacher"]["lr"]]
+    assert sorted(p.name for p in (units / "sst2" / "seed1").iterdir()) == [
+        f"full-lr{json.loads(_best(units))['lr']:g}.json",
+        "onboard.json",
+    ]
+    # A rerun trains nothing; a deleted unit is the only one redone.
+    calls: list[str] = []
+    from mtreg.model import finetune
+    from mtreg.model import onboard as ob
+
+    real_finetune = finetune.finetune
+    monkeypatch.setattr(
+        finetune, "finetune", lambda *a, **k: calls.append("ft") or real_finetune(*a, **k)
+    )
+    monkeypatch.setattr(ob, "onboard", lambda *a, **k: calls.append("onboard"))
+    go()
+    assert calls == []
+    (units / "sst2" / "seed0" / "full-lr0.001.json").unlink()
+    go()
+    assert calls == ["ft"]
+
+
+def _best(units: Path) -> str:
+    best = quality.best_full(units, "sst2", 0)
+    assert best is not None
+    return json.dumps(best)
+
+
+def _tiny_registry(ckpt: Path):
+    real = benchtasks.open_registry
+
+    def open_registry(home: Path, config: dict, trunk_folder=None, trunk: str = "minilm"):
+        return real(home, config, ckpt, trunk)
+
+    return open_registry
+
+
+def test_mtreg_report_from_the_registry(tiny: dict[str, Path]) -> None:
+    from mtreg.model import onboard as ob
+
+    config = {"sst2": {"sizes": {"train": 64}, "seed": 0}}
+    home = tiny["root"] / "home"
+    settings = ob.Settings(teacher_layers=(2,), teacher_lrs=(3e-3,), epochs=2, patience=None)
+    with benchtasks.open_registry(home, config, tiny["ckpt"]) as registry:
+        ob.onboard(registry, "sst2", settings)
+        accuracy = registry.versions("sst2")[0].metrics["accuracy"]
+    baseline = tiny["root"] / "baseline.json"
+    baseline.write_text(
+        json.dumps({"baseline": {"sst2": {"metric": "accuracy", "split": "dev", "full": [0.8]}}})
+    )
+    base = ["--db", f"sqlite:///{home / 'registry.db'}", "--home", str(home)]
+    base += ["--plugins-dir", str(home / "plugins")]
+    out = tiny["root"] / "report"
+    args = [*base, "report", "--tasks", "sst2", "--baseline", str(baseline), "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "| sst2 | accuracy (dev) | 80.0 |" in result.output
+    assert f"{100 * accuracy / 0.8:.1f}%" in result.output
+    assert (out / "report.png").read_bytes()[:8] == PNG
+    data = json.loads((out / "report.json").read_text())
+    assert data["rows"][0]["ratio"] == pytest.approx(accuracy / 0.8)
+    assert data["overall"]["full_layers"] == 3
+    missing = CliRunner().invoke(cli, [*base, "report", "--tasks", "nope"])
+    assert missing.exit_code == 1
+    bad = tiny["root"] / "bad.json"
+    bad.write_text("[1]")
+    broken = CliRunner().invoke(cli, [*base, "report", "--baseline", str(bad)])
+    assert broken.exit_code == 1 and "cannot read full fine-tuning references" in broken.output
