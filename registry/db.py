@@ -121,10 +121,14 @@ def schema_state(engine: sa.Engine) -> SchemaState:
         ``empty`` (no tables), ``current``, ``outdated`` (run ``mtreg db upgrade``),
         ``newer`` (written by a newer mtreg) or ``unmanaged`` (tables but no revision).
     """
-    revision = current_revision(engine)
+    # Tables first, then the revision, in one transaction: another process may be creating
+    # this database right now, and its tables and revision row commit together. Read in
+    # this order, a half-seen creation looks "empty" (and our upgrade then waits for its
+    # lock), never "unmanaged".
+    with _connect(engine) as connection, connection.begin():
+        tables = sa.inspect(connection).get_table_names()
+        revision = MigrationContext.configure(connection).get_current_revision()
     if revision is None:
-        with _connect(engine) as connection:
-            tables = sa.inspect(connection).get_table_names()
         return "unmanaged" if "trunks" in tables else "empty"
     if revision == head_revision():
         return "current"
