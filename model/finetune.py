@@ -25,9 +25,6 @@ which is what ``bench/onboarding.py`` times against it.
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +36,7 @@ from mtreg.errors import MtregError
 from mtreg.model import onboard as ob
 from mtreg.model.data import Encoded, collate
 from mtreg.model.network import Standalone, Trunk
-from mtreg.model.train import Recipe, hard_loss, linear_schedule, optimizer_for, score, stack_labels
+from mtreg.model.train import Recipe, hard_loss, stack_labels, train_loop
 from mtreg.plugins.spec import HeadSpec
 
 if TYPE_CHECKING:
@@ -188,10 +185,9 @@ def fit_live(
 ) -> FinetuneResult:
     """Train ``model``'s trainable parameters on live batches; keep the best dev epoch.
 
-    The loop is :func:`mtreg.model.train.fit`'s, step for step: the same seeding (a
-    generator for the shuffle, the global RNG for dropout), optimizer, schedule, clipping,
-    selection and early stopping; only the inputs differ (tokens through the trunk instead
-    of cached hidden states).
+    The loop is :func:`mtreg.model.train.train_loop`, the one the branches train with: the
+    same seeding, optimizer, schedule, clipping, selection and early stopping; only the
+    inputs differ (tokens through the trunk instead of cached hidden states).
 
     Returns:
         The best epoch's model (a CPU copy in eval mode), its epoch and dev metrics, the
@@ -202,47 +198,27 @@ def fit_live(
     """
     if not len(train) or not len(dev) or train.labels is None or dev.labels is None:
         raise MtregError("cannot train on an empty split: the train and dev splits need examples")
-    started = time.perf_counter()
-    generator = torch.Generator().manual_seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    model.to(device)
     frozen = _trunk_frozen(model)
-    optimizer = optimizer_for(model, recipe)
-    schedule = linear_schedule(optimizer, math.ceil(len(train) / recipe.batch_size), recipe)
-    best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
-    history: list[dict[str, Any]] = []
-    for epoch in range(1, recipe.epochs + 1):
+
+    def train_mode() -> None:
         model.train()
         if frozen:
             model.trunk.eval()  # no dropout below the fork, as on the cached path
-        total = 0.0
-        for indices in torch.randperm(len(train), generator=generator).split(recipe.batch_size):
-            loss = live_batch_loss(model, head, train, indices.tolist(), pad_id, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(indices)
-        logits = predict_live(model, dev, pad_id, device=device)
-        dev_metrics = score(head, logits, dev.labels, metrics)
-        history.append({"epoch": epoch, "train_loss": total / len(train), **dev_metrics})
-        if progress:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
-            progress(f"epoch {epoch}/{recipe.epochs}: loss {total / len(train):.4f}, {shown}")
-        key = dev_metrics[metrics[0]]
-        if best is None or key > best[0]:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best = (key, epoch, dev_metrics, state)
-        elif recipe.patience is not None and epoch - best[1] >= recipe.patience:
-            break  # early stop, as fit() does
-    assert best is not None, "recipe.epochs must be at least 1"
-    result = copy.deepcopy(model).cpu()
-    result.load_state_dict(best[3])
-    result.eval()
-    return FinetuneResult(
-        result, recipe.lr, recipe.epochs, best[1], best[2], history, time.perf_counter() - started
+
+    best, epoch, dev_metrics, history, seconds = train_loop(
+        model,
+        head,
+        len(train),
+        dev.labels,
+        metrics,
+        recipe,
+        loss_for=lambda indices: live_batch_loss(model, head, train, indices, pad_id, device),
+        predict=lambda: predict_live(model, dev, pad_id, device=device),
+        device=device,
+        progress=progress,
+        train_mode=train_mode,
     )
+    return FinetuneResult(best, recipe.lr, recipe.epochs, epoch, dev_metrics, history, seconds)
 
 
 def job_epochs(job: ob.Job, epochs: int | None = None) -> int:

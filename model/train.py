@@ -239,41 +239,81 @@ def fit(
     """
     if not len(train) or not len(dev):
         raise MtregError("cannot train on an empty split: the train and dev splits need examples")
+    return TrainResult(
+        *train_loop(
+            branch,
+            head,
+            len(train),
+            dev.labels,
+            metrics,
+            recipe,
+            loss_for=lambda indices: batch_loss(branch, head, train, indices, device),
+            predict=lambda: predict_logits(branch, dev, device=device),
+            device=device,
+            progress=progress,
+        )
+    )
+
+
+def train_loop(
+    module: nn.Module,
+    head: HeadSpec,
+    num_train: int,
+    dev_labels: Sequence[Any],
+    metrics: Sequence[str],
+    recipe: Recipe,
+    *,
+    loss_for: Callable[[list[int]], torch.Tensor],
+    predict: Callable[[], Sequence[torch.Tensor]],
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+    train_mode: Callable[[], None] | None = None,
+) -> tuple[nn.Module, int, dict[str, float], list[dict[str, Any]], float]:
+    """The one training loop of mtreg, for branches on cached states and whole models alike.
+
+    ``loss_for(indices)`` returns a batch's loss, ``predict()`` the dev logits;
+    ``train_mode()`` (default ``module.train()``) prepares an epoch. AdamW without decay on
+    LayerNorm and biases, gradient clipping, warm-up then linear decay, the best epoch by
+    the first metric (a tie is no improvement), early stopping after ``recipe.patience``.
+
+    Returns:
+        The best epoch's module (a CPU copy in eval mode), that epoch, its dev metrics, the
+        history and the seconds taken.
+    """
     started = time.perf_counter()
     # The shuffling generator and the global RNG (dropout) both start from the seed, so a
     # run is reproducible on the CPU whatever ran before it in the process.
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    branch.to(device)
-    optimizer = optimizer_for(branch, recipe)
-    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
-    schedule = linear_schedule(optimizer, steps_per_epoch, recipe)
+    module.to(device)
+    optimizer = optimizer_for(module, recipe)
+    schedule = linear_schedule(optimizer, math.ceil(num_train / recipe.batch_size), recipe)
     best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
     history = []
     for epoch in range(1, recipe.epochs + 1):
-        branch.train()
+        (train_mode or module.train)()
         total = 0.0
-        for indices in torch.randperm(len(train), generator=generator).split(recipe.batch_size):
-            loss = batch_loss(branch, head, train, indices.tolist(), device)
+        for indices in torch.randperm(num_train, generator=generator).split(recipe.batch_size):
+            loss = loss_for(indices.tolist())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(branch.parameters(), recipe.clip)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), recipe.clip)
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(indices)
-        dev_metrics = score(head, predict_logits(branch, dev, device=device), dev.labels, metrics)
-        history.append({"epoch": epoch, "train_loss": total / len(train), **dev_metrics})
+        dev_metrics = score(head, predict(), dev_labels, metrics)
+        history.append({"epoch": epoch, "train_loss": total / num_train, **dev_metrics})
         if progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
-            progress(f"epoch {epoch}/{recipe.epochs}: loss {total / len(train):.4f}, {shown}")
+            progress(f"epoch {epoch}/{recipe.epochs}: loss {total / num_train:.4f}, {shown}")
         key = dev_metrics[metrics[0]]
         if best is None or key > best[0]:
-            state = {k: v.detach().clone() for k, v in branch.state_dict().items()}
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             best = (key, epoch, dev_metrics, state)
         elif recipe.patience is not None and epoch - best[1] >= recipe.patience:
             break  # early stop: the best epoch is kept either way
     assert best is not None, "recipe.epochs must be at least 1"
-    result = copy.deepcopy(branch).cpu()
+    result = copy.deepcopy(module).cpu()
     result.load_state_dict(best[3])
     result.eval()
-    return TrainResult(result, best[1], best[2], history, time.perf_counter() - started)
+    return result, best[1], best[2], history, time.perf_counter() - started

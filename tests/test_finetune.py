@@ -108,14 +108,15 @@ def test_selection_rule_is_the_teacher_runs_rule(
     best: int,
     ran: int,
 ) -> None:
-    """Both loops see the same scripted dev scores and must keep the same epoch."""
+    """Full fine-tuning and a cached teacher see the same scripted dev scores and must keep
+    the same epoch."""
 
     def scripted(module) -> object:
         queue = iter(scores)
         return lambda head, logits, labels, metrics: {metrics[0]: next(queue)}
 
     recipe = Recipe(epochs=len(scores), lr=1e-3, batch_size=64, patience=patience)
-    monkeypatch.setattr(ft, "score", scripted(ft))
+    monkeypatch.setattr(tr, "score", scripted(tr))
     live = ft.fit_live(ft.full_model(job), job.spec.head, job.train, job.dev, job.metrics, recipe)
     monkeypatch.setattr(tr, "score", scripted(tr))
     k = job.config.num_hidden_layers - 2
