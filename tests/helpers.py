@@ -43,6 +43,49 @@ def write_plugin(directory: Path, module: str, tasks: list[dict[str, Any]]) -> P
     return path
 
 
+def publish_tasks(
+    tmp: Path,
+    checkpoint: Any,
+    tasks: list[tuple],
+    versions: dict[str, str],
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write a branch file per task and plugin ``tmp/plugins/p.py`` offering them on trunk
+    ``tiny``. ``tasks`` holds ``(name, (kind, labels), depth, layers, inputs)``.
+
+    Returns task name -> weight file.
+    """
+    from factories import make_branch_file
+
+    from mtreg.plugins.spec import HeadSpec
+
+    files, specs = {}, []
+    for name, head, depth, layers, inputs in tasks:
+        version = versions[name]
+        files[name] = make_branch_file(
+            tmp / "w" / f"{name}-{version}.safetensors",
+            checkpoint,
+            name,
+            version,
+            depth,
+            layers,
+            HeadSpec(*head),
+            seed=seed + len(name),
+        )
+        specs.append(
+            {
+                "name": name,
+                "version": version,
+                "head": head,
+                "inputs": inputs,
+                "weights": str(files[name]),
+                "trunk": "tiny",
+            }
+        )
+    write_plugin(tmp / "plugins", "p", specs)
+    return files
+
+
 def snapshot(url: str, home: Path) -> dict[str, Any]:
     """Return every row of every table and the sha256 of every file under ``home``.
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import make_branch_file, make_checkpoint
-from helpers import write_plugin
+from factories import make_checkpoint
+from helpers import publish_tasks
 
 import mtreg
 from mtreg.errors import InvalidWeights, MtregError, NotFound
@@ -20,7 +20,6 @@ from mtreg.model.export import export_dir, export_hf, export_onnx
 from mtreg.model.layers import Branch
 from mtreg.model.network import Standalone, Trunk
 from mtreg.model.trunk import read_checkpoint
-from mtreg.plugins.spec import HeadSpec
 from mtreg.registry.api import Registry
 
 # (task, head, fork depth, branch layers, inputs): forks at 0, 2 and 4 (the last layer).
@@ -45,30 +44,8 @@ class Setup:
         self.files: dict[str, Path] = {}
 
     def publish(self, tasks=TASKS, version: str = "1.0.0", seed: int = 0) -> None:
-        specs = []
-        for name, head, depth, layers, inputs in tasks:
-            path = make_branch_file(
-                self.tmp / "w" / f"{name}-{version}.safetensors",
-                self.checkpoint,
-                name,
-                version,
-                depth,
-                layers,
-                HeadSpec(*head),
-                seed=seed + len(name),
-            )
-            self.files[name] = path
-            specs.append(
-                {
-                    "name": name,
-                    "version": version,
-                    "head": head,
-                    "inputs": inputs,
-                    "weights": str(path),
-                    "trunk": "tiny",
-                }
-            )
-        write_plugin(self.tmp / "plugins", "p", specs)
+        versions = {task[0]: version for task in tasks}
+        self.files.update(publish_tasks(self.tmp, self.checkpoint, tasks, versions, seed))
         self.registry.discover(refresh=True)
 
     def standalone(self, task: str) -> Standalone:

@@ -24,14 +24,13 @@ import httpx
 import pytest
 import schemathesis
 import uvicorn
-from factories import make_branch_file, make_checkpoint
-from helpers import write_plugin
+from factories import make_checkpoint
+from helpers import publish_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mtreg.model.bundle import load_bundle
 from mtreg.model.trunk import read_checkpoint
-from mtreg.plugins.spec import HeadSpec
 from mtreg.registry.api import Registry
 from mtreg.serving.app import create_app
 from mtreg.serving.config import ServeConfig
@@ -82,30 +81,7 @@ class Registered:
 
     def publish(self, seed: int = 0) -> None:
         """Write the plugin offering every task at its version in ``self.versions``."""
-        specs = []
-        for name, head, depth, layers, inputs in TASKS:
-            version = self.versions[name]
-            path = make_branch_file(
-                self.tmp / "w" / f"{name}-{version}.safetensors",
-                self.checkpoint,
-                name,
-                version,
-                depth,
-                layers,
-                HeadSpec(*head),
-                seed=seed + len(name),
-            )
-            specs.append(
-                {
-                    "name": name,
-                    "version": version,
-                    "head": head,
-                    "inputs": inputs,
-                    "weights": str(path),
-                    "trunk": "tiny",
-                }
-            )
-        write_plugin(self.tmp / "plugins", "p", specs)
+        publish_tasks(self.tmp, self.checkpoint, TASKS, self.versions, seed)
         self.registry.discover(refresh=True)
 
     def upgrade(self, task: str, version: str, seed: int) -> str:
