@@ -19,12 +19,16 @@ whole run takes about 10-20 minutes on 2 shared CPU cores. Epochs are ``mtreg on
 automatic choice for that size (3 for a few thousand examples) unless ``--epochs``; every
 run uses early stopping with onboarding's patience.
 
-Every ratio is against the one full fine-tuning, in wall-clock and in process CPU seconds
-(the machine is shared: CPU seconds are less sensitive to other users' load, which is also
-recorded). Quality: dev metric of each run, with the binomial standard error of an accuracy
+Every ratio is against the one full fine-tuning, in wall-clock and in process CPU seconds.
+The machine is shared, so ``--threads 1`` is the way to measure while other jobs run: one
+thread never waits on another of its own, so its CPU seconds count the work done and hardly
+depend on other users' load (which is also recorded), while wall time does. The goal is
+judged on CPU seconds with one thread, on wall time otherwise.
+
+Quality: dev metric of each run, with the binomial standard error of an accuracy
 on this dev set as the noise scale.
 
-    python bench/onboarding.py [--task sst2] [--train 3000] [--dev N] [--epochs E]
+    python bench/onboarding.py [--task sst2] [--train 3000] [--dev N] [--epochs E] [--threads T]
 
 writes bench/results/onboarding.json and bench/results/onboarding.md.
 """
@@ -225,13 +229,16 @@ def markdown(result: dict) -> str:
         )
     cached = next(r for r in rows if r["method"] == "teacher, cached")
     uncached = next(r for r in rows if r["method"] == "teacher, uncached")
-    goal = "met" if onboard["wall_ratio"] <= 2 else "NOT met"
+    # One thread's CPU seconds are its work; with more, spinning and waiting count too.
+    judged = "CPU time" if result.get("threads") == 1 else "wall time"
+    ratio = onboard["cpu_ratio" if judged == "CPU time" else "wall_ratio"]
+    goal = "met" if ratio <= 2 else "NOT met"
     lines += [
         "",
         "## Reading",
         "",
         f"* Whole onboarding: {onboard['wall_ratio']:.2f}× one full fine-tuning in wall time, "
-        f"{onboard['cpu_ratio']:.2f}× in CPU time (goal ≤ 2×: {goal} by wall time). Dev "
+        f"{onboard['cpu_ratio']:.2f}× in CPU time (goal ≤ 2×: {goal} by {judged}). Dev "
         f"{metric}: {onboard['dev_metrics'][metric]:.4f} (chosen branch, "
         f"l={onboard['chosen']['layers']} at depth {onboard['chosen']['fork_depth']}) against "
         f"{rows[0]['dev_metrics'][metric]:.4f}: {onboard['delta_in_se']:+.1f} standard errors "
@@ -244,7 +251,8 @@ def markdown(result: dict) -> str:
         f"* Onboarding's own budget estimate (branch layer-epochs against 6 × epochs): "
         f"{onboard['budget']['ratio_vs_full']:.2f}×.",
         "* Load is the 1-minute load average before → after each run (2 cores): above ~2, "
-        "other jobs shared the CPUs and wall times are inflated; CPU seconds less so.",
+        "other jobs shared the CPUs and wall times are inflated; CPU seconds of a "
+        "one-thread run hardly.",
     ]
     spread = contention(onboard["runs"])
     if spread > 1.5:
@@ -278,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--full-lr", type=float, default=1e-4)
     parser.add_argument("--teacher-layers", type=int, default=3)
     parser.add_argument("--teacher-lr", type=float, default=2e-4)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads [torch's]")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args(argv)
@@ -286,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from mtreg.model import onboard as ob
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = {args.task: {"sizes": {"train": args.train, "dev": args.dev}, "seed": 0}}
     work = args.work or Path(tempfile.mkdtemp(prefix="mtreg-onboarding-bench-"))
     steps: list[tuple[str, Callable[[Path], dict]]] = [
@@ -319,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "metric": metric,
         "epochs": epochs,
         "patience": ob.PATIENCE,
+        "threads": torch.get_num_threads(),
         "dev_se": round(accuracy_se(rows[0]["dev_metrics"][metric], dev_size), 4),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads",
