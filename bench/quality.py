@@ -688,6 +688,7 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
             "epochs": EPOCHS,
             "patience": PATIENCE,
             "teacher_layers": list(TEACHER_LAYERS),
+            "student_lrs": list(STUDENT_LRS),
             "seeds_small_tasks": list(seeds),
             "small_tasks": list(SMALL),
         },
@@ -741,8 +742,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"Same search for both methods: lr {', '.join(f'{x:g}' for x in s['lrs'])}; up to "
         f"{s['epochs']} epochs, early stop after {s['patience']} without a better dev score; "
-        f"teachers L in {s['teacher_layers']}, students l = 1..min(3, L-1) (onboard's student "
-        f"rate); small tasks {', '.join(s['small_tasks'])} over seeds {s['seeds_small_tasks']} "
+        f"teachers L in {s['teacher_layers']}, students l = 1..min(3, L-1) at lr "
+        f"{', '.join(f'{x:g}' for x in s['student_lrs'])} for twice the epochs; "
+        f"small tasks {', '.join(s['small_tasks'])} over seeds {s['seeds_small_tasks']} "
         "(seed 0 searches; later seeds rerun each method's chosen configuration).",
         "",
         "| task | train | dev | test | max length |",
