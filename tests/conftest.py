@@ -18,6 +18,11 @@ import sqlalchemy as sa
 
 POSTGRES_ENV = "MTREG_TEST_POSTGRES_URL"
 
+# The models here are tiny: a second torch thread gains nothing and, on a loaded machine,
+# makes every step wait for a thread that is not scheduled (a test of 9 s took 66 s). Set
+# before torch is imported, and inherited by the CLI subprocesses the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
