@@ -6,6 +6,7 @@ torch is imported inside the command bodies only, so that ``mtreg list`` stays f
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,17 +16,18 @@ import click
 
 from mtreg.cli.context import Context, pass_context
 from mtreg.cli.output import echo_json, echo_table, json_option
+from mtreg.cli.progress import Renderer
 from mtreg.errors import MtregError
 
 if TYPE_CHECKING:
     from mtreg.model.onboard import OnboardReport, Run
 
 
-def _progress() -> Callable[[str], None] | None:
-    """Progress lines on stderr, only when stderr is a terminal (never in pipes or logs)."""
-    if not sys.stderr.isatty():
-        return None
-    return lambda line: click.echo(f"  {line}", err=True)
+def _progress() -> contextlib.AbstractContextManager[Renderer | None]:
+    """Return a context giving the ``progress=`` to train with: on a terminal, a
+    :class:`Renderer` on stderr (lines under a bar, the bar wiped on the way out); in pipes
+    and logs None, so that nothing is written to stderr."""
+    return Renderer(sys.stderr) if sys.stderr.isatty() else contextlib.nullcontext()
 
 
 def _layers(layers: int | None, search: str | None, what: str) -> tuple[int, ...] | None:
@@ -129,9 +131,10 @@ def train(
     settings = _settings(
         teacher_layers=_layers(layers, search, "teacher"), teacher_lrs=_lrs(lrs), **opts
     )
-    result = train_teacher(
-        ctx.registry, task, settings, data_dir=data_dir, out=out, progress=_progress()
-    )
+    with _progress() as progress:
+        result = train_teacher(
+            ctx.registry, task, settings, data_dir=data_dir, out=out, progress=progress
+        )
     if as_json:
         echo_json(
             {
@@ -189,9 +192,10 @@ def distill(
         tolerance=tolerance,
         **opts,
     )
-    result, picked, path = distill_task(
-        ctx.registry, task, settings, data_dir=data_dir, out=out, progress=_progress()
-    )
+    with _progress() as progress:
+        result, picked, path = distill_task(
+            ctx.registry, task, settings, data_dir=data_dir, out=out, progress=progress
+        )
     if as_json:
         echo_json(
             {
@@ -270,15 +274,16 @@ def onboard(
         tolerance=tolerance,
         **opts,
     )
-    report = run_onboard(
-        ctx.registry,
-        task,
-        settings,
-        data_dir=data_dir,
-        out=out,
-        promote=promote,
-        progress=_progress(),
-    )
+    with _progress() as progress:
+        report = run_onboard(
+            ctx.registry,
+            task,
+            settings,
+            data_dir=data_dir,
+            out=out,
+            promote=promote,
+            progress=progress,
+        )
     if as_json:
         echo_json(report.to_dict())
     else:

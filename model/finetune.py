@@ -36,6 +36,7 @@ from mtreg.errors import MtregError
 from mtreg.model import onboard as ob
 from mtreg.model.data import Encoded, collate
 from mtreg.model.network import Standalone, Trunk
+from mtreg.model.progress import prefixed
 from mtreg.model.train import Recipe, hard_loss, stack_labels, train_loop
 from mtreg.plugins.spec import HeadSpec
 
@@ -318,12 +319,7 @@ def search(
     runs: list[FinetuneResult] = []
     best: FinetuneResult | None = None
     for lr in lrs:
-
-        def report(line: str, lr: float = lr) -> None:
-            if progress is not None:
-                progress(f"full-lr{lr:g} {line}")
-
-        run = finetune(job, lr, epochs, progress=report)
+        run = finetune(job, lr, epochs, progress=prefixed(progress, f"full-lr{lr:g}"))
         if better(run, best, job.metrics[0]):
             if best is not None and not keep_models:
                 best.model = None  # type: ignore[assignment]

@@ -42,6 +42,7 @@ from mtreg.model.fingerprint import TrunkFingerprint, tensor_group_hash
 from mtreg.model.layers import Branch
 from mtreg.model.metrics import DEFAULT_METRICS, check_names
 from mtreg.model.network import Trunk
+from mtreg.model.progress import Progress, prefixed
 from mtreg.model.train import Recipe, Split, fit, hard_loss, predict_logits, stack_labels
 from mtreg.model.trunk import load_component
 
@@ -49,8 +50,6 @@ if TYPE_CHECKING:
     from mtreg.plugins.spec import TaskSpec
     from mtreg.registry.api import Changes, Registry
     from mtreg.registry.records import TrunkRecord
-
-Progress = Callable[[str], None]
 
 DATA_DIR_ENV = "MTREG_DATA_DIR"
 FORMAT = "mtreg-onboarding/1"  # bump when a change makes old stage checkpoints stale
@@ -667,9 +666,6 @@ def _train_run(
         job.say(f"{name}: done before, resumed from its checkpoint")
         return found
 
-    def report(line: str) -> None:
-        job.say(f"{name} {line}")
-
     result = fit(
         make_branch(),
         job.spec.head,
@@ -678,7 +674,7 @@ def _train_run(
         job.metrics,
         _recipe(job, lr, epochs),
         device=job.device,
-        progress=report,
+        progress=prefixed(job.progress, name),
     )
     run = Run(
         stage=stage,

@@ -26,6 +26,7 @@ from torch import nn
 from mtreg.errors import MtregError
 from mtreg.model.data import IGNORE
 from mtreg.model.metrics import evaluate
+from mtreg.model.progress import Progress, Step, StepProgress
 from mtreg.plugins.spec import HeadSpec
 
 TEMPERATURE = 2.0
@@ -222,14 +223,15 @@ def fit(
     metrics: Sequence[str],
     recipe: Recipe,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """Train ``branch`` on cached activations and keep its best epoch by the first metric.
 
     With ``train.teacher`` set the loss is hard + soft (distillation, 1:1); otherwise the
     hard loss alone. Seeded by ``recipe.seed``: the same inputs give the same weights.
     With ``recipe.patience`` set, training stops after that many epochs without a better
-    dev score (the learning-rate schedule still spans ``recipe.epochs``).
+    dev score (the learning-rate schedule still spans ``recipe.epochs``). ``progress`` gets
+    what :func:`train_loop` reports.
 
     Returns:
         The best branch (a copy, in eval mode), its epoch, its dev metrics and the history.
@@ -266,7 +268,7 @@ def train_loop(
     loss_for: Callable[[list[int]], torch.Tensor],
     predict: Callable[[], Sequence[torch.Tensor]],
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     train_mode: Callable[[], None] | None = None,
 ) -> tuple[nn.Module, int, dict[str, float], list[dict[str, Any]], float]:
     """The one training loop of mtreg, for branches on cached states and whole models alike.
@@ -275,6 +277,10 @@ def train_loop(
     ``train_mode()`` (default ``module.train()``) prepares an epoch. AdamW without decay on
     LayerNorm and biases, gradient clipping, warm-up then linear decay, the best epoch by
     the first metric (a tie is no improvement), early stopping after ``recipe.patience``.
+
+    ``progress`` gets one line per epoch (train loss, dev metrics) and, if it is a
+    :class:`~mtreg.model.progress.StepProgress`, a :class:`~mtreg.model.progress.Step`
+    after every batch.
 
     Returns:
         The best epoch's module (a CPU copy in eval mode), that epoch, its dev metrics, the
@@ -287,13 +293,16 @@ def train_loop(
     torch.manual_seed(recipe.seed)
     module.to(device)
     optimizer = optimizer_for(module, recipe)
-    schedule = linear_schedule(optimizer, math.ceil(num_train / recipe.batch_size), recipe)
+    batches = math.ceil(num_train / recipe.batch_size)
+    schedule = linear_schedule(optimizer, batches, recipe)
+    on_step = progress.step if isinstance(progress, StepProgress) else None
     best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
     history = []
     for epoch in range(1, recipe.epochs + 1):
         (train_mode or module.train)()
-        total = 0.0
-        for indices in torch.randperm(num_train, generator=generator).split(recipe.batch_size):
+        total, seen = 0.0, 0
+        order = torch.randperm(num_train, generator=generator).split(recipe.batch_size)
+        for batch, indices in enumerate(order, 1):
             loss = loss_for(indices.tolist())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -301,6 +310,9 @@ def train_loop(
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(indices)
+            seen += len(indices)
+            if on_step is not None:
+                on_step(Step("", epoch, recipe.epochs, batch, batches, total / seen))
         dev_metrics = score(head, predict(), dev_labels, metrics)
         history.append({"epoch": epoch, "train_loss": total / num_train, **dev_metrics})
         if progress:

@@ -1,0 +1,75 @@
+"""How training reports progress: lines of text, and optionally every batch.
+
+A progress callback is any ``Callable[[str], None]``: it gets one line per event (a stage
+message, an epoch's summary). A callback that also has a ``step(Step)`` method
+(:class:`StepProgress`) is told about every training batch too, which is what a progress
+bar needs; :func:`mtreg.model.train.train_loop` looks for that method and calls it when
+present, so a plain function keeps working unchanged. :func:`prefixed` names a run: its
+lines and its steps both get the run's name in front.
+
+This module imports neither torch nor click: the CLI imports it at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a training run is after a batch.
+
+    Attributes:
+        run: the run's name, as :func:`prefixed` built it ("" when nobody named it).
+        epoch, epochs: the current epoch (1-based) and the run's epoch budget.
+        batch, batches: batches done in this epoch (1-based) and batches per epoch.
+        loss: the mean training loss over this epoch's batches so far.
+    """
+
+    run: str
+    epoch: int
+    epochs: int
+    batch: int
+    batches: int
+    loss: float
+
+
+@runtime_checkable
+class StepProgress(Protocol):
+    """A progress callback that also follows training batch by batch."""
+
+    def __call__(self, line: str) -> None:
+        """Report one line of text."""
+
+    def step(self, step: Step) -> None:
+        """Report that a training batch is done."""
+
+
+def _join(prefix: str, text: str) -> str:
+    return f"{prefix} {text}" if text else prefix
+
+
+@dataclass(frozen=True)
+class _Prefixed:
+    """Forwards lines and steps to ``progress`` with ``prefix`` in front."""
+
+    progress: Progress
+    prefix: str
+
+    def __call__(self, line: str) -> None:
+        self.progress(_join(self.prefix, line))
+
+    def step(self, step: Step) -> None:
+        # A plain line callback has no use for batches: they stop here.
+        if isinstance(self.progress, StepProgress):
+            self.progress.step(replace(step, run=_join(self.prefix, step.run)))
+
+
+def prefixed(progress: Progress | None, prefix: str) -> StepProgress | None:
+    """Return ``progress`` for the run named ``prefix``: lines become ``f"{prefix} {line}"``
+    and steps carry ``prefix`` in their ``run``. Returns None when ``progress`` is None."""
+    return None if progress is None else _Prefixed(progress, prefix)

@@ -1,0 +1,197 @@
+"""Training progress: per-batch steps from the training loop, run names through onboarding
+and full fine-tuning, the terminal renderer (a bar redrawn with \\r, wiped before each
+line) and its absence in pipes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_onboard import FLAGS
+from test_train import FAST, toy_registry
+
+from mtreg.cli.main import cli
+from mtreg.cli.progress import Renderer, bar_text
+from mtreg.model import finetune as ft
+from mtreg.model import onboard as ob
+from mtreg.model.progress import Step, StepProgress, prefixed
+from mtreg.registry.api import Registry
+
+TRAIN_EXAMPLES = 192  # the toy task's train split (tests/test_train.py)
+
+
+class FakeTTY(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class Recorder:
+    """A StepProgress that keeps everything it is told."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.steps: list[Step] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+
+    def step(self, step: Step) -> None:
+        self.steps.append(step)
+
+
+def screen(text: str) -> list[str]:
+    """Return the rows a terminal shows after ``text`` (\\r returns to the row's start and
+    later characters overwrite); the last row is the one the cursor is on."""
+    rows: list[str] = []
+    row: list[str] = []
+    col = 0
+    for char in text:
+        if char == "\n":
+            rows.append("".join(row).rstrip())
+            row, col = [], 0
+        elif char == "\r":
+            col = 0
+        else:
+            row[col : col + 1] = [char]
+            col += 1
+    return [*rows, "".join(row).rstrip()]
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    with toy_registry(tmp_path) as reg:
+        yield reg
+
+
+def test_a_recorder_is_a_step_progress_and_a_plain_function_is_not() -> None:
+    assert isinstance(Recorder(), StepProgress)
+    assert not isinstance(print, StepProgress)
+
+
+def test_prefixed_names_lines_and_steps_and_drops_steps_for_plain_callbacks() -> None:
+    recorder = Recorder()
+    # The callback nearest the sink names the widest scope: it comes first.
+    named = prefixed(prefixed(recorder, "outer"), "inner")
+    assert named is not None
+    named("epoch 1/2: loss 0.5")
+    named.step(Step("", 1, 2, 3, 4, 0.5))
+    assert recorder.lines == ["outer inner epoch 1/2: loss 0.5"]
+    assert [s.run for s in recorder.steps] == ["outer inner"]
+    lines: list[str] = []
+    plain = prefixed(lines.append, "run")
+    assert plain is not None
+    plain.step(Step("", 1, 2, 3, 4, 0.5))  # nowhere to go: dropped
+    plain("done")
+    assert lines == ["run done"]
+    assert prefixed(None, "run") is None
+
+
+def test_bar_text_fills_in_proportion() -> None:
+    text = bar_text(Step("teacher-L3-lr0.0002", 2, 3, 45, 94, 0.41))
+    assert text == "teacher-L3-lr0.0002  epoch 2/3 [####------] 45/94  loss 0.4100"
+
+
+def test_on_a_terminal_the_bar_is_redrawn_in_place_and_only_lines_stay() -> None:
+    stream = FakeTTY()
+    with Renderer(stream, interval=0) as progress:
+        progress("cached train activations at depth(s) [1] in 0.1s")
+        for epoch in (1, 2):
+            for batch in range(1, 5):
+                progress.step(Step("teacher-L2-lr0.003", epoch, 2, batch, 4, 1 / batch))
+            progress(f"teacher-L2-lr0.003 epoch {epoch}/2: loss 0.2500, accuracy 1.0000")
+    raw = stream.getvalue()
+    assert "\r  teacher-L2-lr0.003  epoch 2/2 [##########] 4/4  loss 0.2500" in raw
+    assert raw.endswith("accuracy 1.0000\n")
+    assert screen(raw) == [
+        "  cached train activations at depth(s) [1] in 0.1s",
+        "  teacher-L2-lr0.003 epoch 1/2: loss 0.2500, accuracy 1.0000",
+        "  teacher-L2-lr0.003 epoch 2/2: loss 0.2500, accuracy 1.0000",
+        "",
+    ]
+
+
+def test_closing_wipes_a_bar_left_by_an_interrupted_run() -> None:
+    stream = FakeTTY()
+    with pytest.raises(KeyboardInterrupt), Renderer(stream, interval=0) as progress:
+        progress.step(Step("student-l1-lr0.003", 1, 4, 1, 12, 0.7))
+        raise KeyboardInterrupt
+    assert "student-l1" in stream.getvalue()
+    assert screen(stream.getvalue()) == [""]  # the error message starts on a clean row
+
+
+def test_redraws_are_throttled_but_an_epochs_first_and_last_batch_always_show() -> None:
+    stream = FakeTTY()
+    progress = Renderer(stream, interval=3600)
+    for batch in range(1, 11):
+        progress.step(Step("run", 1, 1, batch, 10, 0.5))
+    assert stream.getvalue().count("\r") == 2
+    assert screen(stream.getvalue())[-1].startswith("  run  epoch 1/1 [#####")
+
+
+def test_elsewhere_there_are_lines_only() -> None:
+    stream = io.StringIO()
+    with Renderer(stream, interval=0) as progress:
+        progress.step(Step("teacher-L2-lr0.003", 1, 2, 1, 4, 0.5))
+        progress("teacher-L2-lr0.003 epoch 1/2: loss 0.5000")
+    assert stream.getvalue() == "  teacher-L2-lr0.003 epoch 1/2: loss 0.5000\n"
+
+
+def test_onboarding_steps_every_batch_of_every_epoch_run(registry: Registry) -> None:
+    recorder = Recorder()
+    settings = replace(FAST, epochs=1, student_epochs=2, patience=1)
+    report = ob.onboard(registry, "toy", settings, register=False, progress=recorder)
+    batches = math.ceil(TRAIN_EXAMPLES / settings.batch_size)
+    assert [r.name for r in report.runs] == ["teacher-L2-lr0.003", "student-l1-lr0.003"]
+    for run in report.runs:
+        steps = [s for s in recorder.steps if s.run == run.name]
+        assert len(steps) == batches * run.epochs_run
+        assert [(s.epoch, s.batch) for s in steps] == [
+            (e, b) for e in range(1, run.epochs_run + 1) for b in range(1, batches + 1)
+        ]
+        assert all(s.epochs == run.epochs and s.batches == batches for s in steps)
+        assert f"{run.name} epoch 1/{run.epochs}: loss" in "\n".join(recorder.lines)
+    assert len(recorder.steps) == sum(batches * r.epochs_run for r in report.runs)
+    assert any(line.startswith("cached train activations") for line in recorder.lines)
+
+
+def test_onboarding_on_a_terminal_draws_bars_and_keeps_the_log(registry: Registry) -> None:
+    stream = FakeTTY()
+    with Renderer(stream, interval=0) as progress:
+        job = ob.prepare(registry, "toy", replace(FAST, epochs=2), progress=progress)
+        ob.train_teachers(job)
+    raw = stream.getvalue()
+    assert "\r  teacher-L2-lr0.003  epoch 2/2 [" in raw
+    rows = screen(raw)
+    assert rows[-1] == "" and not any(re.search(r"\[[#-]+\]", row) for row in rows)
+    assert [row.split(":")[0] for row in rows if "epoch" in row] == [
+        "  teacher-L2-lr0.003 epoch 1/2",
+        "  teacher-L2-lr0.003 epoch 2/2",
+    ]
+
+
+def test_full_finetuning_steps_carry_the_learning_rate(registry: Registry) -> None:
+    recorder = Recorder()
+    job = ob.prepare(registry, "toy", FAST)
+    ft.search(job, (1e-3,), epochs=1, progress=recorder)
+    batches = math.ceil(TRAIN_EXAMPLES / FAST.batch_size)
+    assert {s.run for s in recorder.steps} == {"full-lr0.001"}
+    assert len(recorder.steps) == batches
+    assert recorder.lines[-1].startswith("full-lr0.001 epoch 1/1: loss")
+
+
+def test_cli_onboard_into_a_pipe_writes_no_progress(tmp_path: Path) -> None:
+    toy_registry(tmp_path).close()
+    base = ["--db", f"sqlite:///{tmp_path / 'registry.db'}", "--home", str(tmp_path / "home")]
+    base += ["--plugins-dir", str(tmp_path / "plugins")]
+    result = CliRunner().invoke(cli, [*base, "onboard", "toy", *FLAGS, "--epochs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output and result.stderr == ""
+    assert json.loads(result.stdout)["chosen"]["stage"] in ("teacher", "student")
