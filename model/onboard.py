@@ -328,12 +328,10 @@ class Job:
     def component(self, sha: str) -> dict[str, torch.Tensor]:
         """Return a trunk component's tensors from the object store (read once)."""
         if sha not in self._components:
-            path = self.registry.objects.path(sha)
-            if not path.is_file():
-                raise MtregError(
-                    f"trunk {self.trunk.name!r}: object {sha[:12]} is missing from the store "
-                    f"{self.registry.objects.root}: add the trunk again"
-                )
+            try:
+                path = self.registry.objects.existing(sha)
+            except MtregError as exc:
+                raise MtregError(f"trunk {self.trunk.name!r}: {exc}") from None
             self._components[sha] = load_component(path)
         return self._components[sha]
 
@@ -390,7 +388,10 @@ def _materialise_tokenizer(registry: Registry, trunk: TrunkRecord) -> Path:
         for name, sha in trunk.objects["tokenizer"].items():
             target = folder / name
             target.unlink(missing_ok=True)
-            registry.objects.link_or_copy(sha, target)
+            try:
+                registry.objects.link_or_copy(sha, target)
+            except MtregError as exc:
+                raise MtregError(f"trunk {trunk.name!r}, tokenizer {name}: {exc}") from None
         (folder / ".complete").write_text("")
     return folder
 

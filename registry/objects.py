@@ -66,6 +66,22 @@ class ObjectStore:
         """Return True if the object is present."""
         return self.path(sha256).is_file()
 
+    def existing(self, sha256: str) -> Path:
+        """Return the path of object ``sha256``, which must be present.
+
+        Raises:
+            MtregError: the object is not in the store (files under MTREG_HOME were deleted,
+                or the database belongs to another home).
+        """
+        path = self.path(sha256)
+        if not path.is_file():
+            raise MtregError(
+                f"object {sha256[:12]} is missing from the store {self.root}: check that "
+                "--home (MTREG_HOME) is the home of this database, or add the trunk or task "
+                "version that owns it again"
+            )
+        return path
+
     def put(self, source: Path) -> tuple[str, bool]:
         """Copy ``source`` into the store.
 
@@ -112,8 +128,12 @@ class ObjectStore:
         self.path(sha256).unlink(missing_ok=True)
 
     def link_or_copy(self, sha256: str, target: Path) -> None:
-        """Place object ``sha256`` at ``target``: a hard link where possible, else a copy."""
-        source = self.path(sha256)
+        """Place object ``sha256`` at ``target``: a hard link where possible, else a copy.
+
+        Raises:
+            MtregError: the object is not in the store.
+        """
+        source = self.existing(sha256)
         try:
             os.link(source, target)
         except OSError:

@@ -118,6 +118,18 @@ def test_cli_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "invalid range" in bad.output
 
 
+def test_a_home_without_the_trunk_objects_is_a_one_line_error(tmp_path: Path) -> None:
+    toy_registry(tmp_path).close()
+    base = ["--db", f"sqlite:///{tmp_path / 'registry.db'}", "--plugins-dir"]
+    base += [str(tmp_path / "plugins")]
+    # The database's home is tmp_path/home; pointing at another one loses every object.
+    result = CliRunner().invoke(cli, [*base, "--home", str(tmp_path / "other"), "onboard", "toy"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().count("\n") == 0
+    assert "trunk 'tiny', tokenizer" in result.output and "missing from the store" in result.output
+    assert "MTREG_HOME" in result.output
+
+
 def test_settings_helpers() -> None:
     assert ob.parse_range("1..3") == (1, 2, 3) and ob.parse_range("2") == (2,)
     assert ob.default_teacher_layers(6) == (2, 3) and ob.default_teacher_layers(12) == (4, 5, 6)
