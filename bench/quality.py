@@ -149,29 +149,10 @@ def cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # -- predictions and metrics ---------------------------------------------------------------
 
 
-def decode(head: Any, logits: Sequence[Any], labels: Sequence[Any]) -> tuple[list, list]:
-    """Return (predictions, references) as :func:`mtreg.model.metrics.evaluate` takes them,
-    from per-example logits and encoded labels (the conversion of ``train.score``)."""
-    from mtreg.model.data import IGNORE
-
-    if head.kind == "classification":
-        return [int(z.argmax()) for z in logits], [int(y) for y in labels]
-    if head.kind == "regression":
-        return [float(z[0]) for z in logits], [float(y[0]) for y in labels]
-    if head.kind == "multilabel":
-        return [(z > 0).int().tolist() for z in logits], [[int(v) for v in y] for y in labels]
-    names = head.labels
-    predictions, references = [], []
-    for z, tags in zip(logits, labels, strict=True):
-        keep = [i for i, t in enumerate(tags) if t != IGNORE]
-        predictions.append([names[int(z[i].argmax())] for i in keep])
-        references.append([names[tags[i]] for i in keep])
-    return predictions, references
-
-
 def scored(head: Any, metrics: Sequence[str], logits: Sequence[Any], labels: Sequence[Any]) -> dict:
     """Return ``{"metrics", "predictions", "references"}`` for one split."""
     from mtreg.model.metrics import evaluate
+    from mtreg.model.train import decode
 
     predictions, references = decode(head, logits, labels)
     return {

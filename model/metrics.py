@@ -1,7 +1,8 @@
 """Task metrics, computed by scikit-learn, scipy and seqeval (GLUE's official choices).
 
 Predictions and references come per head kind: class indices (classification), 0/1 lists
-(multilabel), floats (regression) or per-word tag strings (tagging). The libraries are
+(multilabel), floats or per-example lists of floats (regression, one per output) or
+per-word tag strings (tagging). The libraries are
 imported inside each metric so that importing this module (to check metric names while
 plugins load) stays cheap.
 """
@@ -70,11 +71,14 @@ def micro_f1(predictions: Sequence[Sequence[int]], references: Sequence[Sequence
     )
 
 
-def _correlation(kind: str, predictions: Sequence[float], references: Sequence[float]) -> float:
+def _correlation(kind: str, predictions: Sequence[Any], references: Sequence[Any]) -> float:
     import numpy as np
     from scipy import stats
 
     p, r = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
+    if p.ndim == 2:
+        # Several outputs: each is its own score, and a head is as good as their mean.
+        return sum(_correlation(kind, p[:, j], r[:, j]) for j in range(p.shape[1])) / p.shape[1]
     # A constant side has no correlation; scipy warns and returns NaN, mtreg reports 0.
     if len(r) < 2 or np.ptp(p) == 0 or np.ptp(r) == 0:
         return 0.0
@@ -84,18 +88,21 @@ def _correlation(kind: str, predictions: Sequence[float], references: Sequence[f
     return 0.0 if math.isnan(value) else float(value)
 
 
-def pearson(predictions: Sequence[float], references: Sequence[float]) -> float:
-    """Pearson correlation (STS-B, with Spearman); 0 when a side is constant."""
+def pearson(predictions: Sequence[Any], references: Sequence[Any]) -> float:
+    """Pearson correlation (STS-B, with Spearman); 0 when a side is constant. With several
+    outputs per example (lists), the mean of each output's correlation."""
     return _correlation("pearson", predictions, references)
 
 
-def spearman(predictions: Sequence[float], references: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); 0 when a side is constant."""
+def spearman(predictions: Sequence[Any], references: Sequence[Any]) -> float:
+    """Spearman rank correlation (average ranks for ties); 0 when a side is constant. With
+    several outputs per example, the mean over outputs."""
     return _correlation("spearman", predictions, references)
 
 
-def mse(predictions: Sequence[float], references: Sequence[float]) -> float:
-    """Mean squared error, negated so that higher is better like every other metric."""
+def mse(predictions: Sequence[Any], references: Sequence[Any]) -> float:
+    """Mean squared error (over every output of every example), negated so that higher is
+    better like every other metric."""
     from sklearn.metrics import mean_squared_error
 
     return -mean_squared_error(references, predictions)

@@ -173,27 +173,35 @@ def predict_logits(
     return out
 
 
+def decode(
+    head: HeadSpec, logits: Sequence[torch.Tensor], labels: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    """Return (predictions, references) in the form :func:`mtreg.model.metrics.evaluate`
+    takes for ``head.kind``, from per-example logits and encoded labels: class indices, 0/1
+    lists, floats (one output) or lists of floats (several), per-word tag names (tagging:
+    the first sub-token of each word, where the label is not IGNORE)."""
+    if head.kind == "classification":
+        return [int(z.argmax()) for z in logits], [int(y) for y in labels]
+    if head.kind == "multilabel":
+        return [(z > 0).int().tolist() for z in logits], [[int(v) for v in y] for y in labels]
+    if head.kind == "regression":
+        if head.num_outputs > 1:
+            return [z.tolist() for z in logits], [[float(v) for v in y] for y in labels]
+        return [float(z[0]) for z in logits], [float(y[0]) for y in labels]
+    names = head.labels
+    predictions, references = [], []
+    for z, tags in zip(logits, labels, strict=True):
+        keep = [i for i, t in enumerate(tags) if t != IGNORE]
+        predictions.append([names[int(z[i].argmax())] for i in keep])
+        references.append([names[tags[i]] for i in keep])
+    return predictions, references
+
+
 def score(
     head: HeadSpec, logits: Sequence[torch.Tensor], labels: Sequence[Any], metrics: Sequence[str]
 ) -> dict[str, float]:
-    """Compute ``metrics`` of per-example logits against encoded labels."""
-    if head.kind == "classification":
-        predictions = [int(z.argmax()) for z in logits]
-        references = list(labels)
-    elif head.kind == "multilabel":
-        predictions = [(z > 0).int().tolist() for z in logits]
-        references = [[int(v) for v in row] for row in labels]
-    elif head.kind == "regression":
-        predictions = [float(z[0]) for z in logits]
-        references = [float(row[0]) for row in labels]
-    else:
-        names = head.labels
-        predictions, references = [], []
-        for z, tags in zip(logits, labels, strict=True):
-            keep = [i for i, t in enumerate(tags) if t != IGNORE]
-            predictions.append([names[int(z[i].argmax())] for i in keep])
-            references.append([names[tags[i]] for i in keep])
-    return evaluate(metrics, predictions, references)
+    """Return ``{metric: value}`` of per-example logits against encoded labels."""
+    return evaluate(metrics, *decode(head, logits, labels))
 
 
 def batch_loss(

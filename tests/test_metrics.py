@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from mtreg.errors import MtregError
 from mtreg.model.metrics import evaluate
@@ -29,6 +30,24 @@ def test_regression_metrics_with_ties() -> None:
     assert scores["pearson"] == pytest.approx(4.5 / math.sqrt(4.75 * 5))
     assert scores["spearman"] == pytest.approx(0.9486833, rel=1e-6)  # scipy's value
     assert scores["neg_mse"] == pytest.approx(-0.25)
+
+
+def test_a_regression_head_with_several_outputs_scores_each_and_averages() -> None:
+    from mtreg.model.train import decode, score
+    from mtreg.plugins.spec import HeadSpec
+
+    # Output "a" is predicted perfectly, output "b" exactly backwards.
+    predictions = [[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]
+    references = [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+    scores = evaluate(["pearson", "spearman", "neg_mse"], predictions, references)
+    assert scores["pearson"] == pytest.approx(0.0) and scores["spearman"] == pytest.approx(0.0)
+    assert scores["neg_mse"] == pytest.approx(-(4 + 0 + 4) / 6)
+    head = HeadSpec(kind="regression", labels=("a", "b"))
+    logits = [torch.tensor(row) for row in predictions]
+    assert decode(head, logits, references) == (predictions, references)
+    assert score(head, logits, references, ["pearson"]) == {"pearson": pytest.approx(0.0)}
+    one = HeadSpec(kind="regression")
+    assert decode(one, [torch.tensor([0.5])], [[1.0]]) == ([0.5], [1.0])
 
 
 def test_multilabel_and_tagging() -> None:
