@@ -19,7 +19,14 @@ from mtreg.errors import MtregError
 @click.option("--tasks", default=None, metavar="A,B", help="Serve only these tasks.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnx", "auto"]),
+    default="torch",
+    show_default=True,
+    help="onnx/auto export a registry bundle to ONNX once (cached); auto measures both "
+    "backends at load and uses the faster one for each batch size.",
+)
 @click.option(
     "--max-batch-size",
     default=32,

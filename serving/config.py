@@ -12,7 +12,7 @@ class ServeConfig:
     Attributes:
         bundle: a bundle directory, or an alias / bundle id of the registry.
         tasks: serve only these tasks (default: all the bundle holds).
-        backend: ``torch`` or ``onnx``.
+        backend: ``torch``, ``onnx`` or ``auto`` (per batch size, the faster of the two).
         max_batch_size: most inputs one forward pass takes.
         max_wait_ms: how long the first queued input waits for others to fill a batch.
         queue_size: most inputs waiting (over all requests); past it a request gets 503.

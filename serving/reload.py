@@ -72,7 +72,7 @@ def load_served(
         raise ValueError(f"{ref!r} is not a bundle directory and no registry was given")
     record = registry.bundle(ref)
     path = registry.bundles_dir / record.id
-    if backend == "onnx" and not (path / "model.onnx").is_file():
+    if backend in ("onnx", "auto") and not (path / "model.onnx").is_file():
         path = _onnx_folder(registry, path, record.id, tasks)
     return Served(LoadedBundle(path, tasks, backend), record.id)
 

@@ -448,11 +448,14 @@ def test_served_bundle_ids_are_manifest_hashes(reg: Registered) -> None:
     assert isinstance(load_served(str(path), ("sentiment",), "torch"), Served)
 
 
-def test_onnx_backend_exports_a_registry_bundle_once_and_answers_alike(reg: Registered) -> None:
+@pytest.mark.parametrize("backend", ["onnx", "auto"])
+def test_onnx_backends_export_a_registry_bundle_once_and_answer_alike(
+    reg: Registered, backend: str
+) -> None:
     pytest.importorskip("onnxruntime")
     with reg.open() as registry:
         torch_served = load_served("serving", None, "torch", registry)
-        onnx_served = load_served("serving", None, "onnx", registry)
+        onnx_served = load_served("serving", None, backend, registry)
     assert onnx_served.id == torch_served.id
     assert onnx_served.bundle.path.parent == reg.home / "cache" / "onnx"
     rows = plan_rows(torch_served.bundle, [*TEXTS[:3], ["a film", "the movie"]], None, 1000)
