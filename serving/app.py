@@ -93,6 +93,42 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+async def _read_body(receive: Callable, limit: int) -> bytes | None:
+    """Return the request body, or None as soon as it passes ``limit`` bytes.
+
+    The body is counted as it arrives rather than trusted from Content-Length, which a
+    chunked request does not send and any client can understate. Bodies here are JSON that
+    is parsed whole anyway, so holding one (at most ``limit`` bytes) costs nothing extra.
+    """
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # the client left: the app will see an empty body
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """Return an ASGI ``receive`` that yields ``body`` once, then defers to ``receive``
+    (which then reports the disconnect when the client goes away)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 class Observe:
     """ASGI middleware: refuses bodies over the limit (413) and records request counts and
     latencies per endpoint."""
@@ -115,13 +151,13 @@ class Observe:
                 status["code"] = message["status"]
             await send(message)
 
-        length = dict(scope.get("headers", ())).get(b"content-length", b"0")
         limit = self.state.config.max_body_bytes
-        if length.isdigit() and int(length) > limit:
+        body = await _read_body(receive, limit)
+        if body is None:
             response = _problem(413, f"request body over {limit} bytes")
             await response(scope, receive, send_and_note)
         else:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, _replay(body, receive), send_and_note)
         metrics = self.state.metrics
         metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
         metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - began)

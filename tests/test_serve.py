@@ -278,6 +278,20 @@ def test_oversized_body_and_wrong_methods_get_4xx(server: str) -> None:
         f"{server}/v1/predict", content=huge, headers={"content-type": "application/json"}
     )
     assert response.status_code == 413
+    # Chunked, so without a Content-Length: the body is counted as it arrives.
+    chunked = HTTP.post(
+        f"{server}/v1/predict",
+        content=(huge[i : i + 65536] for i in range(0, len(huge), 65536)),
+        headers={"content-type": "application/json"},
+    )
+    assert chunked.status_code == 413 and "over" in chunked.json()["detail"]
+    small = json.dumps({"inputs": ["a good film"]}).encode()
+    fine = HTTP.post(
+        f"{server}/v1/predict",
+        content=iter([small[:5], small[5:]]),
+        headers={"content-type": "application/json"},
+    )
+    assert fine.status_code == 200 and fine.json()["results"]
     assert HTTP.get(f"{server}/v1/predict").status_code == 405
     assert HTTP.get(f"{server}/nothing-here").status_code == 404
 
