@@ -7,7 +7,7 @@ In one run, on the same task, data, trunk (the packaged MiniLM-L6) and epochs:
    best for full fine-tuning on this trunk);
 2. one teacher (``--teacher-layers`` L, ``--teacher-lr``) trained *uncached* (the frozen
    trunk below the fork runs every step) and *cached* (one forward pass fills the activation
-   cache, then :func:`mtreg.model.onboard.train_teachers` trains on it), each in its own
+   cache, then :func:`mtreg.model.stages.train_teachers` trains on it), each in its own
    fresh registry home so neither profits from the other's cache;
 3. the whole ``mtreg onboard`` with its default settings (L search, lr search, l search,
    choice, branch file, registration and bundle rebuild) in a third fresh home, timed from
@@ -90,10 +90,10 @@ def _say(line: str) -> None:
 def run_full(home: Path, config: dict, task: str, lr: float, epochs: int | None) -> dict:
     """One full fine-tuning; returns its timing, dev metrics and recipe."""
     from mtreg.model import finetune as ft
-    from mtreg.model import onboard as ob
+    from mtreg.model.job import Settings, prepare
 
     with benchtasks.open_registry(home, config) as registry:
-        job = ob.prepare(registry, task, ob.Settings(epochs=epochs), progress=_say)
+        job = prepare(registry, task, Settings(epochs=epochs), progress=_say)
         with Clock() as clock:
             result = ft.finetune(job, lr, progress=lambda line: _say(f"full {line}"))
     return {"method": "full fine-tuning", **clock.to_dict(), **result.to_dict(), "layers": 6}
@@ -104,10 +104,10 @@ def run_uncached_teacher(
 ) -> dict:
     """One teacher trained through the live frozen trunk."""
     from mtreg.model import finetune as ft
-    from mtreg.model import onboard as ob
+    from mtreg.model.job import Settings, prepare
 
     with benchtasks.open_registry(home, config) as registry:
-        job = ob.prepare(registry, task, ob.Settings(epochs=epochs), progress=_say)
+        job = prepare(registry, task, Settings(epochs=epochs), progress=_say)
         with Clock() as clock:
             result = ft.train_uncached_teacher(
                 job, layers, lr, progress=lambda line: _say(f"uncached {line}")
@@ -119,17 +119,18 @@ def run_cached_teacher(
     home: Path, config: dict, task: str, layers: int, lr: float, epochs: int | None
 ) -> dict:
     """The same teacher through onboarding's cached path (cache fill timed separately)."""
-    from mtreg.model import onboard as ob
+    from mtreg.model.job import Settings, hidden_states, prepare
+    from mtreg.model.stages import train_teachers
 
-    settings = ob.Settings(teacher_layers=(layers,), teacher_lrs=(lr,), epochs=epochs)
+    settings = Settings(teacher_layers=(layers,), teacher_lrs=(lr,), epochs=epochs)
     with benchtasks.open_registry(home, config) as registry:
-        job = ob.prepare(registry, task, settings, progress=_say)
+        job = prepare(registry, task, settings, progress=_say)
         k = job.config.num_hidden_layers - layers
         with Clock() as fill:
-            ob.hidden_states(job, "train", [k])
-            ob.hidden_states(job, "dev", [k])
+            hidden_states(job, "train", [k])
+            hidden_states(job, "dev", [k])
         with Clock() as train:
-            stage = ob.train_teachers(job)
+            stage = train_teachers(job)
     run = stage.best
     total = {
         "wall_s": round(fill.wall + train.wall, 2),
@@ -153,10 +154,11 @@ def run_cached_teacher(
 
 def run_onboard(home: Path, config: dict, task: str, epochs: int | None) -> dict:
     """The whole default ``mtreg onboard`` (search, distil, choose, write, register)."""
-    from mtreg.model import onboard as ob
+    from mtreg.model.job import Settings
+    from mtreg.model.onboard import onboard
 
     with benchtasks.open_registry(home, config) as registry, Clock() as clock:
-        report = ob.onboard(registry, task, ob.Settings(epochs=epochs), progress=_say)
+        report = onboard(registry, task, Settings(epochs=epochs), progress=_say)
     data = report.to_dict()
     return {
         "method": "mtreg onboard",
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from mtreg.model import onboard as ob
+    from mtreg.model.job import PATIENCE, Settings, auto_epochs, prepare
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -320,16 +322,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         rows.append(step(work / name))
     with benchtasks.open_registry(work / "full", config) as registry:
-        job = ob.prepare(registry, args.task, ob.Settings(epochs=args.epochs))
+        job = prepare(registry, args.task, Settings(epochs=args.epochs))
         metric, dev_size, train_size = job.metrics[0], len(job.dev), len(job.train)
-        epochs = args.epochs or ob.auto_epochs(train_size, job.settings.batch_size)
+        epochs = args.epochs or auto_epochs(train_size, job.settings.batch_size)
     result = {
         "task": args.task,
         "train_size": train_size,
         "dev_size": dev_size,
         "metric": metric,
         "epochs": epochs,
-        "patience": ob.PATIENCE,
+        "patience": PATIENCE,
         "threads": torch.get_num_threads(),
         "dev_se": round(accuracy_se(rows[0]["dev_metrics"][metric], dev_size), 4),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "

@@ -211,7 +211,7 @@ class Bench:
 
     def settings(self, seed: int, **overrides: Any) -> Any:
         """Return the onboarding Settings of this benchmark for ``seed``."""
-        from mtreg.model.onboard import Settings
+        from mtreg.model.job import Settings
 
         base = dict(
             teacher_layers=TEACHER_LAYERS,
@@ -230,11 +230,11 @@ class Bench:
 
         def compute() -> dict[str, Any]:
             from mtreg.model import finetune as ft
-            from mtreg.model import onboard as ob
             from mtreg.model.data import encode
+            from mtreg.model.job import prepare
 
             log(f"{task} seed {seed}: full fine-tuning lr {lr:g}")
-            job = ob.prepare(self.registry(seed), task, self.settings(seed))
+            job = prepare(self.registry(seed), task, self.settings(seed))
             result = ft.finetune(job, lr, progress=lambda line: log(f"  {task} full {line}"))
             pad = ft.pad_id(job)
             head, metrics = job.spec.head, job.metrics
@@ -266,11 +266,11 @@ class Bench:
         registered = {t.name for t in registry.tasks() if t.active_version}
         if found is not None and task in registered:
             return found
-        from mtreg.model import onboard as ob
+        from mtreg.model.onboard import onboard
 
         log(f"{task} seed {seed}: mtreg onboard")
         started = time.perf_counter()
-        report = ob.onboard(
+        report = onboard(
             registry,
             task,
             self.settings(seed, **overrides),

@@ -20,7 +20,8 @@ from mtreg.cli.progress import Renderer
 from mtreg.errors import MtregError
 
 if TYPE_CHECKING:
-    from mtreg.model.onboard import OnboardReport, Run
+    from mtreg.model.onboard import OnboardReport
+    from mtreg.model.stages import Run
 
 
 def _progress() -> contextlib.AbstractContextManager[Renderer | None]:
@@ -32,7 +33,7 @@ def _progress() -> contextlib.AbstractContextManager[Renderer | None]:
 
 def _layers(layers: int | None, search: str | None, what: str) -> tuple[int, ...] | None:
     """Return the layer candidates from ``--layers N`` or ``--search LO..HI`` (or None)."""
-    from mtreg.model.onboard import parse_range
+    from mtreg.model.job import parse_range
 
     if layers is not None and search is not None:
         raise click.UsageError(f"give --layers or --search for the {what}, not both")
@@ -79,7 +80,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
 def _settings(**values: Any) -> Any:
     """Build Settings from CLI values: unset ones keep their defaults, patience 0 means
     never stop early."""
-    from mtreg.model.onboard import Settings
+    from mtreg.model.job import Settings
 
     patience = values.pop("patience", None)
     fields = {k: v for k, v in values.items() if v is not None}

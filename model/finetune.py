@@ -4,10 +4,10 @@ Everything trains: the embeddings, all N trunk layers, a pooler and a fresh head
 network (nothing is cached; the trunk runs on every step). The model is a
 :class:`~mtreg.model.network.Standalone` made of a depth-0 trunk (the embeddings, trainable)
 and a branch of all N layers copied from the trunk, i.e. a teacher with L = N built by
-:func:`mtreg.model.onboard.teacher_branch`. Initialisation (trunk pooler, seeded fresh head),
-dropout, recipe (:func:`mtreg.model.onboard._recipe`: AdamW without decay on LayerNorm and
+:func:`mtreg.model.stages.teacher_branch`. Initialisation (trunk pooler, seeded fresh head),
+dropout, recipe (:meth:`mtreg.model.job.Job.recipe`: AdamW without decay on LayerNorm and
 biases, clip 1.0, warm-up over 10% of one epoch then linear decay), epochs
-(:func:`~mtreg.model.onboard.auto_epochs` unless set), the shuffling order, the selection rule
+(:func:`~mtreg.model.job.auto_epochs` unless set), the shuffling order, the selection rule
 (best epoch by the first dev metric, a tie is not an improvement, stop after ``patience``
 epochs without one) and the learning-rate choice (highest score, a tie goes to the lower
 rate) are therefore exactly those of the partial runs of ``mtreg onboard``.
@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mtreg.errors import MtregError
-from mtreg.model import onboard as ob
 from mtreg.model.data import Encoded, collate
+from mtreg.model.job import Job, Settings, auto_epochs, prepare
 from mtreg.model.network import Standalone, Trunk
-from mtreg.model.progress import prefixed
+from mtreg.model.progress import Progress, prefixed
+from mtreg.model.stages import teacher_branch
 from mtreg.model.train import Recipe, hard_loss, stack_labels, train_loop
 from mtreg.plugins.spec import HeadSpec
 
@@ -89,9 +90,7 @@ class FinetuneResult:
 # -- models --------------------------------------------------------------------------------
 
 
-def full_model(
-    job: ob.Job, seed: int | None = None, *, train_embeddings: bool = True
-) -> Standalone:
+def full_model(job: Job, seed: int | None = None, *, train_embeddings: bool = True) -> Standalone:
     """Return a fresh full model for ``job``'s task: trainable embeddings (unless
     ``train_embeddings`` is False), copies of all N trunk layers, the trunk's pooler and a
     fresh head seeded by ``seed`` (default: the job's seed). Shares no tensor with the trunk
@@ -101,19 +100,19 @@ def full_model(
         job.config, job.component(job.trunk.objects["embeddings"]), []
     )  # load_state_dict copies: the job's cached components never change
     trunk.requires_grad_(train_embeddings)
-    branch = ob.teacher_branch(job, job.config.num_hidden_layers, seed)
+    branch = teacher_branch(job, job.config.num_hidden_layers, seed)
     return Standalone(trunk, 0, branch)
 
 
-def teacher_model(job: ob.Job, layers: int, seed: int | None = None) -> Standalone:
+def teacher_model(job: Job, layers: int, seed: int | None = None) -> Standalone:
     """Return a fresh *uncached* teacher: the frozen trunk up to k = N - ``layers`` (no
-    gradients) and the same branch :func:`mtreg.model.onboard.teacher_branch` builds.
+    gradients) and the same branch :func:`mtreg.model.stages.teacher_branch` builds.
 
     Raises:
         MtregError: ``layers`` outside 1..N.
     """
     seed = job.settings.seed if seed is None else seed
-    branch = ob.teacher_branch(job, layers, seed)
+    branch = teacher_branch(job, layers, seed)
     depth = job.config.num_hidden_layers - layers
     return Standalone(job.trunk_module(depth), depth, branch)
 
@@ -182,7 +181,7 @@ def fit_live(
     *,
     pad_id: int = 0,
     device: str = "cpu",
-    progress: ob.Progress | None = None,
+    progress: Progress | None = None,
 ) -> FinetuneResult:
     """Train ``model``'s trainable parameters on live batches; keep the best dev epoch.
 
@@ -222,31 +221,31 @@ def fit_live(
     return FinetuneResult(best, recipe.lr, recipe.epochs, epoch, dev_metrics, history, seconds)
 
 
-def job_epochs(job: ob.Job, epochs: int | None = None) -> int:
+def job_epochs(job: Job, epochs: int | None = None) -> int:
     """Return the epoch budget a teacher of ``job`` gets: ``epochs``, else the settings',
-    else :func:`~mtreg.model.onboard.auto_epochs` of the training set."""
-    return epochs or job.settings.epochs or ob.auto_epochs(len(job.train), job.settings.batch_size)
+    else :func:`~mtreg.model.job.auto_epochs` of the training set."""
+    return epochs or job.settings.epochs or auto_epochs(len(job.train), job.settings.batch_size)
 
 
-def pad_id(job: ob.Job) -> int:
+def pad_id(job: Job) -> int:
     """Return the tokenizer's padding id (0 when it names none)."""
     return job.tokenizer.pad_token_id or 0
 
 
 def finetune(
-    job: ob.Job,
+    job: Job,
     lr: float,
     epochs: int | None = None,
     *,
     train_embeddings: bool = True,
-    progress: ob.Progress | None = None,
+    progress: Progress | None = None,
 ) -> FinetuneResult:
     """Fully fine-tune ``job``'s task at ``lr`` with the teachers' recipe and epochs.
 
     Raises:
         MtregError: see :func:`fit_live`.
     """
-    recipe = ob._recipe(job, lr, job_epochs(job, epochs))
+    recipe = job.recipe(lr, job_epochs(job, epochs))
     model = full_model(job, train_embeddings=train_embeddings)
     return fit_live(
         model,
@@ -262,21 +261,21 @@ def finetune(
 
 
 def train_uncached_teacher(
-    job: ob.Job,
+    job: Job,
     layers: int,
     lr: float,
     epochs: int | None = None,
     *,
-    progress: ob.Progress | None = None,
+    progress: Progress | None = None,
 ) -> FinetuneResult:
     """Train one teacher of ``layers`` layers without the activation cache (the trunk below
-    the fork runs every step): the reference :func:`mtreg.model.onboard.train_teachers`'
+    the fork runs every step): the reference :func:`mtreg.model.stages.train_teachers`'
     cached path is measured against.
 
     Raises:
         MtregError: ``layers`` outside 1..N; see :func:`fit_live`.
     """
-    recipe = ob._recipe(job, lr, job_epochs(job, epochs))
+    recipe = job.recipe(lr, job_epochs(job, epochs))
     return fit_live(
         teacher_model(job, layers),
         job.spec.head,
@@ -300,12 +299,12 @@ def better(result: FinetuneResult, other: FinetuneResult | None, metric: str) ->
 
 
 def search(
-    job: ob.Job,
+    job: Job,
     lrs: Sequence[float] = FULL_LRS,
     epochs: int | None = None,
     *,
     keep_models: bool = False,
-    progress: ob.Progress | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[FinetuneResult], FinetuneResult]:
     """Fully fine-tune at every learning rate of ``lrs``; return every run and the best.
 
@@ -334,11 +333,11 @@ def search(
 def finetune_task(
     registry: Registry,
     task: str,
-    settings: ob.Settings | None = None,
+    settings: Settings | None = None,
     *,
     lrs: Sequence[float] = FULL_LRS,
     data_dir: str | Path | None = None,
-    progress: ob.Progress | None = None,
+    progress: Progress | None = None,
     **overrides: Any,
 ) -> tuple[list[FinetuneResult], FinetuneResult]:
     """Prepare ``task`` as ``mtreg onboard`` would (same data, trunk, max length, settings)
@@ -348,11 +347,11 @@ def finetune_task(
         Every run and the best (with its model).
 
     Raises:
-        MtregError: see :func:`mtreg.model.onboard.prepare` and :func:`search`.
+        MtregError: see :func:`mtreg.model.job.prepare` and :func:`search`.
     """
-    unknown = set(overrides) - set(ob.Settings.__dataclass_fields__)
+    unknown = set(overrides) - set(Settings.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-    settings = replace(settings or ob.Settings(), **overrides)
-    job = ob.prepare(registry, task, settings, data_dir=data_dir, progress=progress)
+    settings = replace(settings or Settings(), **overrides)
+    job = prepare(registry, task, settings, data_dir=data_dir, progress=progress)
     return search(job, lrs, progress=progress)

@@ -12,25 +12,26 @@ from test_train import FAST, toy_registry
 
 from mtreg.errors import MtregError
 from mtreg.model import finetune as ft
-from mtreg.model import onboard as ob
 from mtreg.model import train as tr
+from mtreg.model.job import Job, Settings, compute_hidden, prepare
+from mtreg.model.stages import teacher_branch
 from mtreg.model.train import Recipe, Split
 from mtreg.registry.api import Registry
 
-SETTINGS = ob.Settings(**{**FAST.__dict__, "epochs": 8, "patience": 3})
+SETTINGS = Settings(**{**FAST.__dict__, "epochs": 8, "patience": 3})
 
 
 @pytest.fixture
 def job(tmp_path: Path):
     with toy_registry(tmp_path) as registry:
-        yield ob.prepare(registry, "toy", SETTINGS)
+        yield prepare(registry, "toy", SETTINGS)
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_full_finetuning_learns_the_toy_task_and_trains_every_weight(job: ob.Job) -> None:
+def test_full_finetuning_learns_the_toy_task_and_trains_every_weight(job: Job) -> None:
     before = ft.full_model(job)
     start = _state(before)
     result = ft.finetune(job, 3e-3)
@@ -51,7 +52,7 @@ def test_full_finetuning_learns_the_toy_task_and_trains_every_weight(job: ob.Job
     assert torch.equal(emb, start["trunk.embeddings.word_embeddings.weight"])
 
 
-def test_frozen_embeddings_stay_bit_for_bit(job: ob.Job) -> None:
+def test_frozen_embeddings_stay_bit_for_bit(job: Job) -> None:
     start = _state(ft.full_model(job))
     result = ft.finetune(job, 3e-3, 2, train_embeddings=False)
     after = result.model.state_dict()
@@ -60,14 +61,14 @@ def test_frozen_embeddings_stay_bit_for_bit(job: ob.Job) -> None:
             assert torch.equal(after[name], value), name
 
 
-def test_runs_are_seeded_and_reproducible(job: ob.Job) -> None:
+def test_runs_are_seeded_and_reproducible(job: Job) -> None:
     a, b = ft.finetune(job, 3e-3, 2), ft.finetune(job, 3e-3, 2)
     assert a.dev_metrics == b.dev_metrics and a.history == b.history
     for name, value in a.model.state_dict().items():
         assert torch.equal(value, b.model.state_dict()[name]), name
 
 
-def test_uncached_teacher_matches_the_cached_one_and_keeps_the_trunk_frozen(job: ob.Job) -> None:
+def test_uncached_teacher_matches_the_cached_one_and_keeps_the_trunk_frozen(job: Job) -> None:
     model = ft.teacher_model(job, 2)
     trunk_before = _state(model.trunk)
     uncached = ft.train_uncached_teacher(job, 2, 3e-3, 4)
@@ -76,15 +77,15 @@ def test_uncached_teacher_matches_the_cached_one_and_keeps_the_trunk_frozen(job:
     )
     # The cached path: fp32 hidden states (the disk cache stores fp16), same seed and batches.
     k = job.config.num_hidden_layers - 2
-    hidden = ob.compute_hidden(job, job.train, [k])[k]
-    dev = ob.compute_hidden(job, job.dev, [k])[k]
+    hidden = compute_hidden(job, job.train, [k])[k]
+    dev = compute_hidden(job, job.dev, [k])[k]
     cached = tr.fit(
-        ob.teacher_branch(job, 2, job.settings.seed),
+        teacher_branch(job, 2, job.settings.seed),
         job.spec.head,
         Split(hidden, job.train.labels),
         Split(dev, job.dev.labels),
         job.metrics,
-        ob._recipe(job, 3e-3, 4),
+        job.recipe(3e-3, 4),
     )
     assert cached.best_epoch == uncached.best_epoch
     assert cached.dev_metrics == pytest.approx(uncached.dev_metrics)
@@ -101,7 +102,7 @@ def test_uncached_teacher_matches_the_cached_one_and_keeps_the_trunk_frozen(job:
     ],
 )
 def test_selection_rule_is_the_teacher_runs_rule(
-    job: ob.Job,
+    job: Job,
     monkeypatch: pytest.MonkeyPatch,
     scores: list[float],
     patience: int | None,
@@ -120,10 +121,10 @@ def test_selection_rule_is_the_teacher_runs_rule(
     live = ft.fit_live(ft.full_model(job), job.spec.head, job.train, job.dev, job.metrics, recipe)
     monkeypatch.setattr(tr, "score", scripted(tr))
     k = job.config.num_hidden_layers - 2
-    hidden = ob.compute_hidden(job, job.train, [k])[k]
-    dev = ob.compute_hidden(job, job.dev, [k])[k]
+    hidden = compute_hidden(job, job.train, [k])[k]
+    dev = compute_hidden(job, job.dev, [k])[k]
     cached = tr.fit(
-        ob.teacher_branch(job, 2, 0),
+        teacher_branch(job, 2, 0),
         job.spec.head,
         Split(hidden, job.train.labels),
         Split(dev, job.dev.labels),
@@ -136,7 +137,7 @@ def test_selection_rule_is_the_teacher_runs_rule(
 
 
 def test_search_picks_the_best_rate_and_a_tie_goes_to_the_lower(
-    job: ob.Job, monkeypatch: pytest.MonkeyPatch
+    job: Job, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fixed = {1e-3: 0.8, 2e-3: 0.9, 3e-3: 0.9}
 

@@ -12,9 +12,11 @@ from test_train import FAST, toy_registry
 
 from mtreg.cli.main import cli
 from mtreg.errors import MtregError, NotFound
-from mtreg.model import onboard as ob
+from mtreg.model import stages
 from mtreg.model.branch_file import read_branch
 from mtreg.model.config import TrunkConfig
+from mtreg.model.job import Settings, auto_epochs, default_teacher_layers, parse_range
+from mtreg.model.onboard import onboard, threshold
 from mtreg.registry.api import Registry
 
 FLAGS = ["--search", "2..2", "--lr", "3e-3", "--student-lr", "3e-3", "--epochs", "6"]
@@ -53,19 +55,19 @@ def test_a_killed_onboarding_resumes_at_the_run_it_reached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry = toy_registry(tmp_path)
-    settings = ob.Settings(**{**FAST.__dict__, "teacher_layers": (2, 3), "epochs": 3})
+    settings = Settings(**{**FAST.__dict__, "teacher_layers": (2, 3), "epochs": 3})
 
     def killed(line: str) -> None:
         if line.startswith("student"):
             raise KeyboardInterrupt  # as if the process died during distillation
 
     with pytest.raises(KeyboardInterrupt):
-        ob.onboard(registry, "toy", settings, progress=killed)
+        onboard(registry, "toy", settings, progress=killed)
     assert registry.tasks() == []
     calls = []
-    real_fit = ob.fit
-    monkeypatch.setattr(ob, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
-    report = ob.onboard(registry, "toy", settings)
+    real_fit = stages.fit
+    monkeypatch.setattr(stages, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
+    report = onboard(registry, "toy", settings)
     teachers = [r for r in report.runs if r.stage == "teacher"]
     assert len(teachers) == 2 and all(r.resumed for r in teachers)
     assert len(calls) == len(report.runs) - 2  # only the students trained this time
@@ -103,7 +105,7 @@ def test_user_errors_are_one_line_mtreg_errors(
     tmp_path: Path, task: str, error: type, message: str
 ) -> None:
     with toy_registry(tmp_path) as registry, pytest.raises(error, match=message) as info:
-        ob.onboard(registry, task, FAST)
+        onboard(registry, task, FAST)
     assert "\n" not in str(info.value)
 
 
@@ -131,10 +133,10 @@ def test_a_home_without_the_trunk_objects_is_a_one_line_error(tmp_path: Path) ->
 
 
 def test_settings_helpers() -> None:
-    assert ob.parse_range("1..3") == (1, 2, 3) and ob.parse_range("2") == (2,)
-    assert ob.default_teacher_layers(6) == (2, 3) and ob.default_teacher_layers(12) == (4, 5, 6)
-    assert ob.auto_epochs(48, 32) == 10 and ob.auto_epochs(10_000, 32) == 3
-    assert ob.threshold(0.9, 0.99) == pytest.approx(0.891)
-    assert ob.threshold(-0.5, 0.99) == pytest.approx(-0.505)
+    assert parse_range("1..3") == (1, 2, 3) and parse_range("2") == (2,)
+    assert default_teacher_layers(6) == (2, 3) and default_teacher_layers(12) == (4, 5, 6)
+    assert auto_epochs(48, 32) == 10 and auto_epochs(10_000, 32) == 3
+    assert threshold(0.9, 0.99) == pytest.approx(0.891)
+    assert threshold(-0.5, 0.99) == pytest.approx(-0.505)
     with pytest.raises(MtregError, match="tolerance"):
-        ob.Settings(tolerance=1.5).check()
+        Settings(tolerance=1.5).check()

@@ -19,8 +19,10 @@ from test_train import FAST, toy_registry
 from mtreg.cli.main import cli
 from mtreg.cli.progress import Renderer, bar_text
 from mtreg.model import finetune as ft
-from mtreg.model import onboard as ob
+from mtreg.model.job import prepare
+from mtreg.model.onboard import onboard
 from mtreg.model.progress import Step, StepProgress, prefixed
+from mtreg.model.stages import train_teachers
 from mtreg.registry.api import Registry
 
 TRAIN_EXAMPLES = 192  # the toy task's train split (tests/test_train.py)
@@ -147,7 +149,7 @@ def test_elsewhere_there_are_lines_only() -> None:
 def test_onboarding_steps_every_batch_of_every_epoch_run(registry: Registry) -> None:
     recorder = Recorder()
     settings = replace(FAST, epochs=1, student_epochs=2, patience=1)
-    report = ob.onboard(registry, "toy", settings, register=False, progress=recorder)
+    report = onboard(registry, "toy", settings, register=False, progress=recorder)
     batches = math.ceil(TRAIN_EXAMPLES / settings.batch_size)
     assert [r.name for r in report.runs] == ["teacher-L2-lr0.003", "student-l1-lr0.003"]
     for run in report.runs:
@@ -165,8 +167,8 @@ def test_onboarding_steps_every_batch_of_every_epoch_run(registry: Registry) -> 
 def test_onboarding_on_a_terminal_draws_bars_and_keeps_the_log(registry: Registry) -> None:
     stream = FakeTTY()
     with Renderer(stream, interval=0) as progress:
-        job = ob.prepare(registry, "toy", replace(FAST, epochs=2), progress=progress)
-        ob.train_teachers(job)
+        job = prepare(registry, "toy", replace(FAST, epochs=2), progress=progress)
+        train_teachers(job)
     raw = stream.getvalue()
     assert "\r  teacher-L2-lr0.003  epoch 2/2 [" in raw
     rows = screen(raw)
@@ -179,7 +181,7 @@ def test_onboarding_on_a_terminal_draws_bars_and_keeps_the_log(registry: Registr
 
 def test_full_finetuning_steps_carry_the_learning_rate(registry: Registry) -> None:
     recorder = Recorder()
-    job = ob.prepare(registry, "toy", FAST)
+    job = prepare(registry, "toy", FAST)
     ft.search(job, (1e-3,), epochs=1, progress=recorder)
     batches = math.ceil(TRAIN_EXAMPLES / FAST.batch_size)
     assert {s.run for s in recorder.steps} == {"full-lr0.001"}

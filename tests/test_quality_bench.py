@@ -192,13 +192,14 @@ def _tiny_registry(ckpt: Path):
 
 
 def test_mtreg_report_from_the_registry(tiny: dict[str, Path]) -> None:
-    from mtreg.model import onboard as ob
+    from mtreg.model.job import Settings
+    from mtreg.model.onboard import onboard
 
     config = {"sst2": {"sizes": {"train": 64}, "seed": 0}}
     home = tiny["root"] / "home"
-    settings = ob.Settings(teacher_layers=(2,), teacher_lrs=(3e-3,), epochs=2, patience=None)
+    settings = Settings(teacher_layers=(2,), teacher_lrs=(3e-3,), epochs=2, patience=None)
     with benchtasks.open_registry(home, config, tiny["ckpt"]) as registry:
-        ob.onboard(registry, "sst2", settings)
+        onboard(registry, "sst2", settings)
         accuracy = registry.versions("sst2")[0].metrics["accuracy"]
     baseline = tiny["root"] / "baseline.json"
     baseline.write_text(

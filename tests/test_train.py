@@ -16,8 +16,10 @@ import pytest
 import torch
 from factories import make_checkpoint
 
-from mtreg.model import onboard as ob
+from mtreg.errors import MtregError
 from mtreg.model.cache import ActivationCache
+from mtreg.model.job import Settings, compute_hidden, hidden_states, prepare, uncached_batch_loss
+from mtreg.model.stages import load_run, student_branch, teacher_branch, train_teachers
 from mtreg.model.train import Split, batch_loss, soft_loss
 from mtreg.plugins.spec import HeadSpec
 from mtreg.registry.api import Registry
@@ -75,7 +77,7 @@ PLUGIN = textwrap.dedent(
 )
 
 # Fast settings for the tiny model: a random trunk wants a higher rate than a real one.
-FAST = ob.Settings(
+FAST = Settings(
     teacher_layers=(2,),
     teacher_lrs=(3e-3,),
     student_lrs=(3e-3,),
@@ -105,8 +107,8 @@ def registry(tmp_path: Path):
 
 
 def test_teacher_learns_a_separable_task(registry: Registry) -> None:
-    job = ob.prepare(registry, "toy", FAST)
-    result = ob.train_teachers(job)
+    job = prepare(registry, "toy", FAST)
+    result = train_teachers(job)
     assert result.best.dev_metrics["accuracy"] > 0.9
     assert result.best.fork_depth == 1 and result.best.layers == 2
 
@@ -115,9 +117,9 @@ def test_frozen_trunk_is_bit_for_bit_unchanged(registry: Registry) -> None:
     trunk = registry.trunk("tiny")
     objects = [trunk.objects["embeddings"], *trunk.objects["layers"]]
     files = {sha: registry.objects.path(sha).read_bytes() for sha in objects}
-    job = ob.prepare(registry, "toy", FAST)
+    job = prepare(registry, "toy", FAST)
     before = {sha: {k: v.clone() for k, v in job.component(sha).items()} for sha in objects}
-    ob.train_teachers(job)
+    train_teachers(job)
     for sha in objects:
         assert files[sha] == registry.objects.path(sha).read_bytes()
         for name, tensor in job.component(sha).items():
@@ -146,21 +148,21 @@ def test_distillation_loss_matches_a_hand_computation() -> None:
 
 
 def test_student_starts_from_the_teachers_bottom_layers_and_head(registry: Registry) -> None:
-    job = ob.prepare(registry, "toy", FAST)
-    teacher = ob.teacher_branch(job, 3, seed=0)
+    job = prepare(registry, "toy", FAST)
+    teacher = teacher_branch(job, 3, seed=0)
     # The teacher starts from the trunk's own top layers.
     for j in range(3):
         for name, tensor in job.trunk_layer(j).items():
             assert torch.equal(teacher.layers[j].state_dict()[name], tensor)
-    student = ob.student_branch(job, teacher, 2)
+    student = student_branch(job, teacher, 2)
     for j in range(2):
         for name, tensor in teacher.layers[j].state_dict().items():
             assert torch.equal(student.layers[j].state_dict()[name], tensor)
     for part in ("head", "pooler"):
         for name, tensor in getattr(teacher, part).state_dict().items():
             assert torch.equal(getattr(student, part).state_dict()[name], tensor)
-    with pytest.raises(ob.MtregError, match=r"student needs 1\.\.2"):
-        ob.student_branch(job, teacher, 3)
+    with pytest.raises(MtregError, match=r"student needs 1\.\.2"):
+        student_branch(job, teacher, 3)
 
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -170,22 +172,22 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_cached_and_uncached_training_give_the_same_first_step_gradients(
     registry: Registry,
 ) -> None:
-    job = ob.prepare(registry, "toy", FAST)
+    job = prepare(registry, "toy", FAST)
     depth, indices = 1, list(range(16))
     trunk = job.trunk_module(depth)
 
     def fresh():
-        branch = ob.teacher_branch(job, 2, seed=0)
+        branch = teacher_branch(job, 2, seed=0)
         branch.eval()  # no dropout: both paths must see the same network
         return branch
 
     uncached = fresh()
-    ob.uncached_batch_loss(trunk, uncached, job, job.train, indices, depth).backward()
+    uncached_batch_loss(trunk, uncached, job, job.train, indices, depth).backward()
     exact = fresh()
-    hidden32 = ob.compute_hidden(job, job.train, [depth])[depth]
+    hidden32 = compute_hidden(job, job.train, [depth])[depth]
     batch_loss(exact, job.spec.head, Split(hidden32, job.train.labels), indices).backward()
     cached = fresh()
-    hidden16 = ob.hidden_states(job, "train", [depth])[depth]  # what training reads: fp16
+    hidden16 = hidden_states(job, "train", [depth])[depth]  # what training reads: fp16
     assert hidden16[0].dtype == torch.float16
     batch_loss(cached, job.spec.head, Split(hidden16, job.train.labels), indices).backward()
     reference = _grads(uncached)
@@ -197,16 +199,16 @@ def test_cached_and_uncached_training_give_the_same_first_step_gradients(
 
 
 def test_training_is_reproducible(registry: Registry) -> None:
-    settings = ob.Settings(teacher_layers=(1,), teacher_lrs=(1e-3,), epochs=2, patience=None)
-    first = ob.train_teachers(ob.prepare(registry, "toy", settings))
-    second_job = ob.prepare(registry, "toy", settings)
+    settings = Settings(teacher_layers=(1,), teacher_lrs=(1e-3,), epochs=2, patience=None)
+    first = train_teachers(prepare(registry, "toy", settings))
+    second_job = prepare(registry, "toy", settings)
     # Force a real second run instead of a resume from the first run's checkpoint.
     for path in second_job.stage_dir.glob("teacher-*"):
         path.unlink()
-    second = ob.train_teachers(second_job)
+    second = train_teachers(second_job)
     assert not second.best.resumed
     assert first.best.dev_metrics == second.best.dev_metrics
-    a = ob.load_run(second_job, first.best.name, first.best.key, 1)
+    a = load_run(second_job, first.best.name, first.best.key, 1)
     assert a is not None
 
 
@@ -244,11 +246,11 @@ def test_activation_cache_hits_misses_and_evicts_least_recently_used(tmp_path: P
 
 
 def test_the_cache_is_reused_across_runs(registry: Registry) -> None:
-    job = ob.prepare(registry, "toy", FAST)
-    ob.hidden_states(job, "train", [1, 2])
-    again = ob.prepare(registry, "toy", FAST)
+    job = prepare(registry, "toy", FAST)
+    hidden_states(job, "train", [1, 2])
+    again = prepare(registry, "toy", FAST)
     again.cache.hits = again.cache.misses = 0
-    ob.hidden_states(again, "train", [1, 2])
+    hidden_states(again, "train", [1, 2])
     assert (again.cache.hits, again.cache.misses) == (2, 0)
     digest = hashlib.sha256(b"".join(sorted(p.name.encode() for p in job.cache.root.iterdir())))
     assert digest.hexdigest()  # entries live under MTREG_HOME/cache/activations

@@ -1,0 +1,429 @@
+"""A training job: what to search and how to train (:class:`Settings`), and everything one
+task's training needs, loaded once (:class:`Job`, :func:`prepare`): its spec, its train and
+dev data encoded with the trunk's tokenizer, the trunk, and the trunk's activations.
+
+Cost (issue 5, section 2): the trunk below a fork is frozen and runs without dropout, so
+its hidden states at every candidate depth are computed in one pass and cached on disk
+(fp16, :mod:`mtreg.model.cache`); every teacher and student trains on those. The trunk is
+read from the registry's object store, never from the folder it was added from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mtreg.errors import MtregError
+from mtreg.model.cache import ActivationCache, cache_key
+from mtreg.model.config import TrunkConfig
+from mtreg.model.data import Encoded, collate, data_hash, encode, load_tokenizer
+from mtreg.model.fingerprint import TrunkFingerprint
+from mtreg.model.layers import Branch
+from mtreg.model.metrics import DEFAULT_METRICS, check_names
+from mtreg.model.network import Trunk
+from mtreg.model.progress import Progress
+from mtreg.model.train import Recipe, hard_loss, stack_labels
+from mtreg.model.trunk import load_component
+
+if TYPE_CHECKING:
+    from mtreg.plugins.spec import TaskSpec
+    from mtreg.registry.api import Registry
+    from mtreg.registry.records import TrunkRecord
+
+DATA_DIR_ENV = "MTREG_DATA_DIR"
+FORMAT = "mtreg-onboarding/1"  # bump when a change makes old stage checkpoints stale
+# Partial runs want a higher learning rate than full fine-tuning (issue 5: lr 2e-4 on the
+# top 3 of 6 layers matched a full run at 1e-4), so both are tried for teachers. Students
+# start from a trained teacher but their head meets a shallower state than it was trained
+# on; a higher rate and twice the teacher's epochs let them catch up (they are cheap: l < L).
+TEACHER_LRS = (1e-4, 2e-4)
+STUDENT_LRS = (5e-4,)
+# Automatic epochs: enough for about MIN_STEPS optimizer steps, within MIN..MAX epochs.
+# Small data sets (the demo's 48 sentences) get more passes; 10k examples get MIN_EPOCHS.
+# Together with early stopping (PATIENCE epochs without a better dev score) this keeps the
+# README demo (two tasks of 60-80 sentences on the 6-layer MiniLM) to a few CPU minutes.
+MIN_STEPS, MIN_EPOCHS, MAX_EPOCHS = 20, 3, 10
+PATIENCE = 3
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to search and how to train. Every field is reported with the results.
+
+    ``None`` means "choose": teacher layers default to :func:`default_teacher_layers`,
+    student layers to 1..min(3, L-1), epochs to :func:`auto_epochs` (students: twice the
+    teachers'), max length to the task's own.
+    """
+
+    teacher_layers: tuple[int, ...] | None = None
+    teacher_lrs: tuple[float, ...] = TEACHER_LRS
+    student_layers: tuple[int, ...] | None = None
+    student_lrs: tuple[float, ...] = STUDENT_LRS
+    epochs: int | None = None
+    student_epochs: int | None = None
+    batch_size: int = 32
+    max_length: int | None = None
+    seed: int = 0
+    dropout: float = 0.1
+    patience: int | None = PATIENCE
+    tolerance: float = 0.99
+    device: str = "auto"
+
+    def check(self) -> None:
+        """Raise MtregError for a value no run could use."""
+        for name in ("teacher_lrs", "student_lrs"):
+            values = getattr(self, name)
+            if not values or any(not (lr > 0 and math.isfinite(lr)) for lr in values):
+                raise MtregError(f"{name.replace('_', ' ')} must be positive numbers")
+        for name in ("teacher_layers", "student_layers"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise MtregError(f"{name.replace('_', ' ')} must be at least 1")
+        for name in ("epochs", "student_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise MtregError(f"{name.replace('_', ' ')} must be at least 1")
+        if self.patience is not None and self.patience < 1:
+            raise MtregError("patience must be at least 1 epoch")
+        if self.batch_size < 1:
+            raise MtregError("batch size must be at least 1")
+        if not 0 < self.tolerance <= 1:
+            raise MtregError(f"tolerance must be in (0, 1], got {self.tolerance}")
+        if self.max_length is not None and not 2 <= self.max_length <= 8192:
+            raise MtregError("max length must be in 2..8192")
+
+
+def parse_range(text: str) -> tuple[int, ...]:
+    """Parse ``"LO..HI"`` (or a single ``"N"``) into the integers LO..HI inclusive.
+
+    Raises:
+        MtregError: not of that form, or LO > HI, or LO < 1.
+    """
+    lo, sep, hi = text.partition("..")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise MtregError(f"invalid range {text!r}: write LO..HI, e.g. 2..4") from None
+    if low < 1 or low > high:
+        raise MtregError(f"invalid range {text!r}: need 1 <= LO <= HI")
+    return tuple(range(low, high + 1))
+
+
+def default_teacher_layers(num_layers: int) -> tuple[int, ...]:
+    """Return the default L search for an N-layer trunk: about N/3..N/2 (2..3 of 6, 4..6 of
+    12; the paper searched 4..10 of 12, kept narrow here so onboarding stays cheap)."""
+    low = max(1, round(num_layers / 3))
+    high = max(low, num_layers // 2)
+    return tuple(range(low, min(high, num_layers) + 1))
+
+
+def auto_epochs(num_examples: int, batch_size: int) -> int:
+    """Return epochs giving about :data:`MIN_STEPS` steps, within MIN_EPOCHS..MAX_EPOCHS."""
+    steps = max(1, math.ceil(num_examples / batch_size))
+    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(MIN_STEPS / steps)))
+
+
+# -- preparing a job: task, data, trunk ---------------------------------------------------
+
+
+def resolve_device(name: str) -> str:
+    """Return the torch device for ``auto``, ``cpu`` or ``cuda`` (auto picks CUDA if present).
+
+    Raises:
+        MtregError: an unknown name, or ``cuda`` on a machine without a CUDA device.
+    """
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MtregError("--device cuda: this machine has no CUDA device; use cpu or auto")
+        return name
+    raise MtregError(f"unknown device {name!r}: use auto, cpu or cuda")
+
+
+@contextlib.contextmanager
+def data_dir_env(data_dir: str | Path | None) -> Iterator[None]:
+    """Set ``MTREG_DATA_DIR`` (read by the built-in plugins' loaders) while loading data."""
+    if data_dir is None:
+        yield
+        return
+    previous = os.environ.get(DATA_DIR_ENV)
+    os.environ[DATA_DIR_ENV] = str(data_dir)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(DATA_DIR_ENV, None)
+        else:
+            os.environ[DATA_DIR_ENV] = previous
+
+
+@dataclass
+class Job:
+    """Everything one task's training needs, loaded once: spec, data, trunk, caches."""
+
+    registry: Registry
+    spec: TaskSpec
+    trunk: TrunkRecord
+    config: TrunkConfig
+    fingerprint: TrunkFingerprint
+    tokenizer: Any
+    max_length: int
+    metrics: tuple[str, ...]
+    train: Encoded
+    dev: Encoded
+    data_hash: str
+    device: str
+    settings: Settings
+    cache: ActivationCache
+    stage_dir: Path
+    progress: Progress | None = None
+    _components: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def data_key(self) -> str:
+        """What every result of this job depends on besides the recipe."""
+        return cache_key(
+            format=FORMAT,
+            trunk=self.fingerprint.to_dict(),
+            data=self.data_hash,
+            max_length=self.max_length,
+            head=self.spec.head.to_dict(),
+            inputs=list(self.spec.inputs),
+            metrics=list(self.metrics),
+        )
+
+    def say(self, message: str) -> None:
+        """Report progress, if anyone listens."""
+        if self.progress is not None:
+            self.progress(message)
+
+    def component(self, sha: str) -> dict[str, torch.Tensor]:
+        """Return a trunk component's tensors from the object store (read once)."""
+        if sha not in self._components:
+            try:
+                path = self.registry.objects.existing(sha)
+            except MtregError as exc:
+                raise MtregError(f"trunk {self.trunk.name!r}: {exc}") from None
+            self._components[sha] = load_component(path)
+        return self._components[sha]
+
+    def trunk_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """Return trunk layer ``index``'s tensors (HF names relative to the layer)."""
+        return self.component(self.trunk.objects["layers"][index])
+
+    def trunk_pooler(self) -> dict[str, torch.Tensor] | None:
+        """Return the trunk's pooler tensors, or None if the checkpoint had none."""
+        sha = self.trunk.objects.get("pooler")
+        return self.component(sha) if sha else None
+
+    def trunk_module(self, depth: int) -> Trunk:
+        """Return the frozen trunk up to ``depth`` (eval mode, no gradients)."""
+        objects = self.trunk.objects
+        module = Trunk.from_tensors(
+            self.config,
+            self.component(objects["embeddings"]),
+            [self.trunk_layer(i) for i in range(depth)],
+        )
+        module.requires_grad_(False)
+        return module.eval()
+
+    def recipe(self, lr: float, epochs: int) -> Recipe:
+        """Return the training recipe of this job's settings at ``lr`` for ``epochs``."""
+        s = self.settings
+        return Recipe(
+            epochs=epochs,
+            lr=lr,
+            batch_size=s.batch_size,
+            dropout=s.dropout,
+            seed=s.seed,
+            patience=s.patience,
+        )
+
+
+def _load_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
+    """Return the examples of ``split``. Raises MtregError for a failing or empty split."""
+    assert spec.load_dataset is not None
+    try:
+        examples = [dict(example) for example in spec.load_dataset(split)]
+    except MtregError as exc:
+        raise MtregError(f"task {spec.name!r}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeError) as exc:
+        raise MtregError(
+            f"task {spec.name!r}: cannot load its {split} split: {type(exc).__name__}: {exc}"
+        ) from None
+    if not examples:
+        raise MtregError(f"task {spec.name!r}: its {split} split is empty")
+    return examples
+
+
+def _encode(job_spec: TaskSpec, tokenizer: Any, examples: list, split: str, n: int) -> Encoded:
+    try:
+        return encode(tokenizer, examples, job_spec.inputs, job_spec.head, n)
+    except MtregError as exc:
+        raise MtregError(f"task {job_spec.name!r}, {split} split: {exc}") from None
+
+
+def _materialise_tokenizer(registry: Registry, trunk: TrunkRecord) -> Path:
+    """Return a folder holding the trunk's tokenizer files under their real names (hard
+    links to the object store, kept under MTREG_HOME/cache/tokenizers for reuse)."""
+    folder = registry.home / "cache" / "tokenizers" / trunk.fingerprint["tokenizer"][:32]
+    if not (folder / ".complete").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, sha in trunk.objects["tokenizer"].items():
+            target = folder / name
+            target.unlink(missing_ok=True)
+            try:
+                registry.objects.link_or_copy(sha, target)
+            except MtregError as exc:
+                raise MtregError(f"trunk {trunk.name!r}, tokenizer {name}: {exc}") from None
+        (folder / ".complete").write_text("")
+    return folder
+
+
+def prepare(
+    registry: Registry,
+    task: str,
+    settings: Settings | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Job:
+    """Load a task's spec, train and dev data, and its trunk from the registry.
+
+    Returns:
+        The :class:`Job` the training functions take.
+
+    Raises:
+        NotFound: no plugin offers ``task``, or its trunk is not registered.
+        MtregError: the task has no dataset loader or names no trunk; a split fails to
+            load, is empty, or holds a label the head does not know; a bad setting.
+    """
+    settings = settings or Settings()
+    settings.check()
+    spec = registry.discover().task(task).spec
+    if spec.load_dataset is None:
+        raise MtregError(
+            f"task {task!r} has no dataset loader: its plugin must pass "
+            "TaskSpec(load_dataset=...) to be trained"
+        )
+    if spec.trunk is None:
+        raise MtregError(f"task {task!r} names no trunk: set TaskSpec(trunk=...) in its plugin")
+    metrics = spec.metrics or DEFAULT_METRICS[spec.head.kind]
+    check_names(metrics)
+    trunk = registry.trunk(spec.trunk)
+    with data_dir_env(data_dir):
+        train, dev = _load_split(spec, "train"), _load_split(spec, "dev")
+    tokenizer = load_tokenizer(_materialise_tokenizer(registry, trunk))
+    max_length = settings.max_length or spec.max_length
+    return Job(
+        registry=registry,
+        spec=spec,
+        trunk=trunk,
+        config=TrunkConfig(**trunk.config),
+        fingerprint=TrunkFingerprint.from_dict(trunk.fingerprint),
+        tokenizer=tokenizer,
+        max_length=max_length,
+        metrics=tuple(metrics),
+        train=_encode(spec, tokenizer, train, "train", max_length),
+        dev=_encode(spec, tokenizer, dev, "dev", max_length),
+        data_hash=data_hash([*train, {"split": "dev"}, *dev]),
+        device=resolve_device(settings.device),
+        settings=settings,
+        cache=ActivationCache(registry.home / "cache" / "activations"),
+        stage_dir=registry.home / "onboarding" / spec.name / spec.version,
+        progress=progress,
+    )
+
+
+# -- cached activations -------------------------------------------------------------------
+
+
+def _hidden_key(job: Job, split: str, depth: int) -> str:
+    encoded = job.train if split == "train" else job.dev
+    return cache_key(
+        kind="hidden",
+        trunk=job.fingerprint.prefix(depth),
+        max_length=job.max_length,
+        tokens=cache_key(ids=encoded.input_ids, types=encoded.token_type_ids),
+        dtype="float16",
+    )
+
+
+@torch.no_grad()
+def compute_hidden(
+    job: Job, encoded: Encoded, depths: Sequence[int], batch_size: int = 64
+) -> dict[int, list[torch.Tensor]]:
+    """Run the frozen trunk once over ``encoded`` and return, per depth, each example's
+    hidden state [len, H] (padding removed, fp32 on the CPU)."""
+    trunk = job.trunk_module(max(depths)).to(job.device)
+    out: dict[int, list[torch.Tensor]] = {d: [None] * len(encoded) for d in depths}  # type: ignore[list-item]
+    # Batching examples of similar length wastes less work on padding.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
+    pad = job.tokenizer.pad_token_id or 0
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = {k: v.to(job.device) for k, v in collate(encoded, indices, pad).items()}
+        states = trunk(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], depths)
+        for row, i in enumerate(indices):
+            n = len(encoded.input_ids[i])
+            for d in depths:
+                out[d][i] = states[d][row, :n].float().cpu()
+    return out
+
+
+def hidden_states(job: Job, split: str, depths: Sequence[int]) -> dict[int, list[torch.Tensor]]:
+    """Return each example's trunk state at each of ``depths`` for ``split``, from the
+    cache where present; the missing depths are computed in one trunk pass and cached (fp16).
+    """
+    depths = sorted(set(depths))
+    found: dict[int, list[torch.Tensor]] = {}
+    for d in depths:
+        cached = job.cache.get(_hidden_key(job, split, d))
+        if cached is not None:
+            found[d] = cached
+    missing = [d for d in depths if d not in found]
+    if missing:
+        started = time.perf_counter()
+        computed = compute_hidden(job, job.train if split == "train" else job.dev, missing)
+        for d, rows in computed.items():
+            rows16 = [r.half() for r in rows]
+            job.cache.put(_hidden_key(job, split, d), rows16)
+            found[d] = rows16
+        job.say(
+            f"cached {split} activations at depth(s) {missing} "
+            f"in {time.perf_counter() - started:.1f}s"
+        )
+    return found
+
+
+def uncached_batch_loss(
+    trunk: Trunk,
+    branch: Branch,
+    job: Job,
+    encoded: Encoded,
+    indices: Sequence[int],
+    depth: int,
+) -> torch.Tensor:
+    """Return the hard loss of ``branch`` on a batch computed through the live trunk (no
+    cache): the reference the cached path must match, and what a benchmark times."""
+    pad = job.tokenizer.pad_token_id or 0
+    batch = collate(encoded, indices, pad)
+    with torch.no_grad():
+        hidden = trunk(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], (depth,)
+        )[depth]
+    labels = stack_labels(job.spec.head, [encoded.labels[i] for i in indices], hidden.shape[1])
+    return hard_loss(job.spec.head, branch(hidden, batch["attention_mask"]), labels)

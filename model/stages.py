@@ -1,0 +1,373 @@
+"""The two training stages of onboarding: teacher search and distillation.
+
+The method (DESIGN.md): a teacher of L layers fine-tunes the trunk's top L layers (copied,
+the trunk itself never changes) plus a pooler and a fresh head, forking at k = N - L; a
+student of l < L layers at the same k starts from the teacher's bottom l layers and head and
+learns from hard labels plus the teacher's softened logits.
+
+Both train on the cached activations of :mod:`mtreg.model.job`, and students read the
+teacher's cached logits. Every run's result is checkpointed under
+``MTREG_HOME/onboarding/<task>/<version>/`` (JSON + safetensors), so a killed onboarding
+resumes at the run it reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mtreg.errors import MtregError
+from mtreg.model.cache import cache_key
+from mtreg.model.fingerprint import tensor_group_hash
+from mtreg.model.job import Job, auto_epochs, default_teacher_layers, hidden_states
+from mtreg.model.layers import Branch
+from mtreg.model.progress import prefixed
+from mtreg.model.train import Split, fit, predict_logits
+
+# Students are searched at l = 1..min(MAX_STUDENT_LAYERS, L-1) unless Settings say otherwise.
+MAX_STUDENT_LAYERS = 3
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One trained candidate: a teacher (L layers) or a student (l layers)."""
+
+    stage: str  # "teacher" or "student"
+    layers: int
+    fork_depth: int
+    lr: float
+    epochs: int
+    best_epoch: int
+    dev_metrics: dict[str, float]
+    seconds: float
+    key: str
+    epochs_run: int = 0  # fewer than ``epochs`` when it stopped early
+    resumed: bool = False
+
+    @property
+    def name(self) -> str:
+        """A file-name-safe label, e.g. ``teacher-L3-lr0.0002``."""
+        letter = "L" if self.stage == "teacher" else "l"
+        return f"{self.stage}-{letter}{self.layers}-lr{self.lr:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class StageResult:
+    """The runs of one stage (teacher search or distillation) and the best of them."""
+
+    runs: list[Run]
+    best: Run
+    settings: dict[str, Any]
+
+
+# -- branches -----------------------------------------------------------------------------
+
+
+def teacher_branch(job: Job, layers: int, seed: int) -> Branch:
+    """Return a fresh teacher of ``layers`` layers: copies of the trunk's top layers
+    N-L..N-1, the trunk's pooler (a fresh one if it has none) and a fresh head.
+
+    Raises:
+        MtregError: ``layers`` outside 1..N.
+    """
+    n = job.config.num_hidden_layers
+    if not 1 <= layers <= n:
+        raise MtregError(f"teacher layers must be in 1..{n} for trunk {job.trunk.name!r}")
+    torch.manual_seed(seed)  # the fresh head (and pooler) are seeded
+    branch = Branch(job.config, layers, job.spec.head, job.settings.dropout)
+    for j, layer in enumerate(branch.layers):
+        layer.load_state_dict(job.trunk_layer(n - layers + j), strict=True)  # copies
+    pooler = job.trunk_pooler()
+    if branch.pooler is not None and pooler is not None:
+        branch.pooler.load_state_dict(pooler, strict=True)
+    return branch
+
+
+def student_branch(job: Job, teacher: Branch, layers: int) -> Branch:
+    """Return a student of ``layers`` layers initialised from the teacher's bottom
+    ``layers`` branch layers, its pooler and its head (copies).
+
+    Raises:
+        MtregError: ``layers`` not below the teacher's.
+    """
+    if not 1 <= layers < len(teacher.layers):
+        raise MtregError(
+            f"a student needs 1..{len(teacher.layers) - 1} layers (its teacher has "
+            f"{len(teacher.layers)})"
+        )
+    student = Branch(job.config, layers, job.spec.head, job.settings.dropout)
+    for j, layer in enumerate(student.layers):
+        layer.load_state_dict(teacher.layers[j].state_dict(), strict=True)
+    if student.pooler is not None:
+        student.pooler.load_state_dict(teacher.pooler.state_dict(), strict=True)
+    student.head.load_state_dict(teacher.head.state_dict(), strict=True)
+    return student
+
+
+def _state_hash(branch: Branch) -> str:
+    return tensor_group_hash(branch.state_dict())
+
+
+# -- stage checkpoints --------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _checkpoint_paths(job: Job, run_name: str) -> tuple[Path, Path]:
+    return job.stage_dir / f"{run_name}.json", job.stage_dir / f"{run_name}.safetensors"
+
+
+def save_run(job: Job, run: Run, branch: Branch) -> None:
+    """Checkpoint a finished run: weights first, then the JSON that marks it complete."""
+    meta_path, weights_path = _checkpoint_paths(job, run.name)
+    state = {k: v.detach().cpu().contiguous() for k, v in branch.state_dict().items()}
+    _atomic_write(weights_path, lambda tmp: save_file(state, tmp))
+    payload = json.dumps({**run.to_dict(), "resumed": False}, indent=2, sort_keys=True)
+    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(payload))
+
+
+def load_run(job: Job, run_name: str, key: str, layers: int) -> tuple[Run, Branch] | None:
+    """Return a checkpointed run and its branch if one exists for exactly ``key``."""
+    meta_path, weights_path = _checkpoint_paths(job, run_name)
+    try:
+        data = json.loads(meta_path.read_text())
+        if data.get("key") != key:
+            return None
+        state = load_file(weights_path)
+        branch = Branch(job.config, layers, job.spec.head, job.settings.dropout)
+        branch.load_state_dict(state, strict=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
+        return None  # absent, stale or damaged: train again
+    fields = {k: data[k] for k in Run.__dataclass_fields__ if k in data}
+    return replace(Run(**fields), resumed=True), branch.eval()
+
+
+def _write_marker(job: Job, name: str, payload: Mapping[str, Any]) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    _atomic_write(job.stage_dir / f"{name}.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def _read_marker(job: Job, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((job.stage_dir / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- the two stages -----------------------------------------------------------------------
+
+
+def _better(run: Run, other: Run | None, metric: str) -> bool:
+    """Higher score wins; on a tie the smaller branch, then the lower learning rate."""
+    if other is None:
+        return True
+    a, b = run.dev_metrics[metric], other.dev_metrics[metric]
+    return (a, -run.layers, -run.lr) > (b, -other.layers, -other.lr)
+
+
+def _train_run(
+    job: Job,
+    stage: str,
+    layers: int,
+    depth: int,
+    lr: float,
+    epochs: int,
+    key: str,
+    make_branch: Callable[[], Branch],
+    train: Split,
+    dev: Split,
+) -> tuple[Run, Branch]:
+    """Train one candidate, or take it from its checkpoint when one matches ``key``."""
+    letter = "L" if stage == "teacher" else "l"
+    name = f"{stage}-{letter}{layers}-lr{lr:g}"
+    found = load_run(job, name, key, layers)
+    if found is not None:
+        job.say(f"{name}: done before, resumed from its checkpoint")
+        return found
+
+    result = fit(
+        make_branch(),
+        job.spec.head,
+        train,
+        dev,
+        job.metrics,
+        job.recipe(lr, epochs),
+        device=job.device,
+        progress=prefixed(job.progress, name),
+    )
+    run = Run(
+        stage=stage,
+        layers=layers,
+        fork_depth=depth,
+        lr=lr,
+        epochs=epochs,
+        best_epoch=result.best_epoch,
+        dev_metrics=result.dev_metrics,
+        seconds=result.seconds,
+        key=key,
+        epochs_run=len(result.history),
+    )
+    save_run(job, run, result.branch)
+    return run, result.branch
+
+
+def train_teachers(job: Job) -> StageResult:
+    """Train a teacher for every L and learning rate of the search; keep the best on dev.
+
+    Each finished run is checkpointed; a rerun with the same data, trunk and recipe takes
+    it from there. Writes ``teacher.json`` naming the best one.
+
+    Returns:
+        Every run, the best, and the settings used.
+
+    Raises:
+        MtregError: an L outside 1..N.
+    """
+    s, n = job.settings, job.config.num_hidden_layers
+    candidates = s.teacher_layers or default_teacher_layers(n)
+    if max(candidates) > n:
+        raise MtregError(f"teacher layers must be in 1..{n} for trunk {job.trunk.name!r}")
+    epochs = s.epochs or auto_epochs(len(job.train), s.batch_size)
+    depths = sorted({n - layers for layers in candidates})
+    train_hidden = hidden_states(job, "train", depths)  # one trunk pass for all depths
+    dev_hidden = hidden_states(job, "dev", depths)
+    runs: list[Run] = []
+    best: Run | None = None
+    for layers in sorted(candidates):
+        k = n - layers
+        train = Split(train_hidden[k], job.train.labels)
+        dev = Split(dev_hidden[k], job.dev.labels)
+        for lr in s.teacher_lrs:
+            key = cache_key(
+                data=job.data_key, stage="teacher", layers=layers, recipe=job.recipe(lr, epochs)
+            )
+            run, _ = _train_run(
+                job,
+                "teacher",
+                layers,
+                k,
+                lr,
+                epochs,
+                key,
+                lambda layers=layers: teacher_branch(job, layers, s.seed),
+                train,
+                dev,
+            )
+            runs.append(run)
+            if _better(run, best, job.metrics[0]):
+                best = run
+    assert best is not None
+    used = {"teacher_layers": list(candidates), "teacher_lrs": list(s.teacher_lrs)}
+    used |= {"epochs": epochs, "batch_size": s.batch_size, "seed": s.seed, "patience": s.patience}
+    _write_marker(job, "teacher", {"data_key": job.data_key, "run": best.to_dict(), **used})
+    return StageResult(runs, best, used)
+
+
+def chosen_teacher(job: Job) -> tuple[Run, Branch]:
+    """Return the best teacher recorded by :func:`train_teachers` for this job's data.
+
+    Raises:
+        MtregError: no teacher trained yet, or trained on other data, trunk or length.
+    """
+    marker = _read_marker(job, "teacher")
+    name = f"`mtreg train {job.spec.name}`"
+    if marker is None:
+        raise MtregError(f"task {job.spec.name!r} has no teacher yet: run {name} first")
+    if marker.get("data_key") != job.data_key:
+        raise MtregError(
+            f"task {job.spec.name!r}: its teacher was trained on other data, trunk or max "
+            f"length: run {name} again"
+        )
+    run = Run(**{k: marker["run"][k] for k in Run.__dataclass_fields__ if k in marker["run"]})
+    found = load_run(job, run.name, run.key, run.layers)
+    if found is None:
+        raise MtregError(f"task {job.spec.name!r}: its teacher checkpoint is gone: run {name}")
+    return found
+
+
+@torch.no_grad()
+def teacher_logits(job: Job, teacher: Branch, run: Run, hidden: list[torch.Tensor]) -> list:
+    """Return the frozen teacher's logits per training example (cached on disk)."""
+    key = cache_key(kind="teacher-logits", teacher=run.key, weights=_state_hash(teacher))
+    cached = job.cache.get(key)
+    if cached is not None and len(cached) == len(hidden):
+        return cached
+    logits = predict_logits(teacher, Split(hidden, job.train.labels), device=job.device)
+    job.cache.put(key, logits)
+    return logits
+
+
+def distill(job: Job) -> StageResult:
+    """Distil the chosen teacher into students of each l and learning rate of the search.
+
+    Raises:
+        MtregError: no usable teacher (see :func:`chosen_teacher`), or an l not below L.
+    """
+    s = job.settings
+    teacher_run, teacher = chosen_teacher(job)
+    big = teacher_run.layers
+    candidates = s.student_layers or tuple(range(1, min(MAX_STUDENT_LAYERS, big - 1) + 1))
+    if candidates and max(candidates) >= big:
+        raise MtregError(f"student layers must be below the teacher's {big} (1..{big - 1})")
+    k = teacher_run.fork_depth
+    epochs = s.student_epochs or 2 * (s.epochs or auto_epochs(len(job.train), s.batch_size))
+    train_hidden = hidden_states(job, "train", [k])[k]
+    dev = Split(hidden_states(job, "dev", [k])[k], job.dev.labels)
+    train = Split(
+        train_hidden, job.train.labels, teacher_logits(job, teacher, teacher_run, train_hidden)
+    )
+    runs: list[Run] = []
+    best: Run | None = None
+    for layers in sorted(candidates):
+        for lr in s.student_lrs:
+            key = cache_key(
+                data=job.data_key,
+                stage="student",
+                teacher=teacher_run.key,
+                layers=layers,
+                recipe=job.recipe(lr, epochs),
+            )
+            run, _ = _train_run(
+                job,
+                "student",
+                layers,
+                k,
+                lr,
+                epochs,
+                key,
+                lambda layers=layers: student_branch(job, teacher, layers),
+                train,
+                dev,
+            )
+            runs.append(run)
+            if _better(run, best, job.metrics[0]):
+                best = run
+    used = {"student_layers": list(candidates), "student_lrs": list(s.student_lrs)}
+    used |= {"student_epochs": epochs, "teacher": teacher_run.to_dict()}
+    return StageResult(runs, best or teacher_run, used)
