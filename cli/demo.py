@@ -18,7 +18,6 @@ from mtreg.cli.output import echo_table
 from mtreg.errors import MtregError
 
 DEMO_TASKS = ("demo-sentiment", "demo-intent")
-DEMO_LRS = (2e-4,)
 SAMPLES = (
     "The blender broke after two days and support never answered.",
     "I was charged twice for my subscription this month.",
@@ -73,9 +72,7 @@ def demo(directory: Path) -> None:
 
         for index, task in enumerate(DEMO_TASKS, 2):
             _step(f"{index}. onboard {task}: teacher search, distillation, register")
-            # One learning rate instead of the default two keeps the demo to minutes;
-            # `mtreg onboard` searches both.
-            echo_report(onboard(registry, task, promote=True, teacher_lrs=DEMO_LRS))
+            echo_report(onboard(registry, task, promote=True))
 
         _step("4. the registry")
         echo_table(

@@ -230,7 +230,7 @@ def distill(
     "lrs",
     type=float,
     multiple=True,
-    help="Teacher learning rate (repeatable) [default: 1e-4, 2e-4].",
+    help="Teacher learning rate (repeatable to search) [default: 2e-4].",
 )
 @click.option(
     "--student-lr",

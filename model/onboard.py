@@ -24,6 +24,7 @@ from mtreg.model.stages import (
     chosen_teacher,
     distill,
     load_run,
+    threshold,
     train_teachers,
 )
 
@@ -71,12 +72,6 @@ class OnboardReport:
 
 
 # -- choosing, writing, registering -------------------------------------------------------
-
-
-def threshold(reference: float, tolerance: float) -> float:
-    """Return the lowest acceptable score: ``tolerance`` × reference for positive scores;
-    for negative ones (neg_mse) the same relative slack below the reference."""
-    return reference - (1 - tolerance) * abs(reference)
 
 
 def choose(runs: Sequence[Run], teacher: Run, metric: str, tolerance: float) -> Run:

@@ -323,8 +323,17 @@ def teacher_logits(job: Job, teacher: Branch, run: Run, hidden: list[torch.Tenso
     return logits
 
 
+def threshold(reference: float, tolerance: float) -> float:
+    """Return the lowest acceptable score: ``tolerance`` × reference for positive scores;
+    for negative ones (neg_mse) the same relative slack below the reference."""
+    return reference - (1 - tolerance) * abs(reference)
+
+
 def distill(job: Job) -> StageResult:
-    """Distil the chosen teacher into students of each l and learning rate of the search.
+    """Distil the chosen teacher into students of each l and learning rate of the search,
+    smallest l first, stopping after the first l where a run reaches the settings'
+    tolerance of the teacher's dev score: the smallest good-enough branch is the one kept
+    (:func:`mtreg.model.onboard.choose`), so larger students would be trained for nothing.
 
     Raises:
         MtregError: no usable teacher (see :func:`chosen_teacher`), or an l not below L.
@@ -342,6 +351,7 @@ def distill(job: Job) -> StageResult:
     train = Split(
         train_hidden, job.train.labels, teacher_logits(job, teacher, teacher_run, train_hidden)
     )
+    enough = threshold(teacher_run.dev_metrics[job.metrics[0]], s.tolerance)
     runs: list[Run] = []
     best: Run | None = None
     for layers in sorted(candidates):
@@ -368,6 +378,11 @@ def distill(job: Job) -> StageResult:
             runs.append(run)
             if _better(run, best, job.metrics[0]):
                 best = run
+        reached = [r for r in runs if r.layers == layers]
+        if any(r.dev_metrics[job.metrics[0]] >= enough for r in reached):
+            if layers < max(candidates):
+                job.say(f"l={layers} is good enough: larger students not trained")
+            break
     used = {"student_layers": list(candidates), "student_lrs": list(s.student_lrs)}
     used |= {"student_epochs": epochs, "teacher": teacher_run.to_dict()}
     return StageResult(runs, best or teacher_run, used)

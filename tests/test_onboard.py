@@ -4,6 +4,7 @@ bundle, resuming after a kill, and the one-line errors a user can cause."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from mtreg.model import stages
 from mtreg.model.branch_file import read_branch
 from mtreg.model.config import TrunkConfig
 from mtreg.model.job import Settings, auto_epochs, default_teacher_layers, parse_range
-from mtreg.model.onboard import onboard, threshold
+from mtreg.model.onboard import distill_task, onboard
+from mtreg.model.stages import threshold
 from mtreg.registry.api import Registry
 
 FLAGS = ["--search", "2..2", "--lr", "3e-3", "--student-lr", "3e-3", "--epochs", "6"]
@@ -140,3 +142,30 @@ def test_settings_helpers() -> None:
     assert threshold(-0.5, 0.99) == pytest.approx(-0.505)
     with pytest.raises(MtregError, match="tolerance"):
         Settings(tolerance=1.5).check()
+
+
+def test_onboard_trains_no_student_larger_than_the_first_good_enough_one(tmp_path: Path) -> None:
+    wide = replace(FAST, teacher_layers=(3,), student_layers=(1, 2), tolerance=0.5)
+    with toy_registry(tmp_path) as registry:
+        report = onboard(registry, "toy", wide, register=False)
+        students = [r for r in report.runs if r.stage == "student"]
+        # l=1 reaches half the teacher's score (the toy task is easy): l=2 is never trained.
+        assert [r.layers for r in students] == [1]
+        assert report.chosen.layers == 1
+        floor = threshold(report.teacher.dev_metrics["accuracy"], 0.5)
+        assert students[0].dev_metrics["accuracy"] >= floor
+        # `mtreg distill` follows the same rule: whatever the scores, it stops exactly at
+        # the first l that reaches the floor, and trains every l before it.
+        strict = replace(wide, tolerance=1.0, student_lrs=(1e-5,))
+        result, _, _ = distill_task(registry, "toy", strict)
+        floor = threshold(report.teacher.dev_metrics["accuracy"], 1.0)
+        trained = sorted({r.layers for r in result.runs})
+        assert trained == [1, 2][: len(trained)]
+
+        def good(layers: int) -> bool:
+            return any(
+                r.dev_metrics["accuracy"] >= floor for r in result.runs if r.layers == layers
+            )
+
+        assert not any(good(layers) for layers in trained[:-1])  # went on: it fell short
+        assert trained[-1] == 2 or good(trained[-1])  # stopped early: it was good enough
