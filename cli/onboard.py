@@ -181,7 +181,11 @@ def distill(
     out,
     **opts,
 ) -> None:
-    """Distil TASK's trained teacher into a smaller student and write the branch file."""
+    """Distil TASK's trained teacher into a smaller student and write the branch file.
+
+    Students are tried from the smallest up; the first one within the tolerance of the
+    teacher ends the search.
+    """
     from mtreg.model.onboard import distill_task
 
     as_json, data_dir = opts.pop("as_json"), opts.pop("data_dir")
@@ -262,7 +266,9 @@ def onboard(
 ) -> None:
     """Train, distil, keep the smallest good branch, register TASK and rebuild the bundle.
 
-    A killed onboarding, run again, resumes after its last finished training run.
+    Students are tried from the smallest up; the first one within the tolerance of the
+    teacher ends the search. A killed onboarding, run again, resumes after its last
+    finished training run.
     """
     from mtreg.model.onboard import onboard as run_onboard
 
