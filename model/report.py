@@ -180,7 +180,7 @@ def figure(
     left.set_ylabel("% of full fine-tuning (mean over seeds)")
     left.set_title("per task: served branch (o), teacher (^)")
     left.set_xlim(0, n + 1)
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="best")
     mean_ratio = overall.get("mean_ratio")
     if mean_ratio is not None:
         right.plot([overall["full_layers"]], [100], "s", color="black", markersize=10)
