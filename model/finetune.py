@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ import torch
 
 from mtreg.errors import MtregError
 from mtreg.model.data import Encoded, collate
-from mtreg.model.job import Job, Settings, auto_epochs, prepare
+from mtreg.model.job import Job, Settings, auto_epochs, prepare, with_overrides
 from mtreg.model.network import Standalone, Trunk
 from mtreg.model.progress import Progress, prefixed
 from mtreg.model.stages import teacher_branch
@@ -349,9 +349,6 @@ def finetune_task(
     Raises:
         MtregError: see :func:`mtreg.model.job.prepare` and :func:`search`.
     """
-    unknown = set(overrides) - set(Settings.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-    settings = replace(settings or Settings(), **overrides)
+    settings = with_overrides(settings, overrides)
     job = prepare(registry, task, settings, data_dir=data_dir, progress=progress)
     return search(job, lrs, progress=progress)

@@ -14,8 +14,8 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +103,18 @@ class Settings:
             raise MtregError(f"tolerance must be in (0, 1], got {self.tolerance}")
         if self.max_length is not None and not 2 <= self.max_length <= 8192:
             raise MtregError("max length must be in 2..8192")
+
+
+def with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
+    """Return ``settings`` (default: ``Settings()``) with the fields in ``overrides`` replaced.
+
+    Raises:
+        TypeError: an override names no Settings field (a typo must not pass silently).
+    """
+    unknown = set(overrides) - set(Settings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown onboarding settings: {', '.join(sorted(unknown))}")
+    return replace(settings or Settings(), **overrides)
 
 
 def parse_range(text: str) -> tuple[int, ...]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtreg.errors import MtregError
 from mtreg.model.branch_file import BranchMeta, write_branch
-from mtreg.model.job import Job, Settings, prepare
+from mtreg.model.job import Job, Settings, prepare, with_overrides
 from mtreg.model.progress import Progress
 from mtreg.model.stages import (
     Run,
@@ -148,13 +148,6 @@ def output_path(job: Job, out: str | Path | None) -> Path:
 # -- the commands -------------------------------------------------------------------------
 
 
-def _settings(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
-    unknown = set(overrides) - set(Settings.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown onboarding settings: {', '.join(sorted(unknown))}")
-    return replace(settings or Settings(), **overrides)
-
-
 def train_teacher(
     registry: Registry,
     task: str,
@@ -173,7 +166,7 @@ def train_teacher(
             :func:`~mtreg.model.stages.train_teachers`.
     """
     job = prepare(
-        registry, task, _settings(settings, overrides), data_dir=data_dir, progress=progress
+        registry, task, with_overrides(settings, overrides), data_dir=data_dir, progress=progress
     )
     result = train_teachers(job)
     if out is not None:
@@ -201,7 +194,7 @@ def distill_task(
         MtregError: see :func:`~mtreg.model.job.prepare` and :func:`~mtreg.model.stages.distill`.
     """
     job = prepare(
-        registry, task, _settings(settings, overrides), data_dir=data_dir, progress=progress
+        registry, task, with_overrides(settings, overrides), data_dir=data_dir, progress=progress
     )
     result = distill(job)
     teacher = chosen_teacher(job)[0]
@@ -235,7 +228,7 @@ def onboard(
     """
     started = time.perf_counter()
     job = prepare(
-        registry, task, _settings(settings, overrides), data_dir=data_dir, progress=progress
+        registry, task, with_overrides(settings, overrides), data_dir=data_dir, progress=progress
     )
     teachers = train_teachers(job)
     students = distill(job)

@@ -158,5 +158,5 @@ def test_finetune_task_prepares_like_onboard(tmp_path: Path) -> None:
         runs, best = ft.finetune_task(registry, "toy", SETTINGS, lrs=(3e-3,), epochs=3)
     assert len(runs) == 1 and best.epochs == 3 and best.model is not None
     assert best.to_dict()["epochs_run"] == len(best.history)
-    with pytest.raises(TypeError, match="unknown settings"):
+    with pytest.raises(TypeError, match="unknown onboarding settings"):
         ft.finetune_task(registry, "toy", bogus=1)
