@@ -245,19 +245,8 @@ def finetune(
     Raises:
         MtregError: see :func:`fit_live`.
     """
-    recipe = job.recipe(lr, job_epochs(job, epochs))
     model = full_model(job, train_embeddings=train_embeddings)
-    return fit_live(
-        model,
-        job.spec.head,
-        job.train,
-        job.dev,
-        job.metrics,
-        recipe,
-        pad_id=pad_id(job),
-        device=job.device,
-        progress=progress,
-    )
+    return _fit_job(job, model, lr, epochs, progress)
 
 
 def train_uncached_teacher(
@@ -275,14 +264,20 @@ def train_uncached_teacher(
     Raises:
         MtregError: ``layers`` outside 1..N; see :func:`fit_live`.
     """
-    recipe = job.recipe(lr, job_epochs(job, epochs))
+    return _fit_job(job, teacher_model(job, layers), lr, epochs, progress)
+
+
+def _fit_job(
+    job: Job, model: torch.nn.Module, lr: float, epochs: int | None, progress: Progress | None
+) -> FinetuneResult:
+    """Train ``model`` on the job's tokenised splits with the job's recipe at ``lr``."""
     return fit_live(
-        teacher_model(job, layers),
+        model,
         job.spec.head,
         job.train,
         job.dev,
         job.metrics,
-        recipe,
+        job.recipe(lr, job_epochs(job, epochs)),
         pad_id=pad_id(job),
         device=job.device,
         progress=progress,
