@@ -220,9 +220,9 @@ class Bench:
 
     def settings(self, seed: int, **overrides: Any) -> Any:
         """Return the onboarding Settings of this benchmark for ``seed``."""
-        from mtreg.model.job import Settings
+        from mtreg.model.job import Settings, with_overrides
 
-        base = dict(
+        base = Settings(
             teacher_layers=TEACHER_LAYERS,
             teacher_lrs=LRS,
             student_lrs=STUDENT_LRS,
@@ -231,7 +231,7 @@ class Bench:
             seed=seed,
             device="cpu",
         )
-        return Settings(**{**base, **overrides})
+        return with_overrides(base, overrides)
 
     def full(self, task: str, seed: int, lr: float) -> dict[str, Any]:
         """Full fine-tuning of ``task`` at ``lr`` (cached unit): dev and test scores with

@@ -40,6 +40,13 @@ MAX_STUDENT_LAYERS = 3
 # -- results ------------------------------------------------------------------------------
 
 
+def run_name(stage: str, layers: int, lr: float) -> str:
+    """Return the label of a run (its checkpoint's file name), e.g. ``teacher-L3-lr0.0002``:
+    L counts a teacher's layers, l a student's."""
+    letter = "L" if stage == "teacher" else "l"
+    return f"{stage}-{letter}{layers}-lr{lr:g}"
+
+
 @dataclass
 class Run:
     """One trained candidate: a teacher (L layers) or a student (l layers)."""
@@ -59,8 +66,7 @@ class Run:
     @property
     def name(self) -> str:
         """A file-name-safe label, e.g. ``teacher-L3-lr0.0002``."""
-        letter = "L" if self.stage == "teacher" else "l"
-        return f"{self.stage}-{letter}{self.layers}-lr{self.lr:g}"
+        return run_name(self.stage, self.layers, self.lr)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -204,8 +210,7 @@ def _train_run(
     dev: Split,
 ) -> tuple[Run, Branch]:
     """Train one candidate, or take it from its checkpoint when one matches ``key``."""
-    letter = "L" if stage == "teacher" else "l"
-    name = f"{stage}-{letter}{layers}-lr{lr:g}"
+    name = run_name(stage, layers, lr)
     found = load_run(job, name, key, layers)
     if found is not None:
         job.say(f"{name}: done before, resumed from its checkpoint")
