@@ -190,11 +190,6 @@ def paired_bootstrap_se(
     return statistics.stdev(diffs)
 
 
-def load_split(spec: Any, split: str) -> list[dict[str, Any]]:
-    """Return a task's examples of ``split`` (through the benchmark plugin's subsample)."""
-    return [dict(example) for example in spec.load_dataset(split)]
-
-
 # -- the units -----------------------------------------------------------------------------
 
 
@@ -240,7 +235,7 @@ class Bench:
         def compute() -> dict[str, Any]:
             from mtreg.model import finetune as ft
             from mtreg.model.data import encode
-            from mtreg.model.job import prepare
+            from mtreg.model.job import load_split, prepare
 
             log(f"{task} seed {seed}: full fine-tuning lr {lr:g}")
             job = prepare(self.registry(seed), task, self.settings(seed))
@@ -293,6 +288,7 @@ class Bench:
         """Score every task of the seed's latest bundle through ``mtreg.load_bundle`` (cached
         per bundle id); None when the seed has no bundle yet."""
         import mtreg
+        from mtreg.model.job import load_split
 
         registry = self.registry(seed)
         try:

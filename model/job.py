@@ -267,7 +267,7 @@ class Job:
         )
 
 
-def _load_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
+def load_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     """Return the examples of ``split``. Raises MtregError for a failing or empty split."""
     assert spec.load_dataset is not None
     try:
@@ -339,7 +339,7 @@ def prepare(
     check_names(metrics)
     trunk = registry.trunk(spec.trunk)
     with data_dir_env(data_dir):
-        train, dev = _load_split(spec, "train"), _load_split(spec, "dev")
+        train, dev = load_split(spec, "train"), load_split(spec, "dev")
     tokenizer = load_tokenizer(_materialise_tokenizer(registry, trunk))
     max_length = settings.max_length or spec.max_length
     return Job(
