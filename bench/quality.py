@@ -65,6 +65,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,25 @@ def paired_bootstrap_se(
         right = evaluate([metric], [b[i] for i in idx], refs)[metric]
         diffs.append(left - right)
     return statistics.stdev(diffs)
+
+
+def majority(references: Sequence[Any]) -> list[Any]:
+    """Return the predictions of the best constant predictor: the split's most frequent label
+    (per word for tagging; the mean for regression, whose correlation is then 0). The floor
+    a model must clear before its ratio to another model means much."""
+    first = references[0]
+    if isinstance(first, float):
+        return [statistics.fmean(references)] * len(references)
+    if isinstance(first, list) and first and isinstance(first[0], str):
+        tag = Counter(t for tags in references for t in tags).most_common(1)[0][0]
+        return [[tag] * len(tags) for tags in references]
+    label = Counter(_key(r) for r in references).most_common(1)[0][0]
+    return [list(label) if isinstance(label, tuple) else label for _ in references]
+
+
+def _key(value: Any) -> Any:
+    # Multilabel sets are lists: count them as tuples.
+    return tuple(value) if isinstance(value, list) else value
 
 
 # -- the units -----------------------------------------------------------------------------
@@ -637,6 +657,41 @@ def task_row(units: Path, task: str, seeds: Sequence[int]) -> tuple[Any, list[st
     return row, missing
 
 
+def floor_row(units: Path, task: str) -> dict[str, Any] | None:
+    """Return seed 0 of ``task`` against the constant predictor (:func:`majority`): its
+    score, full fine-tuning's margin over it with the paired bootstrap SE, whether full
+    fine-tuning clears it by more than 2 SE (``learned``), and the share of that margin the
+    served branch keeps; None before full fine-tuning has run."""
+    from mtreg.model.metrics import evaluate
+
+    best = best_full(units, task, 0)
+    if best is None:
+        return None
+    split = "test" if task in TEST_TASKS else "dev"
+    metric = first_metric(task)
+    references = best[split]["references"]
+    constant = majority(references)
+    floor = evaluate([metric], constant, references)[metric]
+    full = best[split]["metrics"][metric]
+    se = paired_bootstrap_se(metric, best[split]["predictions"], constant, references)
+    row: dict[str, Any] = {
+        "metric": metric,
+        "split": split,
+        "majority": floor,
+        "full": full,
+        "se": se,
+        "learned": full - floor > 2 * se,
+        "served": None,
+        "gain_kept": None,
+    }
+    entry = (read_json(units / "bundle-seed0.json") or {}).get("tasks", {}).get(task)
+    if entry is not None:
+        row["served"] = entry[split]["metrics"][metric]
+        if full > floor:
+            row["gain_kept"] = (row["served"] - floor) / (full - floor)
+    return row
+
+
 def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
     """Return the whole report (rows, overall, serving, baseline, missing) from the units."""
     from mtreg.model.report import summary
@@ -662,11 +717,18 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
             baseline[task] = {"metric": metric, "split": "dev", "full": values}
     if serving is None:
         missing.append("serving cost")
+    floors = {task: row for task in tasks if (row := floor_row(units, task)) is not None}
+    learned = [
+        r.ratio for r in rows if r.ratio is not None and floors.get(r.task, {}).get("learned")
+    ]
+    overall["mean_ratio_learned"] = statistics.fmean(learned) if learned else None
+    overall["tasks_learned"] = len(learned)
     return {
         "rows": [r.to_dict() for r in rows],
         "overall": overall,
         "serving": {k: v for k, v in (serving or {}).items() if k != "times_s"} or None,
         "baseline": baseline,
+        "floor": floors,
         "missing": missing,
         "settings": {
             "tasks": TASKS,
@@ -722,6 +784,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"| {m['full']:.0f} | {m['bundle'] / m['full']:.2f} |",
             "",
         ]
+    lines += floor_markdown(report)
     s = report["settings"]
     lines += [
         "## Settings",
@@ -746,6 +809,49 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report["missing"]:
         lines += ["", "## Missing (run not finished)", ""] + [f"* {m}" for m in report["missing"]]
     return "\n".join(lines) + "\n"
+
+
+def floor_markdown(report: dict[str, Any]) -> list[str]:
+    """Return the lines of the section that sets each comparison against the constant
+    predictor (seed 0)."""
+    floors = report.get("floor") or {}
+    if not floors:
+        return []
+    pct = lambda value: "–" if value is None else f"{100 * value:.1f}"  # noqa: E731
+    lines = [
+        "## Above a constant predictor? (seed 0)",
+        "",
+        "Majority: always the split's most frequent label (per word for tagging; a constant "
+        "has correlation 0). A ratio to full fine-tuning only means something where full "
+        "fine-tuning clears this floor; gain kept = (served − majority) / (full − majority).",
+        "",
+        "| task | metric (split) | majority | full FT | full − majority (SE) | served "
+        "| gain kept |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for task, f in floors.items():
+        margin = f"{pct(f['full'] - f['majority'])} ({pct(f['se'])})"
+        if not f["learned"]:
+            margin += ", not above"
+        kept = "–" if f["gain_kept"] is None else f"{100 * f['gain_kept']:.0f}%"
+        lines.append(
+            f"| {task} | {f['metric']} ({f['split']}) | {pct(f['majority'])} | {pct(f['full'])} "
+            f"| {margin} | {pct(f['served'])} | {kept} |"
+        )
+    overall = report["overall"]
+    flat = [task for task, f in floors.items() if not f["learned"]]
+    lines.append("")
+    if flat:
+        lines.append(
+            f"Full fine-tuning is not more than 2 SE above the constant predictor on "
+            f"{', '.join(flat)}: there the ratio compares two models that learned little."
+        )
+    if overall.get("mean_ratio_learned") is not None:
+        lines.append(
+            f"Mean quality ratio over the {overall['tasks_learned']} tasks where it is: "
+            f"**{100 * overall['mean_ratio_learned']:.1f}%**."
+        )
+    return [*lines, ""]
 
 
 def write_report(units: Path, out: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dict:

@@ -105,6 +105,41 @@ def test_paired_bootstrap_is_zero_for_equal_predictions_and_positive_otherwise()
     assert quality.paired_bootstrap_se("accuracy", refs, other, refs, n=20) > 0
 
 
+@pytest.mark.parametrize(
+    "references, expected",
+    [
+        ([1, 0, 1], [1, 1, 1]),  # single label: the most frequent one
+        ([1.0, 3.0], [2.0, 2.0]),  # regression: the mean
+        ([["O", "B-x"], ["O"]], [["O", "O"], ["O"]]),  # tagging: the most frequent tag
+        ([[1, 2], [0], [1, 2]], [[1, 2], [1, 2], [1, 2]]),  # multilabel: the commonest set
+    ],
+)
+def test_majority_is_the_constant_predictor(references: list, expected: list) -> None:
+    assert quality.majority(references) == expected
+
+
+@pytest.mark.parametrize("wrong, learned", [(2, True), (20, False)])
+def test_floor_row_sets_full_and_served_against_the_majority(
+    tmp_path: Path, wrong: int, learned: bool
+) -> None:
+    references = [i % 2 for i in range(40)]  # majority: 50%
+    full = [1 - r if i < wrong else r for i, r in enumerate(references)]
+    split = {"metrics": {"accuracy": 1 - wrong / 40}, "predictions": full}
+    quality.write_json(
+        tmp_path / "sst2" / "seed0" / "full-lr2e-05.json",
+        {"lr": 2e-5, "dev_metrics": split["metrics"], "dev": {**split, "references": references}},
+    )
+    bundle = {"tasks": {"sst2": {"dev": {"metrics": {"accuracy": 0.8}}}}}
+    quality.write_json(tmp_path / "bundle-seed0.json", bundle)
+    row = quality.floor_row(tmp_path, "sst2")
+    assert row is not None and row["majority"] == 0.5 and row["served"] == 0.8
+    assert row["learned"] is learned and row["se"] > 0
+    gain = (0.8 - 0.5) / (row["full"] - 0.5) if learned else None  # 20 wrong: full = 50%
+    assert row["gain_kept"] == (pytest.approx(gain) if learned else None)
+    text = "".join(quality.floor_markdown({"floor": {"sst2": row}, "overall": {}}))
+    assert ("not above" in text) is not learned
+
+
 def test_report_marks_missing_units(tmp_path: Path) -> None:
     report = quality.build_report(tmp_path / "units", ["sst2", "rte"], [0, 1])
     assert "sst2 seed 0 full fine-tuning" in report["missing"]
@@ -145,6 +180,10 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
         report["baseline"]["sst2"]["split"] == "dev"
         and len(report["baseline"]["sst2"]["full"]) == 2
     )
+    floor = report["floor"]["sst2"]
+    assert floor["majority"] == 0.5 and floor["full"] == row["full"][0]  # balanced toy dev
+    assert floor["served"] == row["served"][0]
+    assert "## Above a constant predictor? (seed 0)" in (out / "quality.md").read_text()
     bundle = json.loads((units / "bundle-seed0.json").read_text())
     onboard = json.loads((units / "sst2" / "seed0" / "onboard.json").read_text())
     chosen = onboard["chosen"]["dev_metrics"]["accuracy"]
