@@ -657,6 +657,21 @@ def task_row(units: Path, task: str, seeds: Sequence[int]) -> tuple[Any, list[st
     return row, missing
 
 
+def every_metric(units: Path, task: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """Return every metric of ``task``'s plugin (GLUE's official pair for MRPC, QQP and
+    STS-B) on the reported split: ``{"split", "metrics": {name: {"full": [...], "served":
+    [...]}}}``, one value per seed that has it."""
+    split = "test" if task in TEST_TASKS else "dev"
+    metrics: dict[str, dict[str, list[float]]] = {}
+    for seed in seeds if task in SMALL else (0,):
+        best = best_full(units, task, seed)
+        entry = (read_json(units / f"bundle-seed{seed}.json") or {}).get("tasks", {}).get(task)
+        for method, found in (("full", best), ("served", entry)):
+            for name, value in (found[split]["metrics"] if found else {}).items():
+                metrics.setdefault(name, {"full": [], "served": []})[method].append(value)
+    return {"split": split, "metrics": metrics}
+
+
 def floor_row(units: Path, task: str) -> dict[str, Any] | None:
     """Return seed 0 of ``task`` against the constant predictor (:func:`majority`): its
     score, full fine-tuning's margin over it with the paired bootstrap SE, whether full
@@ -729,6 +744,7 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
         "serving": {k: v for k, v in (serving or {}).items() if k != "times_s"} or None,
         "baseline": baseline,
         "floor": floors,
+        "every_metric": {task: every_metric(units, task, seeds) for task in tasks},
         "missing": missing,
         "settings": {
             "tasks": TASKS,
@@ -784,7 +800,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"| {m['full']:.0f} | {m['bundle'] / m['full']:.2f} |",
             "",
         ]
-    lines += floor_markdown(report)
+    lines += every_metric_markdown(report) + floor_markdown(report)
     s = report["settings"]
     lines += [
         "## Settings",
@@ -809,6 +825,25 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report["missing"]:
         lines += ["", "## Missing (run not finished)", ""] + [f"* {m}" for m in report["missing"]]
     return "\n".join(lines) + "\n"
+
+
+def every_metric_markdown(report: dict[str, Any]) -> list[str]:
+    """Return the lines of the section listing every metric of every task."""
+    from mtreg.model.report import fmt
+
+    lines = [
+        "## Every metric",
+        "",
+        "| task | split | metric | full FT | served |",
+        "|---|---|---|---:|---:|",
+    ]
+    for task, found in report.get("every_metric", {}).items():
+        for name, values in found["metrics"].items():
+            lines.append(
+                f"| {task} | {found['split']} | {name} | {fmt(values['full'])} "
+                f"| {fmt(values['served'])} |"
+            )
+    return [*lines, ""] if len(lines) > 4 else []
 
 
 def floor_markdown(report: dict[str, Any]) -> list[str]:

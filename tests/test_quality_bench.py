@@ -180,10 +180,16 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
         report["baseline"]["sst2"]["split"] == "dev"
         and len(report["baseline"]["sst2"]["full"]) == 2
     )
+    every = report["every_metric"]["sst2"]
+    assert every == {
+        "split": "dev",
+        "metrics": {"accuracy": {k: row[k] for k in ("full", "served")}},
+    }
     floor = report["floor"]["sst2"]
     assert floor["majority"] == 0.5 and floor["full"] == row["full"][0]  # balanced toy dev
     assert floor["served"] == row["served"][0]
-    assert "## Above a constant predictor? (seed 0)" in (out / "quality.md").read_text()
+    text = (out / "quality.md").read_text()
+    assert "## Above a constant predictor? (seed 0)" in text and "## Every metric" in text
     bundle = json.loads((units / "bundle-seed0.json").read_text())
     onboard = json.loads((units / "sst2" / "seed0" / "onboard.json").read_text())
     chosen = onboard["chosen"]["dev_metrics"]["accuracy"]
