@@ -61,6 +61,7 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -99,6 +100,9 @@ PATIENCE = 2
 TEACHER_LAYERS = (2, 3)
 STUDENT_LRS = (5e-4,)  # pinned, so a change of onboard's default cannot split the run
 SEEDS = (0, 1, 2)
+# A variant of seed 0: the same teacher, then the smallest student at least as good as it
+# (else the teacher itself), against the default tolerance of 0.99.
+STRICT, STRICT_TOLERANCE = "-strict", 1.0
 BOOTSTRAP = 200
 TIMING_SENTENCES, TIMING_BATCH, TIMING_REPEATS = 256, 32, 3
 
@@ -220,13 +224,20 @@ class Bench:
         self.work, self.units, self.tasks = work, units, list(tasks)
         self._registries: dict[int, Any] = {}
 
-    def registry(self, seed: int) -> Any:
-        """Return the registry of ``seed`` (its own home, so each seed has its bundle)."""
-        if seed not in self._registries:
-            self._registries[seed] = benchtasks.open_registry(
-                self.work / f"seed{seed}", plugin_config()
-            )
-        return self._registries[seed]
+    def registry(self, seed: int, variant: str = "") -> Any:
+        """Return the registry of ``seed`` (its own home, so each seed has its bundle), or of
+        a variant of its onboarding (:data:`STRICT`): a home of its own that starts from
+        links to seed's onboarding checkpoints and activations, so only what differs trains."""
+        name = f"seed{seed}{variant}"
+        if name not in self._registries:
+            home = self.work / name
+            if variant and not home.exists():
+                for folder in ("onboarding", "cache"):
+                    source = self.work / f"seed{seed}" / folder
+                    if source.is_dir():  # hard links: checkpoints are replaced, never edited
+                        shutil.copytree(source, home / folder, copy_function=os.link)
+            self._registries[name] = benchtasks.open_registry(home, plugin_config())
+        return self._registries[name]
 
     def close(self) -> None:
         """Close every registry."""
@@ -282,17 +293,18 @@ class Bench:
 
         return cached(unit_path(self.units, task, seed, f"full-lr{lr:g}"), compute)
 
-    def onboard(self, task: str, seed: int, **overrides: Any) -> dict[str, Any]:
-        """``mtreg onboard`` of ``task`` with ``seed`` into the seed's registry (cached unit)."""
-        path = unit_path(self.units, task, seed, "onboard")
-        registry = self.registry(seed)
+    def onboard(self, task: str, seed: int, variant: str = "", **overrides: Any) -> dict[str, Any]:
+        """``mtreg onboard`` of ``task`` with ``seed`` into the seed's (or variant's) registry
+        (cached unit)."""
+        path = unit_path(self.units, task, seed, f"onboard{variant}")
+        registry = self.registry(seed, variant)
         found = read_json(path)
         registered = {t.name for t in registry.tasks() if t.active_version}
         if found is not None and task in registered:
             return found
         from mtreg.model.onboard import onboard
 
-        log(f"{task} seed {seed}: mtreg onboard")
+        log(f"{task} seed {seed}{variant}: mtreg onboard")
         started = time.perf_counter()
         report = onboard(
             registry,
@@ -304,22 +316,37 @@ class Bench:
         write_json(path, data)
         return data
 
-    def bundle(self, seed: int) -> dict[str, Any] | None:
-        """Score every task of the seed's latest bundle through ``mtreg.load_bundle`` (cached
-        per bundle id); None when the seed has no bundle yet."""
+    def rerun(self, task: str, seed: int, variant: str = "", **overrides: Any) -> dict[str, Any]:
+        """Onboard ``task`` again at seed 0's chosen teacher (its L and lr only; checkpoints
+        resume where the home has them), students searched again (cached unit).
+
+        Raises:
+            RuntimeError: seed 0 of the task has not been onboarded.
+        """
+        searched = read_json(unit_path(self.units, task, 0, "onboard"))
+        if searched is None:
+            raise RuntimeError(f"{task}: seed 0 has not been onboarded yet")
+        teacher = searched["teacher"]
+        pinned = {"teacher_layers": (teacher["layers"],), "teacher_lrs": (teacher["lr"],)}
+        return self.onboard(task, seed, variant, **pinned, **overrides)
+
+    def bundle(self, seed: int, variant: str = "") -> dict[str, Any] | None:
+        """Score every task of the seed's (or variant's) latest bundle through
+        ``mtreg.load_bundle`` (cached per bundle id); None when there is no bundle yet."""
         import mtreg
         from mtreg.model.job import load_split
 
-        registry = self.registry(seed)
+        registry = self.registry(seed, variant)
         try:
             record = registry.bundle("latest")
         except mtreg.MtregError:
             return None
-        path = self.units / f"bundle-seed{seed}.json"
+        path = self.units / f"bundle-seed{seed}{variant}.json"
         found = read_json(path)
         if found is not None and found.get("bundle_id") == record.id:
             return found
-        log(f"seed {seed}: scoring bundle {record.id[:12]} ({', '.join(sorted(record.members))})")
+        members = ", ".join(sorted(record.members))
+        log(f"seed {seed}{variant}: scoring bundle {record.id[:12]} ({members})")
         bundle = mtreg.load_bundle(registry.bundle_path("latest"))
         discovery = registry.discover()
         tasks: dict[str, Any] = {}
@@ -546,8 +573,9 @@ class _Scored:
 
 def run(bench: Bench, seeds: Sequence[int], write: Callable[[], None]) -> None:
     """Run every missing unit in priority order, rewriting the report after each: seed 0 of
-    every task (full search, onboard), its bundle and serving cost, then the extra seeds of
-    the small tasks and their bundles. A failing unit is logged and skipped."""
+    every task (full search, onboard), its bundle and serving cost, the strict variant of
+    seed 0 (:data:`STRICT`) and its bundle, then the extra seeds of the small tasks and
+    their bundles. A failing unit is logged and skipped."""
 
     def attempt(what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -567,32 +595,34 @@ def run(bench: Bench, seeds: Sequence[int], write: Callable[[], None]) -> None:
         attempt(f"{task} onboard", lambda task=task: bench.onboard(task, 0))
     attempt("bundle seed 0", lambda: bench.bundle(0))
     attempt("serving", bench.serving)
+    for task in bench.tasks:
+        attempt(
+            f"{task} onboard{STRICT}",
+            lambda t=task: bench.rerun(t, 0, STRICT, tolerance=STRICT_TOLERANCE),
+        )
+    attempt(f"bundle seed 0{STRICT}", lambda: bench.bundle(0, STRICT))
     for seed in (s for s in seeds if s != 0):
         for task in (t for t in bench.tasks if t in SMALL):
             chosen = best_full(bench.units, task, 0)
-            searched = read_json(unit_path(bench.units, task, 0, "onboard"))
-            if chosen is None or searched is None:
+            if chosen is None or read_json(unit_path(bench.units, task, 0, "onboard")) is None:
                 log(f"{task} seed {seed}: skipped, seed 0 is not complete")
                 continue
             attempt(
                 f"{task} seed {seed} full",
                 lambda t=task, s=seed, lr=chosen["lr"]: bench.full(t, s, lr),
             )
-            teacher = searched["teacher"]
-            attempt(
-                f"{task} seed {seed} onboard",
-                lambda t=task, s=seed, te=teacher: bench.onboard(
-                    t, s, teacher_layers=(te["layers"],), teacher_lrs=(te["lr"],)
-                ),
-            )
+            attempt(f"{task} seed {seed} onboard", lambda t=task, s=seed: bench.rerun(t, s))
         attempt(f"bundle seed {seed}", lambda seed=seed: bench.bundle(seed))
 
 
 # -- the report ----------------------------------------------------------------------------
 
 
-def task_row(units: Path, task: str, seeds: Sequence[int]) -> tuple[Any, list[str]]:
-    """Return the report row of ``task`` from the cached units, and what is missing."""
+def task_row(
+    units: Path, task: str, seeds: Sequence[int], variant: str = ""
+) -> tuple[Any, list[str]]:
+    """Return the report row of ``task`` (onboarded as ``variant``) from the cached units,
+    and what is missing."""
     from mtreg.model.report import TaskRow, mean
 
     split = "test" if task in TEST_TASKS else "dev"
@@ -603,15 +633,15 @@ def task_row(units: Path, task: str, seeds: Sequence[int]) -> tuple[Any, list[st
     first_pair = None
     for seed in seeds if task in SMALL else (0,):
         best = best_full(units, task, seed)
-        bundle = read_json(units / f"bundle-seed{seed}.json") or {}
-        onboard = read_json(unit_path(units, task, seed, "onboard"))
+        bundle = read_json(units / f"bundle-seed{seed}{variant}.json") or {}
+        onboard = read_json(unit_path(units, task, seed, f"onboard{variant}"))
         entry = bundle.get("tasks", {}).get(task)
         if best is None:
             missing.append(f"{task} seed {seed} full fine-tuning")
         if onboard is None:
-            missing.append(f"{task} seed {seed} onboard")
+            missing.append(f"{task} seed {seed} onboard{variant}")
         elif entry is None:
-            missing.append(f"{task} seed {seed} bundle score")
+            missing.append(f"{task} seed {seed}{variant} bundle score")
         if best is not None:
             metric = metric or first_metric(task)
             full.append(best[split]["metrics"][metric])
@@ -732,6 +762,12 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
             baseline[task] = {"metric": metric, "split": "dev", "full": values}
     if serving is None:
         missing.append("serving cost")
+    strict = []
+    for task in tasks:
+        row, gaps = task_row(units, task, (0,), STRICT)
+        strict.append(row)
+        missing += [m for m in gaps if STRICT in m]
+    default0 = [task_row(units, task, (0,))[0] for task in tasks]
     floors = {task: row for task in tasks if (row := floor_row(units, task)) is not None}
     learned = [
         r.ratio for r in rows if r.ratio is not None and floors.get(r.task, {}).get("learned")
@@ -744,6 +780,12 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
         "serving": {k: v for k, v in (serving or {}).items() if k != "times_s"} or None,
         "baseline": baseline,
         "floor": floors,
+        "strict": {
+            "tolerance": STRICT_TOLERANCE,
+            "rows": [r.to_dict() for r in strict],
+            "overall": summary([r for r in strict if r.branch_layers or r.fork_depth], 6),
+            "default_seed0": summary([r for r in default0 if r.branch_layers or r.fork_depth], 6),
+        },
         "every_metric": {task: every_metric(units, task, seeds) for task in tasks},
         "missing": missing,
         "settings": {
@@ -800,7 +842,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"| {m['full']:.0f} | {m['bundle'] / m['full']:.2f} |",
             "",
         ]
-    lines += every_metric_markdown(report) + floor_markdown(report)
+    lines += every_metric_markdown(report) + floor_markdown(report) + strict_markdown(report)
     s = report["settings"]
     lines += [
         "## Settings",
@@ -844,6 +886,31 @@ def every_metric_markdown(report: dict[str, Any]) -> list[str]:
                 f"| {fmt(values['served'])} |"
             )
     return [*lines, ""] if len(lines) > 4 else []
+
+
+def strict_markdown(report: dict[str, Any]) -> list[str]:
+    """Return the lines of the section on the strict variant of seed 0 (:data:`STRICT`)."""
+    from mtreg.model.report import TaskRow, markdown
+
+    strict = report.get("strict")
+    if not strict or not strict["overall"]["tasks"]:
+        return []
+    rows = [TaskRow.from_dict(r) for r in strict["rows"]]
+    default = strict["default_seed0"]
+    shown = "–" if default["mean_ratio"] is None else f"{100 * default['mean_ratio']:.1f}%"
+    return [
+        f"## A stricter student choice (tolerance {strict['tolerance']:g}, seed 0)",
+        "",
+        "The same teachers; the smallest student at least as good as its teacher on dev, else "
+        "the teacher itself, in a bundle of its own scored through `mtreg.load_bundle`. "
+        "`mtreg onboard --tolerance` chooses between the two.",
+        "",
+        markdown(rows, strict["overall"]),
+        f"The default tolerance (0.99), seed 0 only: **{shown}** at "
+        f"{default['bundle_layers']} of {default['full_layers']} layers "
+        f"({100 * (default['layer_ratio'] or 0):.0f}%).",
+        "",
+    ]
 
 
 def floor_markdown(report: dict[str, Any]) -> list[str]:

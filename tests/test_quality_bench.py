@@ -190,8 +190,18 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     assert floor["served"] == row["served"][0]
     text = (out / "quality.md").read_text()
     assert "## Above a constant predictor? (seed 0)" in text and "## Every metric" in text
+    assert "## A stricter student choice (tolerance 1, seed 0)" in text
     bundle = json.loads((units / "bundle-seed0.json").read_text())
     onboard = json.loads((units / "sst2" / "seed0" / "onboard.json").read_text())
+    strict = json.loads((units / "sst2" / "seed0" / "onboard-strict.json").read_text())
+    assert strict["tolerance"] == 1.0 and strict["teacher"]["key"] == onboard["teacher"]["key"]
+    assert all(r["resumed"] for r in strict["runs"] if r["stage"] == "teacher")
+    good = (
+        strict["chosen"]["dev_metrics"]["accuracy"] >= strict["teacher"]["dev_metrics"]["accuracy"]
+    )
+    assert good or strict["chosen"]["key"] == strict["teacher"]["key"]
+    (strict_row,) = report["strict"]["rows"]
+    assert strict_row["branch_layers"] == strict["chosen"]["layers"] and strict_row["served"]
     chosen = onboard["chosen"]["dev_metrics"]["accuracy"]
     # Served through load_bundle (fp32 trunk) vs recorded at training (fp16 cache): close.
     assert bundle["tasks"]["sst2"]["dev"]["metrics"]["accuracy"] == pytest.approx(chosen, abs=0.07)
