@@ -55,6 +55,7 @@ marking what is missing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -176,11 +177,23 @@ def scored(head: Any, metrics: Sequence[str], logits: Sequence[Any], labels: Seq
     }
 
 
+_BOOTSTRAPS: dict[str, float] = {}  # by content: the report is rebuilt after every unit
+
+
 def paired_bootstrap_se(
     metric: str, a: Sequence[Any], b: Sequence[Any], references: Sequence[Any], n: int = BOOTSTRAP
 ) -> float:
     """Return the bootstrap standard error of ``metric(a) - metric(b)`` over examples resampled
     together (fixed seed), the noise scale of a one-seed comparison on this split."""
+    key = hashlib.sha256(json.dumps([metric, a, b, references, n]).encode()).hexdigest()
+    if key not in _BOOTSTRAPS:
+        _BOOTSTRAPS[key] = _bootstrap_se(metric, a, b, references, n)
+    return _BOOTSTRAPS[key]
+
+
+def _bootstrap_se(
+    metric: str, a: Sequence[Any], b: Sequence[Any], references: Sequence[Any], n: int
+) -> float:
     from mtreg.model.metrics import evaluate
 
     rng = random.Random(0)
