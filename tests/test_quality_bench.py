@@ -156,6 +156,8 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     monkeypatch.setattr(quality, "EPOCHS", 3)
     monkeypatch.setattr(quality, "TEACHER_LAYERS", (2,))
     monkeypatch.setattr(quality, "BOOTSTRAP", 10)
+    deep = quality.Variant("deep", "Deeper", "L 1..2.", {"teacher_layers": (1, 2)}, False)
+    monkeypatch.setattr(quality, "VARIANTS", (quality.VARIANTS[0], deep))
     monkeypatch.setattr(quality, "TIMING_SENTENCES", 16)
     monkeypatch.setattr(quality, "peak_rss", lambda kind, path: 1.0)
     monkeypatch.setattr(benchtasks, "open_registry", _tiny_registry(tiny["ckpt"]))
@@ -190,7 +192,7 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     assert floor["served"] == row["served"][0]
     text = (out / "quality.md").read_text()
     assert "## Above a constant predictor? (seed 0)" in text and "## Every metric" in text
-    assert "## A stricter student choice (tolerance 1, seed 0)" in text
+    assert "## A stricter student choice (tolerance 1.0, seed 0)" in text
     bundle = json.loads((units / "bundle-seed0.json").read_text())
     onboard = json.loads((units / "sst2" / "seed0" / "onboard.json").read_text())
     strict = json.loads((units / "sst2" / "seed0" / "onboard-strict.json").read_text())
@@ -200,7 +202,11 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
         strict["chosen"]["dev_metrics"]["accuracy"] >= strict["teacher"]["dev_metrics"]["accuracy"]
     )
     assert good or strict["chosen"]["key"] == strict["teacher"]["key"]
-    (strict_row,) = report["strict"]["rows"]
+    deep = json.loads((units / "sst2" / "seed0" / "onboard-deep.json").read_text())
+    teachers = {r["layers"]: r["resumed"] for r in deep["runs"] if r["stage"] == "teacher"}
+    assert teachers == {1: False, 2: True}  # only the new L trained; seed 0's resumed
+    assert "## Deeper" in text and report["variants"]["deep"]["overall"]["tasks"] == 1
+    (strict_row,) = report["variants"]["strict"]["rows"]
     assert strict_row["branch_layers"] == strict["chosen"]["layers"] and strict_row["served"]
     chosen = onboard["chosen"]["dev_metrics"]["accuracy"]
     # Served through load_bundle (fp32 trunk) vs recorded at training (fp16 cache): close.
