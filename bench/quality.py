@@ -275,7 +275,7 @@ class Bench:
 
     def __init__(self, work: Path, units: Path, tasks: Sequence[str]) -> None:
         self.work, self.units, self.tasks = work, units, list(tasks)
-        self._registries: dict[int, Any] = {}
+        self._registries: dict[str, Any] = {}
 
     def registry(self, seed: int, variant: str = "") -> Any:
         """Return the registry of ``seed`` (its own home, so each seed has its bundle), or of
@@ -673,6 +673,22 @@ def run(bench: Bench, seeds: Sequence[int], write: Callable[[], None]) -> None:
 # -- the report ----------------------------------------------------------------------------
 
 
+def reported_split(task: str) -> str:
+    """Return the split a task's numbers are reported on: test for the intent sets (which
+    select on dev), dev for GLUE."""
+    return "test" if task in TEST_TASKS else "dev"
+
+
+def bundle_entry(units: Path, task: str, seed: int, variant: str = "") -> dict[str, Any] | None:
+    """Return ``task``'s scores in the seed's (or variant's) bundle unit, or None."""
+    return (read_json(units / f"bundle-seed{seed}{variant}.json") or {}).get("tasks", {}).get(task)
+
+
+def onboarded(rows: Sequence[Any]) -> list[Any]:
+    """Return the rows of tasks that have a served branch (a geometry)."""
+    return [r for r in rows if r.branch_layers or r.fork_depth]
+
+
 def task_row(
     units: Path, task: str, seeds: Sequence[int], variant: str = ""
 ) -> tuple[Any, list[str]]:
@@ -680,7 +696,7 @@ def task_row(
     and what is missing."""
     from mtreg.model.report import TaskRow, mean
 
-    split = "test" if task in TEST_TASKS else "dev"
+    split = reported_split(task)
     missing: list[str] = []
     full, full_dev, served, teacher = [], [], [], []
     geometry: dict[str, Any] = {}
@@ -688,9 +704,8 @@ def task_row(
     first_pair = None
     for seed in seeds if task in SMALL else (0,):
         best = best_full(units, task, seed)
-        bundle = read_json(units / f"bundle-seed{seed}{variant}.json") or {}
         onboard = read_json(unit_path(units, task, seed, f"onboard{variant}"))
-        entry = bundle.get("tasks", {}).get(task)
+        entry = bundle_entry(units, task, seed, variant)
         if best is None:
             missing.append(f"{task} seed {seed} full fine-tuning")
         if onboard is None:
@@ -746,11 +761,11 @@ def every_metric(units: Path, task: str, seeds: Sequence[int]) -> dict[str, Any]
     """Return every metric of ``task``'s plugin (GLUE's official pair for MRPC, QQP and
     STS-B) on the reported split: ``{"split", "metrics": {name: {"full": [...], "served":
     [...]}}}``, one value per seed that has it."""
-    split = "test" if task in TEST_TASKS else "dev"
+    split = reported_split(task)
     metrics: dict[str, dict[str, list[float]]] = {}
     for seed in seeds if task in SMALL else (0,):
         best = best_full(units, task, seed)
-        entry = (read_json(units / f"bundle-seed{seed}.json") or {}).get("tasks", {}).get(task)
+        entry = bundle_entry(units, task, seed)
         for method, found in (("full", best), ("served", entry)):
             for name, value in (found[split]["metrics"] if found else {}).items():
                 metrics.setdefault(name, {"full": [], "served": []})[method].append(value)
@@ -767,7 +782,7 @@ def floor_row(units: Path, task: str) -> dict[str, Any] | None:
     best = best_full(units, task, 0)
     if best is None:
         return None
-    split = "test" if task in TEST_TASKS else "dev"
+    split = reported_split(task)
     metric = first_metric(task)
     references = best[split]["references"]
     constant = majority(references)
@@ -784,7 +799,7 @@ def floor_row(units: Path, task: str) -> dict[str, Any] | None:
         "served": None,
         "gain_kept": None,
     }
-    entry = (read_json(units / "bundle-seed0.json") or {}).get("tasks", {}).get(task)
+    entry = bundle_entry(units, task, 0)
     if entry is not None:
         row["served"] = entry[split]["metrics"][metric]
         if full > floor:
@@ -801,8 +816,7 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
         row, gaps = task_row(units, task, seeds)
         rows.append(row)
         missing += gaps
-    onboarded = [r for r in rows if r.branch_layers or r.fork_depth]
-    overall = summary(onboarded, 6)
+    overall = summary(onboarded(rows), 6)
     overall["tasks_planned"] = len(rows)
     serving = read_json(units / "serving.json")
     baseline = {}
@@ -824,12 +838,11 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
             row, gaps = task_row(units, task, (0,), variant.suffix)
             found.append(row)
             missing += [m for m in gaps if variant.suffix in m]
-        onboarded = [r for r in found if r.branch_layers or r.fork_depth]
         variants[variant.name] = {
             "title": variant.title,
             "about": variant.about,
             "rows": [r.to_dict() for r in found],
-            "overall": summary(onboarded, 6),
+            "overall": summary(onboarded(found), 6),
         }
     default0 = [task_row(units, task, (0,))[0] for task in tasks]
     floors = {task: row for task in tasks if (row := floor_row(units, task)) is not None}
@@ -845,7 +858,7 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
         "baseline": baseline,
         "floor": floors,
         "variants": variants,
-        "default_seed0": summary([r for r in default0 if r.branch_layers or r.fork_depth], 6),
+        "default_seed0": summary(onboarded(default0), 6),
         "every_metric": {task: every_metric(units, task, seeds) for task in tasks},
         "missing": missing,
         "settings": {
@@ -1024,7 +1037,7 @@ def write_report(units: Path, out: Path, tasks: Sequence[str], seeds: Sequence[i
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "quality.json", report)
     (out / "quality.md").write_text(report_markdown(report))
-    rows = [TaskRow.from_dict(r) for r in report["rows"] if r["branch_layers"] or r["fork_depth"]]
+    rows = onboarded([TaskRow.from_dict(r) for r in report["rows"]])
     serving = report.get("serving") or {}
     title = "MiniLM-L6: mtreg bundle vs full fine-tuning"
     if serving:
