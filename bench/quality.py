@@ -119,7 +119,8 @@ class Variant:
     title: str
     about: str
     overrides: dict[str, Any]
-    same_teacher: bool  # pin seed 0's chosen teacher: only the students are chosen again
+    pin_teacher: bool  # keep the base's chosen teacher: only the students are chosen again
+    base: str = ""  # the onboarding it starts from (its checkpoints): "" is the main run
 
     @property
     def suffix(self) -> str:
@@ -134,7 +135,7 @@ VARIANTS = (
         "The same teachers; the smallest student at least as good as its teacher on dev, "
         "else the teacher itself (`mtreg onboard --tolerance 1`).",
         {"tolerance": 1.0},
-        same_teacher=True,
+        pin_teacher=True,
     ),
     Variant(
         "deep",
@@ -142,7 +143,16 @@ VARIANTS = (
         "Teachers also at L = 4 (fork depth 2) at the same learning rates; students and the "
         "0.99 tolerance as in the main run (`mtreg onboard --search 2..4`).",
         {"teacher_layers": (2, 3, 4)},
-        same_teacher=False,
+        pin_teacher=False,
+    ),
+    Variant(
+        "deep-loose",
+        "Deeper teachers, a looser student choice (tolerance 0.98, seed 0)",
+        "The deep variant's teachers; the smallest student within 98% of its teacher "
+        "(its students are the deep variant's: nothing new trains).",
+        {"tolerance": 0.98},
+        pin_teacher=True,
+        base="-deep",
     ),
 )
 BOOTSTRAP = 200
@@ -277,17 +287,19 @@ class Bench:
     def __init__(self, work: Path, units: Path, tasks: Sequence[str]) -> None:
         self.work, self.units, self.tasks = work, units, list(tasks)
         self._registries: dict[str, Any] = {}
+        self._bases = {v.suffix: v.base for v in VARIANTS}
 
     def registry(self, seed: int, variant: str = "") -> Any:
         """Return the registry of ``seed`` (its own home, so each seed has its bundle), or of
         a variant of its onboarding (:data:`VARIANTS`): a home of its own that starts from
-        links to seed's onboarding checkpoints and activations, so only what differs trains."""
+        links to its base's onboarding checkpoints and activations, so only what differs
+        trains."""
         name = f"seed{seed}{variant}"
         if name not in self._registries:
             home = self.work / name
             if variant and not home.exists():
                 for folder in ("onboarding", "cache"):
-                    source = self.work / f"seed{seed}" / folder
+                    source = self.work / f"seed{seed}{self._bases[variant]}" / folder
                     if source.is_dir():  # hard links: checkpoints are replaced, never edited
                         shutil.copytree(source, home / folder, copy_function=os.link)
             self._registries[name] = benchtasks.open_registry(home, plugin_config())
@@ -370,16 +382,19 @@ class Bench:
         write_json(path, data)
         return data
 
-    def rerun(self, task: str, seed: int, variant: str = "", **overrides: Any) -> dict[str, Any]:
-        """Onboard ``task`` again at seed 0's chosen teacher (its L and lr only; checkpoints
-        resume where the home has them), students searched again (cached unit).
+    def rerun(
+        self, task: str, seed: int, variant: str = "", base: str = "", **overrides: Any
+    ) -> dict[str, Any]:
+        """Onboard ``task`` again at the teacher seed 0's onboarding ``base`` chose (its L and
+        lr only; checkpoints resume where the home has them), students searched again
+        (cached unit).
 
         Raises:
-            RuntimeError: seed 0 of the task has not been onboarded.
+            RuntimeError: seed 0 of the task has not been onboarded (as ``base``).
         """
-        searched = read_json(unit_path(self.units, task, 0, "onboard"))
+        searched = read_json(unit_path(self.units, task, 0, f"onboard{base}"))
         if searched is None:
-            raise RuntimeError(f"{task}: seed 0 has not been onboarded yet")
+            raise RuntimeError(f"{task}: seed 0 has not been onboarded{base} yet")
         teacher = searched["teacher"]
         pinned = {"teacher_layers": (teacher["layers"],), "teacher_lrs": (teacher["lr"],)}
         return self.onboard(task, seed, variant, **pinned, **overrides)
@@ -650,11 +665,14 @@ def run(bench: Bench, seeds: Sequence[int], write: Callable[[], None]) -> None:
     attempt("bundle seed 0", lambda: bench.bundle(0))
     attempt("serving", bench.serving)
     for variant in VARIANTS:
-        onboard = bench.rerun if variant.same_teacher else bench.onboard
         for task in bench.tasks:
             attempt(
                 f"{task} onboard{variant.suffix}",
-                lambda t=task, o=onboard, v=variant: o(t, 0, v.suffix, **v.overrides),
+                lambda t=task, v=variant: (
+                    bench.rerun(t, 0, v.suffix, v.base, **v.overrides)
+                    if v.pin_teacher
+                    else bench.onboard(t, 0, v.suffix, **v.overrides)
+                ),
             )
         attempt(f"bundle seed 0{variant.suffix}", lambda v=variant: bench.bundle(0, v.suffix))
     for seed in (s for s in seeds if s != 0):

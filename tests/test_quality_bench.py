@@ -157,7 +157,8 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     monkeypatch.setattr(quality, "TEACHER_LAYERS", (2,))
     monkeypatch.setattr(quality, "BOOTSTRAP", 10)
     deep = quality.Variant("deep", "Deeper", "L 1..2.", {"teacher_layers": (1, 2)}, False)
-    monkeypatch.setattr(quality, "VARIANTS", (quality.VARIANTS[0], deep))
+    loose = quality.Variant("loose", "Looser", "0.5.", {"tolerance": 0.5}, True, "-deep")
+    monkeypatch.setattr(quality, "VARIANTS", (quality.VARIANTS[0], deep, loose))
     monkeypatch.setattr(quality, "TIMING_SENTENCES", 16)
     monkeypatch.setattr(quality, "peak_rss", lambda kind, path: 1.0)
     monkeypatch.setattr(benchtasks, "open_registry", _tiny_registry(tiny["ckpt"]))
@@ -206,6 +207,10 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     teachers = {r["layers"]: r["resumed"] for r in deep["runs"] if r["stage"] == "teacher"}
     assert teachers == {1: False, 2: True}  # only the new L trained; seed 0's resumed
     assert "## Deeper" in text and report["variants"]["deep"]["overall"]["tasks"] == 1
+    loose = json.loads((units / "sst2" / "seed0" / "onboard-loose.json").read_text())
+    assert loose["teacher"]["key"] == deep["teacher"]["key"]  # the deep variant's teacher
+    assert all(r["resumed"] for r in loose["runs"] if r["stage"] == "teacher")
+    assert loose["chosen"]["layers"] <= deep["chosen"]["layers"]  # looser: never larger
     (strict_row,) = report["variants"]["strict"]["rows"]
     assert strict_row["branch_layers"] == strict["chosen"]["layers"] and strict_row["served"]
     chosen = onboard["chosen"]["dev_metrics"]["accuracy"]
