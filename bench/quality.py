@@ -699,6 +699,12 @@ def reported_split(task: str) -> str:
     return "test" if task in TEST_TASKS else "dev"
 
 
+def task_seeds(task: str, seeds: Sequence[int]) -> Sequence[int]:
+    """Return the seeds a task is reported over: all of ``seeds`` for the small tasks, else
+    seed 0."""
+    return seeds if task in SMALL else (0,)
+
+
 def bundle_entry(units: Path, task: str, seed: int, variant: str = "") -> dict[str, Any] | None:
     """Return ``task``'s scores in the seed's (or variant's) bundle unit, or None."""
     return (read_json(units / f"bundle-seed{seed}{variant}.json") or {}).get("tasks", {}).get(task)
@@ -722,7 +728,7 @@ def task_row(
     geometry: dict[str, Any] = {}
     metric = None
     first_pair = None
-    for seed in seeds if task in SMALL else (0,):
+    for seed in task_seeds(task, seeds):
         best = best_full(units, task, seed)
         onboard = read_json(unit_path(units, task, seed, f"onboard{variant}"))
         entry = bundle_entry(units, task, seed, variant)
@@ -783,7 +789,7 @@ def every_metric(units: Path, task: str, seeds: Sequence[int]) -> dict[str, Any]
     [...]}}}``, one value per seed that has it."""
     split = reported_split(task)
     metrics: dict[str, dict[str, list[float]]] = {}
-    for seed in seeds if task in SMALL else (0,):
+    for seed in task_seeds(task, seeds):
         best = best_full(units, task, seed)
         entry = bundle_entry(units, task, seed)
         for method, found in (("full", best), ("served", entry)):
@@ -844,7 +850,7 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
         metric = first_metric(task)
         values = [
             b["dev"]["metrics"][metric]
-            for seed in (seeds if task in SMALL else (0,))
+            for seed in task_seeds(task, seeds)
             if (b := best_full(units, task, seed)) is not None
         ]
         if values:
