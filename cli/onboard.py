@@ -66,6 +66,13 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
             help="auto picks CUDA where present.",
         ),
         click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16"]),
+            default="fp32",
+            show_default=True,
+            help="bf16: mixed precision, about 2x faster on CPUs with AMX and recent GPUs.",
+        ),
+        click.option(
             "--data-dir",
             type=click.Path(file_okay=False, path_type=Path),
             help="Data folder for the built-in plugins [env MTREG_DATA_DIR].",

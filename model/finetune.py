@@ -145,7 +145,7 @@ def live_batch_loss(
     batch = {k: v.to(device) for k, v in collate(encoded, indices, pad_id).items()}
     assert encoded.labels is not None
     labels = stack_labels(head, [encoded.labels[i] for i in indices], batch["input_ids"].shape[1])
-    logits = _forward(model, batch, _trunk_frozen(model))
+    logits = _forward(model, batch, _trunk_frozen(model)).float()
     return hard_loss(head, logits, labels.to(device))
 
 

@@ -30,7 +30,7 @@ from mtreg.model.layers import Branch
 from mtreg.model.metrics import DEFAULT_METRICS, check_names
 from mtreg.model.network import Trunk
 from mtreg.model.progress import Progress
-from mtreg.model.train import Recipe, hard_loss, stack_labels
+from mtreg.model.train import Recipe, check_precision, hard_loss, stack_labels
 from mtreg.model.trunk import load_component
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class Settings:
     patience: int | None = PATIENCE
     tolerance: float = 0.99
     device: str = "auto"
+    precision: str = "fp32"
 
     def check(self) -> None:
         """Raise MtregError for a value no run could use."""
@@ -101,6 +102,7 @@ class Settings:
             raise MtregError("batch size must be at least 1")
         if not 0 < self.tolerance <= 1:
             raise MtregError(f"tolerance must be in (0, 1], got {self.tolerance}")
+        check_precision(self.precision)
         if self.max_length is not None and not 2 <= self.max_length <= 8192:
             raise MtregError("max length must be in 2..8192")
 
@@ -264,6 +266,7 @@ class Job:
             dropout=s.dropout,
             seed=s.seed,
             patience=s.patience,
+            precision=s.precision,
         )
 
 

@@ -120,6 +120,7 @@ def write_chosen(
                 "batch_size": job.settings.batch_size,
                 "seed": job.settings.seed,
                 "dropout": job.settings.dropout,
+                "precision": job.settings.precision,
                 **(extra or {}),
             },
         },

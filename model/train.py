@@ -3,7 +3,10 @@
 
 The recipe follows DESIGN.md: AdamW (weight decay 0.01, none on LayerNorm weights and
 biases), gradient clipping at 1.0, linear warm-up over 10% of one epoch then linear decay,
-and the checkpoint with the best dev score (the task's first metric) is kept.
+and the checkpoint with the best dev score (the task's first metric) is kept. With
+``precision="bf16"`` the training steps run under bfloat16 autocast (mixed precision: the
+weights, gradients and optimizer state stay fp32; dev scoring stays fp32, as served), about
+twice as fast on CPUs with AMX or AVX-512 BF16 and on recent GPUs.
 
 Because the layers below the fork are frozen, the trunk's hidden state at depth k is
 computed once per example (with dropout off, as at serving time) and the branch trains on
@@ -12,6 +15,7 @@ it. A teacher of L layers forks at k = N - L; its student of l layers forks at t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -46,6 +50,29 @@ class Recipe:
     seed: int = 0
     # Stop after this many epochs without a better dev score (None: run every epoch).
     patience: int | None = None
+    precision: str = "fp32"  # or "bf16": training steps under bfloat16 autocast
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    """Raise MtregError unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise MtregError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager[Any]:
+    """Return the context to run forward passes in at ``precision`` on ``device``: bfloat16
+    autocast for ``"bf16"``, nothing for ``"fp32"``.
+
+    Raises:
+        MtregError: an unknown precision.
+    """
+    check_precision(precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -130,7 +157,10 @@ def soft_loss(
 
 
 def optimizer_for(module: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: LayerNorm weights and biases are 1-D."""
+    """AdamW with weight decay on matrices only: LayerNorm weights and biases are 1-D.
+
+    The fused kernel computes the same update in one pass over each group; on the CPU it
+    makes a full fine-tuning step about a third faster than the per-tensor loop."""
     params = [p for p in module.parameters() if p.requires_grad]
     return torch.optim.AdamW(
         [
@@ -138,6 +168,7 @@ def optimizer_for(module: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ],
         lr=recipe.lr,
+        fused=True,
     )
 
 
@@ -211,7 +242,7 @@ def batch_loss(
     the hard loss, plus the soft (distillation) loss when ``split.teacher`` is set."""
     hidden, mask = pad_hidden([split.hidden[i] for i in indices], device)
     labels = stack_labels(head, [split.labels[i] for i in indices], hidden.shape[1]).to(device)
-    logits = branch(hidden, mask)
+    logits = branch(hidden, mask).float()  # the losses in fp32 under bf16 autocast
     loss = hard_loss(head, logits, labels)
     if split.teacher is not None:
         rows = [split.teacher[i] for i in indices]
@@ -284,7 +315,9 @@ def train_loop(
     ``loss_for(indices)`` returns a batch's loss, ``predict()`` the dev logits;
     ``train_mode()`` (default ``module.train()``) prepares an epoch. AdamW without decay on
     LayerNorm and biases, gradient clipping, warm-up then linear decay, the best epoch by
-    the first metric (a tie is no improvement), early stopping after ``recipe.patience``.
+    the first metric (a tie is no improvement), early stopping after ``recipe.patience``;
+    training losses are computed under :func:`autocast` at ``recipe.precision``, dev scores
+    in fp32, as the branch will be served.
 
     ``progress`` gets one line per epoch (train loss, dev metrics) and, if it is a
     :class:`~mtreg.model.progress.StepProgress`, a :class:`~mtreg.model.progress.Step`
@@ -295,6 +328,7 @@ def train_loop(
         history and the seconds taken.
     """
     started = time.perf_counter()
+    forward_context = autocast(recipe.precision, device)
     # The shuffling generator and the global RNG (dropout) both start from the seed, so a
     # run is reproducible on the CPU whatever ran before it in the process.
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -311,7 +345,8 @@ def train_loop(
         total, seen = 0.0, 0
         order = torch.randperm(num_train, generator=generator).split(recipe.batch_size)
         for batch, indices in enumerate(order, 1):
-            loss = loss_for(indices.tolist())
+            with forward_context:
+                loss = loss_for(indices.tolist())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), recipe.clip)

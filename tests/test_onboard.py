@@ -84,13 +84,21 @@ def test_train_then_distill_through_the_cli(tmp_path: Path) -> None:
     runner = CliRunner()
     early = runner.invoke(cli, [*base, "distill", "toy"])
     assert early.exit_code == 1 and "no teacher yet" in early.output
-    trained = runner.invoke(cli, [*base, "train", "toy", "--layers", "2", "--lr", "3e-3"])
+    bf16 = ["--precision", "bf16"]
+    trained = runner.invoke(cli, [*base, "train", "toy", "--layers", "2", "--lr", "3e-3", *bf16])
     assert trained.exit_code == 0, trained.output
     assert "best teacher: teacher-L2" in trained.output
     out = tmp_path / "student.safetensors"
-    distilled = runner.invoke(cli, [*base, "distill", "toy", "--layers", "1", "--out", str(out)])
+    distilled = runner.invoke(
+        cli, [*base, "distill", "toy", "--layers", "1", "--out", str(out), *bf16]
+    )
     assert distilled.exit_code == 0, distilled.output
     assert out.is_file() and "wrote" in distilled.output
+    with Registry(base[1], tmp_path / "home", [tmp_path / "plugins"]) as reg:
+        meta, _ = read_branch(out, TrunkConfig(**reg.trunk("tiny").config))
+    assert meta.training["recipe"]["precision"] == "bf16"
+    bad = runner.invoke(cli, [*base, "train", "toy", "--precision", "fp8"])
+    assert bad.exit_code == 2 and "'fp8' is not one of 'fp32', 'bf16'" in bad.output
 
 
 @pytest.mark.parametrize(

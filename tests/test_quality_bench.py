@@ -167,13 +167,21 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     def go() -> None:
         bench = quality.Bench(tiny["root"] / "work", units, ["sst2"])
         try:
-            quality.run(bench, (0, 1), lambda: quality.write_report(units, out, ["sst2"], (0, 1)))
+            quality.run(
+                bench,
+                (0, 1),
+                lambda: quality.write_report(units, out, ["sst2"], (0, 1)),
+                quality.VARIANTS,
+            )
         finally:
             bench.close()
 
     go()
     report = json.loads((out / "quality.json").read_text())
     assert report["missing"] == []
+    hours = report["compute_hours"]
+    assert hours["total"] == pytest.approx(sum(v for k, v in hours.items() if k != "total"))
+    assert min(hours.values()) > 0 and report["settings"]["precision"] == "bf16"
     (row,) = report["rows"]
     assert row["fork_depth"] == 1 and row["teacher_layers"] == 2 and len(row["served"]) == 2
     assert len(row["full"]) == 2 and row["ratio"] is not None and row["noise"] is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,10 @@ import torch
 from factories import make_checkpoint
 
 from mtreg.errors import MtregError
-from mtreg.model.cache import ActivationCache
+from mtreg.model.cache import ActivationCache, cache_key
 from mtreg.model.job import Settings, compute_hidden, hidden_states, prepare, uncached_batch_loss
 from mtreg.model.stages import load_run, student_branch, teacher_branch, train_teachers
-from mtreg.model.train import Split, batch_loss, soft_loss
+from mtreg.model.train import Split, autocast, batch_loss, soft_loss
 from mtreg.plugins.spec import HeadSpec
 from mtreg.registry.api import Registry
 
@@ -106,11 +107,32 @@ def registry(tmp_path: Path):
         yield reg
 
 
-def test_teacher_learns_a_separable_task(registry: Registry) -> None:
-    job = prepare(registry, "toy", FAST)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_teacher_learns_a_separable_task(registry: Registry, precision: str) -> None:
+    job = prepare(registry, "toy", replace(FAST, precision=precision))
     result = train_teachers(job)
     assert result.best.dev_metrics["accuracy"] > 0.9
     assert result.best.fork_depth == 1 and result.best.layers == 2
+    _, branch = load_run(job, result.best.name, result.best.key, 2)
+    # Mixed precision: the weights a bf16 run keeps (and writes) are fp32 all the same.
+    assert {t.dtype for t in branch.state_dict().values()} == {torch.float32}
+
+
+def test_bf16_autocast_computes_a_close_loss_and_a_new_run_key(registry: Registry) -> None:
+    job = prepare(registry, "toy", FAST)
+    train = Split(hidden_states(job, "train", [1])[1], job.train.labels)
+    branch = teacher_branch(job, 2, seed=0).eval()
+    indices = list(range(16))
+    exact = batch_loss(branch, job.spec.head, train, indices)
+    with autocast("bf16", "cpu"):
+        mixed = batch_loss(branch, job.spec.head, train, indices)
+    assert mixed.dtype == torch.float32 and mixed.item() != exact.item()
+    assert mixed.item() == pytest.approx(exact.item(), rel=2e-2)
+    # A bf16 run must never resume from an fp32 run's checkpoint.
+    recipe = job.recipe(1e-3, 2)
+    assert cache_key(recipe=recipe) != cache_key(recipe=replace(recipe, precision="bf16"))
+    with pytest.raises(MtregError, match="unknown precision 'fp8': use fp32 or bf16"):
+        Settings(precision="fp8").check()
 
 
 def test_frozen_trunk_is_bit_for_bit_unchanged(registry: Registry) -> None:
