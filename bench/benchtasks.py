@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -91,7 +92,10 @@ def write_plugin(folder: Path, config: Mapping[str, Mapping[str, Any]]) -> Path:
     path = folder / f"{PLUGIN_NAME}.py"
     text = plugin_source(config)
     if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+        # Atomic, because a second benchmark process may be importing it meanwhile.
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(text)
+        os.replace(partial, path)
     return path
 
 
@@ -112,7 +116,7 @@ def open_registry(
     ``trunk_folder`` (default: the packaged MiniLM) and the benchmark plugin as its only
     plugin. Sets MTREG_LOAD_PLUGINS and MTREG_DATA_DIR (default: ../shared/data) in this
     process."""
-    from mtreg.errors import MtregError
+    from mtreg.errors import AlreadyExists, NotFound
     from mtreg.registry.api import Registry
 
     home.mkdir(parents=True, exist_ok=True)
@@ -122,6 +126,8 @@ def open_registry(
     registry = Registry(f"sqlite:///{home / 'registry.db'}", home, [plugin])
     try:
         registry.trunk(trunk)
-    except MtregError:
-        registry.add_trunk(trunk, trunk_folder or minilm_folder())
+    except NotFound:
+        # Two benchmark processes starting on one new home both get here: one adds it.
+        with contextlib.suppress(AlreadyExists):
+            registry.add_trunk(trunk, trunk_folder or minilm_folder())
     return registry
