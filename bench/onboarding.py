@@ -28,7 +28,12 @@ judged on CPU seconds with one thread, on wall time otherwise.
 Quality: dev metric of each run, with the binomial standard error of an accuracy
 on this dev set as the noise scale.
 
+Mixed precision: with ``--precision fp32 bf16`` (the default) the full fine-tuning and the
+whole onboarding run again with ``precision="bf16"`` (``mtreg onboard --precision bf16``)
+in fresh homes, so the table sets them beside the fp32 runs of the same run.
+
     python bench/onboarding.py [--task sst2] [--train 3000] [--dev N] [--epochs E] [--threads T]
+                               [--precision fp32 [bf16]]
 
 writes bench/results/onboarding.json and bench/results/onboarding.md.
 """
@@ -87,16 +92,24 @@ def _say(line: str) -> None:
     print(f"  {line}", file=sys.stderr, flush=True)
 
 
-def run_full(home: Path, config: dict, task: str, lr: float, epochs: int | None) -> dict:
+def _method(name: str, precision: str) -> str:
+    return name if precision == "fp32" else f"{name} ({precision})"
+
+
+def run_full(
+    home: Path, config: dict, task: str, lr: float, epochs: int | None, precision: str = "fp32"
+) -> dict:
     """One full fine-tuning; returns its timing, dev metrics and recipe."""
     from mtreg.model import finetune as ft
     from mtreg.model.job import Settings, prepare
 
+    settings = Settings(epochs=epochs, precision=precision)
     with benchtasks.open_registry(home, config) as registry:
-        job = prepare(registry, task, Settings(epochs=epochs), progress=_say)
+        job = prepare(registry, task, settings, progress=_say)
         with Clock() as clock:
             result = ft.finetune(job, lr, progress=lambda line: _say(f"full {line}"))
-    return {"method": "full fine-tuning", **clock.to_dict(), **result.to_dict(), "layers": 6}
+    method = _method("full fine-tuning", precision)
+    return {"method": method, **clock.to_dict(), **result.to_dict(), "layers": 6}
 
 
 def run_uncached_teacher(
@@ -152,16 +165,19 @@ def run_cached_teacher(
     }
 
 
-def run_onboard(home: Path, config: dict, task: str, epochs: int | None) -> dict:
+def run_onboard(
+    home: Path, config: dict, task: str, epochs: int | None, precision: str = "fp32"
+) -> dict:
     """The whole default ``mtreg onboard`` (search, distil, choose, write, register)."""
     from mtreg.model.job import Settings
     from mtreg.model.onboard import onboard
 
+    settings = Settings(epochs=epochs, precision=precision)
     with benchtasks.open_registry(home, config) as registry, Clock() as clock:
-        report = onboard(registry, task, Settings(epochs=epochs), progress=_say)
+        report = onboard(registry, task, settings, progress=_say)
     data = report.to_dict()
     return {
-        "method": "mtreg onboard",
+        "method": _method("mtreg onboard", precision),
         **clock.to_dict(),
         "dev_metrics": report.chosen.dev_metrics,
         "chosen": data["chosen"],
@@ -206,7 +222,7 @@ def markdown(result: dict) -> str:
     for r in rows:
         lr = r.get("lr", r.get("chosen", {}).get("lr"))
         epochs = f"{r.get('best_epoch', '-')}/{r.get('epochs_run', '-')}"
-        if r["method"] == "mtreg onboard":
+        if r["method"].startswith("mtreg onboard"):
             epochs = f"{r['budget']['runs']} runs"
             lr = "search"
         lines.append(
@@ -216,7 +232,7 @@ def markdown(result: dict) -> str:
             f"| {r['cpu_s']:.0f} | {r['cpu_ratio']:.2f} "
             f"| {r['load_before']:.1f}→{r['load_after']:.1f} |"
         )
-    onboard = rows[-1]
+    onboard = next(r for r in rows if r["method"] == "mtreg onboard")
     lines += ["", "## What `mtreg onboard` ran", ""]
     lines += [
         "| stage | layers | depth | lr | best/ran epochs | dev | seconds |",
@@ -256,6 +272,16 @@ def markdown(result: dict) -> str:
         "other jobs shared the CPUs and wall times are inflated; CPU seconds of a "
         "one-thread run hardly.",
     ]
+    for precision in result.get("precisions", ["fp32"])[1:]:
+        full_p = next(r for r in rows if r["method"] == _method("full fine-tuning", precision))
+        onboard_p = next(r for r in rows if r["method"] == _method("mtreg onboard", precision))
+        lines.append(
+            f"* {precision} (mixed precision) against fp32: full fine-tuning "
+            f"{rows[0]['wall_s'] / full_p['wall_s']:.2f}× faster in wall time (dev "
+            f"{full_p['delta_vs_full']:+.4f}), the whole onboarding "
+            f"{onboard['wall_s'] / onboard_p['wall_s']:.2f}× faster (chosen branch dev "
+            f"{onboard_p['dev_metrics'][metric]:.4f} against {onboard['dev_metrics'][metric]:.4f})."
+        )
     spread = contention(onboard["runs"])
     if spread > 1.5:
         lines.append(
@@ -291,7 +317,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads [torch's]")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="fp32 runs everything; each other precision reruns full and onboard beside it",
+    )
     args = parser.parse_args(argv)
+    if args.precision[0] != "fp32":
+        parser.error("--precision: the first must be fp32 (the reference of every ratio)")
 
     import torch
 
@@ -317,6 +352,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         ("onboard", lambda h: run_onboard(h, config, args.task, args.epochs)),
     ]
+    for p in args.precision[1:]:
+        steps += [
+            (
+                f"full-{p}",
+                lambda h, p=p: run_full(h, config, args.task, args.full_lr, args.epochs, p),
+            ),
+            (f"onboard-{p}", lambda h, p=p: run_onboard(h, config, args.task, args.epochs, p)),
+        ]
     rows = []
     for name, step in steps:
         print(f"[{name}] ...", file=sys.stderr, flush=True)
@@ -333,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "epochs": epochs,
         "patience": PATIENCE,
         "threads": torch.get_num_threads(),
+        "precisions": args.precision,
         "dev_se": round(accuracy_se(rows[0]["dev_metrics"][metric], dev_size), 4),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads",
