@@ -66,6 +66,7 @@ marking what is missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -73,7 +74,6 @@ import multiprocessing
 import os
 import platform
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -139,7 +139,7 @@ class Variant:
 VARIANTS = (
     Variant(
         "strict",
-        "A stricter student choice (tolerance 1.0, seed 0)",
+        "A stricter student choice (tolerance 1.0)",
         "The same teachers; the smallest student at least as good as its teacher on dev, "
         "else the teacher itself (`mtreg onboard --tolerance 1`).",
         {"tolerance": 1.0},
@@ -147,7 +147,7 @@ VARIANTS = (
     ),
     Variant(
         "deep",
-        "Deeper teachers (L in 2..4, seed 0)",
+        "Deeper teachers (L in 2..4)",
         "Teachers also at L = 4 (fork depth 2) at the same learning rates; students and the "
         "0.99 tolerance as in the main run (`mtreg onboard --search 2..4`).",
         {"teacher_layers": (2, 3, 4)},
@@ -155,7 +155,7 @@ VARIANTS = (
     ),
     Variant(
         "deep-loose",
-        "Deeper teachers, a looser student choice (tolerance 0.98, seed 0)",
+        "Deeper teachers, a looser student choice (tolerance 0.98)",
         "The deep variant's teachers; the smallest student within 98% of its teacher "
         "(its students are the deep variant's: nothing new trains).",
         {"tolerance": 0.98},
@@ -187,6 +187,18 @@ def plugin_config(tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any
 
 
 # -- cached units --------------------------------------------------------------------------
+
+
+def link_missing(source: Path, target: Path) -> None:
+    """Hard-link under ``target`` every file under ``source`` it lacks (none if ``source``
+    does not exist). Links are safe copies here: checkpoints and activations are replaced,
+    never edited; files still being written (dot-named temporaries) are skipped."""
+    for path in source.rglob("*") if source.is_dir() else ():
+        dest = target / path.relative_to(source)
+        if path.is_file() and not path.name.startswith(".") and not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # another process linked it first
+                os.link(path, dest)
 
 
 def unit_path(root: Path, task: str, seed: int, name: str) -> Path:
@@ -299,19 +311,24 @@ class Bench:
 
     def registry(self, seed: int, variant: str = "") -> Any:
         """Return the registry of ``seed`` (its own home, so each seed has its bundle), or of
-        a variant of its onboarding (:data:`VARIANTS`): a home of its own that starts from
-        links to its base's onboarding checkpoints and activations, so only what differs
-        trains."""
+        a variant of its onboarding (:data:`VARIANTS`), a home of its own."""
         name = f"seed{seed}{variant}"
         if name not in self._registries:
             home = self.work / name
-            if variant and not home.exists():
-                for folder in ("onboarding", "cache"):
-                    source = self.work / f"seed{seed}{self._bases[variant]}" / folder
-                    if source.is_dir():  # hard links: checkpoints are replaced, never edited
-                        shutil.copytree(source, home / folder, copy_function=os.link)
             self._registries[name] = benchtasks.open_registry(home, plugin_config())
         return self._registries[name]
+
+    def link_base(self, task: str, seed: int, variant: str) -> None:
+        """Link into the variant's home the task's onboarding checkpoints and the cached
+        activations its base has and the home lacks, so only what differs trains. Per task,
+        just before it onboards: a process onboarding other tasks may still be writing
+        them."""
+        base, home = (
+            self.work / f"seed{seed}{self._bases[variant]}",
+            self.work / f"seed{seed}{variant}",
+        )
+        for folder in (Path("onboarding") / task, Path("cache")):
+            link_missing(base / folder, home / folder)
 
     def close(self) -> None:
         """Close every registry."""
@@ -379,6 +396,9 @@ class Bench:
             return found
         from mtreg.model.onboard import onboard
 
+        if variant:
+            self.link_base(task, seed, variant)
+
         log(f"{task} seed {seed}{variant}: mtreg onboard")
         started = time.perf_counter()
         report = onboard(
@@ -395,8 +415,8 @@ class Bench:
         self, task: str, seed: int, variant: str = "", base: str = "", **overrides: Any
     ) -> dict[str, Any]:
         """Onboard ``task`` again at the teacher seed 0's onboarding ``base`` chose (its L and
-        lr only; checkpoints resume where the home has them), students searched again
-        (cached unit).
+        lr only, whatever ``overrides`` say; checkpoints resume where the home has them),
+        students searched again (cached unit).
 
         Raises:
             RuntimeError: seed 0 of the task has not been onboarded (as ``base``).
@@ -406,7 +426,7 @@ class Bench:
             raise RuntimeError(f"{task}: seed 0 has not been onboarded{base} yet")
         teacher = searched["teacher"]
         pinned = {"teacher_layers": (teacher["layers"],), "teacher_lrs": (teacher["lr"],)}
-        return self.onboard(task, seed, variant, **pinned, **overrides)
+        return self.onboard(task, seed, variant, **{**overrides, **pinned})
 
     def bundle(self, seed: int, variant: str = "") -> dict[str, Any] | None:
         """Score every task of the seed's (or variant's) latest bundle through
@@ -658,8 +678,11 @@ def run(
     """Run every missing unit in priority order, rewriting the report after each: seed 0 of
     every task (full search, onboard) and its bundle, the extra seeds of the small tasks and
     their bundles, the serving cost (when ``bench`` covers every task: a run split over
-    processes measures it afterwards, alone, with ``serving``), then ``variants`` of seed 0
-    and their bundles. A failing unit is logged and skipped."""
+    processes measures it afterwards, alone, with ``serving``), then each of ``variants``
+    the same way (seed 0, then the extra seeds at the teacher its seed 0 chose) with
+    bundles of its own. A failing unit is logged and skipped."""
+
+    extra = [s for s in seeds if s != 0]
 
     def attempt(what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -678,7 +701,7 @@ def run(
             attempt(f"{task} full lr {lr:g}", lambda task=task, lr=lr: bench.full(task, 0, lr))
         attempt(f"{task} onboard", lambda task=task: bench.onboard(task, 0))
     attempt("bundle seed 0", lambda: bench.bundle(0))
-    for seed in (s for s in seeds if s != 0):
+    for seed in extra:
         for task in (t for t in bench.tasks if t in SMALL):
             chosen = best_full(bench.units, task, 0)
             if chosen is None or read_json(unit_path(bench.units, task, 0, "onboard")) is None:
@@ -703,6 +726,20 @@ def run(
                 ),
             )
         attempt(f"bundle seed 0{variant.suffix}", lambda v=variant: bench.bundle(0, v.suffix))
+        # The extra seeds keep the teacher seed 0 of the variant (or of its base) chose.
+        pinned_by = variant.base if variant.pin_teacher else variant.suffix
+        for seed in extra:
+            for task in (t for t in bench.tasks if t in SMALL):
+                attempt(
+                    f"{task} seed {seed} onboard{variant.suffix}",
+                    lambda t=task, s=seed, v=variant, by=pinned_by: bench.rerun(
+                        t, s, v.suffix, by, **v.overrides
+                    ),
+                )
+            attempt(
+                f"bundle seed {seed}{variant.suffix}",
+                lambda s=seed, v=variant: bench.bundle(s, v.suffix),
+            )
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -873,10 +910,16 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
     if serving is None:
         missing.append("serving cost")
     variants = {}
-    for variant in VARIANTS:  # run only when asked: missing once started
+    for variant in VARIANTS:  # run only when asked: missing once started (per seed)
+        started = [0] + [
+            seed
+            for seed in seeds
+            if seed != 0
+            and any(unit_path(units, t, seed, f"onboard{variant.suffix}").exists() for t in tasks)
+        ]
         found, gaps = [], []
         for task in tasks:
-            row, task_gaps = task_row(units, task, (0,), variant.suffix)
+            row, task_gaps = task_row(units, task, started, variant.suffix)
             found.append(row)
             gaps += [m for m in task_gaps if variant.suffix in m]
         if onboarded(found):
@@ -884,6 +927,7 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
         variants[variant.name] = {
             "title": variant.title,
             "about": variant.about,
+            "seeds": started,
             "rows": [r.to_dict() for r in found],
             "overall": summary(onboarded(found), 6),
         }
@@ -1030,25 +1074,30 @@ def every_metric_markdown(report: dict[str, Any]) -> list[str]:
 
 
 def variants_markdown(report: dict[str, Any]) -> list[str]:
-    """Return the lines of one section per variant of seed 0 (:data:`VARIANTS`) that has
-    onboarded tasks, each ending with the main run's seed 0 for comparison."""
+    """Return the lines of one section per variant (:data:`VARIANTS`) that has onboarded
+    tasks, each ending with the main run over the same seeds for comparison."""
     from mtreg.model.report import TaskRow, markdown
 
-    default = report["default_seed0"]
-    shown = "–" if default["mean_ratio"] is None else f"{100 * default['mean_ratio']:.1f}%"
     lines: list[str] = []
     for variant in report.get("variants", {}).values():
         if not variant["overall"]["tasks"]:
             continue
         rows = [TaskRow.from_dict(r) for r in variant["rows"]]
+        seeds = variant.get("seeds", [0])
+        if len(seeds) > 1:
+            which = f"seeds {', '.join(map(str, seeds))} for the small tasks"
+            main, main_which = report["overall"], "same seeds"
+        else:
+            which, main, main_which = "seed 0", report["default_seed0"], "seed 0 only"
+        shown = "–" if main["mean_ratio"] is None else f"{100 * main['mean_ratio']:.1f}%"
         lines += [
-            f"## {variant['title']}",
+            f"## {variant['title']}, {which}",
             "",
             f"{variant['about']} A bundle of its own, scored through `mtreg.load_bundle`.",
             "",
             markdown(rows, variant["overall"]),
-            f"The main run, seed 0 only: **{shown}** at {default['bundle_layers']} of "
-            f"{default['full_layers']} layers ({100 * (default['layer_ratio'] or 0):.0f}%).",
+            f"The main run, {main_which}: **{shown}** at {main['bundle_layers']} of "
+            f"{main['full_layers']} layers ({100 * (main['layer_ratio'] or 0):.0f}%).",
             "",
         ]
     return lines
@@ -1118,8 +1167,20 @@ def main(argv: list[str] | None = None) -> None:
     """``run`` (resume the benchmark) or ``report`` (rewrite the report only)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["run", "score", "serving", "report"])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(TASKS),
+        choices=list(TASKS),
+        help="run (or score) these tasks only; the report always covers every task",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(SEEDS),
+        help="run (or score) these seeds only; the report always covers every seed",
+    )
     parser.add_argument("--work", type=Path, default=WORK, help=f"default: {WORK}")
     parser.add_argument("--units", type=Path, default=UNITS)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -1132,8 +1193,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    def write() -> None:
-        write_report(args.units, args.out, args.tasks, args.seeds)
+    def write() -> None:  # over every task and seed: --tasks and --seeds choose what runs
+        write_report(args.units, args.out, TASKS, SEEDS)
 
     if args.command in ("score", "serving", "report"):
         if args.command != "report":

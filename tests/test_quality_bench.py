@@ -203,7 +203,7 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     assert floor["served"] == row["served"][0]
     text = (out / "quality.md").read_text()
     assert "## Above a constant predictor? (seed 0)" in text and "## Every metric" in text
-    assert "## A stricter student choice (tolerance 1.0, seed 0)" in text
+    assert "## A stricter student choice (tolerance 1.0), seeds 0, 1 for the small tasks" in text
     bundle = json.loads((units / "bundle-seed0.json").read_text())
     onboard = json.loads((units / "sst2" / "seed0" / "onboard.json").read_text())
     strict = json.loads((units / "sst2" / "seed0" / "onboard-strict.json").read_text())
@@ -233,8 +233,21 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     assert seed1["settings"]["teacher_lrs"] == [onboard["teacher"]["lr"]]
     assert sorted(p.name for p in (units / "sst2" / "seed1").iterdir()) == [
         f"full-lr{json.loads(_best(units))['lr']:g}.json",
+        "onboard-deep.json",
+        "onboard-loose.json",
+        "onboard-strict.json",
         "onboard.json",
     ]
+    # A variant's extra seeds keep the teacher its seed 0 chose (deep-loose: deep's), and
+    # deep-loose trains nothing: deep's seed 1 checkpoints are linked in, task by task.
+    deep1 = json.loads((units / "sst2" / "seed1" / "onboard-deep.json").read_text())
+    loose1 = json.loads((units / "sst2" / "seed1" / "onboard-loose.json").read_text())
+    assert deep1["settings"]["teacher_layers"] == [deep["teacher"]["layers"]]
+    assert deep1["settings"]["teacher_lrs"] == [deep["teacher"]["lr"]]
+    assert loose1["teacher"]["key"] == deep1["teacher"]["key"] and loose1["tolerance"] == 0.5
+    assert all(r["resumed"] for r in loose1["runs"])
+    assert report["variants"]["loose"]["seeds"] == [0, 1]
+    assert len(report["variants"]["loose"]["rows"][0]["served"]) == 2
     # A rerun trains nothing; a deleted unit is the only one redone.
     calls: list[str] = []
     from mtreg.model import finetune
@@ -250,6 +263,24 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     (units / "sst2" / "seed0" / "full-lr0.001.json").unlink()
     go()
     assert calls == ["ft"]
+
+
+def test_link_missing_adds_only_finished_files_the_target_lacks(tmp_path: Path) -> None:
+    source, target = tmp_path / "base", tmp_path / "variant"
+    (source / "task" / "1.0.0").mkdir(parents=True)
+    (source / "task" / "1.0.0" / "teacher.safetensors").write_text("base")
+    (source / "task" / "1.0.0" / ".incoming-x").write_text("half")  # still being written
+    (source / "task" / "1.0.0" / "student.json").write_text("base")
+    (target / "task" / "1.0.0").mkdir(parents=True)
+    (target / "task" / "1.0.0" / "student.json").write_text("own")
+    quality.link_missing(source, target)
+    quality.link_missing(tmp_path / "absent", target)
+    folder = target / "task" / "1.0.0"
+    assert sorted(p.name for p in folder.iterdir()) == ["student.json", "teacher.safetensors"]
+    assert (folder / "student.json").read_text() == "own"
+    assert (folder / "teacher.safetensors").samefile(
+        source / "task" / "1.0.0" / "teacher.safetensors"
+    )
 
 
 def _best(units: Path) -> str:
