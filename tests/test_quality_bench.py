@@ -265,6 +265,23 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     assert calls == ["ft"]
 
 
+def test_an_onboard_unit_from_another_search_is_stale(tmp_path: Path) -> None:
+    bench = quality.Bench(tmp_path / "work", tmp_path / "units", ["sst2"])
+    settings = bench.settings(0)
+    unit = {
+        "settings": {
+            "teacher_layers": list(quality.TEACHER_LAYERS),
+            "teacher_lrs": list(quality.LRS),
+            "student_lrs": list(quality.STUDENT_LRS),
+        },
+        "tolerance": 0.99,
+    }
+    assert quality.searched_as(unit, settings)
+    assert not quality.searched_as(unit, bench.settings(0, tolerance=0.98))
+    assert not quality.searched_as(unit, bench.settings(0, teacher_lrs=quality.LRS[:-1]))
+    assert not quality.searched_as(unit, bench.settings(0, teacher_layers=(2, 3, 4)))
+
+
 def test_link_missing_adds_only_finished_files_the_target_lacks(tmp_path: Path) -> None:
     source, target = tmp_path / "base", tmp_path / "variant"
     (source / "task" / "1.0.0").mkdir(parents=True)
