@@ -995,19 +995,30 @@ def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dic
 
 
 def compute_hours(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dict[str, float]:
-    """Return the training time of the main run's units in process-hours: seed 0's full
-    fine-tuning search, seed 0's onboarding, the extra seeds, and their total."""
-    hours = {"full_search_seed0": 0.0, "onboard_seed0": 0.0, "extra_seeds": 0.0}
+    """Return the training time of the main run's units in process-hours, as if run from
+    scratch: seed 0's full fine-tuning search, seed 0's onboarding, the extra seeds, and
+    their total. An onboarding counts every run of its search at the time it took when it
+    trained (a resumed run too: onboarding again after a change of the grid resumes the
+    runs it shares), plus its own invocation's overhead (caching, scoring)."""
+    hours = {"full_search_seed0": 0.0, "onboard_search_seed0": 0.0, "extra_seeds": 0.0}
     for task in tasks:
         for seed in task_seeds(task, seeds):
-            folder = units / task / f"seed{seed}"
-            for path in [*folder.glob("full-lr*.json"), folder / "onboard.json"]:
-                data = read_json(path)
-                if data is None:
-                    continue
-                full = path.name.startswith("full")
-                phase = "extra_seeds" if seed else "full_search_seed0" if full else "onboard_seed0"
-                hours[phase] += data["seconds" if full else "wall_s"] / 3600
+            chosen = best_full(units, task, 0)
+            lrs = LRS if seed == 0 else (chosen["lr"],) if chosen else ()
+            seconds = {
+                "full": sum(
+                    data["seconds"]
+                    for lr in lrs
+                    if (data := read_json(unit_path(units, task, seed, f"full-lr{lr:g}")))
+                ),
+                "onboard": 0.0,
+            }
+            if onboard := read_json(unit_path(units, task, seed, "onboard")):
+                overhead = onboard["wall_s"] - onboard["budget"]["train_seconds"]
+                seconds["onboard"] = sum(r["seconds"] for r in onboard["runs"]) + overhead
+            for method, value in seconds.items():
+                phase = "extra_seeds" if seed else f"{method}_search_seed0"
+                hours[phase] += value / 3600
     hours["total"] = sum(hours.values())
     return hours
 
