@@ -76,12 +76,17 @@ def register_tasks(register):
 '''
 
 
+# Read once, at import, while the file matches the code that runs: read later, an edit of
+# this file during a benchmark run would hand the plugin new text at old line numbers.
+_SUBSAMPLE_SOURCE = textwrap.dedent(inspect.getsource(subsample))
+
+
 def plugin_source(config: Mapping[str, Mapping[str, Any]]) -> str:
     """Return the plugin's source for ``config``: ``{task: {"base": built-in name (default:
     the task's own), "sizes": {split: n}, "seed": str|int, "max_length": int|None}}``."""
     return _TEMPLATE.format(
         config=json.dumps(config, sort_keys=True),
-        subsample=textwrap.dedent(inspect.getsource(subsample)).replace("Sequence[Any]", "list"),
+        subsample=_SUBSAMPLE_SOURCE.replace("Sequence[Any]", "list"),
     ).replace("list[Any]", "list")
 
 

@@ -217,6 +217,10 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     teachers = {r["layers"]: r["resumed"] for r in deep["runs"] if r["stage"] == "teacher"}
     assert teachers == {1: False, 2: True}  # only the new L trained; seed 0's resumed
     assert "## Deeper" in text and report["variants"]["deep"]["overall"]["tasks"] == 1
+    # Each variant's bundle has its serving cost measured beside its quality.
+    deep_serving = report["variants"]["deep"]["serving"]
+    assert deep_serving["bundle_layers"] == deep["chosen"]["fork_depth"] + deep["chosen"]["layers"]
+    assert text.count("Its serving cost, measured:") == 3
     loose = json.loads((units / "sst2" / "seed0" / "onboard-loose.json").read_text())
     assert loose["teacher"]["key"] == deep["teacher"]["key"]  # the deep variant's teacher
     assert all(r["resumed"] for r in loose["runs"] if r["stage"] == "teacher")
