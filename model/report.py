@@ -142,14 +142,19 @@ def markdown(rows: Sequence[TaskRow], overall: Mapping[str, Any]) -> str:
 
 
 def figure(
-    rows: Sequence[TaskRow], overall: Mapping[str, Any], path: Path, title: str = ""
+    rows: Sequence[TaskRow],
+    overall: Mapping[str, Any],
+    path: Path,
+    title: str = "",
+    others: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> Path:
     """Draw quality ratio against serving cost and save it as a PNG at ``path``.
 
     Left: per task, % of full fine-tuning against the layers one request for that task
     evaluates (k + l for the served branch, k + L for its teacher; a full model is N).
-    Right: all tasks, mean ratio against the layers of the bundle and of one full model
-    per task.
+    Right: all tasks, mean ratio against the layers of the bundle, of ``others`` (label
+    and :func:`summary` of other bundles of the same tasks, e.g. other onboarding
+    settings) and of one full model per task.
 
     Raises:
         MtregError: matplotlib is missing (``pip install 'mtreg[report]'``).
@@ -190,13 +195,13 @@ def figure(
             textcoords="offset points",
             xytext=(-60, 8),
         )
-        right.plot([overall["bundle_layers"]], [100 * mean_ratio], "o", markersize=10)
-        right.annotate(
-            "merged bundle",
-            (overall["bundle_layers"], 100 * mean_ratio),
-            textcoords="offset points",
-            xytext=(6, -12),
-        )
+        bundles = [("merged bundle", overall), *others]
+        for label, summed in bundles:
+            if summed.get("mean_ratio") is None:
+                continue
+            point = (summed["bundle_layers"], 100 * summed["mean_ratio"])
+            right.plot(*point, "o", markersize=10)
+            right.annotate(label, point, textcoords="offset points", xytext=(6, -12))
     right.set_xlim(0, overall["full_layers"] * 1.1 + 1)
     right.set_xlabel(f"layers per request, all {overall['tasks']} tasks")
     right.set_ylabel("mean % of full fine-tuning")

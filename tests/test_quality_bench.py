@@ -96,6 +96,14 @@ def test_figure_renders_a_png(tmp_path: Path) -> None:
     rows = [_row("a", [0.9], [0.91]), _row("b", [0.7], [0.75], k=4, layers=2)]
     path = rp.figure(rows, rp.summary(rows, 6), tmp_path / "f" / "q.png", "title")
     assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+    # Other bundles of the same tasks are drawn beside it in the all-tasks panel.
+    deeper = [_row("a", [0.9], [0.93], k=2, layers=1), _row("b", [0.7], [0.7], k=2, layers=1)]
+    other = rp.figure(
+        rows, rp.summary(rows, 6), tmp_path / "o.png", "title", [("deeper", rp.summary(deeper, 6))]
+    )
+    again = rp.figure(rows, rp.summary(rows, 6), tmp_path / "again.png", "title")
+    assert again.read_bytes() == path.read_bytes()  # deterministic: the point made the change
+    assert other.read_bytes()[:8] == PNG and other.read_bytes() != path.read_bytes()
 
 
 def test_paired_bootstrap_is_zero_for_equal_predictions_and_positive_otherwise() -> None:
