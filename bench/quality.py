@@ -680,22 +680,25 @@ def peak_rss(kind: str, bundle_dir: Path) -> float:
 # -- the plan ------------------------------------------------------------------------------
 
 
-def best_full(units: Path, task: str, seed: int) -> dict[str, Any] | None:
-    """Return the seed's full fine-tuning run the search chose, or None: for seed 0 the
-    best dev score (tie: lower lr) among the cached runs at the :data:`LRS`; for a later
-    seed its run at seed 0's choice (units at other lrs, from an earlier search, are not
-    candidates)."""
-    from mtreg.model.finetune import better
-
-    lrs = LRS
+def full_runs(units: Path, task: str, seed: int) -> list[dict[str, Any]]:
+    """Return the cached full fine-tuning runs of the seed's search: for seed 0 those at
+    the :data:`LRS`, for a later seed the one at seed 0's choice (units at other lrs, from
+    an earlier search, are not part of it)."""
+    lrs: Sequence[float] = LRS
     if seed != 0:
         chosen = best_full(units, task, 0)
         lrs = (chosen["lr"],) if chosen is not None else ()
+    found = (read_json(unit_path(units, task, seed, f"full-lr{lr:g}")) for lr in lrs)
+    return [data for data in found if data is not None]
+
+
+def best_full(units: Path, task: str, seed: int) -> dict[str, Any] | None:
+    """Return the seed's full fine-tuning run the search chose (:func:`full_runs`: the best
+    dev score, tie: lower lr), or None."""
+    from mtreg.model.finetune import better
+
     best, best_run = None, None
-    for lr in lrs:
-        data = read_json(unit_path(units, task, seed, f"full-lr{lr:g}"))
-        if data is None:
-            continue
+    for data in full_runs(units, task, seed):
         metric = first_metric(task)
         run = _Scored(data["lr"], data["dev_metrics"])
         if better(run, best_run, metric):  # type: ignore[arg-type]
@@ -1018,14 +1021,8 @@ def compute_hours(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> di
     hours = {"full_search_seed0": 0.0, "onboard_search_seed0": 0.0, "extra_seeds": 0.0}
     for task in tasks:
         for seed in task_seeds(task, seeds):
-            chosen = best_full(units, task, 0)
-            lrs = LRS if seed == 0 else (chosen["lr"],) if chosen else ()
             seconds = {
-                "full": sum(
-                    data["seconds"]
-                    for lr in lrs
-                    if (data := read_json(unit_path(units, task, seed, f"full-lr{lr:g}")))
-                ),
+                "full": sum(data["seconds"] for data in full_runs(units, task, seed)),
                 "onboard": 0.0,
             }
             if onboard := read_json(unit_path(units, task, seed, "onboard")):
