@@ -275,6 +275,16 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     (units / "sst2" / "seed0" / "full-lr0.001.json").unlink()
     go()
     assert calls == ["ft"]
+    # A grid change makes the onboarding stale; its registered version holds the old
+    # search's weights, so the benchmark stops with what to remove, and trains nothing.
+    monkeypatch.setattr(quality, "LRS", (1e-3, 3e-3, 9e-3))
+    bench = quality.Bench(tiny["root"] / "work", units, ["sst2"])
+    try:
+        with pytest.raises(RuntimeError, match=r"other settings; remove .*registry\.db"):
+            bench.onboard("sst2", 0)
+    finally:
+        bench.close()
+    assert calls == ["ft"] and (units / "sst2" / "seed0" / "onboard.json").is_file()
 
 
 def test_an_onboard_unit_from_another_search_is_stale(tmp_path: Path) -> None:
