@@ -13,9 +13,9 @@ The public names a plugin author and a Python user need live here::
     bundle.predict(["where is my parcel?"])
 """
 
+from mtreg.core.spec import HeadSpec, TaskSpec
 from mtreg.errors import MtregError
 from mtreg.plugins.hookspecs import hookimpl
-from mtreg.plugins.spec import HeadSpec, TaskSpec
 
 __all__ = ["HeadSpec", "MtregError", "Registry", "TaskSpec", "hookimpl", "load_bundle"]
 __version__ = "0.1.0"
@@ -29,7 +29,7 @@ def __getattr__(name: str):
         return Registry
     if name == "load_bundle":
         # Pulls in torch: only when a bundle is actually loaded.
-        from mtreg.model.bundle import load_bundle
+        from mtreg.runtime.bundle import load_bundle
 
         return load_bundle
     raise AttributeError(f"module 'mtreg' has no attribute {name!r}")

@@ -45,7 +45,8 @@ import json
 import random
 
 import mtreg
-from mtreg.plugins import glue, intent
+from mtreg.plugins import glue
+from mtreg.plugins import intent
 
 CONFIG = json.loads({config!r})
 

@@ -3,11 +3,11 @@
 In one run, on the same task, data, trunk (the packaged MiniLM-L6) and epochs:
 
 1. one full fine-tuning of the whole model (embeddings, 6 layers, pooler, head; uncached;
-   :func:`mtreg.model.finetune.finetune`) at ``--full-lr`` (1e-4: the rate issue 5 measured
+   :func:`finetune.finetune`) at ``--full-lr`` (1e-4: the rate issue 5 measured
    best for full fine-tuning on this trunk);
 2. one teacher (``--teacher-layers`` L, ``--teacher-lr``) trained *uncached* (the frozen
    trunk below the fork runs every step) and *cached* (one forward pass fills the activation
-   cache, then :func:`mtreg.model.stages.train_teachers` trains on it), each in its own
+   cache, then :func:`mtreg.training.stages.train_teachers` trains on it), each in its own
    fresh registry home so neither profits from the other's cache;
 3. the whole ``mtreg onboard`` with its default settings (L search, lr search, l search,
    choice, branch file, registration and bundle rebuild) in a third fresh home, timed from
@@ -100,8 +100,9 @@ def run_full(
     home: Path, config: dict, task: str, lr: float, epochs: int | None, precision: str = "fp32"
 ) -> dict:
     """One full fine-tuning; returns its timing, dev metrics and recipe."""
-    from mtreg.model import finetune as ft
-    from mtreg.model.job import Settings, prepare
+    import finetune as ft
+
+    from mtreg.training.job import Settings, prepare
 
     settings = Settings(epochs=epochs, precision=precision)
     with benchtasks.open_registry(home, config) as registry:
@@ -116,8 +117,9 @@ def run_uncached_teacher(
     home: Path, config: dict, task: str, layers: int, lr: float, epochs: int | None
 ) -> dict:
     """One teacher trained through the live frozen trunk."""
-    from mtreg.model import finetune as ft
-    from mtreg.model.job import Settings, prepare
+    import finetune as ft
+
+    from mtreg.training.job import Settings, prepare
 
     with benchtasks.open_registry(home, config) as registry:
         job = prepare(registry, task, Settings(epochs=epochs), progress=_say)
@@ -132,8 +134,8 @@ def run_cached_teacher(
     home: Path, config: dict, task: str, layers: int, lr: float, epochs: int | None
 ) -> dict:
     """The same teacher through onboarding's cached path (cache fill timed separately)."""
-    from mtreg.model.job import Settings, hidden_states, prepare
-    from mtreg.model.stages import train_teachers
+    from mtreg.training.job import Settings, hidden_states, prepare
+    from mtreg.training.stages import train_teachers
 
     settings = Settings(teacher_layers=(layers,), teacher_lrs=(lr,), epochs=epochs)
     with benchtasks.open_registry(home, config) as registry:
@@ -169,8 +171,8 @@ def run_onboard(
     home: Path, config: dict, task: str, epochs: int | None, precision: str = "fp32"
 ) -> dict:
     """The whole default ``mtreg onboard`` (search, distil, choose, write, register)."""
-    from mtreg.model.job import Settings
-    from mtreg.model.onboard import onboard
+    from mtreg.training.job import Settings
+    from mtreg.training.onboard import onboard
 
     settings = Settings(epochs=epochs, precision=precision)
     with benchtasks.open_registry(home, config) as registry, Clock() as clock:
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from mtreg.model.job import PATIENCE, Settings, auto_epochs, prepare
+    from mtreg.training.job import PATIENCE, Settings, auto_epochs, prepare
 
     if args.threads:
         torch.set_num_threads(args.threads)

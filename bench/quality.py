@@ -4,9 +4,9 @@ bundle against one fully fine-tuned MiniLM-L6 per task.
 For every task of :data:`TASKS` (CoLA, SST-2, MRPC, STS-B, RTE, QQP, CLINC150, SNIPS intent
 and slots), on the same fixed-seed subsample (bench/benchtasks.py) and the same max length:
 
-1. **full fine-tuning** of the whole model (:mod:`mtreg.model.finetune`: embeddings, 6 layers,
+1. **full fine-tuning** of the whole model (:mod:`finetune`: embeddings, 6 layers,
    pooler, head, uncached) at every learning rate of :data:`LRS`;
-2. **mtreg onboard** (:func:`mtreg.model.onboard.onboard`, the code of ``mtreg onboard``):
+2. **mtreg onboard** (:func:`mtreg.training.onboard.onboard`, the code of ``mtreg onboard``):
    teachers L in :data:`TEACHER_LAYERS` at the *same* learning rates, then students
    l = 1..min(3, L-1) with onboarding's default student rate, the smallest branch within 99%
    of the best teacher, registered into a bundle;
@@ -260,8 +260,8 @@ def cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def scored(head: Any, metrics: Sequence[str], logits: Sequence[Any], labels: Sequence[Any]) -> dict:
     """Return ``{"metrics", "predictions", "references"}`` for one split."""
-    from mtreg.model.metrics import evaluate
-    from mtreg.model.train import decode
+    from mtreg.training.loop import decode
+    from mtreg.training.metrics import evaluate
 
     predictions, references = decode(head, logits, labels)
     return {
@@ -288,7 +288,7 @@ def paired_bootstrap_se(
 def _bootstrap_se(
     metric: str, a: Sequence[Any], b: Sequence[Any], references: Sequence[Any], n: int
 ) -> float:
-    from mtreg.model.metrics import evaluate
+    from mtreg.training.metrics import evaluate
 
     rng = random.Random(0)
     size = len(references)
@@ -360,7 +360,7 @@ class Bench:
 
     def settings(self, seed: int, **overrides: Any) -> Any:
         """Return the onboarding Settings of this benchmark for ``seed``."""
-        from mtreg.model.job import Settings, with_overrides
+        from mtreg.training.job import Settings, with_overrides
 
         base = Settings(
             teacher_layers=TEACHER_LAYERS,
@@ -379,9 +379,10 @@ class Bench:
         predictions, history and seconds."""
 
         def compute() -> dict[str, Any]:
-            from mtreg.model import finetune as ft
-            from mtreg.model.data import encode
-            from mtreg.model.job import load_split, prepare
+            import finetune as ft
+
+            from mtreg.training.data import encode
+            from mtreg.training.job import load_split, prepare
 
             log(f"{task} seed {seed}: full fine-tuning lr {lr:g}")
             job = prepare(self.registry(seed), task, self.settings(seed))
@@ -426,7 +427,7 @@ class Bench:
             found = None
         if found is not None and task in registered:
             return found
-        from mtreg.model.onboard import onboard
+        from mtreg.training.onboard import onboard
 
         if variant:
             self.link_base(task, seed, variant)
@@ -464,7 +465,7 @@ class Bench:
         """Score every task of the seed's (or variant's) latest bundle through
         ``mtreg.load_bundle`` (cached per bundle id); None when there is no bundle yet."""
         import mtreg
-        from mtreg.model.job import load_split
+        from mtreg.training.job import load_split
 
         registry = self.registry(seed, variant)
         try:
@@ -518,7 +519,7 @@ def score_bundle(
 ) -> dict:
     """Return the served scores of ``task`` on ``examples``: tokenised and run by the loaded
     bundle (:meth:`LoadedBundle.logits`), labels encoded the same way."""
-    from mtreg.model.data import encode
+    from mtreg.training.data import encode
 
     info = bundle.info[task]
     encoded = encode(bundle.tokenizer, examples, info.inputs, info.head, info.max_length)
@@ -557,8 +558,8 @@ def timing_batches(tokenizer: Any) -> list[dict[str, Any]]:
 
 def bundle_heads(bundle_dir: Path) -> list[Any]:
     """Return the head of every task of a bundle, read from its manifest alone."""
-    from mtreg.model.bundle import task_info
-    from mtreg.registry.bundles import MANIFEST, read_manifest
+    from mtreg.artifacts.manifest import MANIFEST, read_manifest
+    from mtreg.runtime.bundle import task_info
 
     manifest = read_manifest(Path(bundle_dir) / MANIFEST)
     return [task_info(manifest, task).head for task in sorted(manifest["tasks"])]
@@ -567,9 +568,9 @@ def bundle_heads(bundle_dir: Path) -> list[Any]:
 def full_models(heads: Sequence[Any]) -> list[Any]:
     """Return one full fine-tuning-shaped model per head (embeddings, all trunk layers,
     pooler, the head) with the trunk's weights."""
-    from mtreg.model.layers import Branch
-    from mtreg.model.network import Standalone, Trunk
-    from mtreg.model.trunk import read_checkpoint
+    from mtreg.artifacts.checkpoint import read_checkpoint
+    from mtreg.nn.layers import Branch
+    from mtreg.nn.network import Standalone, Trunk
 
     checkpoint = read_checkpoint(benchtasks.minilm_folder())
     config = checkpoint.config
@@ -695,7 +696,7 @@ def full_runs(units: Path, task: str, seed: int) -> list[dict[str, Any]]:
 def best_full(units: Path, task: str, seed: int) -> dict[str, Any] | None:
     """Return the seed's full fine-tuning run the search chose (:func:`full_runs`: the best
     dev score, tie: lower lr), or None."""
-    from mtreg.model.finetune import better
+    from finetune import better
 
     best, best_run = None, None
     for data in full_runs(units, task, seed):
@@ -707,7 +708,7 @@ def best_full(units: Path, task: str, seed: int) -> dict[str, Any] | None:
 
 
 class _Scored:
-    """The two fields :func:`mtreg.model.finetune.better` compares."""
+    """The two fields :func:`finetune.better` compares."""
 
     def __init__(self, lr: float, dev_metrics: dict[str, float]) -> None:
         self.lr, self.dev_metrics = lr, dev_metrics
@@ -818,7 +819,7 @@ def task_row(
 ) -> tuple[Any, list[str]]:
     """Return the report row of ``task`` (onboarded as ``variant``) from the cached units,
     and what is missing."""
-    from mtreg.model.report import TaskRow, mean
+    from mtreg.cli.reporting import TaskRow, mean
 
     split = reported_split(task)
     missing: list[str] = []
@@ -901,7 +902,7 @@ def floor_row(units: Path, task: str) -> dict[str, Any] | None:
     score, full fine-tuning's margin over it with the paired bootstrap SE, whether full
     fine-tuning clears it by more than 2 SE (``learned``), and the share of that margin the
     served branch keeps; None before full fine-tuning has run."""
-    from mtreg.model.metrics import evaluate
+    from mtreg.training.metrics import evaluate
 
     best = best_full(units, task, 0)
     if best is None:
@@ -933,7 +934,7 @@ def floor_row(units: Path, task: str) -> dict[str, Any] | None:
 
 def build_report(units: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
     """Return the whole report (rows, overall, serving, baseline, missing) from the units."""
-    from mtreg.model.report import summary
+    from mtreg.cli.reporting import summary
 
     rows, missing = [], []
     for task in tasks:
@@ -1063,7 +1064,7 @@ def serving_table(serving: dict[str, Any]) -> list[str]:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """Return the markdown of a report."""
-    from mtreg.model.report import TaskRow, markdown
+    from mtreg.cli.reporting import TaskRow, markdown
 
     rows = [TaskRow.from_dict(r) for r in report["rows"]]
     overall = report["overall"]
@@ -1116,7 +1117,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def every_metric_markdown(report: dict[str, Any]) -> list[str]:
     """Return the lines of the section listing every metric of every task."""
-    from mtreg.model.report import fmt
+    from mtreg.cli.reporting import fmt
 
     lines = [
         "## Every metric",
@@ -1136,7 +1137,7 @@ def every_metric_markdown(report: dict[str, Any]) -> list[str]:
 def variants_markdown(report: dict[str, Any]) -> list[str]:
     """Return the lines of one section per variant (:data:`VARIANTS`) that has onboarded
     tasks, each ending with the main run over the same seeds for comparison."""
-    from mtreg.model.report import TaskRow, markdown
+    from mtreg.cli.reporting import TaskRow, markdown
 
     lines: list[str] = []
     for variant in report.get("variants", {}).values():
@@ -1210,7 +1211,7 @@ def floor_markdown(report: dict[str, Any]) -> list[str]:
 
 def write_report(units: Path, out: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dict:
     """Write quality.json, quality.md and quality.png under ``out``; return the report."""
-    from mtreg.model.report import TaskRow, figure
+    from mtreg.cli.reporting import TaskRow, figure
 
     report = build_report(units, tasks, seeds)
     out.mkdir(parents=True, exist_ok=True)

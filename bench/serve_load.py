@@ -71,9 +71,9 @@ def build_bundle(work: Path) -> Path:
     """Register MiniLM and 8 random-weight tasks in a fresh registry; return the bundle dir."""
     import torch
 
-    from mtreg.model.branch_file import BranchMeta, branch_shapes, write_branch
-    from mtreg.model.trunk import read_checkpoint
-    from mtreg.plugins.spec import HeadSpec
+    from mtreg.artifacts.branch_file import BranchMeta, branch_shapes, write_branch
+    from mtreg.artifacts.checkpoint import read_checkpoint
+    from mtreg.core.spec import HeadSpec
     from mtreg.registry.api import Registry
 
     checkpoint = read_checkpoint(minilm_folder())
@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5)
     args = parser.parse_args()
 
-    from mtreg.model.export import export_dir
+    from mtreg.runtime.export import export_dir
 
     texts = sentences()
     cpus = len(os.sched_getaffinity(0))

@@ -55,9 +55,9 @@ def sentences(n: int) -> list[str]:
 
 def build_bundles(work: Path) -> dict[str, Path]:
     """Register MiniLM and 8 random-weight tasks per geometry; return bundle directories."""
-    from mtreg.model.branch_file import BranchMeta, branch_shapes, write_branch
-    from mtreg.model.trunk import read_checkpoint
-    from mtreg.plugins.spec import HeadSpec
+    from mtreg.artifacts.branch_file import BranchMeta, branch_shapes, write_branch
+    from mtreg.artifacts.checkpoint import read_checkpoint
+    from mtreg.core.spec import HeadSpec
     from mtreg.registry.api import Registry
 
     checkpoint = read_checkpoint(minilm_folder())
@@ -95,10 +95,10 @@ def build_bundles(work: Path) -> dict[str, Path]:
 
 def full_models(n: int):
     """N standalone full models: all 6 trunk layers, pooler and head, separate weights."""
-    from mtreg.model.layers import Branch
-    from mtreg.model.network import Standalone, Trunk
-    from mtreg.model.trunk import read_checkpoint
-    from mtreg.plugins.spec import HeadSpec
+    from mtreg.artifacts.checkpoint import read_checkpoint
+    from mtreg.core.spec import HeadSpec
+    from mtreg.nn.layers import Branch
+    from mtreg.nn.network import Standalone, Trunk
 
     checkpoint = read_checkpoint(minilm_folder())
     head = HeadSpec("classification", ("negative", "positive"))
@@ -159,7 +159,7 @@ def standalone_fn(models):
 
 
 def task_scaling(bundles: dict[str, Path], texts, batch1_texts, repeats: int) -> list[dict]:
-    from mtreg.model.bundle import load_bundle
+    from mtreg.runtime.bundle import load_bundle
 
     rows = []
     models = full_models(max(TASK_COUNTS))
@@ -209,7 +209,7 @@ def against_transformers(bundle_dir: Path, texts, repeats: int) -> dict:
     with 5 layers and its pooler: the same layer count."""
     from transformers import BertModel
 
-    from mtreg.model.bundle import load_bundle
+    from mtreg.runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, tasks=["task0"])
     hf = BertModel.from_pretrained(minilm_folder(), num_hidden_layers=5).eval()
@@ -237,8 +237,8 @@ def backends(bundle_dir: Path, work: Path, texts, repeats: int) -> dict:
     """The 8-task bundle through torch, ONNX fp32 and ONNX int8."""
     import onnxruntime
 
-    from mtreg.model.bundle import load_bundle
-    from mtreg.model.export import export_onnx
+    from mtreg.runtime.bundle import load_bundle
+    from mtreg.runtime.export import export_onnx
 
     report = export_onnx(bundle_dir, work / "onnx", quantize="int8")
     bundle = load_bundle(bundle_dir)
@@ -276,7 +276,7 @@ def backends(bundle_dir: Path, work: Path, texts, repeats: int) -> dict:
 
 def _rss_child(kind: str, bundle_dir: str, queue) -> None:
     torch.set_num_threads(1)
-    from mtreg.model.bundle import load_bundle
+    from mtreg.runtime.bundle import load_bundle
 
     ids = torch.randint(1000, 2000, (8, 32))
     mask = torch.ones_like(ids)

@@ -14,8 +14,8 @@ def db() -> None:
 
 
 def _engine(ctx: Context):
+    from mtreg.core.env import resolve_home, resolve_url
     from mtreg.registry.db import make_engine
-    from mtreg.registry.settings import resolve_home, resolve_url
 
     return make_engine(resolve_url(ctx.url, resolve_home(ctx.home)))
 

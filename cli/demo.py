@@ -53,11 +53,11 @@ def _step(title: str) -> None:
 def demo(directory: Path) -> None:
     """Onboard two demo tasks on the packaged MiniLM trunk, then list, export and predict."""
     from mtreg.cli.onboard import echo_report
-    from mtreg.model.bundle import load_bundle
-    from mtreg.model.export import export_dir
-    from mtreg.model.onboard import onboard
     from mtreg.plugins import demo as demo_plugin
     from mtreg.registry.api import Registry
+    from mtreg.runtime.bundle import load_bundle
+    from mtreg.runtime.export import export_dir
+    from mtreg.training.onboard import onboard
 
     started = time.perf_counter()
     home = directory.resolve()

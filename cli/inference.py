@@ -88,7 +88,7 @@ def predict(
     """Predict TEXT (and TEXT_PAIR) or every line of --input with a bundle; print JSON lines."""
     if (text is None) == (input_file is None):
         raise click.UsageError("give either TEXT [TEXT_PAIR] or --input FILE.jsonl")
-    from mtreg.model.bundle import load_bundle
+    from mtreg.runtime.bundle import load_bundle
 
     bundle = load_bundle(_resolve(ctx, ref), tasks=_split(tasks), backend=backend)
     if input_file is None:
@@ -124,7 +124,7 @@ def export(
     ctx: Context, ref: str, tasks: str | None, fmt: str, out: Path, quantize: str | None
 ) -> None:
     """Export a bundle (or some of its tasks) to OUT."""
-    from mtreg.model import export as exporting
+    from mtreg.runtime import export as exporting
 
     source, names = _resolve(ctx, ref), _split(tasks)
     if quantize and fmt != "onnx":

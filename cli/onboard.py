@@ -1,5 +1,5 @@
 """Training commands: ``train`` (teacher search), ``distill`` (students) and ``onboard``
-(both, then choose, write and register). Thin layers over :mod:`mtreg.model.onboard`.
+(both, then choose, write and register). Thin layers over :mod:`mtreg.training.onboard`.
 
 torch is imported inside the command bodies only, so that ``mtreg list`` stays fast.
 """
@@ -20,8 +20,8 @@ from mtreg.cli.progress import Renderer
 from mtreg.errors import MtregError
 
 if TYPE_CHECKING:
-    from mtreg.model.onboard import OnboardReport
-    from mtreg.model.stages import Run
+    from mtreg.training.onboard import OnboardReport
+    from mtreg.training.stages import Run
 
 
 def _progress() -> contextlib.AbstractContextManager[Renderer | None]:
@@ -33,7 +33,7 @@ def _progress() -> contextlib.AbstractContextManager[Renderer | None]:
 
 def _layers(layers: int | None, search: str | None, what: str) -> tuple[int, ...] | None:
     """Return the layer candidates from ``--layers N`` or ``--search LO..HI`` (or None)."""
-    from mtreg.model.job import parse_range
+    from mtreg.training.job import parse_range
 
     if layers is not None and search is not None:
         raise click.UsageError(f"give --layers or --search for the {what}, not both")
@@ -87,7 +87,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
 def _settings(**values: Any) -> Any:
     """Build Settings from CLI values: unset ones keep their defaults, patience 0 means
     never stop early."""
-    from mtreg.model.job import Settings
+    from mtreg.training.job import Settings
 
     patience = values.pop("patience", None)
     fields = {k: v for k, v in values.items() if v is not None}
@@ -133,7 +133,7 @@ def train(
     ctx: Context, task: str, layers: int | None, search: str | None, lrs, out, **opts
 ) -> None:
     """Partially fine-tune teachers for TASK: the trunk's top L layers, pooler and head."""
-    from mtreg.model.onboard import train_teacher
+    from mtreg.training.onboard import train_teacher
 
     as_json, data_dir = opts.pop("as_json"), opts.pop("data_dir")
     settings = _settings(
@@ -193,7 +193,7 @@ def distill(
     Students are tried from the smallest up; the first one within the tolerance of the
     teacher ends the search.
     """
-    from mtreg.model.onboard import distill_task
+    from mtreg.training.onboard import distill_task
 
     as_json, data_dir = opts.pop("as_json"), opts.pop("data_dir")
     epochs = opts.pop("epochs")
@@ -277,7 +277,7 @@ def onboard(
     teacher ends the search. A killed onboarding, run again, resumes after its last
     finished training run.
     """
-    from mtreg.model.onboard import onboard as run_onboard
+    from mtreg.training.onboard import onboard as run_onboard
 
     as_json, data_dir = opts.pop("as_json"), opts.pop("data_dir")
     settings = _settings(

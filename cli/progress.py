@@ -1,7 +1,7 @@
 """Training progress on a terminal: the log of what happened, line by line, under a bar
 for the batch the current run is at.
 
-:class:`Renderer` is a :class:`~mtreg.model.progress.StepProgress`: pass it as
+:class:`Renderer` is a :class:`~mtreg.training.progress.StepProgress`: pass it as
 ``progress=`` to the training functions. On a terminal the bar is redrawn in place with a
 carriage return and wiped before each line, so only the lines stay on screen. On anything
 else (a pipe, a log file) there is never a bar nor a carriage return: just the lines.
@@ -13,7 +13,7 @@ import os
 import time
 from typing import TextIO
 
-from mtreg.model.progress import Step
+from mtreg.training.progress import Step
 
 BAR_WIDTH = 10
 INTERVAL = 0.1  # seconds between redraws: a fast run must not spend its time drawing

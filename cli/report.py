@@ -3,7 +3,7 @@
 Reads each task's active version (the dev metrics, teacher size and geometry its branch file
 recorded) and, where known, a full fine-tuning reference: ``--baseline FILE.json``, else the
 repository's bench/results/quality.json when it exists. Thin layer over
-:mod:`mtreg.model.report`.
+:mod:`mtreg.cli.reporting`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def report(
     ctx: Context, tasks: tuple[str, ...], baseline: Path | None, out: Path | None, as_json: bool
 ) -> None:
     """Quality of registered tasks against full fine-tuning, and their serving cost."""
-    from mtreg.model import report as rp
+    from mtreg.cli import reporting as rp
 
     source = baseline or (BENCH_BASELINE if BENCH_BASELINE.is_file() else None)
     references = rp.load_baseline(source) if source is not None else {}

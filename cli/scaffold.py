@@ -21,8 +21,8 @@ from string import Template
 
 import click
 
+from mtreg.core.spec import HEAD_KINDS, HeadSpec, TaskSpec, validate_name
 from mtreg.errors import MtregError
-from mtreg.plugins.spec import HEAD_KINDS, HeadSpec, TaskSpec, validate_name
 
 DEFAULT_TRUNK = "minilm"
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {

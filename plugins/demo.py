@@ -12,8 +12,8 @@ import csv
 from collections.abc import Iterator
 from importlib import resources
 
+from mtreg.core.spec import HeadSpec, TaskSpec
 from mtreg.plugins.hookspecs import hookimpl
-from mtreg.plugins.spec import HeadSpec, TaskSpec
 
 DEMO_TRUNK = "minilm"
 

@@ -17,7 +17,7 @@ whose ``id`` hashes below 10 with seed ``mtreg-qqp-dev`` (:func:`readers.in_hold
 ``train`` the other 90%; the two are disjoint and the same on every run.
 
 Label lists are fixed here, never read from the data; the positive class comes second, as
-the ``f1`` metric scores label index 1. Metric names are those of :mod:`mtreg.model.metrics`;
+the ``f1`` metric scores label index 1. Metric names are those of :mod:`mtreg.training.metrics`;
 the first one selects checkpoints.
 
 ``max_length`` per task was chosen from the token lengths (MiniLM's WordPiece tokenizer,
@@ -32,10 +32,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mtreg.core.spec import HeadSpec, TaskSpec
 from mtreg.errors import MtregError
 from mtreg.plugins import readers
 from mtreg.plugins.hookspecs import hookimpl
-from mtreg.plugins.spec import HeadSpec, TaskSpec
 
 TRUNK = "minilm"
 VERSION = "1.0.0"

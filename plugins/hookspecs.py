@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pluggy
 
-from mtreg.plugins.spec import TaskSpec
+from mtreg.core.spec import TaskSpec
 
 PROJECT = "mtreg"
 

@@ -24,10 +24,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from mtreg.core.spec import HeadSpec, TaskSpec
 from mtreg.errors import MtregError
 from mtreg.plugins import readers
 from mtreg.plugins.hookspecs import hookimpl
-from mtreg.plugins.spec import HeadSpec, TaskSpec
 
 TRUNK = "minilm"
 VERSION = "1.0.0"

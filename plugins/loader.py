@@ -26,9 +26,9 @@ from typing import Any
 
 import pluggy
 
+from mtreg.core.spec import TaskSpec
 from mtreg.errors import NotFound, PluginError
 from mtreg.plugins import hookspecs
-from mtreg.plugins.spec import TaskSpec
 
 ENTRY_POINT_GROUP = "mtreg"
 PATH_ENV = "MTREG_PLUGINS_PATH"

@@ -14,17 +14,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtreg.errors import AlreadyExists, IncompatibleTrunk, InvalidWeights, MtregError, NotFound
-from mtreg.plugins.spec import validate_name
-from mtreg.registry import faults
-from mtreg.registry.bundles import (
+from mtreg.artifacts.manifest import (
     build_manifest,
     bundle_id,
     clean_leftovers,
     remove_bundle_dir,
     write_bundle,
 )
-from mtreg.registry.objects import ObjectStore, sha256_file
+from mtreg.artifacts.objects import ObjectStore, sha256_file
+from mtreg.core import faults
+from mtreg.core.env import resolve_home, resolve_url
+from mtreg.core.spec import validate_name
+from mtreg.errors import AlreadyExists, IncompatibleTrunk, InvalidWeights, MtregError, NotFound
 from mtreg.registry.records import (
     BundleRecord,
     EventRecord,
@@ -32,7 +33,6 @@ from mtreg.registry.records import (
     TaskVersionRecord,
     TrunkRecord,
 )
-from mtreg.registry.settings import resolve_home, resolve_url
 from mtreg.registry.versioning import Change, decide
 
 if TYPE_CHECKING:
@@ -263,7 +263,7 @@ class Registry:
         """
         validate_name(name, "trunk")
         self._refuse_taken_trunk(name)
-        from mtreg.model.trunk import read_checkpoint, save_component
+        from mtreg.artifacts.checkpoint import read_checkpoint, save_component
 
         checkpoint = read_checkpoint(Path(path))
         with self._writing() as write, tempfile.TemporaryDirectory() as scratch:
@@ -461,9 +461,9 @@ class Registry:
 
     def _candidate(self, loaded: LoadedTask) -> _Candidate:
         """Validate one plugin task against its trunk; read weights, write nothing."""
-        from mtreg.model.branch_file import read_branch
-        from mtreg.model.config import TrunkConfig
-        from mtreg.model.fingerprint import TrunkFingerprint
+        from mtreg.artifacts.branch_file import read_branch
+        from mtreg.artifacts.config import TrunkConfig
+        from mtreg.artifacts.fingerprint import TrunkFingerprint
 
         spec = loaded.spec
         if spec.trunk is None:

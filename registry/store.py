@@ -20,8 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from mtreg.core.spec import parse_version
 from mtreg.errors import DatabaseError, MtregError
-from mtreg.plugins.spec import parse_version
 from mtreg.registry import db
 from mtreg.registry.records import (
     BundleRecord,

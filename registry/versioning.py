@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from mtreg.core.spec import parse_version
 from mtreg.errors import AlreadyExists, InvalidVersion
-from mtreg.plugins.spec import parse_version
 from mtreg.registry.records import TaskVersionRecord
 
 Change = Literal["added", "upgraded", "unchanged", "reactivated", "removed", "rolled back"]

@@ -22,9 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtreg import __version__
+from mtreg.runtime.inference import run_rows
 from mtreg.serving.batcher import Batcher, Job, QueueFull, Results, ShuttingDown
 from mtreg.serving.config import ServeConfig
-from mtreg.serving.inference import run_rows
 from mtreg.serving.metrics import ServeMetrics
 from mtreg.serving.plan import BadRequest, plan_rows
 from mtreg.serving.reload import RegistryFactory, Reloader, Served, is_directory_ref

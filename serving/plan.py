@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mtreg.model.bundle import LoadedBundle, TaskInfo, input_fields
+from mtreg.runtime.bundle import LoadedBundle, TaskInfo, input_fields
 
 # What a client sends for one input, once JSON is decoded.
 Item = str | tuple[str, ...] | Mapping[str, str]

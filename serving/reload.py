@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtreg.model.bundle import LoadedBundle
-from mtreg.registry.bundles import MANIFEST, bundle_id
+from mtreg.artifacts.manifest import MANIFEST, bundle_id
+from mtreg.runtime.bundle import LoadedBundle
 from mtreg.serving.metrics import ServeMetrics
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def is_directory_ref(ref: str) -> bool:
 def _onnx_folder(registry: Registry, source: Path, record_id: str, tasks) -> Path:
     """Return an ONNX export of registry bundle ``source``, made once and cached under the
     registry home (registry bundles hold torch weights only)."""
-    from mtreg.model.export import export_onnx
+    from mtreg.runtime.export import export_onnx
 
     suffix = "" if tasks is None else "-" + "-".join(sorted(tasks))
     out = registry.home / "cache" / "onnx" / f"{record_id}{suffix}"
@@ -63,7 +63,7 @@ def load_served(
     """Load the bundle ``ref`` names: a directory, or an alias / id looked up in ``registry``.
 
     Raises:
-        NotFound, InvalidWeights, MtregError: as :func:`mtreg.model.bundle.load_bundle`.
+        NotFound, InvalidWeights, MtregError: as :func:`mtreg.runtime.bundle.load_bundle`.
     """
     if is_directory_ref(ref):
         loaded = LoadedBundle(Path(ref), tasks, backend)

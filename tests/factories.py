@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from mtreg.model.branch_file import BranchMeta, branch_shapes, write_branch
-from mtreg.model.config import TrunkConfig
-from mtreg.model.trunk import Checkpoint
-from mtreg.plugins.spec import HeadSpec
+from mtreg.artifacts.branch_file import BranchMeta, branch_shapes, write_branch
+from mtreg.artifacts.checkpoint import Checkpoint
+from mtreg.artifacts.config import TrunkConfig
+from mtreg.core.spec import HeadSpec
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = (

@@ -57,7 +57,7 @@ def publish_tasks(
     """
     from factories import make_branch_file
 
-    from mtreg.plugins.spec import HeadSpec
+    from mtreg.core.spec import HeadSpec
 
     files, specs = {}, []
     for name, head, depth, layers, inputs in tasks:

@@ -33,8 +33,8 @@ import torch
 from factories import corrupt_header, make_branch_file, make_checkpoint, set_tensor
 from helpers import snapshot, write_plugin
 
-from mtreg.model.trunk import Checkpoint, read_checkpoint
-from mtreg.plugins.spec import HeadSpec
+from mtreg.artifacts.checkpoint import Checkpoint, read_checkpoint
+from mtreg.core.spec import HeadSpec
 from mtreg.registry.api import Registry
 from mtreg.registry.store import Store
 
@@ -48,7 +48,7 @@ import json, os, runpy, sys, tempfile, traceback
 
 # Imported once here; every forked child starts with them loaded.
 import torch, transformers, safetensors.torch, sqlalchemy, alembic  # noqa: F401
-import mtreg.cli.main, mtreg.registry.api, mtreg.model.bundle, mtreg.plugins.loader  # noqa: F401
+import mtreg.cli.main, mtreg.registry.api, mtreg.runtime.bundle, mtreg.plugins.loader  # noqa: F401
 
 
 def run_step(step, out, err):

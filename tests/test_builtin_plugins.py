@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from mtreg.errors import MtregError
-from mtreg.model.metrics import METRICS
 from mtreg.plugins import glue, intent, loader, readers
 from mtreg.plugins.loader import discover
 from mtreg.plugins.readers import DATA_ENV, MissingSplit
+from mtreg.training.metrics import METRICS
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALL_TASKS = {spec.name: spec for spec in [*glue.tasks(), *intent.tasks()]}

@@ -13,14 +13,14 @@ from factories import make_checkpoint
 from helpers import publish_tasks
 
 import mtreg
+from mtreg.artifacts.branch_file import read_branch
+from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.errors import InvalidWeights, MtregError, NotFound
-from mtreg.model.branch_file import read_branch
-from mtreg.model.bundle import load_bundle
-from mtreg.model.export import export_dir, export_hf, export_onnx
-from mtreg.model.layers import Branch
-from mtreg.model.network import Standalone, Trunk
-from mtreg.model.trunk import read_checkpoint
+from mtreg.nn.layers import Branch
+from mtreg.nn.network import Standalone, Trunk
 from mtreg.registry.api import Registry
+from mtreg.runtime.bundle import load_bundle
+from mtreg.runtime.export import export_dir, export_hf, export_onnx
 
 # (task, head, fork depth, branch layers, inputs): forks at 0, 2 and 4 (the last layer).
 TASKS = [

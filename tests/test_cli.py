@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from factories import make_branch_file, make_checkpoint
 from helpers import snapshot, write_plugin
 
+from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.cli.main import cli
-from mtreg.model.trunk import read_checkpoint
-from mtreg.plugins.spec import HeadSpec
+from mtreg.core.spec import HeadSpec
 
 HEAD = ("classification", ("neg", "pos"))
 

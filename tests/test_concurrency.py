@@ -16,8 +16,8 @@ from helpers import write_plugin
 from test_bad_input import BACKENDS, CliPool, Databases, Step
 from test_crashes import registry_state
 
-from mtreg.model.trunk import read_checkpoint
-from mtreg.plugins.spec import HeadSpec
+from mtreg.artifacts.checkpoint import read_checkpoint
+from mtreg.core.spec import HeadSpec
 from mtreg.registry.api import Registry
 
 HEAD = ("classification", ("neg", "pos"))
@@ -26,7 +26,7 @@ VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
 
 READER = """
 import json, os, sys, time
-from mtreg.model.bundle import load_bundle
+from mtreg.runtime.bundle import load_bundle
 from mtreg.registry.api import Registry
 
 want = json.loads(os.environ["WANT"])

@@ -29,9 +29,9 @@ from factories import make_branch_file, make_checkpoint
 from helpers import write_plugin
 from test_bad_input import BACKENDS, CliPool, Databases, Result, Step
 
-from mtreg.model.trunk import read_checkpoint
-from mtreg.plugins.spec import HeadSpec
-from mtreg.registry import faults
+from mtreg.artifacts.checkpoint import read_checkpoint
+from mtreg.core import faults
+from mtreg.core.spec import HeadSpec
 from mtreg.registry.api import Registry
 
 HEAD = ("classification", ("neg", "pos"))
@@ -51,10 +51,10 @@ def registry_state(url: str, home: str) -> dict[str, Any]:
     import hashlib
     from pathlib import Path
 
+    from mtreg.artifacts.manifest import bundle_id, read_manifest
+    from mtreg.artifacts.objects import sha256_file
     from mtreg.registry import db
     from mtreg.registry.api import Registry
-    from mtreg.registry.bundles import bundle_id, read_manifest
-    from mtreg.registry.objects import sha256_file
 
     with Registry(url=url, home=home) as registry:
         assert db.schema_state(registry.store.engine) == "current"

@@ -1,4 +1,4 @@
-"""Full fine-tuning (mtreg.model.finetune) on a tiny random BERT: it learns, trains every
+"""Full fine-tuning (finetune) on a tiny random BERT: it learns, trains every
 weight (or keeps the embeddings when asked), never touches the registry's trunk, is seeded,
 and selects its epoch by exactly the rule of the cached teacher runs."""
 
@@ -6,17 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import finetune as ft
 import pytest
 import torch
 from test_train import FAST, toy_registry
 
 from mtreg.errors import MtregError
-from mtreg.model import finetune as ft
-from mtreg.model import train as tr
-from mtreg.model.job import Job, Settings, compute_hidden, prepare
-from mtreg.model.stages import teacher_branch
-from mtreg.model.train import Recipe, Split
 from mtreg.registry.api import Registry
+from mtreg.training import loop as tr
+from mtreg.training.job import Job, Settings, compute_hidden, prepare
+from mtreg.training.loop import Recipe, Split
+from mtreg.training.stages import teacher_branch
 
 SETTINGS = Settings(**{**FAST.__dict__, "epochs": 8, "patience": 3})
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mtreg.errors import MtregError
-from mtreg.model.metrics import evaluate
+from mtreg.training.metrics import evaluate
 
 
 def test_classification_metrics() -> None:
@@ -33,8 +33,8 @@ def test_regression_metrics_with_ties() -> None:
 
 
 def test_a_regression_head_with_several_outputs_scores_each_and_averages() -> None:
-    from mtreg.model.train import decode, score
-    from mtreg.plugins.spec import HeadSpec
+    from mtreg.core.spec import HeadSpec
+    from mtreg.training.loop import decode, score
 
     # Output "a" is predicted perfectly, output "b" exactly backwards.
     predictions = [[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from factories import make_branch_file, make_checkpoint
 from helpers import write_plugin
 
+from mtreg.artifacts.checkpoint import read_checkpoint
+from mtreg.core.spec import HeadSpec
 from mtreg.errors import DatabaseError
-from mtreg.model.trunk import read_checkpoint
-from mtreg.plugins.spec import HeadSpec
 from mtreg.registry import db
 from mtreg.registry.api import Registry
 

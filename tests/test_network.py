@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from mtreg.model.config import TrunkConfig
-from mtreg.model.layers import Branch, Embeddings, Layer, attention_bias
-from mtreg.model.network import MultiTaskModel, Standalone, Trunk
-from mtreg.model.trunk import embedding_shapes, layer_shapes, pooler_shapes
-from mtreg.plugins.spec import HeadSpec
+from mtreg.artifacts.checkpoint import embedding_shapes, layer_shapes, pooler_shapes
+from mtreg.artifacts.config import TrunkConfig
+from mtreg.core.spec import HeadSpec
+from mtreg.nn.layers import Branch, Embeddings, Layer, attention_bias
+from mtreg.nn.network import MultiTaskModel, Standalone, Trunk
 
 TOL = 1e-5
 N_LAYERS = 4

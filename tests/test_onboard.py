@@ -11,15 +11,15 @@ import pytest
 from click.testing import CliRunner
 from test_train import FAST, toy_registry
 
+from mtreg.artifacts.branch_file import read_branch
+from mtreg.artifacts.config import TrunkConfig
 from mtreg.cli.main import cli
 from mtreg.errors import MtregError, NotFound
-from mtreg.model import stages
-from mtreg.model.branch_file import read_branch
-from mtreg.model.config import TrunkConfig
-from mtreg.model.job import Settings, auto_epochs, default_teacher_layers, parse_range
-from mtreg.model.onboard import distill_task, onboard
-from mtreg.model.stages import threshold
 from mtreg.registry.api import Registry
+from mtreg.training import stages
+from mtreg.training.job import Settings, auto_epochs, default_teacher_layers, parse_range
+from mtreg.training.onboard import distill_task, onboard
+from mtreg.training.stages import threshold
 
 FLAGS = ["--search", "2..2", "--lr", "3e-3", "--student-lr", "3e-3", "--epochs", "6"]
 FLAGS += ["--batch-size", "16", "--patience", "0"]

@@ -24,13 +24,13 @@ from click.testing import CliRunner
 from factories import make_checkpoint
 
 import mtreg
+from mtreg.artifacts.branch_file import read_branch
+from mtreg.artifacts.config import TrunkConfig
 from mtreg.cli.main import cli
-from mtreg.model import metrics
-from mtreg.model.branch_file import read_branch
-from mtreg.model.bundle import LoadedBundle
-from mtreg.model.config import TrunkConfig
-from mtreg.model.data import tag_spans
 from mtreg.registry.api import Registry
+from mtreg.runtime.bundle import LoadedBundle
+from mtreg.training import metrics
+from mtreg.training.data import tag_spans
 
 PLUGIN = textwrap.dedent(
     '''

@@ -11,6 +11,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import finetune as ft
 import pytest
 from click.testing import CliRunner
 from test_onboard import FLAGS
@@ -18,12 +19,11 @@ from test_train import FAST, toy_registry
 
 from mtreg.cli.main import cli
 from mtreg.cli.progress import Renderer, bar_text
-from mtreg.model import finetune as ft
-from mtreg.model.job import prepare
-from mtreg.model.onboard import onboard
-from mtreg.model.progress import Step, StepProgress, prefixed
-from mtreg.model.stages import train_teachers
 from mtreg.registry.api import Registry
+from mtreg.training.job import prepare
+from mtreg.training.onboard import onboard
+from mtreg.training.progress import Step, StepProgress, prefixed
+from mtreg.training.stages import train_teachers
 
 TRAIN_EXAMPLES = 192  # the toy task's train split (tests/test_train.py)
 

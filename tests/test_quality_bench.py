@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from factories import make_checkpoint
 
+from mtreg.cli import reporting as rp
 from mtreg.cli.main import cli
-from mtreg.model import report as rp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -262,8 +262,9 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     assert len(report["variants"]["loose"]["rows"][0]["served"]) == 2
     # A rerun trains nothing; a deleted unit is the only one redone.
     calls: list[str] = []
-    from mtreg.model import finetune
-    from mtreg.model import onboard as ob
+    import finetune
+
+    from mtreg.training import onboard as ob
 
     real_finetune = finetune.finetune
     monkeypatch.setattr(
@@ -338,8 +339,8 @@ def _tiny_registry(ckpt: Path):
 
 
 def test_mtreg_report_from_the_registry(tiny: dict[str, Path]) -> None:
-    from mtreg.model.job import Settings
-    from mtreg.model.onboard import onboard
+    from mtreg.training.job import Settings
+    from mtreg.training.onboard import onboard
 
     config = {"sst2": {"sizes": {"train": 64}, "seed": 0}}
     home = tiny["root"] / "home"

@@ -9,6 +9,8 @@ import pytest
 from factories import make_branch_file, make_checkpoint
 from helpers import snapshot, write_plugin
 
+from mtreg.artifacts.checkpoint import read_checkpoint
+from mtreg.core.spec import HeadSpec
 from mtreg.errors import (
     AlreadyExists,
     IncompatibleTrunk,
@@ -19,8 +21,6 @@ from mtreg.errors import (
     MtregError,
     NotFound,
 )
-from mtreg.model.trunk import read_checkpoint
-from mtreg.plugins.spec import HeadSpec
 from mtreg.registry.api import Registry
 
 SENTIMENT = ("classification", ("neg", "pos"))

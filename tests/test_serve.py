@@ -29,12 +29,12 @@ from helpers import publish_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtreg.model.bundle import load_bundle
-from mtreg.model.trunk import read_checkpoint
+from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.registry.api import Registry
+from mtreg.runtime.bundle import load_bundle
+from mtreg.runtime.inference import run_rows
 from mtreg.serving.app import create_app
 from mtreg.serving.config import ServeConfig
-from mtreg.serving.inference import run_rows
 from mtreg.serving.plan import plan_rows
 from mtreg.serving.reload import Served, load_served
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 from factories import make_checkpoint
 
+from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
-from mtreg.model.cache import ActivationCache, cache_key
-from mtreg.model.job import Settings, compute_hidden, hidden_states, prepare, uncached_batch_loss
-from mtreg.model.stages import load_run, student_branch, teacher_branch, train_teachers
-from mtreg.model.train import Split, autocast, batch_loss, soft_loss
-from mtreg.plugins.spec import HeadSpec
 from mtreg.registry.api import Registry
+from mtreg.training.cache import ActivationCache, cache_key
+from mtreg.training.job import Settings, compute_hidden, hidden_states, prepare, uncached_batch_loss
+from mtreg.training.loop import Split, autocast, batch_loss, soft_loss
+from mtreg.training.stages import load_run, student_branch, teacher_branch, train_teachers
 
 PLUGIN = textwrap.dedent(
     '''

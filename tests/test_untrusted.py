@@ -17,11 +17,11 @@ from factories import make_branch_file, make_checkpoint
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mtreg.artifacts.branch_file import read_branch
+from mtreg.artifacts.checkpoint import read_checkpoint
+from mtreg.artifacts.manifest import read_manifest, safe_relative
+from mtreg.core.spec import HeadSpec, parse_version, validate_name
 from mtreg.errors import InvalidName, InvalidVersion, InvalidWeights, MtregError
-from mtreg.model.branch_file import read_branch
-from mtreg.model.trunk import read_checkpoint
-from mtreg.plugins.spec import HeadSpec, parse_version, validate_name
-from mtreg.registry.bundles import read_manifest, safe_relative
 
 PACKAGE = Path(__file__).resolve().parent.parent
 UNSAFE_MODULES = {"pickle", "cPickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"}
@@ -311,7 +311,7 @@ def test_mangled_safetensors_headers_are_clean_errors(tmp_path: Path, branch, da
 
 
 def test_branch_metadata_nested_deeper_than_the_parser_is_invalid_weights() -> None:
-    from mtreg.model.branch_file import BranchMeta
+    from mtreg.artifacts.branch_file import BranchMeta
 
     metadata = {
         "mtreg.format": "mtreg-branch/1",

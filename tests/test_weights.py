@@ -11,11 +11,11 @@ import torch
 from factories import corrupt_header, make_branch_file, make_checkpoint, set_tensor
 from safetensors.torch import save_file
 
+from mtreg.artifacts.branch_file import read_branch
+from mtreg.artifacts.checkpoint import layer_shapes, read_checkpoint
+from mtreg.artifacts.fingerprint import TrunkFingerprint
+from mtreg.core.spec import HeadSpec
 from mtreg.errors import InvalidCheckpoint, InvalidWeights
-from mtreg.model.branch_file import read_branch
-from mtreg.model.fingerprint import TrunkFingerprint
-from mtreg.model.trunk import layer_shapes, read_checkpoint
-from mtreg.plugins.spec import HeadSpec
 
 HEADS = [
     HeadSpec("classification", ("neg", "pos")),

@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mtreg.artifacts.config import TrunkConfig
+from mtreg.artifacts.fingerprint import TrunkFingerprint, tensor_group_hash, tokenizer_hash
 from mtreg.errors import InvalidCheckpoint
-from mtreg.model.config import TrunkConfig
-from mtreg.model.fingerprint import TrunkFingerprint, tensor_group_hash, tokenizer_hash
 
 TOKENIZER_FILES = (
     "tokenizer.json",

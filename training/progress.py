@@ -3,7 +3,7 @@
 A progress callback is any ``Callable[[str], None]``: it gets one line per event (a stage
 message, an epoch's summary). A callback that also has a ``step(Step)`` method
 (:class:`StepProgress`) is told about every training batch too, which is what a progress
-bar needs; :func:`mtreg.model.train.train_loop` looks for that method and calls it when
+bar needs; :func:`mtreg.training.loop.train_loop` looks for that method and calls it when
 present, so a plain function keeps working unchanged. :func:`prefixed` names a run: its
 lines and its steps both get the run's name in front.
 

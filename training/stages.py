@@ -5,7 +5,7 @@ the trunk itself never changes) plus a pooler and a fresh head, forking at k = N
 student of l < L layers at the same k starts from the teacher's bottom l layers and head and
 learns from hard labels plus the teacher's softened logits.
 
-Both train on the cached activations of :mod:`mtreg.model.job`, and students read the
+Both train on the cached activations of :mod:`mtreg.training.job`, and students read the
 teacher's cached logits. Every run's result is checkpointed under
 ``MTREG_HOME/onboarding/<task>/<version>/`` (JSON + safetensors), so a killed onboarding
 resumes at the run it reached.
@@ -25,13 +25,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mtreg.artifacts.fingerprint import tensor_group_hash
 from mtreg.errors import MtregError
-from mtreg.model.cache import cache_key
-from mtreg.model.fingerprint import tensor_group_hash
-from mtreg.model.job import Job, auto_epochs, default_teacher_layers, hidden_states
-from mtreg.model.layers import Branch
-from mtreg.model.progress import prefixed
-from mtreg.model.train import Split, fit, predict_logits
+from mtreg.nn.layers import Branch
+from mtreg.training.cache import cache_key
+from mtreg.training.job import Job, auto_epochs, default_teacher_layers, hidden_states
+from mtreg.training.loop import Split, fit, predict_logits
+from mtreg.training.progress import prefixed
 
 # Students are searched at l = 1..min(MAX_STUDENT_LAYERS, L-1) unless Settings say otherwise.
 MAX_STUDENT_LAYERS = 3
@@ -338,7 +338,7 @@ def distill(job: Job) -> StageResult:
     """Distil the chosen teacher into students of each l and learning rate of the search,
     smallest l first, stopping after the first l where a run reaches the settings'
     tolerance of the teacher's dev score: the smallest good-enough branch is the one kept
-    (:func:`mtreg.model.onboard.choose`), so larger students would be trained for nothing.
+    (:func:`mtreg.training.onboard.choose`), so larger students would be trained for nothing.
 
     Raises:
         MtregError: no usable teacher (see :func:`chosen_teacher`), or an l not below L.

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
-from mtreg.model.data import IGNORE
-from mtreg.model.metrics import evaluate
-from mtreg.model.progress import Progress, Step, StepProgress
-from mtreg.plugins.spec import HeadSpec
+from mtreg.training.data import IGNORE
+from mtreg.training.metrics import evaluate
+from mtreg.training.progress import Progress, Step, StepProgress
 
 TEMPERATURE = 2.0
 
@@ -207,7 +207,7 @@ def predict_logits(
 def decode(
     head: HeadSpec, logits: Sequence[torch.Tensor], labels: Sequence[Any]
 ) -> tuple[list[Any], list[Any]]:
-    """Return (predictions, references) in the form :func:`mtreg.model.metrics.evaluate`
+    """Return (predictions, references) in the form :func:`mtreg.training.metrics.evaluate`
     takes for ``head.kind``, from per-example logits and encoded labels: class indices, 0/1
     lists, floats (one output) or lists of floats (several), per-word tag names (tagging:
     the first sub-token of each word, where the label is not IGNORE)."""
@@ -320,7 +320,7 @@ def train_loop(
     in fp32, as the branch will be served.
 
     ``progress`` gets one line per epoch (train loss, dev metrics) and, if it is a
-    :class:`~mtreg.model.progress.StepProgress`, a :class:`~mtreg.model.progress.Step`
+    :class:`~mtreg.training.progress.StepProgress`, a :class:`~mtreg.training.progress.Step`
     after every batch.
 
     Returns:

@@ -13,8 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mtreg.core import faults
 from mtreg.errors import MtregError
-from mtreg.registry import faults
 
 _CHUNK = 1 << 20
 

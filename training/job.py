@@ -4,7 +4,7 @@ dev data encoded with the trunk's tokenizer, the trunk, and the trunk's activati
 
 Cost (issue 5, section 2): the trunk below a fork is frozen and runs without dropout, so
 its hidden states at every candidate depth are computed in one pass and cached on disk
-(fp16, :mod:`mtreg.model.cache`); every teacher and student trains on those. The trunk is
+(fp16, :mod:`mtreg.training.cache`); every teacher and student trains on those. The trunk is
 read from the registry's object store, never from the folder it was added from.
 """
 
@@ -21,20 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mtreg.artifacts.checkpoint import load_component
+from mtreg.artifacts.config import TrunkConfig
+from mtreg.artifacts.fingerprint import TrunkFingerprint
 from mtreg.errors import MtregError
-from mtreg.model.cache import ActivationCache, cache_key
-from mtreg.model.config import TrunkConfig
-from mtreg.model.data import Encoded, collate, data_hash, encode, load_tokenizer
-from mtreg.model.fingerprint import TrunkFingerprint
-from mtreg.model.layers import Branch
-from mtreg.model.metrics import DEFAULT_METRICS, check_names
-from mtreg.model.network import Trunk
-from mtreg.model.progress import Progress
-from mtreg.model.train import Recipe, check_precision, hard_loss, stack_labels
-from mtreg.model.trunk import load_component
+from mtreg.nn.layers import Branch
+from mtreg.nn.network import Trunk
+from mtreg.training.cache import ActivationCache, cache_key
+from mtreg.training.data import Encoded, collate, data_hash, encode, load_tokenizer
+from mtreg.training.loop import Recipe, check_precision, hard_loss, stack_labels
+from mtreg.training.metrics import DEFAULT_METRICS, check_names
+from mtreg.training.progress import Progress
 
 if TYPE_CHECKING:
-    from mtreg.plugins.spec import TaskSpec
+    from mtreg.core.spec import TaskSpec
     from mtreg.registry.api import Registry
     from mtreg.registry.records import TrunkRecord
 

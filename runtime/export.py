@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtreg.artifacts.checkpoint import load_component
+from mtreg.artifacts.manifest import MANIFEST, canonical_json, model_card, subset_manifest
 from mtreg.errors import MtregError
-from mtreg.model.bundle import LoadedBundle
-from mtreg.model.network import MultiTaskModel
-from mtreg.model.trunk import load_component
-from mtreg.registry.bundles import MANIFEST, canonical_json, model_card, subset_manifest
+from mtreg.nn.network import MultiTaskModel
+from mtreg.runtime.bundle import LoadedBundle
 
 ONNX_INFO = "onnx.json"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -1,4 +1,4 @@
-"""Onboarding a task: teacher search and distillation (:mod:`mtreg.model.stages`), choice
+"""Onboarding a task: teacher search and distillation (:mod:`mtreg.training.stages`), choice
 of the smallest good branch, branch file, registration. The library behind ``mtreg train``,
 ``mtreg distill`` and ``mtreg onboard``.
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtreg.artifacts.branch_file import BranchMeta, write_branch
 from mtreg.errors import MtregError
-from mtreg.model.branch_file import BranchMeta, write_branch
-from mtreg.model.job import Job, Settings, prepare, with_overrides
-from mtreg.model.progress import Progress
-from mtreg.model.stages import (
+from mtreg.training.job import Job, Settings, prepare, with_overrides
+from mtreg.training.progress import Progress
+from mtreg.training.stages import (
     Run,
     StageResult,
     chosen_teacher,
@@ -163,8 +163,8 @@ def train_teacher(
     ``out`` is given. Keyword ``overrides`` set :class:`Settings` fields.
 
     Raises:
-        MtregError: see :func:`~mtreg.model.job.prepare` and
-            :func:`~mtreg.model.stages.train_teachers`.
+        MtregError: see :func:`~mtreg.training.job.prepare` and
+            :func:`~mtreg.training.stages.train_teachers`.
     """
     job = prepare(
         registry, task, with_overrides(settings, overrides), data_dir=data_dir, progress=progress
@@ -192,7 +192,8 @@ def distill_task(
         The distillation runs, the run written, and the file's path.
 
     Raises:
-        MtregError: see :func:`~mtreg.model.job.prepare` and :func:`~mtreg.model.stages.distill`.
+        MtregError: see :func:`~mtreg.training.job.prepare` and
+            :func:`~mtreg.training.stages.distill`.
     """
     job = prepare(
         registry, task, with_overrides(settings, overrides), data_dir=data_dir, progress=progress
@@ -225,7 +226,7 @@ def onboard(
         explicit budget, and the registry's Changes (None with ``register=False``).
 
     Raises:
-        MtregError: see :func:`~mtreg.model.job.prepare`; and whatever registration refuses.
+        MtregError: see :func:`~mtreg.training.job.prepare`; and whatever registration refuses.
     """
     started = time.perf_counter()
     job = prepare(

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from mtreg.artifacts.objects import ObjectStore, fsync_dir
+from mtreg.core import faults
+from mtreg.core.spec import HeadSpec, parse_version, validate_name
 from mtreg.errors import MtregError, NotFound
-from mtreg.plugins.spec import HeadSpec, parse_version, validate_name
-from mtreg.registry import faults
-from mtreg.registry.objects import ObjectStore, fsync_dir
 from mtreg.registry.records import TaskVersionRecord, TrunkRecord
 
 FORMAT = "mtreg-bundle"

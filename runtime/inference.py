@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from mtreg.nn.network import MultiTaskModel
+
 # Reusing task_result keeps `mtreg serve` and `mtreg predict` answers identical.
-from mtreg.model.bundle import LoadedBundle, task_result
-from mtreg.model.network import MultiTaskModel
+from mtreg.runtime.bundle import LoadedBundle, task_result
 from mtreg.serving.plan import Row
 
 GroupKey = tuple[tuple[str, ...], bool, int]

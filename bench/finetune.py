@@ -2,12 +2,12 @@
 
 Everything trains: the embeddings, all N trunk layers, a pooler and a fresh head, on the live
 network (nothing is cached; the trunk runs on every step). The model is a
-:class:`~mtreg.model.network.Standalone` made of a depth-0 trunk (the embeddings, trainable)
+:class:`~mtreg.nn.network.Standalone` made of a depth-0 trunk (the embeddings, trainable)
 and a branch of all N layers copied from the trunk, i.e. a teacher with L = N built by
-:func:`mtreg.model.stages.teacher_branch`. Initialisation (trunk pooler, seeded fresh head),
-dropout, recipe (:meth:`mtreg.model.job.Job.recipe`: AdamW without decay on LayerNorm and
+:func:`mtreg.training.stages.teacher_branch`. Initialisation (trunk pooler, seeded fresh head),
+dropout, recipe (:meth:`mtreg.training.job.Job.recipe`: AdamW without decay on LayerNorm and
 biases, clip 1.0, warm-up over 10% of one epoch then linear decay), epochs
-(:func:`~mtreg.model.job.auto_epochs` unless set), the shuffling order, the selection rule
+(:func:`~mtreg.training.job.auto_epochs` unless set), the shuffling order, the selection rule
 (best epoch by the first dev metric, a tie is not an improvement, stop after ``patience``
 epochs without one) and the learning-rate choice (highest score, a tie goes to the lower
 rate) are therefore exactly those of the partial runs of ``mtreg onboard``.
@@ -18,7 +18,7 @@ dropout as a teacher's.
 
 The same loop (:func:`fit_live`) trains a *partial* teacher uncached: the frozen trunk up to
 its fork runs under ``no_grad`` every step and only the branch learns. With the same seed it
-sees the same batches in the same order as the cached run of :func:`mtreg.model.train.fit`,
+sees the same batches in the same order as the cached run of :func:`mtreg.training.loop.fit`,
 which is what ``bench/onboarding.py`` times against it.
 """
 
@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
-from mtreg.model.data import Encoded, collate
-from mtreg.model.job import Job, Settings, auto_epochs, prepare, with_overrides
-from mtreg.model.network import Standalone, Trunk
-from mtreg.model.progress import Progress, prefixed
-from mtreg.model.stages import teacher_branch
-from mtreg.model.train import Recipe, hard_loss, stack_labels, train_loop
-from mtreg.plugins.spec import HeadSpec
+from mtreg.nn.network import Standalone, Trunk
+from mtreg.training.data import Encoded, collate
+from mtreg.training.job import Job, Settings, auto_epochs, prepare, with_overrides
+from mtreg.training.loop import Recipe, hard_loss, stack_labels, train_loop
+from mtreg.training.progress import Progress, prefixed
+from mtreg.training.stages import teacher_branch
 
 if TYPE_CHECKING:
     from mtreg.registry.api import Registry
@@ -106,7 +106,7 @@ def full_model(job: Job, seed: int | None = None, *, train_embeddings: bool = Tr
 
 def teacher_model(job: Job, layers: int, seed: int | None = None) -> Standalone:
     """Return a fresh *uncached* teacher: the frozen trunk up to k = N - ``layers`` (no
-    gradients) and the same branch :func:`mtreg.model.stages.teacher_branch` builds.
+    gradients) and the same branch :func:`mtreg.training.stages.teacher_branch` builds.
 
     Raises:
         MtregError: ``layers`` outside 1..N.
@@ -185,7 +185,7 @@ def fit_live(
 ) -> FinetuneResult:
     """Train ``model``'s trainable parameters on live batches; keep the best dev epoch.
 
-    The loop is :func:`mtreg.model.train.train_loop`, the one the branches train with: the
+    The loop is :func:`mtreg.training.loop.train_loop`, the one the branches train with: the
     same seeding, optimizer, schedule, clipping, selection and early stopping; only the
     inputs differ (tokens through the trunk instead of cached hidden states).
 
@@ -223,7 +223,7 @@ def fit_live(
 
 def job_epochs(job: Job, epochs: int | None = None) -> int:
     """Return the epoch budget a teacher of ``job`` gets: ``epochs``, else the settings',
-    else :func:`~mtreg.model.job.auto_epochs` of the training set."""
+    else :func:`~mtreg.training.job.auto_epochs` of the training set."""
     return epochs or job.settings.epochs or auto_epochs(len(job.train), job.settings.batch_size)
 
 
@@ -258,7 +258,7 @@ def train_uncached_teacher(
     progress: Progress | None = None,
 ) -> FinetuneResult:
     """Train one teacher of ``layers`` layers without the activation cache (the trunk below
-    the fork runs every step): the reference :func:`mtreg.model.stages.train_teachers`'
+    the fork runs every step): the reference :func:`mtreg.training.stages.train_teachers`'
     cached path is measured against.
 
     Raises:
@@ -342,7 +342,7 @@ def finetune_task(
         Every run and the best (with its model).
 
     Raises:
-        MtregError: see :func:`mtreg.model.job.prepare` and :func:`search`.
+        MtregError: see :func:`mtreg.training.job.prepare` and :func:`search`.
     """
     settings = with_overrides(settings, overrides)
     job = prepare(registry, task, settings, data_dir=data_dir, progress=progress)

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 
 from torch import Tensor, nn
 
-from mtreg.model.config import TrunkConfig
-from mtreg.model.layers import Branch, Embeddings, Layer, attention_bias
+from mtreg.artifacts.config import TrunkConfig
+from mtreg.nn.layers import Branch, Embeddings, Layer, attention_bias
 
 
 class Trunk(nn.Module):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtreg.model.config import TrunkConfig
-from mtreg.plugins.spec import HeadSpec
+from mtreg.artifacts.config import TrunkConfig
+from mtreg.core.spec import HeadSpec
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf)

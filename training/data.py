@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
-from mtreg.plugins.spec import HeadSpec
 
 IGNORE = -100  # label of sub-tokens and special tokens in tagging (skipped by the loss)
 

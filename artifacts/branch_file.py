@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from mtreg.artifacts.checkpoint import check_shapes, layer_shapes, pooler_shapes
+from mtreg.artifacts.config import TrunkConfig
+from mtreg.core.spec import HeadSpec, parse_version, validate_name
 from mtreg.errors import InvalidWeights, MtregError
-from mtreg.model.config import TrunkConfig
-from mtreg.model.trunk import check_shapes, layer_shapes, pooler_shapes
-from mtreg.plugins.spec import HeadSpec, parse_version, validate_name
 
 FORMAT = "mtreg-branch/1"
 
@@ -67,7 +67,7 @@ class BranchMeta:
             found = metadata.get("mtreg.format", "none")
             raise InvalidWeights(
                 f"it has no {FORMAT} metadata (found {found!r}): write branch files with "
-                "`mtreg train`/`mtreg distill` or mtreg.model.branch_file.write_branch"
+                "`mtreg train`/`mtreg distill` or mtreg.artifacts.branch_file.write_branch"
             )
         try:
             meta = cls(

@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
+from mtreg.artifacts.branch_file import read_branch
+from mtreg.artifacts.checkpoint import load_component
+from mtreg.artifacts.config import TrunkConfig
+from mtreg.artifacts.manifest import MANIFEST, layer_path, read_manifest
+from mtreg.artifacts.objects import sha256_file
+from mtreg.core.spec import HeadSpec
 from mtreg.errors import InvalidWeights, MtregError, NotFound
-from mtreg.model.branch_file import read_branch
-from mtreg.model.config import TrunkConfig
-from mtreg.model.data import load_tokenizer, tag_spans
-from mtreg.model.layers import Branch
-from mtreg.model.network import MultiTaskModel, Trunk
-from mtreg.model.trunk import load_component
-from mtreg.plugins.spec import HeadSpec
-from mtreg.registry.bundles import MANIFEST, layer_path, read_manifest
-from mtreg.registry.objects import sha256_file
+from mtreg.nn.layers import Branch
+from mtreg.nn.network import MultiTaskModel, Trunk
+from mtreg.training.data import load_tokenizer, tag_spans
 
 Input = str | Sequence[str] | Mapping[str, str]
 BACKENDS = ("torch", "onnx", "auto")
