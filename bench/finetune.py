@@ -44,7 +44,7 @@ from mtreg.training.stages import teacher_branch
 if TYPE_CHECKING:
     from mtreg.registry.api import Registry
 
-# The learning rates full fine-tuning tries by default: the teachers' own grid (issue 5:
+# The learning rates full fine-tuning tries by default: the teachers' own grid (bench/onboarding.py:
 # partial runs like 2e-4, full ones 1e-4 on this trunk) widened down to BERT's usual 2e-5.
 FULL_LRS = (2e-5, 5e-5, 1e-4, 2e-4)
 

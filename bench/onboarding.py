@@ -1,9 +1,9 @@
-"""The cost of onboarding a task against one full fine-tuning (issue 5, section 2).
+"""The cost of onboarding a task against one full fine-tuning.
 
 In one run, on the same task, data, trunk (the packaged MiniLM-L6) and epochs:
 
 1. one full fine-tuning of the whole model (embeddings, 6 layers, pooler, head; uncached;
-   :func:`finetune.finetune`) at ``--full-lr`` (1e-4: the rate issue 5 measured
+   :func:`finetune.finetune`) at ``--full-lr`` (1e-4: the rate this benchmark measured
    best for full fine-tuning on this trunk);
 2. one teacher (``--teacher-layers`` L, ``--teacher-lr``) trained *uncached* (the frozen
    trunk below the fork runs every step) and *cached* (one forward pass fills the activation

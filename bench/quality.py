@@ -1,4 +1,4 @@
-"""The paper's comparison on this trunk (issue 6): quality and serving cost of mtreg's merged
+"""The paper's comparison on this trunk: quality and serving cost of mtreg's merged
 bundle against one fully fine-tuned MiniLM-L6 per task.
 
 For every task of :data:`TASKS` (CoLA, SST-2, MRPC, STS-B, RTE, QQP, CLINC150, SNIPS intent

@@ -2,7 +2,7 @@
 task's training needs, loaded once (:class:`Job`, :func:`prepare`): its spec, its train and
 dev data encoded with the trunk's tokenizer, the trunk, and the trunk's activations.
 
-Cost (issue 5, section 2): the trunk below a fork is frozen and runs without dropout, so
+Cost (bench/onboarding.py measures it): the trunk below a fork is frozen and runs without dropout, so
 its hidden states at every candidate depth are computed in one pass and cached on disk
 (fp16, :mod:`mtreg.training.cache`); every teacher and student trains on those. The trunk is
 read from the registry's object store, never from the folder it was added from.
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 DATA_DIR_ENV = "MTREG_DATA_DIR"
 FORMAT = "mtreg-onboarding/1"  # bump when a change makes old stage checkpoints stale
-# Partial runs want a higher learning rate than full fine-tuning (issue 5: lr 2e-4 on the
+# Partial runs want a higher learning rate than full fine-tuning (bench/onboarding.py: lr 2e-4 on the
 # top 3 of 6 layers matched a full run at 1e-4). Searching 1e-4 as well doubled the teacher
 # stage and made onboarding 2.6x one full fine-tuning, for teachers within noise of the 2e-4
 # ones (SST-2 and CoLA, bench/results/onboarding.md and quality/); `--lr` repeats to search.

@@ -1,7 +1,7 @@
 """Training a branch on a frozen trunk: the teacher (partial fine-tuning) and the student
 (distillation), both on cached activations.
 
-The recipe follows DESIGN.md: AdamW (weight decay 0.01, none on LayerNorm weights and
+The recipe follows the paper's reference recipe: AdamW (weight decay 0.01, none on LayerNorm weights and
 biases), gradient clipping at 1.0, linear warm-up over 10% of one epoch then linear decay,
 and the checkpoint with the best dev score (the task's first metric) is kept. With
 ``precision="bf16"`` the training steps run under bfloat16 autocast (mixed precision: the

@@ -1,6 +1,6 @@
 """The two training stages of onboarding: teacher search and distillation.
 
-The method (DESIGN.md): a teacher of L layers fine-tunes the trunk's top L layers (copied,
+The method (docs/architecture.md, "The method"): a teacher of L layers fine-tunes the trunk's top L layers (copied,
 the trunk itself never changes) plus a pooler and a fresh head, forking at k = N - L; a
 student of l < L layers at the same k starts from the teacher's bottom l layers and head and
 learns from hard labels plus the teacher's softened logits.
