@@ -99,7 +99,7 @@ def branch_shapes(
         for j in range(num_layers)
         for name, shape in layer_shapes(config).items()
     }
-    if head.kind != "tagging":
+    if not head.per_token:
         shapes |= {f"pooler.{name}": shape for name, shape in pooler_shapes(config).items()}
     return shapes | {
         "head.weight": (head.num_outputs, config.hidden_size),

@@ -1,9 +1,9 @@
 """Trunk fingerprints: content hashes that decide whether a branch fits a trunk.
 
 A branch forking at depth k depends on the tokenizer, the architecture config, the
-embeddings and layers 0..k-1 (docs/architecture.md, "Compatibility rule"). The trunk records one hash
-per component; a branch records the prefix it was trained on; registration compares them and
-names the first component that differs.
+embeddings and layers 0..k-1 (docs/architecture.md, "Compatibility rule"). The trunk records
+one hash per component; a branch records the prefix it was trained on; registration compares
+them and names the first component that differs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Merged bundles on disk: the manifest, its id, and the atomic, incremental writer.
+"""The bundle manifest: what a merged bundle holds and how its files are named.
 
 A bundle is a directory ``bundles/<id>/`` holding::
 
@@ -9,41 +9,32 @@ A bundle is a directory ``bundles/<id>/`` holding::
     branches/<task>.safetensors   one branch per task, byte for byte as registered
     tokenizer/...                 the trunk's tokenizer files
 
-Every weight file is a hard link to (or a copy of) an object in the object store, so a
-rebuild writes only the manifest and model card; unchanged tasks' files are the same
-inodes as before. Nothing here imports torch or touches the database.
+:class:`Manifest` is the typed, immutable form of ``manifest.json``. It owns the file
+naming above, the checks that make a manifest read from disk safe to act on, subsets
+(``mtreg export --tasks``), the layer cost, the canonical JSON bytes and the bundle id.
+Writing a bundle directory is :mod:`mtreg.artifacts.bundle_dir`. Nothing here imports
+torch or touches the database.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 from typing import Any
 
-from mtreg.artifacts.objects import ObjectStore, fsync_dir
-from mtreg.core import faults
 from mtreg.core.spec import HeadSpec, parse_version, validate_name
 from mtreg.errors import MtregError, NotFound
-from mtreg.registry.records import TaskVersionRecord, TrunkRecord
 
 FORMAT = "mtreg-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def canonical_json(data: Any) -> bytes:
-    """Serialise ``data`` deterministically (sorted keys, fixed separators, UTF-8)."""
-    return (json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
-
-
-def bundle_id(manifest: dict[str, Any]) -> str:
-    """Return the id of a bundle: the sha256 of its canonical manifest bytes."""
-    return hashlib.sha256(canonical_json(manifest)).hexdigest()
+MODEL_CARD = "README.md"
+EMBEDDINGS = "trunk/embeddings.safetensors"
+TOKENIZER_DIR = "tokenizer"
 
 
 def layer_path(index: int) -> str:
@@ -51,70 +42,224 @@ def layer_path(index: int) -> str:
     return f"trunk/layer_{index:02d}.safetensors"
 
 
-def build_manifest(trunk: TrunkRecord, members: Sequence[TaskVersionRecord]) -> dict[str, Any]:
-    """Describe the bundle of ``members`` (active task versions) on ``trunk``.
+def branch_path(task: str) -> str:
+    """Return the bundle-relative path of task ``task``'s branch file."""
+    return f"branches/{task}.safetensors"
 
-    The trunk is cut at K, the deepest fork among the members; its files are always the
-    registered trunk's own objects, never an older bundle's.
-    """
-    depth = max((m.fork_depth for m in members), default=0)
-    objects = trunk.objects
-    files = {"trunk/embeddings.safetensors": objects["embeddings"]}
-    files.update({layer_path(i): objects["layers"][i] for i in range(depth)})
-    files.update({f"tokenizer/{name}": sha for name, sha in objects["tokenizer"].items()})
-    tasks = {}
-    for m in sorted(members, key=lambda m: m.task):
-        path = f"branches/{m.task}.safetensors"
-        files[path] = m.weights_sha256
-        tasks[m.task] = {
-            "version": m.version,
-            "fork_depth": m.fork_depth,
-            "num_layers": m.num_layers,
-            "head": {"kind": m.head_kind, "labels": list(m.labels)},
-            "inputs": list(m.inputs),
-            "max_length": m.max_length,
-            "metrics": m.metrics,
-            "file": path,
-            "sha256": m.weights_sha256,
+
+def tokenizer_path(name: str) -> str:
+    """Return the bundle-relative path of the tokenizer file ``name``."""
+    return f"{TOKENIZER_DIR}/{name}"
+
+
+def _readonly(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    # One level deep is enough: these hold scalars (config, metrics) or one list of hashes
+    # (fingerprint layers). Recursing into hostile JSON could exhaust the stack.
+    return MappingProxyType({k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _plain(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskEntry:
+    """One task of a bundle: the version served, its head, how it reads its input, where
+    its branch forks, and its branch file (``file``, with content hash ``sha256``)."""
+
+    name: str
+    version: str
+    head: HeadSpec
+    inputs: tuple[str, ...]
+    fork_depth: int
+    num_layers: int
+    max_length: int
+    metrics: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    file: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "metrics", _readonly(self.metrics))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the task's entry in ``manifest.json`` (its name is the entry's key)."""
+        return {
+            "version": self.version,
+            "fork_depth": self.fork_depth,
+            "num_layers": self.num_layers,
+            "head": self.head.to_dict(),
+            "inputs": list(self.inputs),
+            "max_length": self.max_length,
+            "metrics": _plain(self.metrics),
+            "file": self.file,
+            "sha256": self.sha256,
         }
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "trunk": {
-            "name": trunk.name,
-            "config": trunk.config,
-            "fingerprint": trunk.fingerprint,
-            "depth": depth,
-        },
-        "tasks": tasks,
-        "files": files,
-        "cost": layer_cost(trunk.num_layers, tasks),
-    }
 
 
-def subset_manifest(manifest: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
-    """Return the manifest of a bundle holding only ``tasks`` of ``manifest``, its trunk cut
-    at their deepest fork (what ``mtreg export --tasks`` writes)."""
-    chosen = {name: manifest["tasks"][name] for name in sorted(tasks)}
-    depth = max((t["fork_depth"] for t in chosen.values()), default=0)
-    keep = {"trunk/embeddings.safetensors", *(layer_path(i) for i in range(depth))}
-    keep |= {t["file"] for t in chosen.values()}
-    files = {
-        rel: sha
-        for rel, sha in manifest["files"].items()
-        if rel in keep or rel.startswith("tokenizer/")
-    }
-    trunk_layers = len(manifest["trunk"]["fingerprint"]["layers"])
-    return {
-        **manifest,
-        "trunk": {**manifest["trunk"], "depth": depth},
-        "tasks": chosen,
-        "files": files,
-        "cost": layer_cost(trunk_layers, chosen),
-    }
+@dataclass(frozen=True)
+class ManifestTrunk:
+    """The trunk a bundle's branches fork from, kept up to ``depth`` (the deepest fork).
+
+    ``config`` and ``fingerprint`` are the registered trunk's ``TrunkConfig.to_dict()`` and
+    ``TrunkFingerprint.to_dict()``, kept as read.
+    """
+
+    name: str
+    config: Mapping[str, Any] = field(hash=False)
+    fingerprint: Mapping[str, Any] = field(hash=False)
+    depth: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "config", _readonly(self.config))
+        object.__setattr__(self, "fingerprint", _readonly(self.fingerprint))
+
+    @property
+    def num_layers(self) -> int:
+        """The number of layers of the whole trunk (not only those the bundle keeps)."""
+        return len(self.fingerprint["layers"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the ``trunk`` part of ``manifest.json``."""
+        return {
+            "name": self.name,
+            "config": _plain(self.config),
+            "fingerprint": _plain(self.fingerprint),
+            "depth": self.depth,
+        }
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LayerCost:
+    """Transformer layers evaluated per input: a bundle against one full model per task."""
+
+    bundle_layers: int
+    one_model_per_task_layers: int
+
+    def to_dict(self) -> dict[str, int]:
+        """Return the ``cost`` part of ``manifest.json``."""
+        return {
+            "bundle_layers": self.bundle_layers,
+            "one_model_per_task_layers": self.one_model_per_task_layers,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a bundle serves: its trunk, its tasks (sorted by name) and every file it holds
+    (bundle-relative path -> sha256)."""
+
+    trunk: ManifestTrunk
+    tasks: Mapping[str, TaskEntry] = field(hash=False)
+    files: Mapping[str, str] = field(hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", MappingProxyType(dict(sorted(self.tasks.items()))))
+        object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
+
+    @classmethod
+    def build(
+        cls,
+        trunk: str,
+        config: Mapping[str, Any],
+        fingerprint: Mapping[str, Any],
+        objects: Mapping[str, Any],
+        tasks: Sequence[TaskEntry],
+    ) -> Manifest:
+        """Return the manifest of a bundle of ``tasks`` on trunk ``trunk``.
+
+        The trunk is cut at the deepest fork among the tasks; its files are the trunk's own
+        objects (``objects``: the object ids of its ``embeddings``, ``layers`` and
+        ``tokenizer`` files, the last by file name).
+        """
+        depth = max((t.fork_depth for t in tasks), default=0)
+        files = {EMBEDDINGS: objects["embeddings"]}
+        files.update({layer_path(i): objects["layers"][i] for i in range(depth)})
+        files.update({tokenizer_path(name): sha for name, sha in objects["tokenizer"].items()})
+        files.update({t.file: t.sha256 for t in tasks})
+        return cls(
+            ManifestTrunk(trunk, config, fingerprint, depth), {t.name: t for t in tasks}, files
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Return the manifest that :meth:`to_dict` wrote, checking everything that loading,
+        exporting and describing a bundle reads (see :func:`read_manifest`).
+
+        Raises:
+            MtregError: a bad task name, version or head, a file path that would leave the
+                bundle directory, or a task naming a file the manifest does not list.
+            KeyError, TypeError, AttributeError, ValueError: a part missing or malformed.
+        """
+        files, tasks, trunk = data["files"], data["tasks"], data["trunk"]
+        _require(isinstance(files, dict) and isinstance(tasks, dict), "files, tasks")
+        for relative, sha in files.items():
+            safe_relative(relative)
+            _require(_is_sha256(sha), f"sha256 of {relative!r}")
+        _require(isinstance(trunk, dict), "trunk")
+        config, fingerprint, depth = trunk["config"], trunk["fingerprint"], trunk["depth"]
+        _require(isinstance(trunk["name"], str) and isinstance(config, dict), "trunk")
+        _require(isinstance(fingerprint, dict) and isinstance(fingerprint["layers"], list), "trunk")
+        _require(_is_count(depth) and depth <= len(fingerprint["layers"]), "trunk depth")
+        # The cost is derived from the tasks; a stored one is only checked for its type.
+        _require(isinstance(data["cost"], dict), "cost")
+        entries = [_task_entry(name, task, files, depth) for name, task in tasks.items()]
+        return cls(
+            ManifestTrunk(trunk["name"], config, fingerprint, depth),
+            {entry.name: entry for entry in entries},
+            files,
+        )
+
+    @property
+    def cost(self) -> LayerCost:
+        """The layers this bundle evaluates per input, against one full model per task."""
+        return LayerCost(
+            self.trunk.depth + sum(t.num_layers for t in self.tasks.values()),
+            self.trunk.num_layers * len(self.tasks),
+        )
+
+    @property
+    def tokenizer_files(self) -> list[str]:
+        """The bundle-relative paths of the tokenizer files."""
+        return [rel for rel in self.files if rel.startswith(f"{TOKENIZER_DIR}/")]
+
+    def subset(self, tasks: Iterable[str]) -> Manifest:
+        """Return the manifest of a bundle holding only ``tasks`` of this one, its trunk
+        cut at their deepest fork (what ``mtreg export --tasks`` writes).
+
+        Raises:
+            KeyError: a task this manifest does not hold.
+        """
+        chosen = {name: self.tasks[name] for name in sorted(tasks)}
+        depth = max((t.fork_depth for t in chosen.values()), default=0)
+        keep = {EMBEDDINGS, *(layer_path(i) for i in range(depth)), *self.tokenizer_files}
+        keep |= {t.file for t in chosen.values()}
+        files = {rel: sha for rel, sha in self.files.items() if rel in keep}
+        return Manifest(replace(self.trunk, depth=depth), chosen, files)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready content of ``manifest.json``."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "trunk": self.trunk.to_dict(),
+            "tasks": {name: task.to_dict() for name, task in self.tasks.items()},
+            "files": dict(self.files),
+            "cost": self.cost.to_dict(),
+        }
+
+    def to_bytes(self) -> bytes:
+        """Return ``manifest.json``'s canonical bytes (sorted keys, fixed layout, UTF-8)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False)
+        return (text + "\n").encode()
+
+    @property
+    def bundle_id(self) -> str:
+        """The id of the bundle: the sha256 of the canonical manifest bytes."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+def read_manifest(path: Path) -> Manifest:
     """Read a bundle's ``manifest.json`` and check that it is safe to act on.
 
     Everything that loading, exporting and describing a bundle reads is checked here, so
@@ -128,7 +273,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             bad task name, or a file path that would leave the bundle directory.
     """
     try:
-        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NotFound(f"no bundle manifest at {path}: point at a bundle directory") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -137,10 +282,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise MtregError(f"{path} is not valid JSON ({reason}): rebuild or re-export it") from None
     except (OSError, ValueError) as exc:
         raise MtregError(f"cannot read {path} ({exc}): rebuild or re-export it") from None
-    if not isinstance(manifest, dict) or (
-        manifest.get("format"),
-        manifest.get("format_version"),
-    ) != (
+    if not isinstance(data, dict) or (data.get("format"), data.get("format_version")) != (
         FORMAT,
         FORMAT_VERSION,
     ):
@@ -148,43 +290,39 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: rebuild or re-export it"
         )
     try:
-        _check_manifest(manifest)
+        return Manifest.from_dict(data)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise MtregError(f"{path} is malformed (missing or bad {exc}): rebuild it") from None
-    return manifest
 
 
-def _check_manifest(manifest: dict[str, Any]) -> None:
-    """Check a manifest's structure; raise KeyError/TypeError/ValueError/MtregError."""
-    files, tasks, trunk = manifest["files"], manifest["tasks"], manifest["trunk"]
-    _require(isinstance(files, dict) and isinstance(tasks, dict), "files, tasks")
-    for relative, sha in files.items():
-        safe_relative(relative)
-        _require(_is_sha256(sha), f"sha256 of {relative!r}")
-    _require(isinstance(trunk, dict), "trunk")
-    config, fingerprint, depth = trunk["config"], trunk["fingerprint"], trunk["depth"]
-    _require(isinstance(trunk["name"], str) and isinstance(config, dict), "trunk")
-    _require(isinstance(fingerprint, dict) and isinstance(fingerprint["layers"], list), "trunk")
-    _require(_is_count(depth) and depth <= len(fingerprint["layers"]), "trunk depth")
-    _require(isinstance(manifest["cost"], dict), "cost")
-    for name, task in tasks.items():
-        validate_name(name)
-        _check_task(name, task, files, depth)
-
-
-def _check_task(name: str, task: Any, files: dict[str, Any], depth: int) -> None:
+def _task_entry(name: Any, task: Any, files: dict[str, Any], depth: int) -> TaskEntry:
+    """Check one task of a manifest and return its entry; raise as :meth:`Manifest.from_dict`."""
+    validate_name(name)
     _require(isinstance(task, dict), f"task {name!r}")
     parse_version(task["version"])
-    HeadSpec.from_dict(task["head"])
+    head = HeadSpec.from_dict(task["head"])
     _require(_is_count(task["fork_depth"]) and task["fork_depth"] <= depth, f"{name} fork_depth")
     _require(_is_count(task["num_layers"]), f"{name} num_layers")
     _require(_is_count(task["max_length"]) and task["max_length"] >= 2, f"{name} max_length")
     inputs = task["inputs"]
     _require(isinstance(inputs, list) and len(inputs) in (1, 2), f"{name} inputs")
-    _require(all(isinstance(field, str) for field in inputs), f"{name} inputs")
+    _require(all(isinstance(text, str) for text in inputs), f"{name} inputs")
     _require(isinstance(task["metrics"], dict), f"{name} metrics")
     if not isinstance(task["file"], str) or task["file"] not in files:
         raise MtregError(f"task {name!r} names file {task['file']!r}, not listed")
+    return TaskEntry(
+        name=name,
+        version=task["version"],
+        head=head,
+        inputs=inputs,
+        fork_depth=task["fork_depth"],
+        num_layers=task["num_layers"],
+        max_length=task["max_length"],
+        metrics=task["metrics"],
+        file=task["file"],
+        # The listed file's hash is the one loading checks, so it is the one kept.
+        sha256=files[task["file"]],
+    )
 
 
 def _require(condition: bool, what: str) -> None:
@@ -201,49 +339,6 @@ def _is_sha256(value: Any) -> bool:
     return (
         isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
     )
-
-
-def layer_cost(trunk_layers: int, tasks: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """Transformer layers evaluated per input: this bundle against one model per task."""
-    depth = max((t["fork_depth"] for t in tasks.values()), default=0)
-    return {
-        "bundle_layers": depth + sum(t["num_layers"] for t in tasks.values()),
-        "one_model_per_task_layers": trunk_layers * len(tasks),
-    }
-
-
-def model_card(manifest: dict[str, Any]) -> str:
-    """Return the bundle's README.md: what it serves and what it costs."""
-    trunk, tasks, cost = manifest["trunk"], manifest["tasks"], manifest["cost"]
-    lines = [
-        f"# mtreg bundle on trunk `{trunk['name']}`",
-        "",
-        f"Trunk: {trunk['config']['model_type']}, {trunk['depth']} shared layers kept "
-        f"(of {len(trunk['fingerprint']['layers'])}), hidden size "
-        f"{trunk['config']['hidden_size']}.",
-        "",
-        "| task | version | head | fork depth | branch layers | metrics |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, task in tasks.items():
-        metrics = ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in sorted(task["metrics"].items())
-        )
-        lines.append(
-            f"| {name} | {task['version']} | {task['head']['kind']} "
-            f"({len(task['head']['labels'])} labels) | {task['fork_depth']} "
-            f"| {task['num_layers']} | {metrics or '-'} |"
-        )
-    bundle, separate = cost["bundle_layers"], cost["one_model_per_task_layers"]
-    share = f" ({bundle / separate:.0%})" if separate else ""
-    lines += [
-        "",
-        f"Layer cost per input: {bundle} transformer layers for all {len(tasks)} tasks, "
-        f"against {separate} for one full model per task{share}.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def safe_relative(path: str) -> PurePosixPath:
@@ -263,84 +358,3 @@ def safe_relative(path: str) -> PurePosixPath:
     ):
         raise MtregError(f"bundle manifest names an unsafe path {path!r}: rebuild the bundle")
     return pure
-
-
-def write_bundle(root: Path, manifest: dict[str, Any], objects: ObjectStore) -> Path:
-    """Materialise ``manifest`` as ``root/<id>`` atomically and return that directory.
-
-    Files are linked from the object store into a temporary directory, flushed, and the
-    directory renamed into place; an existing bundle with the same id is reused as is.
-    A crash leaves at most a ``.tmp-*`` directory, removed by :func:`clean_leftovers`.
-    """
-    target = root / bundle_id(manifest)
-    if (target / MANIFEST).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
-        for rel, sha in manifest["files"].items():
-            dest = scratch / safe_relative(rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            objects.link_or_copy(sha, dest)
-        (scratch / "README.md").write_text(model_card(manifest), encoding="utf-8")
-        _write_synced(scratch / MANIFEST, canonical_json(manifest))
-        for directory in {scratch, *(p.parent for p in scratch.rglob("*"))}:
-            fsync_dir(directory)
-        faults.checkpoint("bundle.scratch")
-        try:
-            os.replace(scratch, target)
-        except OSError:
-            # Another writer produced the same bundle first: identical by construction.
-            if not (target / MANIFEST).is_file():
-                raise
-            shutil.rmtree(scratch, ignore_errors=True)
-        fsync_dir(root)
-        faults.checkpoint("bundle.renamed")
-        return target
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def clean_leftovers(root: Path, known: set[str]) -> list[str]:
-    """Remove half-written bundles and bundle directories the database does not know.
-
-    Call only while holding the registry's write lock: another writer's directory is
-    unknown to the database until its transaction commits.
-
-    Returns:
-        The names of the directories removed.
-    """
-    removed = []
-    if not root.is_dir():
-        return removed
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir() and (entry.name.startswith(".tmp-") or entry.name not in known):
-            remove_bundle_dir(entry)
-            removed.append(entry.name)
-    return removed
-
-
-def remove_bundle_dir(path: Path) -> None:
-    """Delete a bundle directory so that a crash half-way never leaves a damaged bundle
-    under its own name: it is first renamed to a ``.tmp-*`` leftover, then deleted."""
-    if not path.exists():
-        return
-    if path.name.startswith(".tmp-"):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    doomed = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-gc-"))
-    try:
-        os.replace(path, doomed / path.name)
-    except OSError:
-        shutil.rmtree(doomed, ignore_errors=True)
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    shutil.rmtree(doomed, ignore_errors=True)

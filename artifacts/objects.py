@@ -102,7 +102,7 @@ class ObjectStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            faults.checkpoint("objects.incoming")
+            faults.point("objects.incoming")
             sha = digest.hexdigest()
             target = self.path(sha)
             if target.exists():
@@ -111,7 +111,7 @@ class ObjectStore:
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
             fsync_dir(self.root)
-            faults.checkpoint("objects.stored")
+            faults.point("objects.stored")
             return sha, True
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -122,14 +122,16 @@ def open_registry(
     ``trunk_folder`` (default: the packaged MiniLM) and the benchmark plugin as its only
     plugin. Sets MTREG_LOAD_PLUGINS and MTREG_DATA_DIR (default: ../shared/data) in this
     process."""
+    from mtreg.artifacts.home import Home
+    from mtreg.core.env import DATA_DIR_ENV, LOAD_PLUGINS_ENV
     from mtreg.errors import AlreadyExists, NotFound
     from mtreg.registry.api import Registry
 
     home.mkdir(parents=True, exist_ok=True)
     plugin = write_plugin(home / "plugins", config)
-    os.environ["MTREG_LOAD_PLUGINS"] = PLUGIN_NAME
-    os.environ.setdefault("MTREG_DATA_DIR", str(DATA_DIR))
-    registry = Registry(f"sqlite:///{home / 'registry.db'}", home, [plugin])
+    os.environ[LOAD_PLUGINS_ENV] = PLUGIN_NAME
+    os.environ.setdefault(DATA_DIR_ENV, str(DATA_DIR))
+    registry = Registry(Home(home).sqlite_url, home, [plugin])
     try:
         registry.trunk(trunk)
     except NotFound:

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mtreg.core.env import DATABASE_ENV, HOME_ENV
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -35,8 +37,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "MTREG_HOME": home}
-        env.pop("MTREG_DATABASE_URL", None)
+        env = {**os.environ, HOME_ENV: home}
+        env.pop(DATABASE_ENV, None)
         commands = {
             "mtreg list --json": [sys.executable, "-m", "mtreg", "list", "--json"],
             "python -c 'import torch'": [sys.executable, "-c", "import torch"],

@@ -7,7 +7,7 @@ and a branch of all N layers copied from the trunk, i.e. a teacher with L = N bu
 :func:`mtreg.training.stages.teacher_branch`. Initialisation (trunk pooler, seeded fresh head),
 dropout, recipe (:meth:`mtreg.training.job.Job.recipe`: AdamW without decay on LayerNorm and
 biases, clip 1.0, warm-up over 10% of one epoch then linear decay), epochs
-(:func:`~mtreg.training.job.auto_epochs` unless set), the shuffling order, the selection rule
+(:func:`~mtreg.training.settings.auto_epochs` unless set), the shuffling order, the selection rule
 (best epoch by the first dev metric, a tie is not an improvement, stop after ``patience``
 epochs without one) and the learning-rate choice (highest score, a tie goes to the lower
 rate) are therefore exactly those of the partial runs of ``mtreg onboard``.
@@ -32,13 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mtreg import heads
 from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
 from mtreg.nn.network import Standalone, Trunk
 from mtreg.training.data import Encoded, collate
-from mtreg.training.job import Job, Settings, auto_epochs, prepare, with_overrides
-from mtreg.training.loop import Recipe, hard_loss, stack_labels, train_loop
+from mtreg.training.job import Job, prepare
+from mtreg.training.loop import Recipe, train_loop
 from mtreg.training.progress import Progress, prefixed
+from mtreg.training.settings import Settings, auto_epochs, with_overrides
 from mtreg.training.stages import teacher_branch
 
 if TYPE_CHECKING:
@@ -144,9 +146,10 @@ def live_batch_loss(
     live trunk (dynamically padded to the batch's longest example)."""
     batch = {k: v.to(device) for k, v in collate(encoded, indices, pad_id).items()}
     assert encoded.labels is not None
-    labels = stack_labels(head, [encoded.labels[i] for i in indices], batch["input_ids"].shape[1])
+    kind = heads.get(head.kind)
+    labels = kind.stack([encoded.labels[i] for i in indices], batch["input_ids"].shape[1])
     logits = _forward(model, batch, _trunk_frozen(model)).float()
-    return hard_loss(head, logits, labels.to(device))
+    return kind.loss(logits, labels.to(device))
 
 
 @torch.no_grad()
@@ -154,7 +157,8 @@ def predict_live(
     model: Standalone, encoded: Encoded, pad_id: int, batch_size: int = 64, device: str = "cpu"
 ) -> list[torch.Tensor]:
     """Return per-example logits of ``model`` (eval mode) on the CPU, in input order
-    (tagging: [len, labels] per example, padding removed). Batches group similar lengths."""
+    (per-token heads: [len, labels] per example, padding removed). Batches group similar
+    lengths."""
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
     out: list[torch.Tensor | None] = [None] * len(encoded)
@@ -223,7 +227,7 @@ def fit_live(
 
 def job_epochs(job: Job, epochs: int | None = None) -> int:
     """Return the epoch budget a teacher of ``job`` gets: ``epochs``, else the settings',
-    else :func:`~mtreg.training.job.auto_epochs` of the training set."""
+    else :func:`~mtreg.training.settings.auto_epochs` of the training set."""
     return epochs or job.settings.epochs or auto_epochs(len(job.train), job.settings.batch_size)
 
 

@@ -102,7 +102,8 @@ def run_full(
     """One full fine-tuning; returns its timing, dev metrics and recipe."""
     import finetune as ft
 
-    from mtreg.training.job import Settings, prepare
+    from mtreg.training.job import prepare
+    from mtreg.training.settings import Settings
 
     settings = Settings(epochs=epochs, precision=precision)
     with benchtasks.open_registry(home, config) as registry:
@@ -119,7 +120,8 @@ def run_uncached_teacher(
     """One teacher trained through the live frozen trunk."""
     import finetune as ft
 
-    from mtreg.training.job import Settings, prepare
+    from mtreg.training.job import prepare
+    from mtreg.training.settings import Settings
 
     with benchtasks.open_registry(home, config) as registry:
         job = prepare(registry, task, Settings(epochs=epochs), progress=_say)
@@ -134,7 +136,8 @@ def run_cached_teacher(
     home: Path, config: dict, task: str, layers: int, lr: float, epochs: int | None
 ) -> dict:
     """The same teacher through onboarding's cached path (cache fill timed separately)."""
-    from mtreg.training.job import Settings, hidden_states, prepare
+    from mtreg.training.job import hidden_states, prepare
+    from mtreg.training.settings import Settings
     from mtreg.training.stages import train_teachers
 
     settings = Settings(teacher_layers=(layers,), teacher_lrs=(lr,), epochs=epochs)
@@ -171,8 +174,8 @@ def run_onboard(
     home: Path, config: dict, task: str, epochs: int | None, precision: str = "fp32"
 ) -> dict:
     """The whole default ``mtreg onboard`` (search, distil, choose, write, register)."""
-    from mtreg.training.job import Settings
     from mtreg.training.onboard import onboard
+    from mtreg.training.settings import Settings
 
     settings = Settings(epochs=epochs, precision=precision)
     with benchtasks.open_registry(home, config) as registry, Clock() as clock:
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from mtreg.training.job import PATIENCE, Settings, auto_epochs, prepare
+    from mtreg.training.job import prepare
+    from mtreg.training.settings import PATIENCE, Settings, auto_epochs
 
     if args.threads:
         torch.set_num_threads(args.threads)

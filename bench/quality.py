@@ -46,7 +46,7 @@ fine-tuned architecture with the trunk's weights (timing does not depend on the 
 
 Resumable: every unit (task × seed × method, the bundle evaluation, the serving measurement)
 is cached as JSON under bench/results/quality/; a rerun skips what exists and onboarding
-resumes at its last finished run (checkpoints in the work folder). The report
+resumes at its last finished run (saved runs in the work folder). The report
 (bench/results/quality.{json,md,png}) is rewritten after every unit from whatever exists,
 marking what is missing.
 
@@ -131,7 +131,7 @@ class Variant:
     about: str
     overrides: dict[str, Any]
     pin_teacher: bool  # keep the base's chosen teacher: only the students are chosen again
-    base: str = ""  # the onboarding it starts from (its checkpoints): "" is the main run
+    base: str = ""  # the onboarding it starts from (its saved runs): "" is the main run
 
     @property
     def suffix(self) -> str:
@@ -184,8 +184,8 @@ def log(line: str) -> None:
 
 
 def first_metric(task: str) -> str:
-    """Return the metric that selects checkpoints for a built-in task (its plugin's first;
-    unit JSON is written with sorted keys, so dict order cannot tell)."""
+    """Return the metric that selects the best epoch and run for a built-in task (its
+    plugin's first; unit JSON is written with sorted keys, so dict order cannot tell)."""
     from mtreg.plugins import glue, intent
 
     return {spec.name: spec.metrics[0] for spec in [*glue.tasks(), *intent.tasks()]}[task]
@@ -214,7 +214,7 @@ def searched_as(unit: dict[str, Any], settings: Any) -> bool:
 
 def link_missing(source: Path, target: Path) -> None:
     """Hard-link under ``target`` every file under ``source`` it lacks (none if ``source``
-    does not exist). Links are safe copies here: checkpoints and activations are replaced,
+    does not exist). Links are safe copies here: saved runs and activations are replaced,
     never edited; files still being written (dot-named temporaries) are skipped."""
     for path in source.rglob("*") if source.is_dir() else ():
         dest = target / path.relative_to(source)
@@ -260,10 +260,10 @@ def cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def scored(head: Any, metrics: Sequence[str], logits: Sequence[Any], labels: Sequence[Any]) -> dict:
     """Return ``{"metrics", "predictions", "references"}`` for one split."""
-    from mtreg.training.loop import decode
+    from mtreg import heads
     from mtreg.training.metrics import evaluate
 
-    predictions, references = decode(head, logits, labels)
+    predictions, references = heads.get(head.kind).decode(head, logits, labels)
     return {
         "metrics": evaluate(metrics, predictions, references),
         "predictions": predictions,
@@ -342,16 +342,18 @@ class Bench:
         return self._registries[name]
 
     def link_base(self, task: str, seed: int, variant: str) -> None:
-        """Link into the variant's home the task's onboarding checkpoints and the cached
+        """Link into the variant's home the task's saved onboarding runs and the cached
         activations its base has and the home lacks, so only what differs trains. Per task,
         just before it onboards: a process onboarding other tasks may still be writing
         them."""
+        from mtreg.artifacts.home import Home
+
         base, home = (
-            self.work / f"seed{seed}{self._bases[variant]}",
-            self.work / f"seed{seed}{variant}",
+            Home(self.work / f"seed{seed}{self._bases[variant]}"),
+            Home(self.work / f"seed{seed}{variant}"),
         )
-        for folder in (Path("onboarding") / task, Path("cache")):
-            link_missing(base / folder, home / folder)
+        link_missing(base.onboarding(task), home.onboarding(task))
+        link_missing(base.cache, home.cache)
 
     def close(self) -> None:
         """Close every registry."""
@@ -360,7 +362,7 @@ class Bench:
 
     def settings(self, seed: int, **overrides: Any) -> Any:
         """Return the onboarding Settings of this benchmark for ``seed``."""
-        from mtreg.training.job import Settings, with_overrides
+        from mtreg.training.settings import Settings, with_overrides
 
         base = Settings(
             teacher_layers=TEACHER_LAYERS,
@@ -421,7 +423,7 @@ class Bench:
             if task in registered:  # its version holds the old search's weights
                 raise RuntimeError(
                     f"{task} seed {seed}{variant}: onboarded under other settings; remove "
-                    f"{self.work / f'seed{seed}{variant}'}/registry.db* (checkpoints stay)"
+                    f"{registry.home.database_file}* (saved runs stay)"
                     " to register it afresh"
                 )
             found = None
@@ -448,7 +450,7 @@ class Bench:
         self, task: str, seed: int, variant: str = "", base: str = "", **overrides: Any
     ) -> dict[str, Any]:
         """Onboard ``task`` again at the teacher seed 0's onboarding ``base`` chose (its L and
-        lr only, whatever ``overrides`` say; checkpoints resume where the home has them),
+        lr only, whatever ``overrides`` say; saved runs resume where the home has them),
         students searched again (cached unit).
 
         Raises:
@@ -489,7 +491,7 @@ class Bench:
                 for split in splits
             }
             tasks[task]["fork_depth"] = bundle.info[task].fork_depth
-            tasks[task]["num_layers"] = bundle.manifest["tasks"][task]["num_layers"]
+            tasks[task]["num_layers"] = bundle.info[task].num_layers
         data = {"bundle_id": record.id, "seed": seed, "tasks": tasks}
         write_json(path, data)
         return data
@@ -530,7 +532,7 @@ def score_bundle(
         out, _ = bundle.logits(inputs[start : start + 64], [task])[task]
         for row in range(out.shape[0]):
             n = len(encoded.input_ids[start + row])
-            logits.append(out[row, :n] if info.head.kind == "tagging" else out[row])
+            logits.append(out[row, :n] if info.head.per_token else out[row])
     return scored(info.head, metrics, logits, encoded.labels)
 
 
@@ -559,10 +561,9 @@ def timing_batches(tokenizer: Any) -> list[dict[str, Any]]:
 def bundle_heads(bundle_dir: Path) -> list[Any]:
     """Return the head of every task of a bundle, read from its manifest alone."""
     from mtreg.artifacts.manifest import MANIFEST, read_manifest
-    from mtreg.runtime.bundle import task_info
 
     manifest = read_manifest(Path(bundle_dir) / MANIFEST)
-    return [task_info(manifest, task).head for task in sorted(manifest["tasks"])]
+    return [task.head for task in manifest.tasks.values()]
 
 
 def full_models(heads: Sequence[Any]) -> list[Any]:
@@ -620,7 +621,7 @@ def measure_serving(bundle_dir: Path) -> dict[str, Any]:
     bundle_s, full_s = statistics.median(times["bundle"]), statistics.median(times["full"])
     sentences = sum(int(b["input_ids"].shape[0]) for b in batches)
     depth = max(info.fork_depth for info in bundle.info.values())
-    branch_layers = sum(bundle.manifest["tasks"][t]["num_layers"] for t in bundle.tasks)
+    branch_layers = sum(info.num_layers for info in bundle.info.values())
     n_layers = bundle.config.num_hidden_layers
     memory = {kind: peak_rss(kind, bundle_dir) for kind in ("baseline", "bundle", "full")}
     return {
@@ -819,7 +820,7 @@ def task_row(
 ) -> tuple[Any, list[str]]:
     """Return the report row of ``task`` (onboarded as ``variant``) from the cached units,
     and what is missing."""
-    from mtreg.cli.reporting import TaskRow, mean
+    from mtreg.cli.reporting import TaskQuality, mean
 
     split = reported_split(task)
     missing: list[str] = []
@@ -854,7 +855,7 @@ def task_row(
             served.append(entry[split]["metrics"][metric])
             if seed == 0 and best is not None:
                 first_pair = (entry[split], best[split])
-    row = TaskRow(
+    row = TaskQuality(
         task=task,
         metric=metric or "?",
         split=split,
@@ -1064,9 +1065,9 @@ def serving_table(serving: dict[str, Any]) -> list[str]:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """Return the markdown of a report."""
-    from mtreg.cli.reporting import TaskRow, markdown
+    from mtreg.cli.reporting import TaskQuality, markdown
 
-    rows = [TaskRow.from_dict(r) for r in report["rows"]]
+    rows = [TaskQuality.from_dict(r) for r in report["rows"]]
     overall = report["overall"]
     lines = [
         "# Quality and serving cost against full fine-tuning (bench/quality.py)",
@@ -1137,13 +1138,13 @@ def every_metric_markdown(report: dict[str, Any]) -> list[str]:
 def variants_markdown(report: dict[str, Any]) -> list[str]:
     """Return the lines of one section per variant (:data:`VARIANTS`) that has onboarded
     tasks, each ending with the main run over the same seeds for comparison."""
-    from mtreg.cli.reporting import TaskRow, markdown
+    from mtreg.cli.reporting import TaskQuality, markdown
 
     lines: list[str] = []
     for variant in report.get("variants", {}).values():
         if not variant["overall"]["tasks"]:
             continue
-        rows = [TaskRow.from_dict(r) for r in variant["rows"]]
+        rows = [TaskQuality.from_dict(r) for r in variant["rows"]]
         seeds = variant.get("seeds", [0])
         if len(seeds) > 1:
             which = f"seeds {', '.join(map(str, seeds))} for the small tasks"
@@ -1211,13 +1212,13 @@ def floor_markdown(report: dict[str, Any]) -> list[str]:
 
 def write_report(units: Path, out: Path, tasks: Sequence[str], seeds: Sequence[int]) -> dict:
     """Write quality.json, quality.md and quality.png under ``out``; return the report."""
-    from mtreg.cli.reporting import TaskRow, figure
+    from mtreg.cli.reporting import TaskQuality, figure
 
     report = build_report(units, tasks, seeds)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "quality.json", report)
     (out / "quality.md").write_text(report_markdown(report))
-    rows = onboarded([TaskRow.from_dict(r) for r in report["rows"]])
+    rows = onboarded([TaskQuality.from_dict(r) for r in report["rows"]])
     serving = report.get("serving") or {}
     title = "MiniLM-L6: mtreg bundle vs full fine-tuning"
     if serving:

@@ -46,6 +46,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mtreg.core.text import split_list
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SST2_DEV = HERE.parent.parent / "shared" / "data" / "glue" / "SST-2" / "dev.tsv"
@@ -302,7 +304,7 @@ def main() -> None:
             ),
             "c_process_per_task": (singles, [*batching, *queue, "--threads", "1"]),
         }
-        workloads = [w for w in args.workloads.split(",") if w]
+        workloads = split_list(args.workloads)
         results: dict[str, dict[str, Any]] = {w: {} for w in workloads}
         for name, (bundles, options) in settings.items():
             with servers(bundles, options) as urls:

@@ -28,7 +28,7 @@ def list_(ctx: Context, as_json: bool) -> None:
             ", ".join(b.aliases),
             b.trunk,
             len(b.members),
-            b.manifest["cost"]["bundle_layers"],
+            b.manifest.cost.bundle_layers,
             b.created_at,
         ],
         "no bundles yet: registering a task builds one",
@@ -43,30 +43,29 @@ def show(ctx: Context, ref: str, as_json: bool) -> None:
     """Show bundle REF (an alias, an id or an id prefix; default: latest)."""
     registry = ctx.registry
     record = registry.bundle(ref)
-    path = registry.bundles_dir / record.id
+    path = registry.home.bundle(record.id)
     if as_json:
         echo_json({**record.to_dict(), "path": str(path)})
         return
-    cost = record.manifest["cost"]
+    cost = record.manifest.cost
     echo_fields(
         [
             ("bundle", record.id),
             ("aliases", ", ".join(record.aliases) or "-"),
-            ("trunk", f"{record.trunk} (cut at depth {record.manifest['trunk']['depth']})"),
+            ("trunk", f"{record.trunk} (cut at depth {record.manifest.trunk.depth})"),
             ("path", path),
             (
                 "layer cost",
-                f"{cost['bundle_layers']} layers for all tasks, "
-                f"{cost['one_model_per_task_layers']} as one model per task",
+                f"{cost.bundle_layers} layers for all tasks, "
+                f"{cost.one_model_per_task_layers} as one model per task",
             ),
             ("created", record.created_at),
         ]
     )
-    tasks = record.manifest["tasks"]
     echo_table(
         [
-            [name, t["version"], t["head"]["kind"], t["fork_depth"], t["num_layers"]]
-            for name, t in tasks.items()
+            [name, t.version, t.head.kind, t.fork_depth, t.num_layers]
+            for name, t in record.manifest.tasks.items()
         ],
         ["TASK", "VERSION", "HEAD", "DEPTH", "LAYERS"],
         "(no tasks)",

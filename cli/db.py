@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mtreg.artifacts.home import Home
 from mtreg.cli.context import Context, pass_context
 from mtreg.errors import DatabaseError
 
@@ -14,10 +15,9 @@ def db() -> None:
 
 
 def _engine(ctx: Context):
-    from mtreg.core.env import resolve_home, resolve_url
     from mtreg.registry.db import make_engine
 
-    return make_engine(resolve_url(ctx.url, resolve_home(ctx.home)))
+    return make_engine(Home.resolve(ctx.home).database_url(ctx.url))
 
 
 @db.command("upgrade")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from mtreg.artifacts.home import Home
 from mtreg.cli.output import echo_table
 from mtreg.errors import MtregError
 
@@ -60,9 +61,10 @@ def demo(directory: Path) -> None:
     from mtreg.training.onboard import onboard
 
     started = time.perf_counter()
-    home = directory.resolve()
-    click.echo(f"demo registry: {home} (delete it to start over)")
-    with Registry(home=home, url=f"sqlite:///{home / 'registry.db'}") as registry:
+    home = Home(directory.resolve())
+    click.echo(f"demo registry: {home.root} (delete it to start over)")
+    # SQLite in the demo folder, whatever $MTREG_DATABASE_URL says: the demo is throw-away.
+    with Registry(home=home.root, url=home.sqlite_url) as registry:
         registry.plugins_dirs = (Path(demo_plugin.__file__),)
         _step("1. register the trunk: all-MiniLM-L6-v2 (6 layers, hidden 384)")
         if not any(t.name == "minilm" for t in registry.trunks()):
@@ -85,15 +87,15 @@ def demo(directory: Path) -> None:
             "no tasks",
         )
         bundle = registry.bundle("serving")
-        cost = bundle.manifest["cost"]
+        cost = bundle.manifest.cost
         click.echo(
-            f"serving bundle {bundle.id[:12]}: {cost['bundle_layers']} transformer layers "
-            f"for {len(bundle.members)} tasks, against {cost['one_model_per_task_layers']} "
+            f"serving bundle {bundle.id[:12]}: {cost.bundle_layers} transformer layers "
+            f"for {len(bundle.members)} tasks, against {cost.one_model_per_task_layers} "
             "as one model per task"
         )
 
         _step("5. export the serving bundle")
-        out = home / "exports" / bundle.id[:12]
+        out = home.export(bundle.id)
         if not out.exists():
             export_dir(registry.bundle_path("serving"), out)
         click.echo(f"self-contained bundle folder: {out}")
@@ -102,7 +104,9 @@ def demo(directory: Path) -> None:
         loaded = load_bundle(out)
         for text, result in zip(SAMPLES, loaded.predict(list(SAMPLES)), strict=True):
             click.echo(f"{text}\n  {json.dumps(_short(result))}")
-    click.echo(f"\ndone in {time.perf_counter() - started:.0f}s. Next: `mtreg --home {home} list`")
+    click.echo(
+        f"\ndone in {time.perf_counter() - started:.0f}s. Next: `mtreg --home {home.root} list`"
+    )
 
 
 def _metrics(metrics: dict) -> str:

@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
+from mtreg.artifacts.manifest import MANIFEST
 from mtreg.cli.context import Context, pass_context
-from mtreg.errors import MtregError
+from mtreg.core.text import read_jsonl, split_list
 
 bundle_option = click.option(
     "--bundle",
@@ -25,32 +26,25 @@ tasks_option = click.option(
 
 
 def _split(tasks: str | None) -> list[str] | None:
-    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    return split_list(tasks) if tasks else None
 
 
 def _resolve(ctx: Context, ref: str) -> Path:
     path = Path(ref)
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         return path
     return ctx.registry.bundle_path(ref)
 
 
-def _read_jsonl(path: Path) -> Iterator[Any]:
+def _read_inputs(path: Path) -> Iterator[Any]:
     """Yield inputs from a JSON-lines file: a string, a ``[text, pair]`` list, or an object
     with ``text`` (and ``text_pair``) or with the tasks' own input field names."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MtregError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-            if isinstance(item, dict) and set(item) <= {"text", "text_pair"} and "text" in item:
-                item = (item["text"], item["text_pair"]) if "text_pair" in item else item["text"]
-            elif isinstance(item, list):
-                item = tuple(item)
-            yield item
+    for _, item in read_jsonl(path):
+        if isinstance(item, dict) and set(item) <= {"text", "text_pair"} and "text" in item:
+            item = (item["text"], item["text_pair"]) if "text_pair" in item else item["text"]
+        elif isinstance(item, list):
+            item = tuple(item)
+        yield item
 
 
 @click.command("predict")
@@ -94,7 +88,7 @@ def predict(
     if input_file is None:
         inputs: list[Any] = [text if text_pair is None else (text, text_pair)]
     else:
-        inputs = list(_read_jsonl(input_file))
+        inputs = list(_read_inputs(input_file))
     results = bundle.predict(inputs, batch_size=batch_size, with_logits=logits)
     for item, result in zip(inputs, results, strict=True):
         shown = list(item) if isinstance(item, tuple) else item

@@ -25,6 +25,7 @@ from mtreg.cli import (
     trunk,
 )
 from mtreg.cli.context import Context
+from mtreg.core.env import DATABASE_ENV, HOME_ENV, PLUGINS_PATH_ENV
 from mtreg.errors import MtregError
 
 
@@ -44,22 +45,22 @@ class _Group(click.Group):
 @click.option(
     "--db",
     "url",
-    envvar="MTREG_DATABASE_URL",
+    envvar=DATABASE_ENV,
     metavar="URL",
-    help="SQLAlchemy database URL [env MTREG_DATABASE_URL; default: SQLite in MTREG_HOME].",
+    help=f"SQLAlchemy database URL [env {DATABASE_ENV}; default: SQLite in {HOME_ENV}].",
 )
 @click.option(
     "--home",
-    envvar="MTREG_HOME",
+    envvar=HOME_ENV,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Registry home (objects, bundles, SQLite) [env MTREG_HOME].",
+    help=f"Registry home (objects, bundles, SQLite) [env {HOME_ENV}].",
 )
 @click.option(
     "--plugins-dir",
     "plugins_dirs",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Extra plugin file or directory (repeatable) [env MTREG_PLUGINS_PATH].",
+    help=f"Extra plugin file or directory (repeatable) [env {PLUGINS_PATH_ENV}].",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="mtreg")

@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mtreg.cli.context import Context, pass_context
+from mtreg.cli.defaults import default_option, given
 from mtreg.cli.output import echo_json, echo_table, json_option
 from mtreg.cli.progress import Renderer
+from mtreg.core.env import DATA_DIR_ENV
 from mtreg.errors import MtregError
+from mtreg.training.settings import MAX_EPOCHS, MIN_EPOCHS, PRECISIONS, Settings, parse_range
 
 if TYPE_CHECKING:
     from mtreg.training.onboard import OnboardReport
@@ -33,8 +36,6 @@ def _progress() -> contextlib.AbstractContextManager[Renderer | None]:
 
 def _layers(layers: int | None, search: str | None, what: str) -> tuple[int, ...] | None:
     """Return the layer candidates from ``--layers N`` or ``--search LO..HI`` (or None)."""
-    from mtreg.training.job import parse_range
-
     if layers is not None and search is not None:
         raise click.UsageError(f"give --layers or --search for the {what}, not both")
     if layers is not None:
@@ -44,38 +45,41 @@ def _layers(layers: int | None, search: str | None, what: str) -> tuple[int, ...
     return parse_range(search) if search is not None else None
 
 
+def _setting(*decls: str, **attrs: Any) -> Callable[[Any], Any]:
+    """An option for a :class:`Settings` field: the dataclass holds its default."""
+    return default_option(Settings, *decls, **attrs)
+
+
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options every training command shares."""
     options = [
-        click.option("--epochs", type=int, help="Epochs per run [default: auto, 3..10]."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--max-length", type=int, help="Token limit [default: the task's]."),
-        click.option("--seed", type=int, default=0, show_default=True),
         click.option(
+            "--epochs",
+            type=int,
+            help=f"Epochs per run [default: auto, {MIN_EPOCHS}..{MAX_EPOCHS}].",
+        ),
+        _setting("--batch-size", type=int),
+        click.option("--max-length", type=int, help="Token limit [default: the task's]."),
+        _setting("--seed", type=int),
+        _setting(
             "--patience",
             type=int,
-            default=3,
-            show_default=True,
             help="Stop a run after this many epochs without a better dev score (0: never).",
         ),
-        click.option(
+        _setting(
             "--device",
             type=click.Choice(["auto", "cpu", "cuda"]),
-            default="auto",
-            show_default=True,
             help="auto picks CUDA where present.",
         ),
-        click.option(
+        _setting(
             "--precision",
-            type=click.Choice(["fp32", "bf16"]),
-            default="fp32",
-            show_default=True,
+            type=click.Choice(PRECISIONS),
             help="bf16: mixed precision, about 2x faster on CPUs with AMX and recent GPUs.",
         ),
         click.option(
             "--data-dir",
             type=click.Path(file_okay=False, path_type=Path),
-            help="Data folder for the built-in plugins [env MTREG_DATA_DIR].",
+            help=f"Data folder for the built-in plugins [env {DATA_DIR_ENV}].",
         ),
         json_option,
     ]
@@ -84,18 +88,13 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _settings(**values: Any) -> Any:
-    """Build Settings from CLI values: unset ones keep their defaults, patience 0 means
-    never stop early."""
-    from mtreg.training.job import Settings
-
-    patience = values.pop("patience", None)
-    fields = {k: v for k, v in values.items() if v is not None}
-    return Settings(**fields, patience=patience or None)
-
-
-def _lrs(values: Sequence[float]) -> tuple[float, ...] | None:
-    return tuple(values) or None
+def _settings(**values: Any) -> Settings:
+    """Build Settings from CLI values: the ones given replace the dataclass defaults;
+    ``--patience 0`` means never stop early."""
+    fields = given(**values)
+    if fields.get("patience") == 0:
+        fields["patience"] = None
+    return Settings(**fields)
 
 
 def _run_rows(runs: Sequence[Run], metrics: Sequence[str], chosen: Run | None) -> list[list]:
@@ -121,7 +120,14 @@ def _echo_runs(runs: Sequence[Run], chosen: Run | None) -> None:
 @click.argument("task")
 @click.option("--layers", type=int, help="Train a teacher of exactly L layers.")
 @click.option("--search", metavar="LO..HI", help="Teacher layers to try [default: ~N/3..N/2].")
-@click.option("--lr", "lrs", type=float, multiple=True, help="Learning rate (repeatable).")
+@_setting(
+    "--lr",
+    "lrs",
+    field="teacher_lrs",
+    type=float,
+    multiple=True,
+    help="Learning rate (repeatable).",
+)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -136,9 +142,7 @@ def train(
     from mtreg.training.onboard import train_teacher
 
     as_json, data_dir = opts.pop("as_json"), opts.pop("data_dir")
-    settings = _settings(
-        teacher_layers=_layers(layers, search, "teacher"), teacher_lrs=_lrs(lrs), **opts
-    )
+    settings = _settings(teacher_layers=_layers(layers, search, "teacher"), teacher_lrs=lrs, **opts)
     with _progress() as progress:
         result = train_teacher(
             ctx.registry, task, settings, data_dir=data_dir, out=out, progress=progress
@@ -163,12 +167,17 @@ def train(
 @click.argument("task")
 @click.option("--layers", type=int, help="Distil into a student of exactly l layers.")
 @click.option("--search", metavar="LO..HI", help="Student layers to try [default: 1..min(3, L-1)].")
-@click.option("--lr", "lrs", type=float, multiple=True, help="Learning rate (repeatable).")
-@click.option(
+@_setting(
+    "--lr",
+    "lrs",
+    field="student_lrs",
+    type=float,
+    multiple=True,
+    help="Learning rate (repeatable).",
+)
+@_setting(
     "--tolerance",
     type=float,
-    default=0.99,
-    show_default=True,
     help="Keep the smallest student scoring at least this share of the teacher.",
 )
 @click.option(
@@ -184,7 +193,7 @@ def distill(
     layers: int | None,
     search: str | None,
     lrs,
-    tolerance: float,
+    tolerance: float | None,
     out,
     **opts,
 ) -> None:
@@ -199,7 +208,7 @@ def distill(
     epochs = opts.pop("epochs")
     settings = _settings(
         student_layers=_layers(layers, search, "student"),
-        student_lrs=_lrs(lrs),
+        student_lrs=lrs,
         student_epochs=epochs,
         tolerance=tolerance,
         **opts,
@@ -224,11 +233,9 @@ def distill(
 
 @click.command("onboard")
 @click.argument("task")
-@click.option(
+@_setting(
     "--tolerance",
     type=float,
-    default=0.99,
-    show_default=True,
     help="Keep the smallest branch scoring at least this share of the best teacher.",
 )
 @click.option("--layers", type=int, help="Teacher of exactly L layers (no L search).")
@@ -236,19 +243,20 @@ def distill(
 @click.option(
     "--student-search", metavar="LO..HI", help="Student layers [default: 1..min(3, L-1)]."
 )
-@click.option(
+@_setting(
     "--lr",
     "lrs",
+    field="teacher_lrs",
     type=float,
     multiple=True,
-    help="Teacher learning rate (repeatable to search) [default: 2e-4].",
+    help="Teacher learning rate (repeatable to search).",
 )
-@click.option(
+@_setting(
     "--student-lr",
     "student_lrs",
     type=float,
     multiple=True,
-    help="Student learning rate (repeatable) [default: 5e-4].",
+    help="Student learning rate (repeatable).",
 )
 @click.option(
     "--out",
@@ -261,7 +269,7 @@ def distill(
 def onboard(
     ctx: Context,
     task: str,
-    tolerance: float,
+    tolerance: float | None,
     layers,
     search,
     student_search,
@@ -283,8 +291,8 @@ def onboard(
     settings = _settings(
         teacher_layers=_layers(layers, search, "teacher"),
         student_layers=_layers(None, student_search, "student"),
-        teacher_lrs=_lrs(lrs),
-        student_lrs=_lrs(student_lrs),
+        teacher_lrs=lrs,
+        student_lrs=student_lrs,
         tolerance=tolerance,
         **opts,
     )

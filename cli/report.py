@@ -15,13 +15,14 @@ import click
 
 from mtreg.cli.context import Context, pass_context
 from mtreg.cli.output import echo_json, json_option
+from mtreg.core.text import split_list
 
 # Written by bench/quality.py; present in a source checkout (and an editable install).
 BENCH_BASELINE = Path(__file__).resolve().parents[1] / "bench" / "results" / "quality.json"
 
 
 def _task_names(values: tuple[str, ...]) -> list[str] | None:
-    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    names = [name for value in values for name in split_list(value)]
     return names or None
 
 

@@ -1,6 +1,6 @@
 """Quality against serving cost: the table and figure of ``mtreg report`` and bench/quality.py.
 
-A :class:`TaskRow` holds, for one task, the served branch's geometry (fork depth k, branch
+A :class:`TaskQuality` holds, for one task, the served branch's geometry (fork depth k, branch
 layers l, teacher layers L) and its scores (one value per seed) next to the full
 fine-tuning reference, when one is known. :func:`summary` adds the overall numbers: mean
 quality ratio, and the layers a merged bundle evaluates per request (the trunk once up to
@@ -21,7 +21,7 @@ from mtreg.errors import MtregError
 
 
 @dataclass
-class TaskRow:
+class TaskQuality:
     """One task's served quality and geometry, and its full fine-tuning reference.
 
     ``served``, ``teacher`` and ``full`` hold one score per seed (empty: not known).
@@ -65,7 +65,7 @@ class TaskRow:
         return {**asdict(self), "ratio": self.ratio, "within_noise": self.within_noise}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TaskRow:
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskQuality:
         """Rebuild a row from :meth:`to_dict` output (derived fields ignored)."""
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
@@ -90,7 +90,7 @@ def fmt(values: Sequence[float], scale: float = 100.0) -> str:
     return f"{mean(values) * scale:.1f} ± {spread * scale:.1f} ({len(values)})"
 
 
-def summary(rows: Sequence[TaskRow], num_layers: int) -> dict[str, Any]:
+def summary(rows: Sequence[TaskQuality], num_layers: int) -> dict[str, Any]:
     """Return the overall numbers for ``rows`` served from one bundle on an N-layer trunk.
 
     ``mean_ratio`` averages the per-task ratios over the tasks that have a reference.
@@ -111,7 +111,7 @@ def summary(rows: Sequence[TaskRow], num_layers: int) -> dict[str, Any]:
     }
 
 
-def markdown(rows: Sequence[TaskRow], overall: Mapping[str, Any]) -> str:
+def markdown(rows: Sequence[TaskQuality], overall: Mapping[str, Any]) -> str:
     """Return the per-task table and the overall line as markdown."""
     lines = [
         "| task | metric (split) | full FT | teacher | served branch | % of full | noise |",
@@ -142,7 +142,7 @@ def markdown(rows: Sequence[TaskRow], overall: Mapping[str, Any]) -> str:
 
 
 def figure(
-    rows: Sequence[TaskRow],
+    rows: Sequence[TaskQuality],
     overall: Mapping[str, Any],
     path: Path,
     title: str = "",
@@ -156,6 +156,9 @@ def figure(
     and :func:`summary` of other bundles of the same tasks, e.g. other onboarding
     settings) and of one full model per task.
 
+    Returns:
+        ``path``.
+
     Raises:
         MtregError: matplotlib is missing (``pip install 'mtreg[report]'``).
     """
@@ -166,30 +169,48 @@ def figure(
         import matplotlib.pyplot as plt
     except ImportError:
         raise MtregError("the figure needs matplotlib: pip install 'mtreg[report]'") from None
-    n = overall["num_layers"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    left.scatter([n], [100], marker="*", s=200, color="black", label="full fine-tuning", zorder=3)
+    _draw_tasks(left, rows, overall["num_layers"])
+    _draw_bundles(right, overall, others)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw_tasks(axes: Any, rows: Sequence[TaskQuality], n: int) -> None:
+    """Plot each task's served branch and teacher against full fine-tuning of ``n`` layers."""
+    axes.scatter([n], [100], marker="*", s=200, color="black", label="full fine-tuning", zorder=3)
     for r in rows:
         if r.ratio is None:
             continue
         ratio = 100 * r.ratio
-        (point,) = left.plot([r.serving_layers], [ratio], "o", label=r.task)
-        left.annotate(r.task, (r.serving_layers, ratio), textcoords="offset points", xytext=(4, 4))
+        (point,) = axes.plot([r.serving_layers], [ratio], "o", label=r.task)
+        axes.annotate(r.task, (r.serving_layers, ratio), textcoords="offset points", xytext=(4, 4))
         if r.teacher_ratio is not None and r.teacher_layers:
             teacher = 100 * r.teacher_ratio
             x = r.fork_depth + r.teacher_layers
-            left.plot([x], [teacher], "^", color=point.get_color(), alpha=0.5)
-            left.plot([r.serving_layers, x], [ratio, teacher], ":", color=point.get_color())
-    left.axhline(100, color="grey", linewidth=0.5)
-    left.set_xlabel(f"layers per request for the task alone (k + l; full model = {n})")
-    left.set_ylabel("% of full fine-tuning (mean over seeds)")
-    left.set_title("per task: served branch (o), teacher (^)")
-    left.set_xlim(0, n + 1)
-    left.legend(fontsize=7, loc="best")
-    mean_ratio = overall.get("mean_ratio")
-    if mean_ratio is not None:
-        right.plot([overall["full_layers"]], [100], "s", color="black", markersize=10)
-        right.annotate(
+            axes.plot([x], [teacher], "^", color=point.get_color(), alpha=0.5)
+            axes.plot([r.serving_layers, x], [ratio, teacher], ":", color=point.get_color())
+    axes.axhline(100, color="grey", linewidth=0.5)
+    axes.set_xlabel(f"layers per request for the task alone (k + l; full model = {n})")
+    axes.set_ylabel("% of full fine-tuning (mean over seeds)")
+    axes.set_title("per task: served branch (o), teacher (^)")
+    axes.set_xlim(0, n + 1)
+    axes.legend(fontsize=7, loc="best")
+
+
+def _draw_bundles(
+    axes: Any, overall: Mapping[str, Any], others: Sequence[tuple[str, Mapping[str, Any]]]
+) -> None:
+    """Plot the mean ratio of the merged bundle and of ``others`` against their layers per
+    request, beside one full model per task."""
+    if overall.get("mean_ratio") is not None:
+        axes.plot([overall["full_layers"]], [100], "s", color="black", markersize=10)
+        axes.annotate(
             "one full model per task",
             (overall["full_layers"], 100),
             textcoords="offset points",
@@ -200,19 +221,12 @@ def figure(
             if summed.get("mean_ratio") is None:
                 continue
             point = (summed["bundle_layers"], 100 * summed["mean_ratio"])
-            right.plot(*point, "o", markersize=10)
-            right.annotate(label, point, textcoords="offset points", xytext=(6, -12))
-    right.set_xlim(0, overall["full_layers"] * 1.1 + 1)
-    right.set_xlabel(f"layers per request, all {overall['tasks']} tasks")
-    right.set_ylabel("mean % of full fine-tuning")
-    right.set_title("all tasks")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            axes.plot(*point, "o", markersize=10)
+            axes.annotate(label, point, textcoords="offset points", xytext=(6, -12))
+    axes.set_xlim(0, overall["full_layers"] * 1.1 + 1)
+    axes.set_xlabel(f"layers per request, all {overall['tasks']} tasks")
+    axes.set_ylabel("mean % of full fine-tuning")
+    axes.set_title("all tasks")
 
 
 # -- from a registry ------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def load_baseline(path: Path) -> dict[str, dict[str, Any]]:
 
 def rows_from_registry(
     registry: Any, tasks: Iterable[str] | None, baseline: Mapping[str, Mapping[str, Any]]
-) -> tuple[list[TaskRow], int]:
+) -> tuple[list[TaskQuality], int]:
     """Return a row per active task (all, or ``tasks``) from the registry's records: the
     dev metrics and geometry its branch file recorded, and the baseline's reference when
     it has one for the same metric; plus the trunk's layer count.
@@ -262,7 +276,7 @@ def rows_from_registry(
         teacher = training.get("teacher_dev_metrics", {}).get(metric)
         full = list(reference.get("full", [])) if same else []
         rows.append(
-            TaskRow(
+            TaskQuality(
                 task=name,
                 metric=metric,
                 split="dev",

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,16 +21,12 @@ from string import Template
 
 import click
 
-from mtreg.core.spec import HEAD_KINDS, HeadSpec, TaskSpec, validate_name
+from mtreg.cli.defaults import default_option, field_default
+from mtreg.core.spec import HEAD_KINDS, KIND_RULES, HeadSpec, TaskSpec, validate_name
+from mtreg.core.text import split_list
 from mtreg.errors import MtregError
 
 DEFAULT_TRUNK = "minilm"
-DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1"),
-    "multilabel": ("micro_f1", "accuracy"),
-    "regression": ("pearson", "spearman"),
-    "tagging": ("span_f1", "token_accuracy"),
-}
 LINE_LENGTH = 100
 SEPARATOR = "|"
 
@@ -117,6 +113,22 @@ def sample_rows() -> list[tuple[dict[str, str], Any]]:
 ''',
 }
 
+# The README paragraph on the ``label`` column, given the number of labels.
+_LABEL_HELP: dict[str, Callable[[int], str]] = {
+    "classification": lambda count: "one class name per example.",
+    "multilabel": lambda count: (
+        f"class names joined by `{SEPARATOR}` (CSV/TSV) or a JSON list (JSONL)."
+    ),
+    "regression": lambda count: (
+        "a number."
+        if count <= 1
+        else f"one number per output ({count}), joined by `{SEPARATOR}` or a list."
+    ),
+    "tagging": lambda count: (
+        "BIO tags separated by spaces (or a JSON list), one per whitespace-separated word."
+    ),
+}
+
 _TEXT_FIELDS = '''
 def text_fields(i: int) -> dict[str, str]:
     """Return the input fields of the ``i``-th sample record."""
@@ -153,9 +165,10 @@ def plan_plugin(
     kind: str = "classification",
     pair: bool = False,
     trunk: str = DEFAULT_TRUNK,
-    max_length: int = 128,
+    max_length: int | None = None,
 ) -> PluginPlan:
-    """Validate the settings of a new plugin and return them.
+    """Validate the settings of a new plugin and return them (``max_length`` None: the
+    :class:`TaskSpec` default).
 
     Raises:
         MtregError: a bad task or trunk name, an unknown kind, a bad label list for the kind
@@ -166,16 +179,20 @@ def plan_plugin(
     labels = tuple(label.strip() for label in labels if label.strip())
     if kind not in HEAD_KINDS:
         raise MtregError(f"unknown head kind {kind!r}: use one of {', '.join(HEAD_KINDS)}")
+    # A per-token task's labels are written as space-separated tags, one per word.
+    per_token = KIND_RULES[kind].per_token
     for label in labels:
         bad = set(label) & {'"', "\\", SEPARATOR}
-        if bad or not label.isprintable() or (kind == "tagging" and " " in label):
+        if bad or not label.isprintable() or (per_token and " " in label):
             raise MtregError(
                 f"label {label!r}: labels cannot contain quotes, backslashes or {SEPARATOR!r}"
-                + (", nor spaces in a tagging task" if kind == "tagging" else "")
+                + (", nor spaces in a tagging task" if per_token else "")
             )
-    if not labels and kind != "regression":
+    if not labels and KIND_RULES[kind].min_labels:
         raise MtregError(f"a {kind} task needs --labels: give them comma-separated, e.g. a,b")
-    head = HeadSpec(kind, labels)  # type: ignore[arg-type]
+    head = HeadSpec(kind, labels)
+    if max_length is None:
+        max_length = field_default(TaskSpec, "max_length")
     plan = PluginPlan(name, labels, kind, pair, trunk, max_length)
     TaskSpec(name, "1.0.0", head, inputs=plan.inputs, trunk=trunk, max_length=max_length)
     return plan
@@ -227,10 +244,13 @@ def _template(file_name: str, values: dict[str, str]) -> str:
 
 
 def _template_values(plan: PluginPlan) -> dict[str, str]:
-    metrics = DEFAULT_METRICS[plan.kind]
+    # Imported here: the heads pull in torch, which the other commands must not pay for.
+    from mtreg import heads
+
+    metrics = heads.get(plan.kind).default_metrics
     description = 'f"{KIND} task {TASK}' + (' on text pairs"' if plan.pair else '"')
     sample = _SAMPLE_ROWS[plan.kind]
-    if plan.kind != "tagging":
+    if not KIND_RULES[plan.kind].per_token:  # a per-token sample writes its own words
         sample = _TEXT_FIELDS + "\n" + sample
     return {
         "name": plan.name,
@@ -249,21 +269,8 @@ def _template_values(plan: PluginPlan) -> dict[str, str]:
         "input_list": ", ".join(f"`{name}`" for name in plan.inputs),
         "metric_list": ", ".join(f"`{name}`" for name in metrics),
         "column_list": ", ".join(f"`{name}`" for name in plan.inputs),
-        "label_help": _label_help(plan),
+        "label_help": _LABEL_HELP[plan.kind](len(plan.labels)),
     }
-
-
-def _label_help(plan: PluginPlan) -> str:
-    """Return the README paragraph on the ``label`` column for the plugin's kind."""
-    if plan.kind == "classification":
-        return "one class name per example."
-    if plan.kind == "multilabel":
-        return f"class names joined by `{SEPARATOR}` (CSV/TSV) or a JSON list (JSONL)."
-    if plan.kind == "regression":
-        if len(plan.labels) <= 1:
-            return "a number."
-        return f"one number per output ({len(plan.labels)}), joined by `{SEPARATOR}` or a list."
-    return "BIO tags separated by spaces (or a JSON list), one per whitespace-separated word."
 
 
 def _tuple_literal(items: Sequence[str], indent: int) -> str:
@@ -275,10 +282,6 @@ def _tuple_literal(items: Sequence[str], indent: int) -> str:
     if indent + len(one_line) <= LINE_LENGTH:
         return one_line
     return "(\n" + "".join(f"    {q},\n" for q in quoted) + ")"
-
-
-def _split_labels(text: str) -> list[str]:
-    return [label.strip() for label in text.split(",") if label.strip()]
 
 
 @click.command("new-plugin")
@@ -305,9 +308,7 @@ def _split_labels(text: str) -> list[str]:
     help="Folder to write NAME/ into [default: the current folder].",
 )
 @click.option("--trunk", default=DEFAULT_TRUNK, show_default=True, help="Trunk name.")
-@click.option(
-    "--max-length", type=click.IntRange(2, 8192), default=128, show_default=True, help="Tokens."
-)
+@default_option(TaskSpec, "--max-length", type=click.IntRange(2, 8192), help="Tokens.")
 def new_plugin(
     name: str,
     labels: str,
@@ -315,14 +316,14 @@ def new_plugin(
     kind: str,
     directory: Path,
     trunk: str,
-    max_length: int,
+    max_length: int | None,
 ) -> None:
     """Write an installable task-plugin package NAME/ (pyproject, plugin, loader, README, test).
 
     The plugin reads MTREG_DATA_DIR/NAME/{train,dev,test}.{csv,tsv,jsonl}.
     """
     plan = plan_plugin(
-        name, _split_labels(labels), kind=kind, pair=pair, trunk=trunk, max_length=max_length
+        name, split_list(labels), kind=kind, pair=pair, trunk=trunk, max_length=max_length
     )
     target = scaffold_plugin(plan, directory)
     click.echo(f"wrote plugin package {target} (module {plan.module}, task {plan.name})")

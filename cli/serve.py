@@ -2,63 +2,69 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from mtreg.cli.context import Context, pass_context
+from mtreg.cli.defaults import default_option, field_default, given
+from mtreg.core.text import split_list
 from mtreg.errors import MtregError
+from mtreg.serving.config import ServeConfig
+
+
+def _config_option(*decls: str, **attrs: Any) -> Callable[[Any], Any]:
+    """An option for a :class:`ServeConfig` field: the dataclass holds its default."""
+    return default_option(ServeConfig, *decls, **attrs)
+
+
+def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
+    """Build the ServeConfig from CLI values: the ones given replace the dataclass defaults,
+    and a queue smaller than the inputs per request caps them rather than being refused.
+
+    Raises:
+        MtregError: a combination ServeConfig refuses.
+    """
+    fields = given(**values)
+    fields["max_inputs"] = min(
+        fields.get(name, field_default(ServeConfig, name)) for name in ("max_inputs", "queue_size")
+    )
+    try:
+        return ServeConfig(tasks=tasks, **fields)
+    except ValueError as exc:
+        raise MtregError(str(exc)) from None
 
 
 @click.command()
-@click.option(
+@_config_option(
     "--bundle",
-    default="serving",
-    show_default=True,
     metavar="ALIAS|ID|PATH",
     help="Bundle to serve; an alias is followed (hot reload when it moves).",
 )
 @click.option("--tasks", default=None, metavar="A,B", help="Serve only these tasks.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option(
+@_config_option(
     "--backend",
     type=click.Choice(["torch", "onnx", "auto"]),
-    default="torch",
-    show_default=True,
     help="onnx/auto export a registry bundle to ONNX once (cached); auto measures both "
     "backends at load and uses the faster one for each batch size.",
 )
-@click.option(
-    "--max-batch-size",
-    default=32,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Inputs per batch.",
-)
-@click.option(
+@_config_option("--max-batch-size", type=click.IntRange(1), help="Inputs per batch.")
+@_config_option(
     "--max-wait-ms",
-    default=5.0,
-    show_default=True,
     type=click.FloatRange(0),
     help="How long a request waits for others to fill a batch.",
 )
-@click.option(
+@_config_option(
     "--queue-size",
-    default=512,
-    show_default=True,
     type=click.IntRange(1),
     help="Most inputs waiting; past it requests get 503 with Retry-After.",
 )
-@click.option(
-    "--max-inputs",
-    default=64,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Inputs per request.",
-)
-@click.option(
+@_config_option("--max-inputs", type=click.IntRange(1), help="Inputs per request.")
+@_config_option(
     "--poll-seconds",
-    default=2.0,
-    show_default=True,
     type=click.FloatRange(0),
     help="How often the alias is checked for hot reload (0: never).",
 )
@@ -77,16 +83,16 @@ from mtreg.errors import MtregError
 @pass_context
 def serve(
     ctx: Context,
-    bundle: str,
+    bundle: str | None,
     tasks: str | None,
     host: str,
     port: int,
-    backend: str,
-    max_batch_size: int,
-    max_wait_ms: float,
-    queue_size: int,
-    max_inputs: int,
-    poll_seconds: float,
+    backend: str | None,
+    max_batch_size: int | None,
+    max_wait_ms: float | None,
+    queue_size: int | None,
+    max_inputs: int | None,
+    poll_seconds: float | None,
     threads: int | None,
     log_level: str,
 ) -> None:
@@ -96,22 +102,18 @@ def serve(
     Requests for different tasks share micro-batches. Stops on SIGTERM after draining.
     """
     from mtreg.registry.api import Registry
-    from mtreg.serving.config import ServeConfig
     from mtreg.serving.server import serve as run
 
-    try:
-        config = ServeConfig(
-            bundle=bundle,
-            tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else None,
-            backend=backend,
-            max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms,
-            queue_size=queue_size,
-            max_inputs=min(max_inputs, queue_size),
-            poll_seconds=poll_seconds,
-        )
-    except ValueError as exc:
-        raise MtregError(str(exc)) from None
+    config = _config(
+        bundle=bundle,
+        tasks=tuple(split_list(tasks)) if tasks else None,
+        backend=backend,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        max_inputs=max_inputs,
+        poll_seconds=poll_seconds,
+    )
     run(
         config,
         host=host,

@@ -10,7 +10,7 @@ from mtreg.cli.context import Context, pass_context
 from mtreg.cli.output import echo_fields, echo_json, echo_table, json_option, listing, short
 
 if TYPE_CHECKING:
-    from mtreg.registry.api import Changes
+    from mtreg.registry.outcomes import Changes
 
 dry_run_option = click.option(
     "--dry-run", is_flag=True, help="Say what would happen; write nothing."

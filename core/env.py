@@ -1,15 +1,27 @@
-"""Where the registry lives: ``MTREG_HOME`` and the database URL."""
+"""Every ``MTREG_*`` environment variable mtreg reads: its name, and the one function reading it.
+
+No other module reads these variables from ``os.environ``: they call the function here, and
+options and messages that name a variable use its constant.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import platformdirs
 
+from mtreg.core.text import split_list
+
 HOME_ENV = "MTREG_HOME"
 DATABASE_ENV = "MTREG_DATABASE_URL"
+DATA_DIR_ENV = "MTREG_DATA_DIR"
+PLUGINS_PATH_ENV = "MTREG_PLUGINS_PATH"
+LOAD_PLUGINS_ENV = "MTREG_LOAD_PLUGINS"
+CACHE_MAX_BYTES_ENV = "MTREG_CACHE_MAX_BYTES"
+FAULT_ENV = "MTREG_FAULT"
 
 
 def resolve_home(home: str | Path | None = None, env: Mapping[str, str] = os.environ) -> Path:
@@ -18,6 +30,66 @@ def resolve_home(home: str | Path | None = None, env: Mapping[str, str] = os.env
     return Path(chosen).expanduser().resolve()
 
 
-def resolve_url(url: str | None, home: Path, env: Mapping[str, str] = os.environ) -> str:
-    """Return the database URL: ``url``, else ``$MTREG_DATABASE_URL``, else SQLite in home."""
-    return url or env.get(DATABASE_ENV) or f"sqlite:///{home / 'registry.db'}"
+def database_url(env: Mapping[str, str] = os.environ) -> str | None:
+    """Return ``$MTREG_DATABASE_URL``, or None when it is unset or empty."""
+    return env.get(DATABASE_ENV) or None
+
+
+def data_dir(env: Mapping[str, str] = os.environ) -> str | None:
+    """Return ``$MTREG_DATA_DIR`` (stripped), or None when it is unset or blank."""
+    return env.get(DATA_DIR_ENV, "").strip() or None
+
+
+@contextlib.contextmanager
+def using_data_dir(path: str | Path | None) -> Iterator[Path | None]:
+    """Point ``$MTREG_DATA_DIR`` at ``path`` while the block runs (what ``--data-dir`` does).
+
+    The built-in plugins' ``load_dataset`` reads the variable when it is called, so a command
+    sets it around loading data and restores the previous value afterwards. ``None`` leaves
+    the variable as it is.
+
+    Returns:
+        A context yielding ``path`` made absolute, or None.
+    """
+    if path is None:
+        yield None
+        return
+    folder = Path(path).expanduser().resolve()
+    previous = os.environ.get(DATA_DIR_ENV)
+    os.environ[DATA_DIR_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(DATA_DIR_ENV, None)
+        else:
+            os.environ[DATA_DIR_ENV] = previous
+
+
+def plugins_path(env: Mapping[str, str] = os.environ) -> list[str]:
+    """Return the entries of ``$MTREG_PLUGINS_PATH`` (``os.pathsep``-separated, empty ones
+    dropped); ``[]`` when it is unset."""
+    return [entry for entry in env.get(PLUGINS_PATH_ENV, "").split(os.pathsep) if entry]
+
+
+def load_plugins(env: Mapping[str, str] = os.environ) -> list[str] | None:
+    """Return the plugin names in ``$MTREG_LOAD_PLUGINS`` (comma-separated, each once, in
+    order); None when it is unset, which allows every plugin."""
+    raw = env.get(LOAD_PLUGINS_ENV)
+    return None if raw is None else list(dict.fromkeys(split_list(raw)))
+
+
+def cache_max_bytes(env: Mapping[str, str] = os.environ) -> int | None:
+    """Return ``$MTREG_CACHE_MAX_BYTES``, or None when it is unset or empty.
+
+    Raises:
+        ValueError: the value is not an integer.
+    """
+    raw = env.get(CACHE_MAX_BYTES_ENV)
+    return int(raw) if raw else None
+
+
+def fault(env: Mapping[str, str] = os.environ) -> str | None:
+    """Return ``$MTREG_FAULT`` (``<point>[:action]``, a crash-test hook), or None when unset
+    or empty."""
+    return env.get(FAULT_ENV) or None

@@ -1,8 +1,8 @@
 """Fault injection for crash tests: named points where a test can kill the process.
 
-The registry calls :func:`checkpoint` at the moments that matter for crash safety (an object
+The registry calls :func:`point` at the moments that matter for crash safety (an object
 copied, a bundle directory renamed into place, a transaction about to commit, files about
-to be deleted after a commit, ...). In normal use ``MTREG_FAULT`` is unset and a checkpoint
+to be deleted after a commit, ...). In normal use ``MTREG_FAULT`` is unset and a fault point
 is one dictionary lookup. A test sets ``MTREG_FAULT=<point>`` in a subprocess's environment:
 
 - ``MTREG_FAULT=<point>``: the process kills itself with SIGKILL at that point (no cleanup,
@@ -12,7 +12,7 @@ is one dictionary lookup. A test sets ``MTREG_FAULT=<point>`` in a subprocess's 
 - ``MTREG_FAULT=<point>:stop``: it stops itself (SIGSTOP) until a test sends SIGCONT, to
   line up a race with another process deterministically.
 
-The environment is read at each checkpoint rather than once at import, so that a process
+The environment is read at each point rather than once at import, so that a process
 forked from one that imported mtreg still sees its own environment. :data:`POINTS` lists
 every point, so a test can go through all of them and notice one that was added.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import signal
 
-ENV = "MTREG_FAULT"
+from mtreg.core.env import fault
 
 POINTS: tuple[str, ...] = (
     "objects.incoming",  # an object's bytes written to objects/.incoming-*, not renamed yet
@@ -37,13 +37,13 @@ POINTS: tuple[str, ...] = (
 
 
 class InjectedFault(RuntimeError):
-    """Raised at a checkpoint armed with ``MTREG_FAULT=<point>:raise``."""
+    """Raised at a point armed with ``MTREG_FAULT=<point>:raise``."""
 
 
-def checkpoint(name: str) -> None:
+def point(name: str) -> None:
     """Die here if the environment asks for a fault at point ``name`` (a test hook)."""
-    armed = os.environ.get(ENV)
-    if not armed:
+    armed = fault()
+    if armed is None:
         return
     point, _, action = armed.partition(":")
     if point != name:

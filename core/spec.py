@@ -10,15 +10,38 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from packaging.version import InvalidVersion as _PkgInvalidVersion
 from packaging.version import Version
 
 from mtreg.errors import InvalidName, InvalidVersion, MtregError
 
-HeadKind = Literal["classification", "multilabel", "regression", "tagging"]
-HEAD_KINDS: tuple[str, ...] = ("classification", "multilabel", "regression", "tagging")
+
+@dataclass(frozen=True)
+class KindRules:
+    """What a head kind demands of a spec, checked while plugins load (so without torch).
+
+    Each kind's behaviour (label encoding, loss, decoding, default metrics, export) lives in
+    its module under :mod:`mtreg.heads`.
+
+    Attributes:
+        min_labels: the fewest labels a head of this kind may declare.
+        per_token: one output row per token: the task reads one text, split into words (one
+            label per word), and its branch has no pooler.
+    """
+
+    min_labels: int
+    per_token: bool = False
+
+
+KIND_RULES: dict[str, KindRules] = {
+    "classification": KindRules(min_labels=2),
+    "multilabel": KindRules(min_labels=1),
+    "regression": KindRules(min_labels=0),
+    "tagging": KindRules(min_labels=2, per_token=True),
+}
+HEAD_KINDS: tuple[str, ...] = tuple(KIND_RULES)
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -82,7 +105,7 @@ class HeadSpec:
     single score.
     """
 
-    kind: HeadKind
+    kind: str
     labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -94,9 +117,14 @@ class HeadSpec:
             raise MtregError("head labels must be non-empty strings")
         if len(set(labels)) != len(labels):
             raise MtregError(f"head labels repeat a name: {list(labels)}")
-        minimum = 0 if self.kind == "regression" else 1 if self.kind == "multilabel" else 2
+        minimum = KIND_RULES[self.kind].min_labels
         if len(labels) < minimum:
             raise MtregError(f"a {self.kind} head needs at least {minimum} labels")
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the head outputs one row per token (see :class:`KindRules`)."""
+        return KIND_RULES[self.kind].per_token
 
     @property
     def num_outputs(self) -> int:
@@ -154,7 +182,7 @@ class TaskSpec:
             raise MtregError(
                 f"task {self.name!r}: inputs must name one text field or a pair, got {inputs}"
             )
-        if self.head.kind == "tagging" and len(inputs) != 1:
+        if self.head.per_token and len(inputs) != 1:
             raise MtregError(f"task {self.name!r}: a tagging task takes one text field")
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "metrics", tuple(self.metrics))

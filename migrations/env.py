@@ -7,10 +7,9 @@ for writing a new revision) it connects to ``$MTREG_DATABASE_URL``.
 
 from __future__ import annotations
 
-import os
-
 from alembic import context
 
+from mtreg.core.env import database_url
 from mtreg.registry.db import make_engine
 from mtreg.registry.tables import Base
 
@@ -31,7 +30,7 @@ connection = context.config.attributes.get("connection")
 if connection is not None:
     run(connection)
 else:
-    url = os.environ.get("MTREG_DATABASE_URL") or context.config.get_main_option("sqlalchemy.url")
+    url = database_url() or context.config.get_main_option("sqlalchemy.url")
     engine = make_engine(url)
     with engine.connect() as conn:
         run(conn)

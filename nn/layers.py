@@ -162,7 +162,7 @@ class Pooler(nn.Module):
 
 class Branch(nn.Module):
     """A task's own layers on top of the trunk state at its fork: ``num_layers`` encoder
-    layers (may be 0), a pooler (none for tagging) and a linear head.
+    layers (may be 0), a pooler (none for a per-token head) and a linear head.
 
     State dict names: ``layers.{j}.<layer tensor>``, ``pooler.dense.*``, ``head.*``.
     """
@@ -175,12 +175,12 @@ class Branch(nn.Module):
         self.spec = head
         self.dropout = dropout
         self.layers = nn.ModuleList(Layer(config, dropout) for _ in range(num_layers))
-        self.pooler = None if head.kind == "tagging" else Pooler(h)
+        self.pooler = None if head.per_token else Pooler(h)
         self.head = nn.Linear(h, head.num_outputs)
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """Return logits [B, C] for trunk state ``hidden`` [B, T, H] and 0/1 ``mask`` [B, T]
-        ([B, T, C] for a tagging head)."""
+        ([B, T, C] for a per-token head)."""
         bias = attention_bias(mask, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, bias)

@@ -8,8 +8,9 @@ one task alone, for comparison and per-task export.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from mtreg.artifacts.config import TrunkConfig
@@ -98,11 +99,14 @@ class MultiTaskModel(nn.Module):
         attention_mask: Tensor,
         token_type_ids: Tensor | None = None,
         tasks: Iterable[str] | None = None,
+        rows: Mapping[str, Sequence[int]] | None = None,
     ) -> dict[str, Tensor]:
         """Return {task: logits} for ``tasks`` (default: all), in sorted task order.
 
-        The trunk runs once, up to the deepest requested fork; branches sharing a fork
-        depth read the same hidden state.
+        The trunk runs once over the whole batch, up to the deepest requested fork;
+        branches sharing a fork depth read the same hidden state. ``rows`` maps a task to
+        the batch rows that need it (default: every row): its branch runs on those only
+        and the other rows of its logits hold zeros.
 
         Raises:
             ValueError: for a task this model does not hold.
@@ -118,8 +122,21 @@ class MultiTaskModel(nn.Module):
         out: dict[str, Tensor] = {}
         for depth, group in sorted(groups.items()):
             for task in group:
-                out[task] = self.branches[task](hidden[depth], attention_mask)
+                wanted = None if rows is None else rows.get(task)
+                out[task] = self._branch(task, hidden[depth], attention_mask, wanted)
         return {task: out[task] for task in names}
+
+    def _branch(
+        self, task: str, hidden: Tensor, mask: Tensor, rows: Sequence[int] | None
+    ) -> Tensor:
+        """Run ``task``'s branch on ``rows`` of the batch (all when None), zeros elsewhere."""
+        if rows is None or len(rows) == hidden.shape[0]:
+            return self.branches[task](hidden, mask)
+        index = torch.tensor(rows, dtype=torch.long)
+        some = self.branches[task](hidden.index_select(0, index), mask.index_select(0, index))
+        full = some.new_zeros((hidden.shape[0], *some.shape[1:]))
+        full[index] = some
+        return full
 
 
 class Standalone(nn.Module):

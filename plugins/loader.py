@@ -14,7 +14,6 @@ import hashlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -26,13 +25,13 @@ from typing import Any
 
 import pluggy
 
+from mtreg.core import env
+from mtreg.core.env import LOAD_PLUGINS_ENV
 from mtreg.core.spec import TaskSpec
 from mtreg.errors import NotFound, PluginError
 from mtreg.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "mtreg"
-PATH_ENV = "MTREG_PLUGINS_PATH"
-ALLOW_ENV = "MTREG_LOAD_PLUGINS"
 
 
 @dataclass(frozen=True)
@@ -160,13 +159,12 @@ def discover(paths: Sequence[str | Path] = ()) -> Discovery:
         those are recorded in it (``plugins[i].error``, ``warnings``, ``conflicts``).
     """
     warnings: list[str] = []
-    env_paths = [p for p in os.environ.get(PATH_ENV, "").split(os.pathsep) if p]
-    sources = _entry_point_sources() + _path_sources([*paths, *env_paths], warnings)
-    allowed = _allow_list()
+    sources = _entry_point_sources() + _path_sources([*paths, *env.plugins_path()], warnings)
+    allowed = env.load_plugins()
     if allowed is not None:
         found = {s.name for s in sources}
         warnings += [
-            f"{ALLOW_ENV} names plugin {name!r}, which was not found"
+            f"{LOAD_PLUGINS_ENV} names plugin {name!r}, which was not found"
             for name in allowed
             if name not in found
         ]
@@ -259,14 +257,6 @@ def _conflict_message(task: str, owners: list[PluginInfo]) -> str:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _allow_list() -> list[str] | None:
-    """Return the names in ``$MTREG_LOAD_PLUGINS``; ``None`` when it is unset."""
-    raw = os.environ.get(ALLOW_ENV)
-    if raw is None:
-        return None
-    return list(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
 
 
 # -- entry points -------------------------------------------------------------------------

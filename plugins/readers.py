@@ -5,8 +5,8 @@ Shared by the built-in GLUE and intent plugins and by plugins made with ``mtreg 
 The data folder
 ---------------
 ``TaskSpec.load_dataset`` is a plain ``load_dataset(split)`` callable, so the folder is looked
-up when it is *called*, from ``$MTREG_DATA_DIR`` (:data:`DATA_ENV`). A command taking
-``--data-dir PATH`` sets that variable (:func:`use_data_dir`) before it loads data. The built-in
+up when it is *called*, from ``$MTREG_DATA_DIR``. A command taking ``--data-dir PATH`` sets
+that variable around loading data (:func:`mtreg.core.env.using_data_dir`). The built-in
 plugins expect the layout of the shared data folder::
 
     glue/<TASK>/train.tsv, dev.tsv (MNLI: dev_matched.tsv)
@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
-import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtreg.core import env
+from mtreg.core.env import DATA_DIR_ENV
+from mtreg.core.text import read_jsonl
 from mtreg.errors import MtregError
 
-DATA_ENV = "MTREG_DATA_DIR"
 TABLE_SUFFIXES: tuple[str, ...] = (".csv", ".tsv", ".jsonl")
 
 # Lines of the real data can be long (RTE passages); the csv module's default cap is 128 KiB.
@@ -45,34 +45,21 @@ class MissingSplit(MtregError):
     """A split (``train``, ``dev``, ``test``) the task's data does not have."""
 
 
-def use_data_dir(path: str | Path) -> Path:
-    """Point ``load_dataset`` calls at ``path`` (what ``--data-dir`` does) and return it.
-
-    Raises:
-        MtregError: ``path`` is not an existing directory.
-    """
-    folder = Path(path).expanduser().resolve()
-    if not folder.is_dir():
-        raise MtregError(f"data folder {folder} does not exist or is not a directory")
-    os.environ[DATA_ENV] = str(folder)
-    return folder
-
-
 def data_dir() -> Path:
     """Return the data folder named by ``$MTREG_DATA_DIR``.
 
     Raises:
         MtregError: the variable is unset or empty, or names no existing directory.
     """
-    raw = os.environ.get(DATA_ENV, "").strip()
-    if not raw:
+    raw = env.data_dir()
+    if raw is None:
         raise MtregError(
-            f"no data folder: pass --data-dir PATH or set {DATA_ENV} "
+            f"no data folder: pass --data-dir PATH or set {DATA_DIR_ENV} "
             "(laid out like the shared data folder: glue/..., intent/...)"
         )
     folder = Path(raw).expanduser()
     if not folder.is_dir():
-        raise MtregError(f"data folder {folder} (from {DATA_ENV}) does not exist")
+        raise MtregError(f"data folder {folder} (from {DATA_DIR_ENV}) does not exist")
     return folder
 
 
@@ -85,7 +72,7 @@ def data_file(*parts: str) -> Path:
     path = data_dir().joinpath(*parts)
     if not path.is_file():
         raise MtregError(
-            f"missing data file {path} (data folder from {DATA_ENV}={os.environ[DATA_ENV]}): "
+            f"missing data file {path} (data folder from {DATA_DIR_ENV}={env.data_dir()}): "
             "put the file there or point --data-dir / MTREG_DATA_DIR at the right folder"
         )
     return path
@@ -161,7 +148,10 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        for number, record in read_jsonl(path):
+            if not isinstance(record, dict):
+                raise MtregError(f"{path}:{number}: expected a JSON object per line")
+            yield number, record
         return
     if suffix not in (".csv", ".tsv"):
         raise MtregError(f"{path}: unknown data format, use one of {', '.join(TABLE_SUFFIXES)}")
@@ -183,20 +173,6 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     f"found {len(fields)}"
                 )
             yield number, dict(zip(columns, fields, strict=True))
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MtregError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise MtregError(f"{path}:{number}: expected a JSON object per line")
-            yield number, record
 
 
 def check_label(label: str, known: Collection[str], where: str) -> str:

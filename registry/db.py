@@ -17,6 +17,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from mtreg.core.env import DATABASE_ENV
 from mtreg.errors import DatabaseError
 
 SchemaState = Literal["empty", "current", "outdated", "newer", "unmanaged"]
@@ -99,8 +100,7 @@ def _connect(engine: sa.Engine) -> sa.Connection:
     except sa.exc.OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise DatabaseError(
-            f"cannot reach database {mask(str(engine.url))}: {reason}: check --db or "
-            "MTREG_DATABASE_URL"
+            f"cannot reach database {mask(str(engine.url))}: {reason}: check --db or {DATABASE_ENV}"
         ) from None
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
+
+from mtreg.artifacts.manifest import Manifest, TaskEntry, branch_path
+from mtreg.core.spec import HeadSpec
 
 
 def _jsonable(value: Any) -> Any:
@@ -56,6 +59,25 @@ class TaskVersionRecord(_Record):
     plugin_version: str = ""
     created_at: datetime | None = None
 
+    def manifest_entry(self) -> TaskEntry:
+        """Return this version's entry in a bundle manifest.
+
+        Raises:
+            MtregError: a head the record holds is not valid (never for a registered one).
+        """
+        return TaskEntry(
+            name=self.task,
+            version=self.version,
+            head=HeadSpec(self.head_kind, tuple(self.labels)),
+            inputs=tuple(self.inputs),
+            fork_depth=self.fork_depth,
+            num_layers=self.num_layers,
+            max_length=self.max_length,
+            metrics=self.metrics,
+            file=branch_path(self.task),
+            sha256=self.weights_sha256,
+        )
+
 
 @dataclass(frozen=True)
 class TaskRecord(_Record):
@@ -79,10 +101,15 @@ class TaskRecord(_Record):
 class BundleRecord(_Record):
     id: str
     trunk: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     members: dict[str, str]  # task -> version
     aliases: list[str] = field(default_factory=list)
     created_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the record as a JSON-ready dict, its manifest as ``manifest.json`` holds it."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _jsonable({**values, "manifest": self.manifest.to_dict()})
 
 
 @dataclass(frozen=True)

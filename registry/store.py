@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from mtreg.artifacts.manifest import Manifest
 from mtreg.core.spec import parse_version
 from mtreg.errors import DatabaseError, MtregError
 from mtreg.registry import db
@@ -30,7 +31,15 @@ from mtreg.registry.records import (
     TaskVersionRecord,
     TrunkRecord,
 )
-from mtreg.registry.tables import Alias, Bundle, BundleMember, Event, Task, TaskVersion, Trunk
+from mtreg.registry.tables import (
+    AliasRow,
+    BundleMemberRow,
+    BundleRow,
+    EventRow,
+    TaskRow,
+    TaskVersionRow,
+    TrunkRow,
+)
 
 # Arbitrary constant naming mtreg's write lock among PostgreSQL advisory locks.
 _PG_WRITE_LOCK = 0x6D747265
@@ -111,7 +120,7 @@ class Tx:
 
     def add_trunk(self, record: TrunkRecord) -> None:
         """Insert a trunk. The caller has checked that the name is free."""
-        self.session.add(Trunk(**_row_values(record, Trunk)))
+        self.session.add(TrunkRow(**_row_values(record, TrunkRow)))
         self.session.flush()
 
     def get_trunk(self, name: str) -> TrunkRecord | None:
@@ -121,11 +130,11 @@ class Tx:
 
     def list_trunks(self) -> list[TrunkRecord]:
         """Return every trunk, by name."""
-        rows = self.session.scalars(sa.select(Trunk).order_by(Trunk.name))
+        rows = self.session.scalars(sa.select(TrunkRow).order_by(TrunkRow.name))
         return [_trunk_record(row) for row in rows]
 
-    def _trunk_row(self, name: str) -> Trunk | None:
-        return self.session.scalars(sa.select(Trunk).where(Trunk.name == name)).one_or_none()
+    def _trunk_row(self, name: str) -> TrunkRow | None:
+        return self.session.scalars(sa.select(TrunkRow).where(TrunkRow.name == name)).one_or_none()
 
     # -- tasks and versions ---------------------------------------------------------------
 
@@ -136,18 +145,18 @@ class Tx:
 
     def list_tasks(self, include_removed: bool = False) -> list[TaskRecord]:
         """Return the tasks by name; removed ones (no active version) only when asked."""
-        query = sa.select(Task).order_by(Task.name)
+        query = sa.select(TaskRow).order_by(TaskRow.name)
         if not include_removed:
-            query = query.where(Task.active_version_id.is_not(None))
+            query = query.where(TaskRow.active_version_id.is_not(None))
         return [self._task_record(row) for row in self.session.scalars(query)]
 
     def list_versions(self, task: str) -> list[TaskVersionRecord]:
         """Return every version of ``task``, lowest semantic version first."""
         rows = self.session.execute(
-            sa.select(TaskVersion, Trunk.name)
-            .join(Task, TaskVersion.task_id == Task.id)
-            .join(Trunk, Task.trunk_id == Trunk.id)
-            .where(Task.name == task)
+            sa.select(TaskVersionRow, TrunkRow.name)
+            .join(TaskRow, TaskVersionRow.task_id == TaskRow.id)
+            .join(TrunkRow, TaskRow.trunk_id == TrunkRow.id)
+            .where(TaskRow.name == task)
         ).all()
         records = [_version_record(version, task, trunk) for version, trunk in rows]
         return sorted(records, key=lambda r: parse_version(r.version))
@@ -167,10 +176,10 @@ class Tx:
             trunk = self._trunk_row(record.trunk)
             if trunk is None:
                 raise MtregError(f"trunk {record.trunk!r} is not registered")
-            task = Task(name=record.task, trunk_id=trunk.id)
+            task = TaskRow(name=record.task, trunk_id=trunk.id)
             self.session.add(task)
             self.session.flush()
-        row = TaskVersion(task_id=task.id, **_row_values(record, TaskVersion))
+        row = TaskVersionRow(task_id=task.id, **_row_values(record, TaskVersionRow))
         self.session.add(row)
         self.session.flush()
         if activate:
@@ -187,28 +196,28 @@ class Tx:
     def active_versions(self, trunk: str) -> list[TaskVersionRecord]:
         """Return the active version of every task on ``trunk``, by task name."""
         rows = self.session.execute(
-            sa.select(TaskVersion, Task.name)
-            .join(Task, Task.active_version_id == TaskVersion.id)
-            .join(Trunk, Task.trunk_id == Trunk.id)
-            .where(Trunk.name == trunk)
-            .order_by(Task.name)
+            sa.select(TaskVersionRow, TaskRow.name)
+            .join(TaskRow, TaskRow.active_version_id == TaskVersionRow.id)
+            .join(TrunkRow, TaskRow.trunk_id == TrunkRow.id)
+            .where(TrunkRow.name == trunk)
+            .order_by(TaskRow.name)
         ).all()
         return [_version_record(version, name, trunk) for version, name in rows]
 
-    def _task_row(self, name: str) -> Task | None:
-        return self.session.scalars(sa.select(Task).where(Task.name == name)).one_or_none()
+    def _task_row(self, name: str) -> TaskRow | None:
+        return self.session.scalars(sa.select(TaskRow).where(TaskRow.name == name)).one_or_none()
 
     def _version_id(self, task_id: int, version: str) -> int:
         return self.session.scalars(
-            sa.select(TaskVersion.id).where(
-                TaskVersion.task_id == task_id, TaskVersion.version == version
+            sa.select(TaskVersionRow.id).where(
+                TaskVersionRow.task_id == task_id, TaskVersionRow.version == version
             )
         ).one()
 
-    def _task_record(self, row: Task) -> TaskRecord:
-        trunk = self.session.get(Trunk, row.trunk_id)
+    def _task_record(self, row: TaskRow) -> TaskRecord:
+        trunk = self.session.get(TrunkRow, row.trunk_id)
         versions = self.session.scalars(
-            sa.select(TaskVersion).where(TaskVersion.task_id == row.id)
+            sa.select(TaskVersionRow).where(TaskVersionRow.task_id == row.id)
         ).all()
         latest = max(versions, key=lambda v: parse_version(v.version))
         active = next((v for v in versions if v.id == row.active_version_id), None)
@@ -228,13 +237,15 @@ class Tx:
         """Insert a bundle and its members (task -> version, all registered)."""
         trunk = self._trunk_row(record.trunk)
         assert trunk is not None, f"bundle on unknown trunk {record.trunk!r}"
-        self.session.add(Bundle(id=record.id, trunk_id=trunk.id, manifest=record.manifest))
+        self.session.add(
+            BundleRow(id=record.id, trunk_id=trunk.id, manifest=record.manifest.to_dict())
+        )
         self.session.flush()
         for task, version in sorted(record.members.items()):
             task_row = self._task_row(task)
             assert task_row is not None, f"bundle member {task!r} is not registered"
             self.session.add(
-                BundleMember(
+                BundleMemberRow(
                     bundle_id=record.id, task_version_id=self._version_id(task_row.id, version)
                 )
             )
@@ -246,10 +257,10 @@ class Tx:
         Raises:
             MtregError: the prefix matches more than one bundle.
         """
-        row = self.session.get(Bundle, ref)
+        row = self.session.get(BundleRow, ref)
         if row is None and len(ref) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in ref):
             rows = self.session.scalars(
-                sa.select(Bundle).where(Bundle.id.startswith(ref, autoescape=True)).limit(2)
+                sa.select(BundleRow).where(BundleRow.id.startswith(ref, autoescape=True)).limit(2)
             ).all()
             if len(rows) > 1:
                 raise MtregError(f"bundle id prefix {ref!r} is ambiguous: give more characters")
@@ -259,53 +270,53 @@ class Tx:
     def list_bundles(self) -> list[BundleRecord]:
         """Return every bundle, newest first."""
         rows = self.session.scalars(
-            sa.select(Bundle).order_by(Bundle.created_at.desc(), Bundle.id)
+            sa.select(BundleRow).order_by(BundleRow.created_at.desc(), BundleRow.id)
         ).all()
         return [self._bundle_record(row) for row in rows]
 
     def delete_bundle(self, ident: str) -> None:
         """Delete a bundle's rows. The caller has checked that no alias points at it."""
-        self.session.execute(sa.delete(BundleMember).where(BundleMember.bundle_id == ident))
-        self.session.execute(sa.delete(Bundle).where(Bundle.id == ident))
+        self.session.execute(sa.delete(BundleMemberRow).where(BundleMemberRow.bundle_id == ident))
+        self.session.execute(sa.delete(BundleRow).where(BundleRow.id == ident))
 
     def set_alias(self, name: str, bundle: str) -> None:
         """Point alias ``name`` at bundle id ``bundle`` (creating the alias if new)."""
-        row = self.session.get(Alias, name)
+        row = self.session.get(AliasRow, name)
         if row is None:
-            self.session.add(Alias(name=name, bundle_id=bundle))
+            self.session.add(AliasRow(name=name, bundle_id=bundle))
         elif row.bundle_id != bundle:
             row.bundle_id = bundle
         self.session.flush()
 
     def get_alias(self, name: str) -> BundleRecord | None:
         """Return the bundle alias ``name`` points at, or None."""
-        row = self.session.get(Alias, name)
+        row = self.session.get(AliasRow, name)
         return self.get_bundle(row.bundle_id) if row else None
 
     def list_aliases(self) -> dict[str, str]:
         """Return every alias: name -> bundle id."""
-        rows = self.session.scalars(sa.select(Alias).order_by(Alias.name))
+        rows = self.session.scalars(sa.select(AliasRow).order_by(AliasRow.name))
         return {row.name: row.bundle_id for row in rows}
 
     def delete_alias(self, name: str) -> None:
         """Delete alias ``name`` if it exists."""
-        self.session.execute(sa.delete(Alias).where(Alias.name == name))
+        self.session.execute(sa.delete(AliasRow).where(AliasRow.name == name))
 
-    def _bundle_record(self, row: Bundle) -> BundleRecord:
+    def _bundle_record(self, row: BundleRow) -> BundleRecord:
         members = self.session.execute(
-            sa.select(Task.name, TaskVersion.version)
-            .join(TaskVersion, TaskVersion.task_id == Task.id)
-            .join(BundleMember, BundleMember.task_version_id == TaskVersion.id)
-            .where(BundleMember.bundle_id == row.id)
+            sa.select(TaskRow.name, TaskVersionRow.version)
+            .join(TaskVersionRow, TaskVersionRow.task_id == TaskRow.id)
+            .join(BundleMemberRow, BundleMemberRow.task_version_id == TaskVersionRow.id)
+            .where(BundleMemberRow.bundle_id == row.id)
         ).all()
         aliases = self.session.scalars(
-            sa.select(Alias.name).where(Alias.bundle_id == row.id).order_by(Alias.name)
+            sa.select(AliasRow.name).where(AliasRow.bundle_id == row.id).order_by(AliasRow.name)
         ).all()
-        trunk = self.session.get(Trunk, row.trunk_id)
+        trunk = self.session.get(TrunkRow, row.trunk_id)
         return BundleRecord(
             id=row.id,
             trunk=trunk.name if trunk else "",
-            manifest=row.manifest,
+            manifest=Manifest.from_dict(row.manifest),
             members=dict(sorted(members)),
             aliases=list(aliases),
             created_at=row.created_at,
@@ -315,14 +326,14 @@ class Tx:
 
     def add_event(self, kind: str, subject: str, detail: dict[str, Any]) -> None:
         """Append to the audit log (committed with the change it describes)."""
-        self.session.add(Event(kind=kind, subject=subject, actor=_actor(), detail=detail))
+        self.session.add(EventRow(kind=kind, subject=subject, actor=_actor(), detail=detail))
         self.session.flush()
 
     def list_events(self, limit: int = 50, subject: str | None = None) -> list[EventRecord]:
         """Return up to ``limit`` events, newest first, optionally about one subject."""
-        query = sa.select(Event).order_by(Event.id.desc()).limit(limit)
+        query = sa.select(EventRow).order_by(EventRow.id.desc()).limit(limit)
         if subject is not None:
-            query = query.where(Event.subject == subject)
+            query = query.where(EventRow.subject == subject)
         return [
             EventRecord(row.id, row.at, row.kind, row.subject, row.actor, row.detail)
             for row in self.session.scalars(query)
@@ -336,7 +347,7 @@ def _actor() -> str:
         return ""
 
 
-def _trunk_record(row: Trunk) -> TrunkRecord:
+def _trunk_record(row: TrunkRow) -> TrunkRecord:
     return TrunkRecord(**{f.name: getattr(row, f.name) for f in fields(TrunkRecord)})
 
 
@@ -347,6 +358,6 @@ def _row_values(record: Any, table: type) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in fields(record) if f.name in columns}
 
 
-def _version_record(row: TaskVersion, task: str, trunk: str) -> TaskVersionRecord:
+def _version_record(row: TaskVersionRow, task: str, trunk: str) -> TaskVersionRecord:
     names = {f.name for f in fields(TaskVersionRecord)} - {"task", "trunk"}
     return TaskVersionRecord(task=task, trunk=trunk, **{n: getattr(row, n) for n in names})

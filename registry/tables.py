@@ -31,7 +31,7 @@ class Base(DeclarativeBase):
     type_annotation_map: ClassVar = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class Trunk(Base):
+class TrunkRow(Base):
     __tablename__ = "trunks"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -47,7 +47,7 @@ class Trunk(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Task(Base):
+class TaskRow(Base):
     __tablename__ = "tasks"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -63,7 +63,7 @@ class Task(Base):
     )
 
 
-class TaskVersion(Base):
+class TaskVersionRow(Base):
     """One registered version of a task. Rows are never updated or deleted."""
 
     __tablename__ = "task_versions"
@@ -90,7 +90,7 @@ class TaskVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Bundle(Base):
+class BundleRow(Base):
     """An immutable merged artifact; ``id`` is the sha256 of its manifest."""
 
     __tablename__ = "bundles"
@@ -101,14 +101,14 @@ class Bundle(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class BundleMember(Base):
+class BundleMemberRow(Base):
     __tablename__ = "bundle_members"
 
     bundle_id: Mapped[str] = mapped_column(ForeignKey("bundles.id"), primary_key=True)
     task_version_id: Mapped[int] = mapped_column(ForeignKey("task_versions.id"), primary_key=True)
 
 
-class Alias(Base):
+class AliasRow(Base):
     __tablename__ = "aliases"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -118,7 +118,7 @@ class Alias(Base):
     )
 
 
-class Event(Base):
+class EventRow(Base):
     """Audit log: one row per change, written in the same transaction as the change."""
 
     __tablename__ = "events"

@@ -9,73 +9,55 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtreg import heads
 from mtreg.artifacts.branch_file import read_branch
 from mtreg.artifacts.checkpoint import load_component
 from mtreg.artifacts.config import TrunkConfig
-from mtreg.artifacts.manifest import MANIFEST, layer_path, read_manifest
+from mtreg.artifacts.manifest import (
+    EMBEDDINGS,
+    MANIFEST,
+    TOKENIZER_DIR,
+    Manifest,
+    TaskEntry,
+    layer_path,
+    read_manifest,
+)
 from mtreg.artifacts.objects import sha256_file
-from mtreg.core.spec import HeadSpec
+from mtreg.artifacts.tokenizer import load_tokenizer
 from mtreg.errors import InvalidWeights, MtregError, NotFound
 from mtreg.nn.layers import Branch
 from mtreg.nn.network import MultiTaskModel, Trunk
-from mtreg.training.data import load_tokenizer, tag_spans
+from mtreg.runtime.inference import Input, Row, forward_groups
 
-Input = str | Sequence[str] | Mapping[str, str]
 BACKENDS = ("torch", "onnx", "auto")
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    """How one task of a bundle reads its input and what it outputs."""
-
-    name: str
-    version: str
-    head: HeadSpec
-    inputs: tuple[str, ...]
-    fork_depth: int
-    max_length: int
-
-
-def select_tasks(manifest: Mapping[str, Any], tasks: Iterable[str] | None) -> list[str]:
-    """Return the requested task names (all by default), sorted.
+def select_tasks(held: Iterable[str], tasks: Iterable[str] | None) -> list[str]:
+    """Return the requested task names (all ``held`` by default), sorted.
 
     Raises:
-        NotFound: a task the bundle does not hold (the message lists those it does).
+        NotFound: a task not among ``held`` (the message lists those that are).
     """
-    held = sorted(manifest["tasks"])
+    names = sorted(held)
     if tasks is None:
-        return held
+        return names
     wanted = sorted(set(tasks))
     for name in wanted:
-        if name not in manifest["tasks"]:
+        if name not in names:
             raise NotFound(
-                f"task {name!r} is not in this bundle: it holds {', '.join(held) or 'no tasks'}"
+                f"task {name!r} is not in this bundle: it holds {', '.join(names) or 'no tasks'}"
             )
     return wanted
 
 
-def task_info(manifest: Mapping[str, Any], name: str) -> TaskInfo:
-    """Return what the manifest says about task ``name``."""
-    entry = manifest["tasks"][name]
-    return TaskInfo(
-        name=name,
-        version=entry["version"],
-        head=HeadSpec.from_dict(entry["head"]),
-        inputs=tuple(entry["inputs"]),
-        fork_depth=entry["fork_depth"],
-        max_length=entry["max_length"],
-    )
-
-
-def _checked(root: Path, manifest: Mapping[str, Any], relative: str) -> Path:
+def _checked(root: Path, manifest: Manifest, relative: str) -> Path:
     path = root / relative
-    expected = manifest["files"].get(relative)
+    expected = manifest.files.get(relative)
     if expected is None or not path.is_file() or sha256_file(path) != expected:
         raise InvalidWeights(
             f"bundle file {relative} is missing or does not match the manifest: the bundle "
@@ -86,7 +68,10 @@ def _checked(root: Path, manifest: Mapping[str, Any], relative: str) -> Path:
 
 class OnnxModel:
     """The ONNX graph of an ``mtreg export --format onnx`` folder, called like
-    :class:`MultiTaskModel`: ``model(input_ids, attention_mask, token_type_ids, tasks)``."""
+    :class:`MultiTaskModel`: ``model(input_ids, attention_mask, token_type_ids, tasks, rows)``.
+
+    The graph computes every output on every row, so ``rows`` is accepted and not used.
+    """
 
     def __init__(self, path: Path) -> None:
         try:
@@ -101,7 +86,9 @@ class OnnxModel:
         self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, tasks=None) -> dict:
+    def __call__(
+        self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None
+    ) -> dict:
         names = self.outputs if tasks is None else sorted(tasks)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -145,16 +132,19 @@ class AutoModel:
         nearest = min(self.PROBE_SIZES, key=lambda probe: abs(probe - size))
         return self.choice[nearest]
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, tasks=None) -> dict:
+    def __call__(
+        self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None
+    ) -> dict:
         model = self.backends[self.backend_for(input_ids.shape[0])]
-        return model(input_ids, attention_mask, token_type_ids, tasks=tasks)
+        return model(input_ids, attention_mask, token_type_ids, tasks=tasks, rows=rows)
 
 
 class LoadedBundle:
     """A bundle loaded for inference.
 
     Attributes:
-        path: the bundle directory. manifest: its manifest. tasks: the loaded task names.
+        path: the bundle directory. manifest: its :class:`Manifest` (all its tasks).
+        tasks: the loaded task names. info: their manifest entries (:class:`TaskEntry`).
         model: the :class:`MultiTaskModel` (eval mode); with ``backend="onnx"`` an
             :class:`OnnxModel`, with ``"auto"`` an :class:`AutoModel`, both called the same
             way. tokenizer: the trunk's tokenizer.
@@ -165,16 +155,15 @@ class LoadedBundle:
     ) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path / MANIFEST)
-        self.tasks = select_tasks(self.manifest, tasks)
-        self.info = {name: task_info(self.manifest, name) for name in self.tasks}
-        self.config = TrunkConfig(**self.manifest["trunk"]["config"])
+        self.tasks = select_tasks(self.manifest.tasks, tasks)
+        self.info = {name: self.manifest.tasks[name] for name in self.tasks}
+        self.config = TrunkConfig(**self.manifest.trunk.config)
         if backend not in BACKENDS:
             raise MtregError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
         self.backend = backend
-        for relative in self.manifest["files"]:
-            if relative.startswith("tokenizer/"):
-                self._read(relative)
-        self.tokenizer = load_tokenizer(self.path / "tokenizer")
+        for relative in self.manifest.tokenizer_files:
+            self._read(relative)
+        self.tokenizer = load_tokenizer(self.path / TOKENIZER_DIR)
         if backend == "torch":
             self.model = self._torch_model()
         elif backend == "onnx":
@@ -186,14 +175,13 @@ class LoadedBundle:
         depth = max((i.fork_depth for i in self.info.values()), default=0)
         trunk = Trunk.from_tensors(
             self.config,
-            load_component(self._read("trunk/embeddings.safetensors")),
+            load_component(self._read(EMBEDDINGS)),
             [load_component(self._read(layer_path(i))) for i in range(depth)],
         )
         branches = {}
         for name, info in self.info.items():
-            entry = self.manifest["tasks"][name]
-            _, tensors = read_branch(self._read(entry["file"]), self.config)
-            branch = Branch(self.config, entry["num_layers"], info.head)
+            _, tensors = read_branch(self._read(info.file), self.config)
+            branch = Branch(self.config, info.num_layers, info.head)
             branch.load_state_dict(tensors, strict=True)
             branches[name] = (info.fork_depth, branch)
         self.layers_read = depth
@@ -205,8 +193,8 @@ class LoadedBundle:
     def __repr__(self) -> str:
         return f"LoadedBundle({str(self.path)!r}, tasks={self.tasks})"
 
-    def encode(self, inputs: Sequence[Input], info: TaskInfo) -> dict[str, Any]:
-        """Tokenise ``inputs`` for a task; return tensors (and words, for tagging).
+    def encode(self, inputs: Sequence[Input], info: TaskEntry) -> dict[str, Any]:
+        """Tokenise ``inputs`` for a task; return tensors (and words, for a per-token head).
 
         Raises:
             MtregError: an input does not fit the task (a pair for a one-text task, ...).
@@ -216,7 +204,7 @@ class LoadedBundle:
             fields = _fields(item, info)
             for column, value in zip(columns, fields, strict=True):
                 column.append(value)
-        if info.head.kind == "tagging":
+        if info.head.per_token:
             words = [text.split() for text in columns[0]]
             batch = self.tokenizer(
                 words,
@@ -237,32 +225,54 @@ class LoadedBundle:
         )
         return {"batch": batch}
 
+    def _asked(self, tasks: Iterable[str] | None) -> tuple[str, ...]:
+        return tuple(select_tasks(self.tasks, tasks))
+
+    @torch.inference_mode()
+    def run(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
+        """Return, per row, ``{task: result}`` for the tasks that row asked for, in sorted
+        task order (see :meth:`predict` for the results).
+
+        Rows asking for different tasks share one forward pass per input kind
+        (:func:`mtreg.runtime.inference.forward_groups`).
+
+        Raises:
+            MtregError: an input a task it asks cannot read. KeyError: a task the bundle
+                does not hold (rows are checked first: ``mtreg.serving.plan.plan_rows``).
+        """
+        results: list[dict[str, Any]] = [{} for _ in rows]
+        for group in forward_groups(self, rows):
+            for position, i in enumerate(group.members):
+                row = rows[i]
+                for name in group.tasks:
+                    if name in row.tasks:
+                        logits = group.logits[name][position]
+                        info = self.info[name]
+                        results[i][name] = task_result(
+                            info, logits, group.encoded, position, row.logits
+                        )
+        return [dict(sorted(result.items())) for result in results]
+
     @torch.no_grad()
-    def logits(self, inputs: Sequence[Input], tasks: Iterable[str] | None = None) -> dict:
-        """Return ``{task: logits tensor}`` for a batch of inputs.
+    def logits(
+        self, inputs: Sequence[Input], tasks: Iterable[str] | None = None
+    ) -> dict[str, tuple[torch.Tensor, dict[str, Any]]]:
+        """Return ``{task: (logits tensor, encoded batch)}`` for a batch of inputs, the
+        encoded batch being what :meth:`encode` returned for the task's input kind.
 
         Tasks that read their input the same way (one text, a pair, tagged words, same max
         length) share one trunk pass.
+
+        Raises:
+            NotFound: an unknown task. MtregError: an input the task cannot read.
         """
-        names = select_tasks({"tasks": {t: None for t in self.tasks}}, tasks)
-        groups: dict[tuple, list[str]] = {}
-        for name in names:
-            info = self.info[name]
-            key = (info.inputs, info.head.kind == "tagging", info.max_length)
-            groups.setdefault(key, []).append(name)
-        out: dict[str, Any] = {}
-        for group in groups.values():
-            encoded = self.encode(inputs, self.info[group[0]])
-            batch = encoded["batch"]
-            logits = self.model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch.get("token_type_ids"),
-                tasks=group,
-            )
-            for name in group:
-                out[name] = (logits[name], encoded)
-        return out
+        names = self._asked(tasks)
+        rows = [Row(item, names) for item in inputs]
+        return {
+            name: (group.logits[name], group.encoded)
+            for group in forward_groups(self, rows)
+            for name in group.tasks
+        }
 
     def predict(
         self,
@@ -286,19 +296,15 @@ class LoadedBundle:
         """
         if isinstance(inputs, str | Mapping):
             raise MtregError("predict takes a list of inputs: wrap a single input in [ ]")
+        names = self._asked(tasks)
         results: list[dict[str, Any]] = []
         for start in range(0, len(inputs), batch_size):
-            chunk = list(inputs[start : start + batch_size])
-            rows: list[dict[str, Any]] = [{} for _ in chunk]
-            for name, (logits, encoded) in self.logits(chunk, tasks).items():
-                info = self.info[name]
-                for i, row in enumerate(rows):
-                    row[name] = task_result(info, logits[i], encoded, i, with_logits)
-            results.extend(rows)
+            chunk = inputs[start : start + batch_size]
+            results.extend(self.run([Row(item, names, with_logits) for item in chunk]))
         return results
 
 
-def input_fields(item: Input, info: TaskInfo) -> list[str] | None:
+def input_fields(item: Input, info: TaskEntry) -> list[str] | None:
     """Return the texts task ``info`` reads from ``item``, or None if it cannot read it
     (a pair for a one-text task, a missing field, a non-string)."""
     if isinstance(item, str):
@@ -314,7 +320,7 @@ def input_fields(item: Input, info: TaskInfo) -> list[str] | None:
     return values
 
 
-def _fields(item: Input, info: TaskInfo) -> list[str]:
+def _fields(item: Input, info: TaskEntry) -> list[str]:
     values = input_fields(item, info)
     if values is None:
         want = "one text" if len(info.inputs) == 1 else "a pair of texts"
@@ -323,39 +329,17 @@ def _fields(item: Input, info: TaskInfo) -> list[str]:
 
 
 def task_result(
-    info: TaskInfo, logits: torch.Tensor, encoded: dict[str, Any], row: int, with_logits: bool
+    info: TaskEntry, logits: torch.Tensor, encoded: dict[str, Any], row: int, with_logits: bool
 ) -> dict[str, Any]:
     """Turn one row of a task's logits into its public result (label and score, labels and
     scores, value, or spans; plus the logits when asked). ``encoded`` is what
     :meth:`LoadedBundle.encode` returned for the batch."""
     head = info.head
-    if head.kind == "classification":
-        probs = logits.softmax(-1)
-        best = int(probs.argmax())
-        result: dict[str, Any] = {"label": head.labels[best], "score": float(probs[best])}
-    elif head.kind == "multilabel":
-        probs = logits.sigmoid()
-        scores = {label: float(p) for label, p in zip(head.labels, probs, strict=True)}
-        result = {"labels": [label for label, p in scores.items() if p > 0.5], "scores": scores}
-    elif head.kind == "regression":
-        values = logits.tolist()
-        result = (
-            {"value": values[0]}
-            if len(head.labels) <= 1
-            else {"values": dict(zip(head.labels, values, strict=True))}
-        )
-    else:
-        words, word_ids = encoded["words"][row], encoded["word_ids"][row]
-        tags = ["O"] * len(words)
-        seen = set()
-        for position, word in enumerate(word_ids):
-            if word is not None and word not in seen:
-                seen.add(word)
-                tags[word] = head.labels[int(logits[position].argmax())]
-        result = {"spans": tag_spans(words, tags)}
+    words = (encoded["words"][row], encoded["word_ids"][row]) if head.per_token else None
+    result = heads.get(head.kind).result(head, logits, words)
     if with_logits:
         mask = encoded["batch"]["attention_mask"][row].bool()
-        result["logits"] = (logits[mask] if head.kind == "tagging" else logits).tolist()
+        result["logits"] = (logits[mask] if head.per_token else logits).tolist()
     return result
 
 

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtreg import heads
+from mtreg.artifacts.bundle_dir import write_bundle_files
 from mtreg.artifacts.checkpoint import load_component
-from mtreg.artifacts.manifest import MANIFEST, canonical_json, model_card, subset_manifest
+from mtreg.artifacts.manifest import Manifest, layer_path
 from mtreg.errors import MtregError
 from mtreg.nn.network import MultiTaskModel
 from mtreg.runtime.bundle import LoadedBundle
@@ -47,12 +49,8 @@ def _atomic_folder(out: Path) -> Iterator[Path]:
         raise
 
 
-def _write_bundle_files(source: Path, manifest: dict[str, Any], target: Path) -> None:
-    for relative in manifest["files"]:
-        (target / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / relative, target / relative)
-    (target / "README.md").write_text(model_card(manifest), encoding="utf-8")
-    (target / MANIFEST).write_bytes(canonical_json(manifest))
+def _copy_bundle(source: Path, manifest: Manifest, target: Path) -> None:
+    write_bundle_files(target, manifest, lambda rel, dest: shutil.copyfile(source / rel, dest))
 
 
 def export_dir(bundle: Path, out: Path, tasks: Sequence[str] | None = None) -> Path:
@@ -63,9 +61,9 @@ def export_dir(bundle: Path, out: Path, tasks: Sequence[str] | None = None) -> P
         NotFound: a task the bundle does not hold. MtregError: ``out`` exists.
     """
     loaded = LoadedBundle(bundle, tasks)  # checks every file against the manifest
-    manifest = subset_manifest(loaded.manifest, loaded.tasks)
+    manifest = loaded.manifest.subset(loaded.tasks)
     with _atomic_folder(out) as scratch:
-        _write_bundle_files(loaded.path, manifest, scratch)
+        _copy_bundle(loaded.path, manifest, scratch)
     return Path(out)
 
 
@@ -124,18 +122,18 @@ def export_onnx(
         raise MtregError("ONNX export needs `pip install 'mtreg[onnx]'`") from None
     loaded = LoadedBundle(bundle, tasks)
     names = loaded.tasks
-    manifest = subset_manifest(loaded.manifest, names)
+    manifest = loaded.manifest.subset(names)
     probe = _probe_batch(loaded)
     with torch.no_grad():
         expected = _Graph(loaded.model, names)(*probe.values())
     report: dict[str, Any] = {"outputs": names, "files": ["model.onnx"], "opset": OPSET}
     with _atomic_folder(out) as scratch:
-        _write_bundle_files(loaded.path, manifest, scratch)
+        _copy_bundle(loaded.path, manifest, scratch)
         graph = scratch / "model.onnx"
         axes = {name: {0: "batch", 1: "sequence"} for name in ONNX_INPUTS}
         for name in names:
-            tagging = loaded.info[name].head.kind == "tagging"
-            axes[name] = {0: "batch", 1: "sequence"} if tagging else {0: "batch"}
+            per_token = loaded.info[name].head.per_token
+            axes[name] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
         # The TorchScript exporter: on this model it gives onnxruntime's BERT fusions the
         # graph they expect (measured faster than the dynamo exporter, see bench/serving.py).
         with warnings.catch_warnings():
@@ -206,17 +204,8 @@ def _argmax_agreement(a: Sequence[Any], b: Sequence[Any]) -> float:
     return sum(agree) / len(agree)
 
 
-_HF_CLASSES = {
-    ("bert", False): "BertForSequenceClassification",
-    ("bert", True): "BertForTokenClassification",
-    ("roberta", False): "RobertaForSequenceClassification",
-    ("roberta", True): "RobertaForTokenClassification",
-}
-_PROBLEM_TYPES = {
-    "classification": "single_label_classification",
-    "multilabel": "multi_label_classification",
-    "regression": "regression",
-}
+# transformers' class name prefix per model type: BertFor..., RobertaFor...
+_HF_PREFIXES = {"bert": "Bert", "roberta": "Roberta"}
 
 
 def hf_state_dict(loaded: LoadedBundle, task: str) -> dict[str, torch.Tensor]:
@@ -233,7 +222,7 @@ def hf_state_dict(loaded: LoadedBundle, task: str) -> dict[str, torch.Tensor]:
         if k.startswith("embeddings.")
     }
     for i in range(info.fork_depth):
-        for key, value in load_component(loaded.path / f"trunk/layer_{i:02d}.safetensors").items():
+        for key, value in load_component(loaded.path / layer_path(i)).items():
             tensors[f"{prefix}encoder.layer.{i}.{key}"] = value
     for key, value in branch.items():
         if key.startswith("layers."):
@@ -241,7 +230,7 @@ def hf_state_dict(loaded: LoadedBundle, task: str) -> dict[str, torch.Tensor]:
             tensors[f"{prefix}encoder.layer.{info.fork_depth + int(j)}.{rest}"] = value
     head = {k.removeprefix("head."): v for k, v in branch.items() if k.startswith("head.")}
     pooler = {k.removeprefix("pooler."): v for k, v in branch.items() if k.startswith("pooler.")}
-    if info.head.kind == "tagging":
+    if info.head.per_token:  # no pooler: the classifier reads every token's state
         tensors |= {f"classifier.{k}": v for k, v in head.items()}
     elif model_type == "roberta":
         # RoBERTa's classification head is dense + tanh + out_proj on the first token:
@@ -269,23 +258,22 @@ def export_hf(bundle: Path, out: Path, task: str) -> Path:
     loaded = LoadedBundle(bundle, [task])
     name = loaded.tasks[0]
     info, config = loaded.info[name], loaded.config
-    tagging = info.head.kind == "tagging"
+    kind = heads.get(info.head.kind)
     labels = list(info.head.labels) or ["value"]
     hf_config = {
         **config.to_dict(),
-        "architectures": [_HF_CLASSES[(config.model_type, tagging)]],
-        "num_hidden_layers": info.fork_depth + loaded.manifest["tasks"][name]["num_layers"],
+        "architectures": [f"{_HF_PREFIXES[config.model_type]}For{kind.hf_architecture}"],
+        "num_hidden_layers": info.fork_depth + info.num_layers,
         "id2label": dict(enumerate(labels)),
         "label2id": {label: i for i, label in enumerate(labels)},
         "hidden_dropout_prob": 0.1,
         "attention_probs_dropout_prob": 0.1,
     }
-    if not tagging:
-        hf_config["problem_type"] = _PROBLEM_TYPES[info.head.kind]
+    if kind.hf_problem_type is not None:
+        hf_config["problem_type"] = kind.hf_problem_type
     with _atomic_folder(out) as scratch:
         save_file(hf_state_dict(loaded, name), str(scratch / "model.safetensors"))
         (scratch / "config.json").write_text(json.dumps(hf_config, indent=1) + "\n")
-        for relative in loaded.manifest["files"]:
-            if relative.startswith("tokenizer/"):
-                shutil.copyfile(loaded.path / relative, scratch / Path(relative).name)
+        for relative in loaded.manifest.tokenizer_files:
+            shutil.copyfile(loaded.path / relative, scratch / Path(relative).name)
     return Path(out)

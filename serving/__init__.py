@@ -1,10 +1,12 @@
 """``mtreg serve``: an HTTP server for a bundle, with micro-batching and hot reload.
 
-Modules: :mod:`config` (the server's options), :mod:`requests` (checking and planning a
-request against the bundle), :mod:`inference` (running one mixed-task micro-batch),
-:mod:`batcher` (the bounded queue and the inference thread), :mod:`metrics` (Prometheus),
-:mod:`reload` (loading bundles and following the ``serving`` alias), :mod:`app` (the ASGI
-application) and :mod:`server` (uvicorn, signals, the command's Python entry point).
+Modules: :mod:`config` (the server's options), :mod:`plan` (checking and planning a
+request against the bundle), :mod:`batcher` (the bounded queue and the inference thread,
+which runs mixed-task micro-batches with :meth:`mtreg.runtime.bundle.LoadedBundle.run`),
+:mod:`metrics` (Prometheus), :mod:`reload` (loading bundles and following the ``serving``
+alias), :mod:`schemas` (request and response bodies), :mod:`app` (the ASGI application:
+its routes, state and lifespan) and :mod:`server` (uvicorn, signals, the command's Python
+entry point).
 """
 
 from mtreg.serving.config import ServeConfig

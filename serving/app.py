@@ -13,17 +13,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtreg import __version__
-from mtreg.runtime.inference import run_rows
-from mtreg.serving.batcher import Batcher, Job, QueueFull, Results, ShuttingDown
+from mtreg.runtime.bundle import LoadedBundle
+from mtreg.serving.batcher import Batcher, Pending, QueueFull, Results, ShuttingDown
 from mtreg.serving.config import ServeConfig
 from mtreg.serving.metrics import ServeMetrics
 from mtreg.serving.plan import BadRequest, plan_rows
@@ -43,29 +43,72 @@ ENDPOINTS = {"/v1/predict", "/v1/tasks", "/healthz", "/readyz", "/metrics"}
 
 
 class ServerState:
-    """What the handlers share: the bundle serving now, the batcher, metrics, reloader."""
+    """What the handlers share: the bundle serving now, the batcher, metrics, reloader.
 
-    def __init__(self, config: ServeConfig, served: Served, metrics: ServeMetrics) -> None:
+    With ``registry_factory`` and ``config.bundle`` naming an alias (not a directory),
+    :meth:`start` also starts polling the registry for hot reload.
+    """
+
+    def __init__(
+        self, config: ServeConfig, served: Served, registry_factory: RegistryFactory | None
+    ) -> None:
         self.config = config
         self.served = served
-        self.metrics = metrics
+        self.registry_factory = registry_factory
+        self.metrics = ServeMetrics()
         self.draining = False
         self.started = False
         self.reloader: Reloader | None = None
         self.batcher = Batcher(
-            lambda bundle, rows: run_rows(bundle, rows),
-            metrics,
+            LoadedBundle.run,
+            self.metrics,
             config.max_batch_size,
             config.max_wait_ms,
             config.queue_size,
         )
-        metrics.watch_queue(lambda: self.batcher.depth)
-        metrics.serving(served.id)
+        self.metrics.watch_queue(lambda: self.batcher.depth)
+        self.metrics.serving(served.id)
 
     def swap(self, served: Served) -> None:
         """Serve ``served`` from the next request on (one assignment: atomic)."""
         self.served = served
         self.metrics.serving(served.id)
+
+    def start(self) -> None:
+        """Start the inference thread and, when following an alias, the reloader."""
+        config = self.config
+        self.batcher.start()
+        follow = self.registry_factory is not None and not is_directory_ref(config.bundle)
+        if follow and config.poll_seconds > 0:
+            self.reloader = Reloader(
+                config.bundle,
+                config.tasks,
+                config.backend,
+                self.registry_factory,
+                lambda: self.served,
+                self.swap,
+                self.metrics,
+                config.poll_seconds,
+            )
+            self.reloader.start()
+        self.started = True
+        log.info("serving bundle %s: %s", self.served.id[:12], ", ".join(self.served.bundle.tasks))
+
+    async def stop(self) -> None:
+        """Refuse new work (readiness turns 503), stop the reloader, drain the queue."""
+        self.draining = True
+        if self.reloader is not None:
+            await asyncio.to_thread(self.reloader.stop)
+        await asyncio.to_thread(self.batcher.stop, self.config.drain_seconds)
+        log.info("stopped")
+
+
+def server_state(request: Request) -> ServerState:
+    """Return the state of the app that received ``request`` (a FastAPI dependency)."""
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(server_state)]
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -173,7 +216,7 @@ def _settle(future: asyncio.Future, results: Results | None, error: BaseExceptio
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callable:
-    """Return a Job.done callback that hands the outcome to ``future`` on ``loop``."""
+    """Return a Pending.done callback that hands the outcome to ``future`` on ``loop``."""
 
     def done(results: Results | None, error: BaseException | None) -> None:
         # RuntimeError: the loop closed during shutdown, and nobody is waiting any more.
@@ -181,6 +224,151 @@ def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callabl
             loop.call_soon_threadsafe(_settle, future, results, error)
 
     return done
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run the batcher (and the reloader) while the app runs; drain them at shutdown."""
+    state: ServerState = app.state.server
+    state.start()
+    try:
+        yield
+    finally:
+        await state.stop()
+
+
+async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """Return a 422 problem naming the invalid fields."""
+    return _problem(422, _validation_message(exc))
+
+
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Return an HTTP error (404, 405, ...) as a problem body."""
+    return _problem(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": Problem, "description": "Request body too large."},
+    422: {"model": Problem, "description": "Malformed JSON or a request not fitting "
+          "the bundle (unknown task, bad input, empty or oversized text)."},
+    503: {"model": Problem, "description": "Queue full or shutting down; see Retry-After.",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+}  # fmt: skip
+
+
+async def answer(body: Any, state: ServerState) -> Any:
+    """Plan ``body`` (a request of :func:`request_model`) against the bundle serving now,
+    queue it and wait for its results.
+
+    Returns:
+        The response body, or a problem response: 422 (the request does not fit the
+        bundle), 503 (queue full, shutting down) or 500 (inference failed).
+    """
+    served = state.served  # the bundle this request is admitted to, even across a swap
+    config, metrics = state.config, state.metrics
+    try:
+        rows = plan_rows(served.bundle, body.inputs, body.tasks, config.max_text_chars, body.logits)
+    except BadRequest as exc:
+        return _problem(422, str(exc))
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+    retry = {"Retry-After": str(config.retry_after_s)}
+    try:
+        state.batcher.submit(Pending(served.bundle, rows, _deliver(loop, future)))
+    except QueueFull as exc:
+        metrics.rejected.inc()
+        return _problem(503, str(exc), retry)
+    except ShuttingDown as exc:
+        return _problem(503, str(exc), retry)
+    for task in {t for row in rows for t in row.tasks}:
+        metrics.task_requests.labels(task=task).inc()
+    try:
+        results = await future
+    except ShuttingDown as exc:
+        return _problem(503, str(exc), retry)
+    except RuntimeError as exc:
+        return _problem(500, str(exc))
+    return {"bundle": served.id, "results": results}
+
+
+def predict_router(config: ServeConfig) -> APIRouter:
+    """Return the router of POST /v1/predict.
+
+    Its body is the request model built from ``config``, so that the limits show in the
+    spec and are enforced before a request reaches :func:`answer`; FastAPI reads a body's
+    model from the handler's signature, hence a handler per config.
+    """
+    body_model = request_model(config)
+    router = APIRouter()
+
+    @router.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        summary="Predict tasks for inputs",
+    )
+    async def predict(body: body_model, state: State) -> Any:  # type: ignore[valid-type]
+        """Run the requested tasks (default: every task that reads the input) on each input.
+
+        Requests for different tasks share micro-batches: the trunk runs once per batch, and
+        each branch only on the inputs that asked for it.
+        """
+        return await answer(body, state)
+
+    return router
+
+
+router = APIRouter()
+
+
+@router.get("/v1/tasks", response_model=TasksResponse, summary="The tasks served")
+async def tasks(state: State) -> Any:
+    """Tasks of the bundle serving now: versions, head kinds, labels, inputs."""
+    served = state.served
+    out = [
+        TaskOut(
+            name=info.name,
+            version=info.version,
+            kind=info.head.kind,
+            labels=list(info.head.labels),
+            inputs=list(info.inputs),
+            fork_depth=info.fork_depth,
+            max_length=info.max_length,
+        )
+        for info in served.bundle.info.values()
+    ]
+    return TasksResponse(bundle=served.id, tasks=out)
+
+
+@router.get("/healthz", response_model=Status, summary="Liveness")
+async def healthz() -> Any:
+    """200 while the process answers."""
+    return Status(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Status,
+    responses={503: {"model": Status, "description": "Starting or draining."}},
+    summary="Readiness",
+)
+async def readyz(state: State) -> Any:
+    """200 when a bundle is loaded and the server takes requests; 503 while draining."""
+    if state.draining or not state.started:
+        status = "draining" if state.draining else "starting"
+        return JSONResponse({"status": status, "bundle": state.served.id}, 503)
+    return Status(status="ready", bundle=state.served.id)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    summary="Prometheus metrics",
+)
+async def metrics_text(state: State) -> Response:
+    """Requests, latency, batch sizes, queue depth, per-task counts, reloads."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(
@@ -192,145 +380,19 @@ def create_app(
     app polls the registry every ``config.poll_seconds`` and hot-reloads when it moves.
     The batcher and reloader start and stop with the app's lifespan.
     """
-    metrics = ServeMetrics()
-    state = ServerState(config, served, metrics)
-    predict_request = request_model(config)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.batcher.start()
-        follow = registry_factory is not None and not is_directory_ref(config.bundle)
-        if follow and config.poll_seconds > 0:
-            state.reloader = Reloader(
-                config.bundle,
-                config.tasks,
-                config.backend,
-                registry_factory,
-                lambda: state.served,
-                state.swap,
-                metrics,
-                config.poll_seconds,
-            )
-            state.reloader.start()
-        state.started = True
-        log.info("serving bundle %s: %s", state.served.id[:12], ", ".join(served.bundle.tasks))
-        try:
-            yield
-        finally:
-            state.draining = True
-            if state.reloader is not None:
-                await asyncio.to_thread(state.reloader.stop)
-            await asyncio.to_thread(state.batcher.stop, config.drain_seconds)
-            log.info("stopped")
-
     app = FastAPI(
         title="mtreg serve",
         version=__version__,
         description="One merged multi-task BERT bundle answering every task's requests.",
         lifespan=lifespan,
+        exception_handlers={
+            RequestValidationError: invalid_request,
+            StarletteHTTPException: http_error,
+        },
     )
+    state = ServerState(config, served, registry_factory)
     app.state.server = state
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _problem(422, _validation_message(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _problem(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    errors: dict[int | str, dict[str, Any]] = {
-        413: {"model": Problem, "description": "Request body too large."},
-        422: {"model": Problem, "description": "Malformed JSON or a request not fitting "
-              "the bundle (unknown task, bad input, empty or oversized text)."},
-        503: {"model": Problem, "description": "Queue full or shutting down; see Retry-After.",
-              "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
-    }  # fmt: skip
-
-    @app.post(
-        "/v1/predict",
-        response_model=PredictResponse,
-        responses=errors,
-        summary="Predict tasks for inputs",
-    )
-    async def predict(body: predict_request) -> Any:  # type: ignore[valid-type]
-        """Run the requested tasks (default: every task that reads the input) on each input.
-
-        Requests for different tasks share micro-batches: the trunk runs once per batch, and
-        each branch only on the inputs that asked for it.
-        """
-        served = state.served  # the bundle this request is admitted to, even across a swap
-        try:
-            rows = plan_rows(
-                served.bundle, body.inputs, body.tasks, config.max_text_chars, body.logits
-            )
-        except BadRequest as exc:
-            return _problem(422, str(exc))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-        retry = {"Retry-After": str(config.retry_after_s)}
-        try:
-            state.batcher.submit(Job(served.bundle, rows, _deliver(loop, future)))
-        except QueueFull as exc:
-            metrics.rejected.inc()
-            return _problem(503, str(exc), retry)
-        except ShuttingDown as exc:
-            return _problem(503, str(exc), retry)
-        for task in {t for row in rows for t in row.tasks}:
-            metrics.task_requests.labels(task=task).inc()
-        try:
-            results = await future
-        except ShuttingDown as exc:
-            return _problem(503, str(exc), retry)
-        except RuntimeError as exc:
-            return _problem(500, str(exc))
-        return {"bundle": served.id, "results": results}
-
-    @app.get("/v1/tasks", response_model=TasksResponse, summary="The tasks served")
-    async def tasks() -> Any:
-        """Tasks of the bundle serving now: versions, head kinds, labels, inputs."""
-        served = state.served
-        out = [
-            TaskOut(
-                name=info.name,
-                version=info.version,
-                kind=info.head.kind,
-                labels=list(info.head.labels),
-                inputs=list(info.inputs),
-                fork_depth=info.fork_depth,
-                max_length=info.max_length,
-            )
-            for info in served.bundle.info.values()
-        ]
-        return TasksResponse(bundle=served.id, tasks=out)
-
-    @app.get("/healthz", response_model=Status, summary="Liveness")
-    async def healthz() -> Any:
-        """200 while the process answers."""
-        return Status(status="ok")
-
-    @app.get(
-        "/readyz",
-        response_model=Status,
-        responses={503: {"model": Status, "description": "Starting or draining."}},
-        summary="Readiness",
-    )
-    async def readyz() -> Any:
-        """200 when a bundle is loaded and the server takes requests; 503 while draining."""
-        if state.draining or not state.started:
-            status = "draining" if state.draining else "starting"
-            return JSONResponse({"status": status, "bundle": state.served.id}, 503)
-        return Status(status="ready", bundle=state.served.id)
-
-    @app.get(
-        "/metrics",
-        response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
-        summary="Prometheus metrics",
-    )
-    async def metrics_text() -> Response:
-        """Requests, latency, batch sizes, queue depth, per-task counts, reloads."""
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(predict_router(config))
+    app.include_router(router)
     app.add_middleware(Observe, state=state)
     return app

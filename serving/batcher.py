@@ -1,11 +1,12 @@
-"""Dynamic micro-batching: a bounded queue of jobs and one inference thread.
+"""Dynamic micro-batching: a bounded queue of pending requests and one inference thread.
 
-Each job is one request's rows, admitted against the bundle that was current when it
-arrived. The thread takes the oldest job, waits at most ``max_wait_ms`` (counted from that
-job's arrival) for more to fill ``max_batch_size`` inputs, and runs the jobs that came next
-*for the same bundle* together: after a hot reload the old bundle finishes its jobs before
-the new one starts, and it is freed when the last of them is done. Inference runs outside
-the event loop: torch releases the GIL, so the server keeps accepting requests meanwhile.
+Each :class:`Pending` is one request's rows, admitted against the bundle that was current
+when it arrived. The thread takes the oldest, waits at most ``max_wait_ms`` (counted from
+its arrival) for more to fill ``max_batch_size`` inputs, and runs the requests that came
+next *for the same bundle* together: after a hot reload the old bundle finishes its
+requests before the new one starts, and it is freed when the last of them is done.
+Inference runs outside the event loop: torch releases the GIL, so the server keeps
+accepting requests meanwhile.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mtreg.runtime.inference import Row
 from mtreg.serving.metrics import ServeMetrics
-from mtreg.serving.plan import Row
 
 log = logging.getLogger("mtreg.serving")
 
@@ -37,8 +38,8 @@ class ShuttingDown(Exception):
 
 
 @dataclass(eq=False)
-class Job:
-    """One request's rows and where to deliver its results.
+class Pending:
+    """One queued request: its rows and where to deliver their results.
 
     ``done(results, error)`` is called once, from the inference thread, with either the
     results (one per row) or the exception that stopped them.
@@ -66,8 +67,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
-        self._jobs: deque[Job] = deque()
-        self._queued = 0  # inputs in self._jobs
+        self._pending: deque[Pending] = deque()
+        self._queued = 0  # inputs in self._pending
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="mtreg-inference", daemon=True)
@@ -81,8 +82,8 @@ class Batcher:
         """Start the inference thread."""
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``.
+    def submit(self, pending: Pending) -> None:
+        """Queue ``pending``.
 
         Raises:
             QueueFull: it does not fit in the queue. ShuttingDown: the batcher is stopping.
@@ -90,16 +91,16 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            if self._queued + len(job.rows) > self.queue_size:
+            if self._queued + len(pending.rows) > self.queue_size:
                 raise QueueFull(
                     f"the queue is full ({self._queued} of {self.queue_size} inputs waiting)"
                 )
-            self._jobs.append(job)
-            self._queued += len(job.rows)
+            self._pending.append(pending)
+            self._queued += len(pending.rows)
             self._cond.notify()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, finish the queued ones (for at most ``timeout`` seconds), then
+        """Refuse new requests, finish the queued ones (for at most ``timeout`` seconds), then
         fail whatever is left with ShuttingDown."""
         with self._cond:
             self._stopping = True
@@ -107,34 +108,34 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
         with self._cond:
-            left = list(self._jobs)
-            self._jobs.clear()
+            left = list(self._pending)
+            self._pending.clear()
             self._queued = 0
-        for job in left:
-            job.done(None, ShuttingDown("the server shut down before this request ran"))
+        for pending in left:
+            pending.done(None, ShuttingDown("the server shut down before this request ran"))
 
-    def _take(self) -> list[Job] | None:
-        """Wait for work; return the next batch of jobs, or None once stopped and empty."""
+    def _take(self) -> list[Pending] | None:
+        """Wait for work; return the next batch of requests, or None once stopped and empty."""
         with self._cond:
-            while not self._jobs:
+            while not self._pending:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            first = self._jobs[0]
+            first = self._pending[0]
             deadline = first.arrived + self.max_wait
             while self._queued < self.max_batch_size and not self._stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch = [self._jobs.popleft()]
+            batch = [self._pending.popleft()]
             size = len(first.rows)
-            while self._jobs:
-                job = self._jobs[0]
-                if job.bundle is not first.bundle or size + len(job.rows) > self.max_batch_size:
+            while self._pending:
+                after = self._pending[0]
+                if after.bundle is not first.bundle or size + len(after.rows) > self.max_batch_size:
                     break
-                batch.append(self._jobs.popleft())
-                size += len(job.rows)
+                batch.append(self._pending.popleft())
+                size += len(after.rows)
             self._queued -= size
             return batch
 
@@ -153,33 +154,33 @@ class Batcher:
             self.metrics.batch_size.observe(len(chunk))
         return out
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Pending]) -> None:
         now = time.monotonic()
-        for job in batch:
-            self.metrics.queue_wait.observe(now - job.arrived)
-        rows = [row for job in batch for row in job.rows]
+        for pending in batch:
+            self.metrics.queue_wait.observe(now - pending.arrived)
+        rows = [row for pending in batch for row in pending.rows]
         try:
             results = self._chunks(batch[0].bundle, rows)
         except Exception:
             if len(batch) == 1:
                 self._fail(batch[0])
                 return
-            # One job broke the batch: run each alone so only that one fails.
-            for job in batch:
+            # One request broke the batch: run each alone so only that one fails.
+            for pending in batch:
                 try:
-                    job.done(self._chunks(job.bundle, job.rows), None)
+                    pending.done(self._chunks(pending.bundle, pending.rows), None)
                 except Exception:
-                    self._fail(job)
+                    self._fail(pending)
             return
         start = 0
-        for job in batch:
-            job.done(results[start : start + len(job.rows)], None)
-            start += len(job.rows)
+        for pending in batch:
+            pending.done(results[start : start + len(pending.rows)], None)
+            start += len(pending.rows)
         for row in rows:
             for task in row.tasks:
                 self.metrics.task_inputs.labels(task=task).inc()
 
-    def _fail(self, job: Job) -> None:
-        log.exception("inference failed for a request of %d inputs", len(job.rows))
+    def _fail(self, pending: Pending) -> None:
+        log.exception("inference failed for a request of %d inputs", len(pending.rows))
         self.metrics.failures.inc()
-        job.done(None, RuntimeError("inference failed; see the server log"))
+        pending.done(None, RuntimeError("inference failed; see the server log"))

@@ -9,82 +9,57 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PREFIX = "mtreg_serve_"
 
 
 class ServeMetrics:
-    """The server's counters, histograms and gauges (names start with ``mtreg_serve_``)."""
+    """The server's counters, histograms and gauges (names start with :data:`PREFIX`)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "mtreg_serve_requests",
-            "HTTP requests by endpoint and status.",
-            ["endpoint", "status"],
-            registry=r,
+        http, task = ("endpoint", "status"), ("task",)
+        self.requests = self._counter("requests", "HTTP requests by endpoint and status.", http)
+        self.latency = self._histogram(
+            "request_seconds", "HTTP request latency by endpoint.", LATENCY_BUCKETS, ("endpoint",)
         )
-        self.latency = Histogram(
-            "mtreg_serve_request_seconds",
-            "HTTP request latency by endpoint.",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.task_inputs = self._counter("task_inputs", "Inputs answered, per task.", task)
+        self.task_requests = self._counter(
+            "task_requests", "Predict requests asking for a task.", task
         )
-        self.task_inputs = Counter(
-            "mtreg_serve_task_inputs", "Inputs answered, per task.", ["task"], registry=r
+        self.batch_size = self._histogram("batch_size", "Inputs per micro-batch.", BATCH_BUCKETS)
+        self.batch_seconds = self._histogram(
+            "batch_seconds", "Inference time per micro-batch.", LATENCY_BUCKETS
         )
-        self.task_requests = Counter(
-            "mtreg_serve_task_requests",
-            "Predict requests asking for a task.",
-            ["task"],
-            registry=r,
+        self.queue_wait = self._histogram(
+            "queue_wait_seconds", "Time a request waited before its batch ran.", LATENCY_BUCKETS
         )
-        self.batch_size = Histogram(
-            "mtreg_serve_batch_size",
-            "Inputs per micro-batch.",
-            buckets=BATCH_BUCKETS,
-            registry=r,
+        self.rejected = self._counter(
+            "rejected", "Requests refused with 503 because the queue was full."
         )
-        self.batch_seconds = Histogram(
-            "mtreg_serve_batch_seconds",
-            "Inference time per micro-batch.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.failures = self._counter("inference_failures", "Requests whose inference raised.")
+        self.reloads = self._counter(
+            "reloads", "Hot reload attempts by result (loaded, failed).", ("result",)
         )
-        self.queue_wait = Histogram(
-            "mtreg_serve_queue_wait_seconds",
-            "Time a request waited before its batch ran.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.rejected = Counter(
-            "mtreg_serve_rejected",
-            "Requests refused with 503 because the queue was full.",
-            registry=r,
-        )
-        self.failures = Counter(
-            "mtreg_serve_inference_failures", "Requests whose inference raised.", registry=r
-        )
-        self.reloads = Counter(
-            "mtreg_serve_reloads",
-            "Hot reload attempts by result (loaded, failed).",
-            ["result"],
-            registry=r,
-        )
-        self.reload_failed = Gauge(
-            "mtreg_serve_reload_failed",
+        self.reload_failed = self._gauge(
+            "reload_failed",
             "1 while the alias names a bundle that failed to load (the old one serves).",
-            registry=r,
         )
-        self.poll_errors = Counter(
-            "mtreg_serve_poll_errors", "Registry look-ups of the alias that failed.", registry=r
+        self.poll_errors = self._counter(
+            "poll_errors", "Registry look-ups of the alias that failed."
         )
-        self.bundle = Gauge(
-            "mtreg_serve_bundle", "1 for the bundle being served.", ["bundle"], registry=r
-        )
-        self.queue_depth = Gauge(
-            "mtreg_serve_queue_depth", "Inputs waiting for a batch.", registry=r
-        )
+        self.bundle = self._gauge("bundle", "1 for the bundle being served.", ("bundle",))
+        self.queue_depth = self._gauge("queue_depth", "Inputs waiting for a batch.")
+
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(f"{PREFIX}{name}", doc, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
+    ) -> Histogram:
+        return Histogram(f"{PREFIX}{name}", doc, labels, buckets=buckets, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(f"{PREFIX}{name}", doc, labels, registry=self.registry)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         """Report ``depth()`` as the queue depth at every scrape."""

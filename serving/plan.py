@@ -8,33 +8,22 @@ cannot read (a pair for a one-text task, a missing field), empty or oversized te
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from mtreg.runtime.bundle import LoadedBundle, TaskInfo, input_fields
-
-# What a client sends for one input, once JSON is decoded.
-Item = str | tuple[str, ...] | Mapping[str, str]
+from mtreg.artifacts.manifest import TaskEntry
+from mtreg.runtime.bundle import LoadedBundle, input_fields
+from mtreg.runtime.inference import Input, Row
 
 
 class BadRequest(Exception):
     """A request the bundle cannot answer; ``str(error)`` says why (HTTP 422)."""
 
 
-@dataclass(frozen=True)
-class Row:
-    """One input of a request and the tasks asked of it."""
-
-    item: Item
-    tasks: tuple[str, ...]
-    logits: bool = False
-
-
-def _describe(info: TaskInfo) -> str:
+def _describe(info: TaskEntry) -> str:
     return "one text" if len(info.inputs) == 1 else f"a pair of texts ({', '.join(info.inputs)})"
 
 
-def _texts(item: Item) -> list[str]:
+def _texts(item: Input) -> list[str]:
     if isinstance(item, str):
         return [item]
     if isinstance(item, Mapping):
@@ -82,7 +71,7 @@ def plan_rows(
         asked = tuple(sorted(set(tasks)))
     rows = []
     for index, raw in enumerate(inputs):
-        item: Item = tuple(raw) if isinstance(raw, list) else raw
+        item: Input = tuple(raw) if isinstance(raw, list) else raw
         for position, text in enumerate(_texts(item)):
             check_text(text, f"inputs[{index}][{position}]", max_chars)
         if tasks is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtreg.artifacts.manifest import MANIFEST, bundle_id
+from mtreg.artifacts.manifest import MANIFEST
 from mtreg.runtime.bundle import LoadedBundle
 from mtreg.serving.metrics import ServeMetrics
 
@@ -46,8 +46,7 @@ def _onnx_folder(registry: Registry, source: Path, record_id: str, tasks) -> Pat
     registry home (registry bundles hold torch weights only)."""
     from mtreg.runtime.export import export_onnx
 
-    suffix = "" if tasks is None else "-" + "-".join(sorted(tasks))
-    out = registry.home / "cache" / "onnx" / f"{record_id}{suffix}"
+    out = registry.home.onnx(record_id, tasks)
     if not (out / "model.onnx").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(source, out, tasks=tasks)
@@ -67,11 +66,11 @@ def load_served(
     """
     if is_directory_ref(ref):
         loaded = LoadedBundle(Path(ref), tasks, backend)
-        return Served(loaded, bundle_id(loaded.manifest))
+        return Served(loaded, loaded.manifest.bundle_id)
     if registry is None:
         raise ValueError(f"{ref!r} is not a bundle directory and no registry was given")
     record = registry.bundle(ref)
-    path = registry.bundles_dir / record.id
+    path = registry.home.bundle(record.id)
     if backend in ("onnx", "auto") and not (path / "model.onnx").is_file():
         path = _onnx_folder(registry, path, record.id, tasks)
     return Served(LoadedBundle(path, tasks, backend), record.id)

@@ -1,5 +1,7 @@
 """Shared fixtures: every registry test runs on a real SQLite file and on a real PostgreSQL
-server (a fresh database per test).
+server (a fresh database per test, or databases per module); the process pool running
+``mtreg`` commands (tests/harness.py); the random trunk checkpoints, built once per session;
+and the toy training registry (tests/toy.py).
 
 PostgreSQL comes from ``MTREG_TEST_POSTGRES_URL`` (a role allowed to create databases;
 ``.ci/run`` starts one). Without it the PostgreSQL cases are skipped on a workstation and
@@ -8,15 +10,21 @@ fail under CI (``CI=true``), so a CI run can never pass without them.
 
 from __future__ import annotations
 
+import functools
 import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import sqlalchemy as sa
+from harness import BACKENDS, CliPool, Databases
 
-POSTGRES_ENV = "MTREG_TEST_POSTGRES_URL"
+if TYPE_CHECKING:
+    # torch, transformers and mtreg load when a test first asks for these fixtures, so
+    # that a test module needing none of them starts fast.
+    from factories import Checkpoints
+
+    from mtreg.registry.api import Registry
 
 # The models here are tiny: a second torch thread gains nothing and, on a loaded machine,
 # makes every step wait for a thread that is not scheduled (a test of 9 s took 66 s). Set
@@ -45,28 +53,47 @@ def _no_builtin_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def _postgres_database() -> Iterator[str]:
-    admin_url = os.environ.get(POSTGRES_ENV)
-    if not admin_url:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{POSTGRES_ENV} is not set: CI must test against PostgreSQL")
-        pytest.skip(f"set {POSTGRES_ENV} to run the PostgreSQL cases")
-    name = f"mtreg_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of an empty registry database: a SQLite file, or a new PostgreSQL database."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'registry.db'}"
-    else:
-        yield from _postgres_database()
+        return
+    databases = Databases("postgres", tmp_path)
+    yield databases.new()
+    databases.drop()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def databases(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Databases]:
+    """Databases that live as long as the test module, on SQLite and on PostgreSQL."""
+    dbs = Databases(request.param, tmp_path_factory.mktemp("db"))
+    yield dbs
+    dbs.drop()
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[CliPool]:
+    """One process pool running ``mtreg`` commands per test module."""
+    cli = CliPool()
+    yield cli
+    cli.close()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
+    """The random trunk checkpoints, each built once per session and copied to each test."""
+    from factories import Checkpoints
+
+    return Checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture
+def toy_registry(checkpoints: Checkpoints) -> Callable[..., Registry]:
+    """Return ``open(root, url=None)``, which opens a registry under ``root`` holding trunk
+    ``tiny`` and the toy sentiment plugin (see tests/toy.py)."""
+    from toy import open_toy_registry
+
+    return functools.partial(open_toy_registry, checkpoints)

@@ -1,9 +1,13 @@
 """Tiny real artefacts for tests: random BERT/RoBERTa checkpoint folders written by
-transformers itself, and branch weight files written by mtreg's own writer."""
+transformers itself (built once per session, see :class:`Checkpoints`), and branch weight
+files written by mtreg's own writer."""
 
 from __future__ import annotations
 
+import inspect
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,6 +68,36 @@ def make_checkpoint(
     vocab = {word: index for index, word in enumerate(VOCAB)}
     BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(folder)
     return folder
+
+
+class Checkpoints:
+    """The session's random checkpoints (the ``checkpoints`` fixture): each distinct set of
+    :func:`make_checkpoint` arguments is built once, under ``root``, and copied from there."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[tuple, tuple[Path, torch.Tensor]] = {}
+
+    def shared(self, num_layers: int = 3, **options: Any) -> Path:
+        """Return the folder holding ``make_checkpoint(folder, num_layers, **options)``,
+        building it on first use. Shared by every test: read it, never write into it."""
+        bound = inspect.signature(make_checkpoint).bind(None, num_layers, **options)
+        bound.apply_defaults()
+        key = tuple(bound.arguments.values())[1:]
+        if key not in self._built:
+            folder = make_checkpoint(self.root / str(len(self._built)), num_layers, **options)
+            self._built[key] = (folder, torch.get_rng_state())
+        folder, rng = self._built[key]
+        # A build leaves torch's global generator seeded; leave it as a build would, so that
+        # a test's later random draws do not depend on which test built the checkpoint.
+        torch.set_rng_state(rng)
+        return folder
+
+    def copy(self, folder: Path, num_layers: int = 3, **options: Any) -> Path:
+        """Copy that checkpoint into ``folder`` (created if missing), as
+        ``make_checkpoint(folder, num_layers, **options)`` would write it. Returns ``folder``."""
+        shutil.copytree(self.shared(num_layers, **options), folder, dirs_exist_ok=True)
+        return Path(folder)
 
 
 def random_branch(

@@ -86,6 +86,15 @@ def publish_tasks(
     return files
 
 
+def stamp(url: str, revision: str) -> None:
+    """Write ``revision`` into a database's alembic_version (a database from elsewhere
+    or from the future)."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    engine.dispose()
+
+
 def snapshot(url: str, home: Path) -> dict[str, Any]:
     """Return every row of every table and the sha256 of every file under ``home``.
 

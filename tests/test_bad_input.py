@@ -1,298 +1,36 @@
 """The bad-input matrix: every way a user, a plugin or a file can be wrong, run through the
-real ``mtreg`` command in its own process, on SQLite and on PostgreSQL.
+real ``mtreg`` command in its own process (``harness.CliPool``), on SQLite and on PostgreSQL.
 
 Each case must end with exit code 1, one line on stderr naming the problem, and the
 registry exactly as it was: every table row and the sha256 of every file under MTREG_HOME.
-
-Starting a Python process that imports torch costs 1-2 s, so the cases do not each start
-one: :class:`CliPool` starts one driver process that imports mtreg, torch and transformers
-once, and forks a child per command. The child runs ``mtreg/__main__.py`` exactly as
-``python -m mtreg`` does, with its own environment, argv, stdout, stderr and exit status;
-the crash and concurrency tests use the same pool (forked children die by SIGKILL alone).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
-import signal
-import subprocess
-import sys
 import types
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 import torch
-from factories import corrupt_header, make_branch_file, make_checkpoint, set_tensor
-from helpers import snapshot, write_plugin
+from factories import Checkpoints, corrupt_header, make_branch_file, set_tensor
+from harness import CliPool, Databases
+from helpers import snapshot, stamp, write_plugin
 
 from mtreg.artifacts.checkpoint import Checkpoint, read_checkpoint
 from mtreg.core.spec import HeadSpec
 from mtreg.registry.api import Registry
 from mtreg.registry.store import Store
 
-POSTGRES_ENV = "MTREG_TEST_POSTGRES_URL"
+# Every test runs real mtreg commands in processes of the pool.
+pytestmark = pytest.mark.slow
+
 HEAD = ("classification", ("neg", "pos"))
-
-# -- the process pool ------------------------------------------------------------------------
-
-_DRIVER = r"""
-import json, os, runpy, sys, tempfile, traceback
-
-# Imported once here; every forked child starts with them loaded.
-import torch, transformers, safetensors.torch, sqlalchemy, alembic  # noqa: F401
-import mtreg.cli.main, mtreg.registry.api, mtreg.runtime.bundle, mtreg.plugins.loader  # noqa: F401
-
-
-def run_step(step, out, err):
-    # Runs in the forked child: become `python -m mtreg ARGS` (or run a code snippet).
-    code = 1
-    try:
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        for fd, name in ((1, out), (2, err)):
-            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-        os.environ.clear()
-        os.environ.update(step["env"])
-        os.chdir(step.get("cwd") or "/")
-        if step.get("head"):
-            # Pretend the code is one migration ahead (an outdated-database case).
-            import mtreg.registry.db as db
-            db.head_revision = lambda: step["head"]
-        try:
-            if "code" in step:
-                sys.argv = ["-c"]
-                exec(compile(step["code"], "<step>", "exec"), {"__name__": "__main__"})
-            else:
-                sys.argv = ["mtreg", *step["argv"]]
-                runpy.run_module("mtreg", run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as exc:
-            if exc.code is None or isinstance(exc.code, int):
-                code = exc.code or 0
-            else:
-                print(exc.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-def fork_step(step, scratch, index):
-    out, err = f"{scratch}/{index}.out", f"{scratch}/{index}.err"
-    pid = os.fork()
-    if pid == 0:
-        run_step(step, out, err)
-    return pid, out, err
-
-
-def collect(pid, out, err):
-    _, status = os.waitpid(pid, 0)
-    with open(out) as o, open(err) as e:
-        return {"code": os.waitstatus_to_exitcode(status), "stdout": o.read(), "stderr": e.read()}
-
-
-def run_job(steps, scratch, index):
-    # One job: its steps one after the other, each in its own process; stops at a failure.
-    results = []
-    for number, step in enumerate(steps):
-        result = collect(*fork_step(step, scratch, f"{index}-{number}"))
-        results.append(result)
-        if result["code"] != 0 and not step.get("keep_going"):
-            break
-    return results
-
-
-print("ready", flush=True)
-for line in sys.stdin:
-    jobs = json.loads(line)
-    with tempfile.TemporaryDirectory() as scratch:
-        runners = []
-        for index, steps in enumerate(jobs):
-            sys.stdout.flush()
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    with open(f"{scratch}/{index}.json", "w") as handle:
-                        json.dump(run_job(steps, scratch, index), handle)
-                finally:
-                    os._exit(0)
-            runners.append(pid)
-        for pid in runners:
-            os.waitpid(pid, 0)
-        answers = []
-        for index in range(len(jobs)):
-            with open(f"{scratch}/{index}.json") as handle:
-                answers.append(json.load(handle))
-    print(json.dumps(answers), flush=True)
-"""
-
-
-@dataclass(frozen=True)
-class Result:
-    """How one command ended: exit code (-9 for SIGKILL), stdout, stderr."""
-
-    code: int
-    stdout: str
-    stderr: str
-
-
-@dataclass(frozen=True)
-class Step:
-    """One command: ``mtreg *argv`` (or Python ``code``) in environment ``env``.
-
-    ``head`` makes the child believe the code's newest migration is that revision (used
-    only to present an outdated database); ``keep_going`` runs the job's next step even if
-    this one fails.
-    """
-
-    env: dict[str, str]
-    argv: Sequence[str] = ()
-    code: str | None = None
-    head: str | None = None
-    keep_going: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"env": self.env, "keep_going": self.keep_going}
-        if self.code is not None:
-            data["code"] = self.code
-        else:
-            data["argv"] = list(self.argv)
-        if self.head:
-            data["head"] = self.head
-        return data
-
-
-class CliPool:
-    """A driver process that forks one child per command (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _DRIVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        assert self._read(120) == "ready"
-
-    def _read(self, timeout: float) -> str:
-        assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            self.close()
-            raise TimeoutError(f"mtreg commands still running after {timeout} s (a hang?)")
-        return self.process.stdout.readline().strip()
-
-    def jobs(self, jobs: Sequence[Sequence[Step]], timeout: float = 240) -> list[list[Result]]:
-        """Run every job at once (each a sequence of steps); return their results."""
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps([[s.to_json() for s in job] for job in jobs]) + "\n")
-        self.process.stdin.flush()
-        answers = json.loads(self._read(timeout))
-        return [[Result(**r) for r in job] for job in answers]
-
-    def run(self, env: dict[str, str], *argv: str, **options: Any) -> Result:
-        """Run one ``mtreg`` command and return how it ended."""
-        return self.jobs([[Step(env, argv, **options)]])[0][0]
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[CliPool]:
-    """One driver process per test module."""
-    cli = CliPool()
-    yield cli
-    cli.close()
-
-
-# -- databases that live as long as a module -------------------------------------------------
-
-
-class Databases:
-    """Creates SQLite files or PostgreSQL databases for one module, and drops them after."""
-
-    def __init__(self, kind: str, root: Path) -> None:
-        self.kind, self.root, self.created = kind, root, []
-        self.admin_url = os.environ.get(POSTGRES_ENV)
-        if kind == "postgres" and not self.admin_url:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{POSTGRES_ENV} is not set: CI must test against PostgreSQL")
-            pytest.skip(f"set {POSTGRES_ENV} to run the PostgreSQL cases")
-
-    def new(self) -> str:
-        """Return the URL of a new, empty database."""
-        name = f"mtreg_test_{uuid.uuid4().hex[:12]}"
-        if self.kind == "sqlite":
-            return f"sqlite:///{self.root / (name + '.db')}"
-        admin = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        admin.dispose()
-        self.created.append(name)
-        return sa.engine.make_url(self.admin_url).set(database=name).render_as_string(False)
-
-    def copy(self, url: str) -> str:
-        """Return the URL of a new database holding a copy of database ``url`` (which no
-        connection may be using)."""
-        if self.kind == "sqlite":
-            target = self.new()
-            shutil.copyfile(sa.engine.make_url(url).database, sa.engine.make_url(target).database)
-            return target
-        name, source = f"mtreg_test_{uuid.uuid4().hex[:12]}", sa.engine.make_url(url).database
-        admin = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
-        admin.dispose()
-        self.created.append(name)
-        return sa.engine.make_url(self.admin_url).set(database=name).render_as_string(False)
-
-    def drop(self) -> None:
-        if not self.created:
-            return
-        admin = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            for name in self.created:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
-def databases_fixture(request: pytest.FixtureRequest, tmp: Path) -> Iterator[Databases]:
-    """Body of a module-scoped, backend-parametrised database fixture."""
-    dbs = Databases(request.param, tmp)
-    yield dbs
-    dbs.drop()
-
-
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def databases(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Databases]:
-    yield from databases_fixture(request, tmp_path_factory.mktemp("db"))
-
-
-def stamp(url: str, revision: str) -> None:
-    """Write ``revision`` into a database's alembic_version (a database from elsewhere)."""
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
-    engine.dispose()
 
 
 # -- the registry every case runs against ----------------------------------------------------
@@ -370,9 +108,11 @@ def task(name: str, weights: Path | str, version: str = "1.0.0", head=HEAD, **mo
 
 
 @pytest.fixture(scope="module")
-def world(databases: Databases, tmp_path_factory) -> Iterator[World]:
+def world(
+    databases: Databases, checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("world")
-    trunk_dir = make_checkpoint(tmp / "trunk", num_layers=3, seed=0)
+    trunk_dir = checkpoints.copy(tmp / "trunk", num_layers=3, seed=0)
     w = World(tmp, databases.new(), read_checkpoint(trunk_dir), trunk_dir, databases)
     CHECKPOINT_PREFIX.update({d: w.checkpoint.fingerprint.prefix(d) for d in range(4)})
     weights = w.branch("sentiment-1.0.0.safetensors", task="sentiment")

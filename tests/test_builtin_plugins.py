@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from mtreg.core.env import DATA_DIR_ENV, using_data_dir
 from mtreg.errors import MtregError
 from mtreg.plugins import glue, intent, loader, readers
 from mtreg.plugins.loader import discover
-from mtreg.plugins.readers import DATA_ENV, MissingSplit
+from mtreg.plugins.readers import MissingSplit
 from mtreg.training.metrics import METRICS
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -25,7 +26,7 @@ ALL_TASKS = {spec.name: spec for spec in [*glue.tasks(), *intent.tasks()]}
 
 
 def _shared_data() -> Path | None:
-    configured = os.environ.get(DATA_ENV)
+    configured = os.environ.get(DATA_DIR_ENV)
     for candidate in (Path(configured) if configured else None, REPO_DATA):
         if candidate is not None and (candidate / "glue" / "CoLA" / "train.tsv").is_file():
             return candidate
@@ -39,8 +40,8 @@ SHARED = _shared_data()
 def shared(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point MTREG_DATA_DIR at the real shared data, or skip."""
     if SHARED is None:
-        pytest.skip(f"shared data not found ({DATA_ENV} unset and {REPO_DATA} absent)")
-    monkeypatch.setenv(DATA_ENV, str(SHARED))
+        pytest.skip(f"shared data not found ({DATA_DIR_ENV} unset and {REPO_DATA} absent)")
+    monkeypatch.setenv(DATA_DIR_ENV, str(SHARED))
     return SHARED
 
 
@@ -206,7 +207,7 @@ def write(root: Path, relative: str, text: str) -> Path:
 
 @pytest.fixture
 def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     return tmp_path
 
 
@@ -265,18 +266,19 @@ def test_missing_file_names_the_path_and_the_variable(data: Path) -> None:
     with pytest.raises(MtregError) as caught:
         load("rte", "train")
     message = str(caught.value)
-    assert str(data / "glue" / "RTE" / "train.tsv") in message and DATA_ENV in message
+    assert str(data / "glue" / "RTE" / "train.tsv") in message and DATA_DIR_ENV in message
 
 
 def test_unset_or_missing_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     with pytest.raises(MtregError, match="--data-dir"):
         load("sst2", "train")
-    monkeypatch.setenv(DATA_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(MtregError, match="does not exist"):
         load("sst2", "train")
-    assert readers.use_data_dir(tmp_path) == tmp_path.resolve()
-    assert os.environ[DATA_ENV] == str(tmp_path.resolve())
+    with using_data_dir(tmp_path) as folder:
+        assert folder == tmp_path.resolve()
+        assert os.environ[DATA_DIR_ENV] == str(tmp_path.resolve())
 
 
 @pytest.mark.parametrize(

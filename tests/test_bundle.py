@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import make_checkpoint
+from factories import Checkpoints
 from helpers import publish_tasks
 
 import mtreg
@@ -21,6 +21,7 @@ from mtreg.nn.network import Standalone, Trunk
 from mtreg.registry.api import Registry
 from mtreg.runtime.bundle import load_bundle
 from mtreg.runtime.export import export_dir, export_hf, export_onnx
+from mtreg.runtime.inference import Row
 
 # (task, head, fork depth, branch layers, inputs): forks at 0, 2 and 4 (the last layer).
 TASKS = [
@@ -34,9 +35,9 @@ TEXTS = ["the movie was great", "i want a refund for my order now", "what"]
 
 
 class Setup:
-    def __init__(self, tmp: Path, model_type: str = "bert") -> None:
+    def __init__(self, tmp: Path, checkpoints: Checkpoints, model_type: str = "bert") -> None:
         self.tmp = tmp
-        self.folder = make_checkpoint(tmp / "trunk", num_layers=4, model_type=model_type)
+        self.folder = checkpoints.copy(tmp / "trunk", num_layers=4, model_type=model_type)
         self.checkpoint = read_checkpoint(self.folder)
         self.registry = Registry(url=f"sqlite:///{tmp / 'r.db'}", home=tmp / "home")
         self.registry.plugins_dirs = (tmp / "plugins",)
@@ -62,8 +63,8 @@ class Setup:
 
 
 @pytest.fixture
-def setup(tmp_path: Path):
-    s = Setup(tmp_path)
+def setup(tmp_path: Path, checkpoints: Checkpoints):
+    s = Setup(tmp_path, checkpoints)
     s.publish()
     s.registry.register(all=True)
     yield s
@@ -145,6 +146,47 @@ def test_batches_do_not_change_answers(setup: Setup) -> None:
         assert a["sentiment"]["score"] == pytest.approx(b["sentiment"]["score"], abs=1e-5)
 
 
+def _close(a: object, b: object, tol: float = 1e-5) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return a == pytest.approx(b, abs=tol)
+    return a == b
+
+
+def test_rows_asking_for_different_tasks_get_what_predict_gives_each(setup: Setup) -> None:
+    bundle = load_bundle(setup.registry.bundle_path("latest"))
+    rows = [
+        Row(TEXTS[0], ("sentiment",)),
+        Row(TEXTS[1], ("slots", "topics"), logits=True),
+        Row((TEXTS[0], TEXTS[2]), ("paraphrase",), logits=True),
+        Row(TEXTS[2], ("score", "sentiment", "slots", "topics"), logits=True),
+        Row({"text": TEXTS[1]}, ("score",)),
+    ]
+    answers = bundle.run(rows)
+    for row, answer in zip(rows, answers, strict=True):
+        assert list(answer) == sorted(row.tasks)
+        expected = bundle.predict([row.item], tasks=row.tasks, with_logits=row.logits)[0]
+        assert _close(answer, expected), row
+    logits, encoded = bundle.logits(TEXTS, ["slots"])["slots"]
+    assert logits.shape[:2] == encoded["batch"]["input_ids"].shape
+
+
+def test_a_branch_runs_only_on_the_rows_that_ask_for_it(setup: Setup) -> None:
+    bundle = load_bundle(setup.registry.bundle_path("latest"))
+    batch = _inputs(bundle, "sentiment")
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    model = bundle.model
+    with torch.no_grad():
+        every = model(*args, tasks=["sentiment", "slots"])
+        some = model(*args, tasks=["sentiment", "slots"], rows={"sentiment": [0, 2]})
+    assert torch.equal(some["slots"], every["slots"])  # no rows given: every row
+    assert torch.equal(some["sentiment"][1], torch.zeros_like(some["sentiment"][1]))
+    assert torch.allclose(some["sentiment"][[0, 2]], every["sentiment"][[0, 2]], atol=1e-6)
+
+
 def test_export_dir_holds_only_the_chosen_tasks(setup: Setup, tmp_path: Path) -> None:
     source = setup.registry.bundle_path("latest")
     out = export_dir(source, tmp_path / "small", tasks=["topics", "sentiment"])
@@ -162,6 +204,7 @@ def test_export_dir_holds_only_the_chosen_tasks(setup: Setup, tmp_path: Path) ->
         export_dir(source, out)
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_torch(setup: Setup, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     import onnxruntime
@@ -199,11 +242,11 @@ def test_onnx_export_matches_torch(setup: Setup, tmp_path: Path) -> None:
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 @pytest.mark.parametrize("task", ["sentiment", "topics", "score", "slots"])
 def test_hf_export_loads_in_transformers_with_the_same_logits(
-    tmp_path: Path, model_type: str, task: str
+    tmp_path: Path, checkpoints: Checkpoints, model_type: str, task: str
 ) -> None:
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    s = Setup(tmp_path, model_type)
+    s = Setup(tmp_path, checkpoints, model_type)
     s.publish([t for t in TASKS if t[0] == task])
     s.registry.register([task])
     out = export_hf(s.registry.bundle_path("latest"), tmp_path / "hf", task)
@@ -227,10 +270,12 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(
     s.registry.close()
 
 
-def test_a_deeper_fork_brings_the_trunks_own_layers(tmp_path: Path) -> None:
+def test_a_deeper_fork_brings_the_trunks_own_layers(
+    tmp_path: Path, checkpoints: Checkpoints
+) -> None:
     """Regression test for the reference code's bug: the newly needed trunk layers were
     left random when a deeper branch arrived."""
-    s = Setup(tmp_path)
+    s = Setup(tmp_path, checkpoints)
     s.publish([TASKS[1]])  # forks at 0: the bundle has no trunk layers
     s.registry.register(all=True)
     assert not (s.registry.bundle_path("latest") / "trunk/layer_00.safetensors").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from factories import make_branch_file, make_checkpoint
+from factories import Checkpoints, make_branch_file
 from helpers import snapshot, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
@@ -22,9 +22,9 @@ HEAD = ("classification", ("neg", "pos"))
 
 
 @pytest.fixture
-def env(tmp_path: Path, db_url: str) -> dict[str, str]:
+def env(tmp_path: Path, db_url: str, checkpoints: Checkpoints) -> dict[str, str]:
     """Environment for a registry in tmp_path with a tiny trunk folder and a plugin dir."""
-    trunk = make_checkpoint(tmp_path / "trunk", num_layers=3, seed=0)
+    trunk = checkpoints.copy(tmp_path / "trunk", num_layers=3, seed=0)
     checkpoint = read_checkpoint(trunk)
     plugins = tmp_path / "plugins"
     for version, seed in (("1.0.0", 0), ("1.1.0", 1)):
@@ -139,6 +139,7 @@ def _subprocess(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_real_subprocess_register_and_error(env: dict[str, str]) -> None:
     assert _subprocess(env, "trunk", "add", "tiny", env["TRUNK"]).returncode == 0
     done = _subprocess(env, "register", "sentiment", "--json")
@@ -173,6 +174,7 @@ def test_listing_does_not_import_torch(env: dict[str, str]) -> None:
     assert json.loads(result.stdout) == []
 
 
+@pytest.mark.slow
 def test_predict_and_export_in_real_subprocesses(env: dict[str, str]) -> None:
     run(env, "trunk", "add", "tiny", env["TRUNK"])
     run(env, "register", "sentiment", "--promote")

@@ -1,24 +1,25 @@
 """Several processes writing at once, on SQLite and on PostgreSQL: no lost update, every
 version recorded, the final bundle holds every task's newest version, and a reader loading
 ``serving`` all along never sees a partial bundle. The processes are forked children of one
-driver (see ``test_bad_input.CliPool``), each running the real ``mtreg`` command."""
+driver (see ``harness.CliPool``), each running the real ``mtreg`` command."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from factories import make_branch_file, make_checkpoint
+from factories import Checkpoints, make_branch_file
+from harness import CliPool, Databases, Step, registry_state
 from helpers import write_plugin
-from test_bad_input import BACKENDS, CliPool, Databases, Step
-from test_crashes import registry_state
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.core.spec import HeadSpec
 from mtreg.registry.api import Registry
+
+# Every test runs real mtreg commands in processes of the pool.
+pytestmark = pytest.mark.slow
 
 HEAD = ("classification", ("neg", "pos"))
 WRITERS = 4
@@ -35,7 +36,7 @@ with Registry() as registry:
     while time.monotonic() < deadline and seen != want:
         # Checks every file of the bundle against its manifest while loading it.
         bundle = load_bundle("serving", registry=registry)
-        seen = {name: task["version"] for name, task in bundle.manifest["tasks"].items()}
+        seen = {name: task.version for name, task in bundle.manifest.tasks.items()}
         loads += 1
 print(json.dumps({"loads": loads, "seen": seen}))
 sys.exit(0 if seen == want else 1)
@@ -43,22 +44,9 @@ sys.exit(0 if seen == want else 1)
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[CliPool]:
-    cli = CliPool()
-    yield cli
-    cli.close()
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def databases(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Databases]:
-    dbs = Databases(request.param, tmp_path_factory.mktemp("db"))
-    yield dbs
-    dbs.drop()
-
-
-@pytest.fixture(scope="module")
-def trunk(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("trunk") / "tiny", num_layers=3, seed=0)
+def trunk(checkpoints: Checkpoints) -> Path:
+    """The trunk's folder, shared: the tests only read it."""
+    return checkpoints.shared(num_layers=3, seed=0)
 
 
 def _env(url: str, home: Path, plugins: Path | str = "") -> dict[str, str]:

@@ -5,7 +5,7 @@ After each kill: the served bundle is still whole and still the one served befor
 the kill came after the commit), the database is consistent, and running the interrupted
 command again succeeds; after it and a ``gc`` the registry is exactly where an uninterrupted
 run leaves it, with no leftover anywhere. The commands run in forked children of one driver
-process (see ``test_bad_input.CliPool``); every scenario has its own registry, so they all
+process (see ``harness.CliPool``); every scenario has its own registry, so they all
 run at once.
 """
 
@@ -19,78 +19,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from factories import make_branch_file, make_checkpoint
+from factories import Checkpoints, make_branch_file
+from harness import CliPool, Databases, Result, Step, registry_state
 from helpers import write_plugin
-from test_bad_input import BACKENDS, CliPool, Databases, Result, Step
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.core import faults
+from mtreg.core.env import FAULT_ENV
 from mtreg.core.spec import HeadSpec
 from mtreg.registry.api import Registry
 
 HEAD = ("classification", ("neg", "pos"))
-
-
-def registry_state(url: str, home: str) -> dict[str, Any]:
-    """Check a registry's consistency and return a summary of what it holds.
-
-    Runs in the test and, right after a crash, in a child process (its source is sent as
-    a code step), so it imports what it needs itself.
-
-    Raises:
-        AssertionError: an alias without a whole bundle, a bundle whose files do not match
-            its manifest, a task version or trunk without its object, or a schema that
-            does not match the code.
-    """
-    import hashlib
-    from pathlib import Path
-
-    from mtreg.artifacts.manifest import bundle_id, read_manifest
-    from mtreg.artifacts.objects import sha256_file
-    from mtreg.registry import db
-    from mtreg.registry.api import Registry
-
-    with Registry(url=url, home=home) as registry:
-        assert db.schema_state(registry.store.engine) == "current"
-        assert db.check(registry.store.engine) == []
-        bundles = registry.bundles()
-        for bundle in bundles:
-            root = registry.bundles_dir / bundle.id
-            manifest = read_manifest(root / "manifest.json")
-            assert bundle_id(manifest) == bundle.id == bundle_id(bundle.manifest)
-            for relative, sha in manifest["files"].items():
-                assert sha256_file(root / relative) == sha, f"{bundle.id}/{relative}"
-        tasks = registry.tasks(include_removed=True)
-        versions = {t.name: [v.version for v in registry.versions(t.name)] for t in tasks}
-        needed = set()
-        for t in tasks:
-            needed |= {v.weights_sha256 for v in registry.versions(t.name)}
-        for trunk in registry.trunks():
-            needed |= {trunk.objects["embeddings"], *trunk.objects["layers"]}
-            needed |= set(trunk.objects["tokenizer"].values())
-            needed |= {trunk.objects["pooler"]} - {None}
-        stored = set(registry.objects.list())
-        assert needed <= stored, f"objects missing: {sorted(needed - stored)}"
-        listing = sorted(p.name for p in Path(registry.bundles_dir).glob("*"))
-        incoming = sorted(p.name for p in Path(registry.objects.root).glob(".incoming-*"))
-        return {
-            "aliases": {a: b.id for b in bundles for a in b.aliases},
-            "bundles": sorted(b.id for b in bundles),
-            "active": {t.name: t.active_version for t in tasks},
-            "versions": versions,
-            "trunks": sorted(t.name for t in registry.trunks()),
-            "directories": listing,
-            "objects": sorted(stored),
-            "unreferenced": sorted(stored - needed),
-            "incoming": incoming,
-            "hash": hashlib.sha256(str(sorted(stored)).encode()).hexdigest(),
-        }
 
 
 CHECK = (
@@ -180,10 +123,10 @@ def test_every_fault_point_is_exercised() -> None:
 class Lab:
     """Builds one registry per (scenario, fault point) from shared weight files."""
 
-    def __init__(self, root: Path, databases: Databases) -> None:
+    def __init__(self, root: Path, databases: Databases, checkpoints: Checkpoints) -> None:
         self.root, self.databases = root, databases
         self.built: dict[str, tuple[str, Path]] = {}
-        self.trunk = make_checkpoint(root / "trunk", num_layers=3, seed=0)
+        self.trunk = checkpoints.copy(root / "trunk", num_layers=3, seed=0)
         checkpoint = read_checkpoint(self.trunk)
         self.weights = {}
         for key, depth, seed in (("sentiment:1.0.0", 2, 0), ("sentiment:1.1.0", 2, 1)):
@@ -247,17 +190,10 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[CliPool]:
-    cli = CliPool()
-    yield cli
-    cli.close()
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def lab(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Lab]:
-    databases = Databases(request.param, tmp_path_factory.mktemp("db"))
-    yield Lab(tmp_path_factory.mktemp("lab"), databases)
-    databases.drop()
+def lab(
+    databases: Databases, checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory
+) -> Lab:
+    return Lab(tmp_path_factory.mktemp("lab"), databases, checkpoints)
 
 
 def _steps(scenario: Scenario, env: dict[str, str], point: str | None, trunk: Path) -> list[Step]:
@@ -265,13 +201,14 @@ def _steps(scenario: Scenario, env: dict[str, str], point: str | None, trunk: Pa
     steps = []
     if point is not None:
         steps += [
-            Step({**env, faults.ENV: point}, argv, keep_going=True),
+            Step({**env, FAULT_ENV: point}, argv, keep_going=True),
             Step(env, code=CHECK),  # right after the crash: consistent, bundles whole
             Step(env, ("list",)),  # the next command works
         ]
     return [*steps, Step(env, argv), Step(env, ("gc", "--json"))]
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_fault_point_leaves_a_working_registry(pool: CliPool, lab: Lab) -> None:
     runs: dict[tuple[str, str | None], tuple[dict[str, str], list[Step]]] = {}
     for scenario in SCENARIOS:
@@ -321,6 +258,7 @@ def test_sigkill_at_every_fault_point_leaves_a_working_registry(pool: CliPool, l
     assert survived == sum(len(s.points) for s in SCENARIOS)
 
 
+@pytest.mark.slow
 def test_gc_never_deletes_a_bundle_rebuilt_while_it_ran(pool: CliPool, lab: Lab) -> None:
     """gc stopped between its commit and its file deletion while a rollback rebuilds the
     very bundle gc doomed (bundles are content-addressed): the bundle must survive."""
@@ -331,7 +269,7 @@ def test_gc_never_deletes_a_bundle_rebuilt_while_it_ran(pool: CliPool, lab: Lab)
     assert pool.run(env, "alias", "set", "serving", "latest").code == 0  # old bundle unaliased
     gc = subprocess.Popen(
         [sys.executable, "-m", "mtreg", "gc", "--json"],
-        env={**env, faults.ENV: "gc.after_commit:stop"},
+        env={**env, FAULT_ENV: "gc.after_commit:stop"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -366,7 +304,7 @@ def test_a_refused_write_undoes_its_files_while_holding_the_lock(tmp_path: Path)
     writer may already have linked the same object or bundle directory."""
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry(url=url, home=tmp_path / "home")
-    registry.home.mkdir(parents=True)
+    registry.home.root.mkdir(parents=True)
     source = tmp_path / "blob"
     source.write_bytes(b"x" * 100)
     seen = []
@@ -387,7 +325,7 @@ def test_a_refused_write_undoes_its_files_while_holding_the_lock(tmp_path: Path)
 
     registry.objects.discard = discard  # type: ignore[method-assign]
     with pytest.raises(RuntimeError), registry._writing() as write:
-        registry._put_object(source, write)
+        write.put_object(source)
         raise RuntimeError("refused")
     registry.close()
     assert seen == ["locked"]

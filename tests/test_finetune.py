@@ -9,20 +9,21 @@ from pathlib import Path
 import finetune as ft
 import pytest
 import torch
-from test_train import FAST, toy_registry
+from toy import FAST, OpenRegistry
 
 from mtreg.errors import MtregError
 from mtreg.registry.api import Registry
 from mtreg.training import loop as tr
-from mtreg.training.job import Job, Settings, compute_hidden, prepare
+from mtreg.training.job import Job, compute_hidden, prepare
 from mtreg.training.loop import Recipe, Split
+from mtreg.training.settings import Settings
 from mtreg.training.stages import teacher_branch
 
 SETTINGS = Settings(**{**FAST.__dict__, "epochs": 8, "patience": 3})
 
 
 @pytest.fixture
-def job(tmp_path: Path):
+def job(toy_registry: OpenRegistry, tmp_path: Path):
     with toy_registry(tmp_path) as registry:
         yield prepare(registry, "toy", SETTINGS)
 
@@ -31,6 +32,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_full_finetuning_learns_the_toy_task_and_trains_every_weight(job: Job) -> None:
     before = ft.full_model(job)
     start = _state(before)
@@ -152,7 +154,7 @@ def test_search_picks_the_best_rate_and_a_tie_goes_to_the_lower(
         ft.search(job, ())
 
 
-def test_finetune_task_prepares_like_onboard(tmp_path: Path) -> None:
+def test_finetune_task_prepares_like_onboard(toy_registry: OpenRegistry, tmp_path: Path) -> None:
     with toy_registry(tmp_path) as registry:
         assert isinstance(registry, Registry)
         runs, best = ft.finetune_task(registry, "toy", SETTINGS, lrs=(3e-3,), epochs=3)

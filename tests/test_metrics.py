@@ -34,7 +34,8 @@ def test_regression_metrics_with_ties() -> None:
 
 def test_a_regression_head_with_several_outputs_scores_each_and_averages() -> None:
     from mtreg.core.spec import HeadSpec
-    from mtreg.training.loop import decode, score
+    from mtreg.heads import get
+    from mtreg.training.loop import score
 
     # Output "a" is predicted perfectly, output "b" exactly backwards.
     predictions = [[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]
@@ -44,10 +45,10 @@ def test_a_regression_head_with_several_outputs_scores_each_and_averages() -> No
     assert scores["neg_mse"] == pytest.approx(-(4 + 0 + 4) / 6)
     head = HeadSpec(kind="regression", labels=("a", "b"))
     logits = [torch.tensor(row) for row in predictions]
-    assert decode(head, logits, references) == (predictions, references)
+    assert get(head.kind).decode(head, logits, references) == (predictions, references)
     assert score(head, logits, references, ["pearson"]) == {"pearson": pytest.approx(0.0)}
     one = HeadSpec(kind="regression")
-    assert decode(one, [torch.tensor([0.5])], [[1.0]]) == ([0.5], [1.0])
+    assert get(one.kind).decode(one, [torch.tensor([0.5])], [[1.0]]) == ([0.5], [1.0])
 
 
 def test_multilabel_and_tagging() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from factories import make_checkpoint
+from factories import Checkpoints
+from helpers import stamp
 
 from mtreg.errors import DatabaseError
 from mtreg.registry import db
@@ -42,9 +43,9 @@ def test_every_revision_upgrades_to_head_keeping_rows(db_url: str, tmp_path, rev
     engine.dispose()
 
 
-def test_downgrade_to_base_and_back(db_url: str, tmp_path) -> None:
+def test_downgrade_to_base_and_back(db_url: str, tmp_path, checkpoints: Checkpoints) -> None:
     with Registry(url=db_url, home=tmp_path / "home") as registry:
-        registry.add_trunk("tiny", make_checkpoint(tmp_path / "trunk", 2))
+        registry.add_trunk("tiny", checkpoints.copy(tmp_path / "trunk", 2))
     engine = db.make_engine(db_url)
     for revision in reversed(["base", *db.known_revisions()[:-1]]):
         db.downgrade(engine, revision)
@@ -55,16 +56,9 @@ def test_downgrade_to_base_and_back(db_url: str, tmp_path) -> None:
     engine.dispose()
 
 
-def _stamp(url: str, revision: str) -> None:
-    engine = db.make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
-    engine.dispose()
-
-
 def test_a_database_newer_than_the_code_is_refused(db_url: str) -> None:
     Store(db_url).close()
-    _stamp(db_url, "9999_from_the_future")
+    stamp(db_url, "9999_from_the_future")
     with pytest.raises(DatabaseError, match="newer mtreg"):
         Store(db_url)
     engine = db.make_engine(db_url)

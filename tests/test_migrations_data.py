@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from factories import make_branch_file, make_checkpoint
+from factories import Checkpoints, make_branch_file
 from helpers import write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
@@ -57,9 +57,9 @@ def _offer(plugins: Path, tmp: Path, checkpoint, version: str, seed: int) -> Non
 
 @pytest.mark.parametrize("revision", db.known_revisions())
 def test_every_revision_round_trips_a_full_registry(
-    db_url: str, tmp_path: Path, revision: str
+    db_url: str, tmp_path: Path, checkpoints: Checkpoints, revision: str
 ) -> None:
-    trunk = make_checkpoint(tmp_path / "trunk", num_layers=3)
+    trunk = checkpoints.copy(tmp_path / "trunk", num_layers=3)
     checkpoint, plugins = read_checkpoint(trunk), tmp_path / "plugins"
     with Registry(url=db_url, home=tmp_path / "home", plugins_dirs=[plugins]) as registry:
         registry.add_trunk("tiny", trunk)

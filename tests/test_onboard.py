@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_train import FAST, toy_registry
+from toy import FAST, FLAGS, OpenRegistry
 
 from mtreg.artifacts.branch_file import read_branch
 from mtreg.artifacts.config import TrunkConfig
@@ -17,16 +17,14 @@ from mtreg.cli.main import cli
 from mtreg.errors import MtregError, NotFound
 from mtreg.registry.api import Registry
 from mtreg.training import stages
-from mtreg.training.job import Settings, auto_epochs, default_teacher_layers, parse_range
 from mtreg.training.onboard import distill_task, onboard
+from mtreg.training.settings import Settings, auto_epochs, default_teacher_layers, parse_range
 from mtreg.training.stages import threshold
 
-FLAGS = ["--search", "2..2", "--lr", "3e-3", "--student-lr", "3e-3", "--epochs", "6"]
-FLAGS += ["--batch-size", "16", "--patience", "0"]
 
-
+@pytest.mark.slow
 def test_onboard_through_the_cli_registers_the_task_and_builds_a_bundle(
-    tmp_path: Path, db_url: str
+    toy_registry: OpenRegistry, tmp_path: Path, db_url: str
 ) -> None:
     registry = toy_registry(tmp_path, db_url)
     registry.close()
@@ -53,8 +51,9 @@ def test_onboard_through_the_cli_registers_the_task_and_builds_a_bundle(
     assert "chosen:" in again.output and "budget:" in again.output
 
 
+@pytest.mark.slow
 def test_a_killed_onboarding_resumes_at_the_run_it_reached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    toy_registry: OpenRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry = toy_registry(tmp_path)
     settings = Settings(**{**FAST.__dict__, "teacher_layers": (2, 3), "epochs": 3})
@@ -77,7 +76,8 @@ def test_a_killed_onboarding_resumes_at_the_run_it_reached(
     registry.close()
 
 
-def test_train_then_distill_through_the_cli(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_train_then_distill_through_the_cli(toy_registry: OpenRegistry, tmp_path: Path) -> None:
     toy_registry(tmp_path).close()
     base = ["--db", f"sqlite:///{tmp_path / 'registry.db'}", "--home", str(tmp_path / "home")]
     base += ["--plugins-dir", str(tmp_path / "plugins")]
@@ -112,14 +112,14 @@ def test_train_then_distill_through_the_cli(tmp_path: Path) -> None:
     ],
 )
 def test_user_errors_are_one_line_mtreg_errors(
-    tmp_path: Path, task: str, error: type, message: str
+    toy_registry: OpenRegistry, tmp_path: Path, task: str, error: type, message: str
 ) -> None:
     with toy_registry(tmp_path) as registry, pytest.raises(error, match=message) as info:
         onboard(registry, task, FAST)
     assert "\n" not in str(info.value)
 
 
-def test_cli_errors_exit_1_with_one_line(tmp_path: Path) -> None:
+def test_cli_errors_exit_1_with_one_line(toy_registry: OpenRegistry, tmp_path: Path) -> None:
     toy_registry(tmp_path).close()
     base = ["--db", f"sqlite:///{tmp_path / 'registry.db'}", "--home", str(tmp_path / "home")]
     base += ["--plugins-dir", str(tmp_path / "plugins")]
@@ -130,7 +130,9 @@ def test_cli_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "invalid range" in bad.output
 
 
-def test_a_home_without_the_trunk_objects_is_a_one_line_error(tmp_path: Path) -> None:
+def test_a_home_without_the_trunk_objects_is_a_one_line_error(
+    toy_registry: OpenRegistry, tmp_path: Path
+) -> None:
     toy_registry(tmp_path).close()
     base = ["--db", f"sqlite:///{tmp_path / 'registry.db'}", "--plugins-dir"]
     base += [str(tmp_path / "plugins")]
@@ -152,7 +154,10 @@ def test_settings_helpers() -> None:
         Settings(tolerance=1.5).check()
 
 
-def test_onboard_trains_no_student_larger_than_the_first_good_enough_one(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_onboard_trains_no_student_larger_than_the_first_good_enough_one(
+    toy_registry: OpenRegistry, tmp_path: Path
+) -> None:
     wide = replace(FAST, teacher_layers=(3,), student_layers=(1, 2), tolerance=0.5)
     with toy_registry(tmp_path) as registry:
         report = onboard(registry, "toy", wide, register=False)

@@ -21,16 +21,16 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import make_checkpoint
+from factories import Checkpoints
 
 import mtreg
 from mtreg.artifacts.branch_file import read_branch
 from mtreg.artifacts.config import TrunkConfig
 from mtreg.cli.main import cli
+from mtreg.heads.tagging import tag_spans
 from mtreg.registry.api import Registry
 from mtreg.runtime.bundle import LoadedBundle
 from mtreg.training import metrics
-from mtreg.training.data import tag_spans
 
 PLUGIN = textwrap.dedent(
     '''
@@ -117,10 +117,10 @@ FLAGS = ["--search", "2..2", "--lr", "3e-3", "--student-lr", "3e-3", "--epochs",
 FLAGS += ["--batch-size", "16", "--patience", "0", "--device", "cpu", "--json"]
 
 
-def kinds_registry(root: Path) -> tuple[list[str], Registry]:
+def kinds_registry(root: Path, checkpoints: Checkpoints) -> tuple[list[str], Registry]:
     """Write trunk ``tiny`` (3 random layers) and the plugin above; return the CLI's global
     options for that registry and the registry itself."""
-    make_checkpoint(root / "ckpt", num_layers=3, seed=0)
+    checkpoints.copy(root / "ckpt", num_layers=3, seed=0)
     (root / "plugins").mkdir()
     (root / "plugins" / "kinds.py").write_text(PLUGIN)
     url = f"sqlite:///{root / 'registry.db'}"
@@ -247,8 +247,11 @@ def check_logits_shape(kind: Kind, bundle: LoadedBundle, texts: list[str]) -> No
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=[k.kind for k in KINDS])
-def test_onboard_trains_registers_and_serves_each_head_kind(tmp_path: Path, kind: Kind) -> None:
-    options, registry = kinds_registry(tmp_path)
+@pytest.mark.slow
+def test_onboard_trains_registers_and_serves_each_head_kind(
+    tmp_path: Path, checkpoints: Checkpoints, kind: Kind
+) -> None:
+    options, registry = kinds_registry(tmp_path, checkpoints)
     with registry:
         spec = registry.discover().task(kind.task).spec
         labels, dev = spec.head.labels, list(spec.load_dataset("dev"))

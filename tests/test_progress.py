@@ -14,8 +14,7 @@ from pathlib import Path
 import finetune as ft
 import pytest
 from click.testing import CliRunner
-from test_onboard import FLAGS
-from test_train import FAST, toy_registry
+from toy import FAST, FLAGS, OpenRegistry
 
 from mtreg.cli.main import cli
 from mtreg.cli.progress import Renderer, bar_text
@@ -25,7 +24,7 @@ from mtreg.training.onboard import onboard
 from mtreg.training.progress import Step, StepProgress, prefixed
 from mtreg.training.stages import train_teachers
 
-TRAIN_EXAMPLES = 192  # the toy task's train split (tests/test_train.py)
+TRAIN_EXAMPLES = 192  # the toy task's train split (tests/toy.py)
 
 
 class FakeTTY(io.StringIO):
@@ -68,7 +67,7 @@ def screen(text: str) -> list[str]:
 
 
 @pytest.fixture
-def registry(tmp_path: Path):
+def registry(toy_registry: OpenRegistry, tmp_path: Path):
     with toy_registry(tmp_path) as reg:
         yield reg
 
@@ -146,6 +145,7 @@ def test_elsewhere_there_are_lines_only() -> None:
     assert stream.getvalue() == "  teacher-L2-lr0.003 epoch 1/2: loss 0.5000\n"
 
 
+@pytest.mark.slow
 def test_onboarding_steps_every_batch_of_every_epoch_run(registry: Registry) -> None:
     recorder = Recorder()
     settings = replace(FAST, epochs=1, student_epochs=2, patience=1)
@@ -189,7 +189,10 @@ def test_full_finetuning_steps_carry_the_learning_rate(registry: Registry) -> No
     assert recorder.lines[-1].startswith("full-lr0.001 epoch 1/1: loss")
 
 
-def test_cli_onboard_into_a_pipe_writes_no_progress(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_cli_onboard_into_a_pipe_writes_no_progress(
+    toy_registry: OpenRegistry, tmp_path: Path
+) -> None:
     toy_registry(tmp_path).close()
     base = ["--db", f"sqlite:///{tmp_path / 'registry.db'}", "--home", str(tmp_path / "home")]
     base += ["--plugins-dir", str(tmp_path / "plugins")]

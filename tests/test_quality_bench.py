@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from factories import make_checkpoint
+from factories import Checkpoints
 
 from mtreg.cli import reporting as rp
 from mtreg.cli.main import cli
@@ -42,10 +42,12 @@ def write_sst2(data: Path, train: int = 96, dev: int = 32) -> Path:
 
 
 @pytest.fixture
-def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+def tiny(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoints: Checkpoints
+) -> dict[str, Path]:
     """Tiny data and trunk; environment changes undone after the test."""
     data = write_sst2(tmp_path / "data")
-    ckpt = make_checkpoint(tmp_path / "ckpt", num_layers=3)
+    ckpt = checkpoints.copy(tmp_path / "ckpt", num_layers=3)
     monkeypatch.setenv("MTREG_DATA_DIR", str(data))
     monkeypatch.setenv("MTREG_LOAD_PLUGINS", benchtasks.PLUGIN_NAME)
     monkeypatch.setattr(benchtasks, "DATA_DIR", data)
@@ -74,7 +76,7 @@ def test_plugin_registers_subsampled_tasks_under_builtin_names(tiny: dict[str, P
 
 
 def _row(task: str, served: list[float], full: list[float], k: int = 3, layers: int = 1):
-    return rp.TaskRow(task, "accuracy", "dev", k, layers, 3, served, served, full, 1.0)
+    return rp.TaskQuality(task, "accuracy", "dev", k, layers, 3, served, served, full, 1.0)
 
 
 def test_metric_table_ratios_layers_and_noise() -> None:
@@ -89,9 +91,10 @@ def test_metric_table_ratios_layers_and_noise() -> None:
     text = rp.markdown(rows, overall)
     assert "| a | accuracy (dev) | 90.0 |" in text and "within noise (SE 1.0)" in text
     assert "81.0 ± 1.4 (2)" in text and "outside noise" in text and "**8**" in text
-    assert rp.TaskRow.from_dict(rows[1].to_dict()) == rows[1]
+    assert rp.TaskQuality.from_dict(rows[1].to_dict()) == rows[1]
 
 
+@pytest.mark.slow
 def test_figure_renders_a_png(tmp_path: Path) -> None:
     rows = [_row("a", [0.9], [0.91]), _row("b", [0.7], [0.75], k=4, layers=2)]
     path = rp.figure(rows, rp.summary(rows, 6), tmp_path / "f" / "q.png", "title")
@@ -157,6 +160,7 @@ def test_report_marks_missing_units(tmp_path: Path) -> None:
     assert not [m for m in report["missing"] if "strict" in m or "deep" in m]
 
 
+@pytest.mark.slow
 def test_a_tiny_run_scores_the_bundle_and_resumes(
     tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,7 +255,7 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
         "onboard.json",
     ]
     # A variant's extra seeds keep the teacher its seed 0 chose (deep-loose: deep's), and
-    # deep-loose trains nothing: deep's seed 1 checkpoints are linked in, task by task.
+    # deep-loose trains nothing: deep's seed 1 saved runs are linked in, task by task.
     deep1 = json.loads((units / "sst2" / "seed1" / "onboard-deep.json").read_text())
     loose1 = json.loads((units / "sst2" / "seed1" / "onboard-loose.json").read_text())
     assert deep1["settings"]["teacher_layers"] == [deep["teacher"]["layers"]]
@@ -339,8 +343,8 @@ def _tiny_registry(ckpt: Path):
 
 
 def test_mtreg_report_from_the_registry(tiny: dict[str, Path]) -> None:
-    from mtreg.training.job import Settings
     from mtreg.training.onboard import onboard
+    from mtreg.training.settings import Settings
 
     config = {"sst2": {"sizes": {"train": 64}, "seed": 0}}
     home = tiny["root"] / "home"

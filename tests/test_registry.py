@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from factories import make_branch_file, make_checkpoint
+from factories import Checkpoints, make_branch_file
 from helpers import snapshot, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
@@ -30,13 +30,14 @@ TOPIC = ("classification", ("a", "b", "c"))
 class World:
     """A registry in tmp_path with one trunk and a plugin directory to write tasks into."""
 
-    def __init__(self, tmp_path: Path, url: str) -> None:
+    def __init__(self, tmp_path: Path, url: str, checkpoints: Checkpoints) -> None:
         self.tmp = tmp_path
+        self.checkpoints = checkpoints
         self.url = url
         self.home = tmp_path / "home"
         self.plugins = tmp_path / "plugins"
         self.plugins.mkdir()
-        self.trunk_dir = make_checkpoint(tmp_path / "trunk", num_layers=3, seed=0)
+        self.trunk_dir = checkpoints.copy(tmp_path / "trunk", num_layers=3, seed=0)
         self.checkpoint = read_checkpoint(self.trunk_dir)
         self.registry = Registry(url=url, home=self.home, plugins_dirs=[self.plugins])
         self.registry.add_trunk("tiny", self.trunk_dir)
@@ -83,8 +84,8 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, db_url: str):
-    w = World(tmp_path, db_url)
+def world(tmp_path: Path, db_url: str, checkpoints: Checkpoints):
+    w = World(tmp_path, db_url, checkpoints)
     yield w
     w.registry.close()
 
@@ -251,7 +252,7 @@ def _refusal_cases():
         return ["t"]
 
     def other_trunk(w):
-        alien = read_checkpoint(make_checkpoint(w.tmp / "alien", num_layers=3, seed=1))
+        alien = read_checkpoint(w.checkpoints.copy(w.tmp / "alien", num_layers=3, seed=1))
         w.plugin("p", w.task("t", "1.0.0", checkpoint=alien))
         return ["t"]
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from click.testing import CliRunner
@@ -17,6 +18,9 @@ from mtreg.cli.main import cli
 from mtreg.cli.scaffold import plan_plugin, scaffold_plugin
 from mtreg.errors import MtregError
 from mtreg.plugins.loader import discover
+
+if TYPE_CHECKING:
+    from factories import Checkpoints  # imports torch, which the other tests here do not need
 
 RUFF = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
 
@@ -165,10 +169,10 @@ def test_generated_package_passes_its_own_test_and_builds(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_scaffolded_plugin_installs_and_onboards_in_a_subprocess(tmp_path: Path) -> None:
+def test_scaffolded_plugin_installs_and_onboards_in_a_subprocess(
+    tmp_path: Path, checkpoints: Checkpoints
+) -> None:
     """What the README promises a task author: generate, install, onboard."""
-    from factories import make_checkpoint
-
     target = scaffold_plugin(plan_plugin("reviews", ["neg", "pos"], trunk="tiny"), tmp_path)
     site = tmp_path / "site"
     install = subprocess.run(
@@ -218,7 +222,7 @@ def test_scaffolded_plugin_installs_and_onboards_in_a_subprocess(tmp_path: Path)
             timeout=600,
         )
 
-    trunk = make_checkpoint(tmp_path / "trunk", num_layers=2)
+    trunk = checkpoints.copy(tmp_path / "trunk", num_layers=2)
     assert mtreg("trunk", "add", "tiny", str(trunk)).returncode == 0
     onboard = mtreg(
         "onboard", "reviews", "--data-dir", str(tmp_path / "data"), "--layers", "1",

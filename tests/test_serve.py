@@ -24,7 +24,7 @@ import httpx
 import pytest
 import schemathesis
 import uvicorn
-from factories import make_checkpoint
+from factories import Checkpoints
 from helpers import publish_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.registry.api import Registry
 from mtreg.runtime.bundle import load_bundle
-from mtreg.runtime.inference import run_rows
 from mtreg.serving.app import create_app
 from mtreg.serving.config import ServeConfig
 from mtreg.serving.plan import plan_rows
@@ -60,9 +59,9 @@ TEXTS = [
 class Registered:
     """A registry on a tiny 4-layer trunk holding the TASKS, with `serving` set."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, checkpoints: Checkpoints) -> None:
         self.tmp = tmp
-        folder = make_checkpoint(tmp / "trunk", num_layers=4)
+        folder = checkpoints.copy(tmp / "trunk", num_layers=4)
         self.checkpoint = read_checkpoint(folder)
         self.url = f"sqlite:///{tmp / 'r.db'}"
         self.home = tmp / "home"
@@ -93,8 +92,8 @@ class Registered:
 
 
 @pytest.fixture(scope="module")
-def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registered]:
-    r = Registered(tmp_path_factory.mktemp("serve"))
+def reg(tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoints) -> Iterator[Registered]:
+    r = Registered(tmp_path_factory.mktemp("serve"), checkpoints)
     yield r
     r.registry.close()
 
@@ -212,6 +211,7 @@ def _mixed_requests() -> list[dict[str, Any]]:
     return requests
 
 
+@pytest.mark.slow
 def test_mixed_task_requests_share_batches_and_match_single_requests(
     server: str, reg: Registered
 ) -> None:
@@ -325,6 +325,7 @@ def test_overload_gives_503_with_retry_after_not_timeouts(
     assert elapsed < 0.05 * codes.count(200) + 3
 
 
+@pytest.mark.slow
 def test_hot_reload_under_load_loses_no_request(reg: Registered) -> None:
     old = reg.registry.bundle("serving").id
     body = {"inputs": ["the movie was great", "what"]}
@@ -350,7 +351,7 @@ def test_hot_reload_under_load_loses_no_request(reg: Registered) -> None:
         time.sleep(0.2)
         # A bundle that fails to load leaves the new one serving and shows in /metrics.
         broken = reg.upgrade("sentiment", "1.2.0", seed=200)
-        (reg.registry.bundles_dir / broken / "branches/sentiment.safetensors").unlink()
+        (reg.registry.home.bundle(broken) / "branches/sentiment.safetensors").unlink()
         reg.registry.set_alias("serving", broken)
         deadline = time.monotonic() + 20
         while metric(url, "mtreg_serve_reload_failed") != 1:
@@ -374,6 +375,7 @@ def test_hot_reload_under_load_loses_no_request(reg: Registered) -> None:
     assert not close(first[old][0]["sentiment"], first[new][0]["sentiment"], tol=1e-9)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_cleanly(reg: Registered) -> None:
     sock = _free_socket()
     port = sock.getsockname()[1]
@@ -413,6 +415,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(reg: Registered) ->
             process.wait()
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_bundle_it_cannot_load(reg: Registered, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mtreg", "serve", "--bundle", "nosuch-alias"],
@@ -424,6 +427,7 @@ def test_serve_refuses_a_bundle_it_cannot_load(reg: Registered, tmp_path: Path) 
     assert result.returncode == 1 and "no bundle or alias 'nosuch-alias'" in result.stderr
 
 
+@pytest.mark.slow
 def test_no_request_the_spec_allows_or_forbids_gets_a_500(server: str) -> None:
     # schemathesis' own pytest plugin does not load under pytest 9: drive its Hypothesis
     # strategies directly, valid (positive) and invalid (negative) cases of every operation.
@@ -463,6 +467,7 @@ def test_served_bundle_ids_are_manifest_hashes(reg: Registered) -> None:
 
 
 @pytest.mark.parametrize("backend", ["onnx", "auto"])
+@pytest.mark.slow
 def test_onnx_backends_export_a_registry_bundle_once_and_answer_alike(
     reg: Registered, backend: str
 ) -> None:
@@ -473,4 +478,4 @@ def test_onnx_backends_export_a_registry_bundle_once_and_answer_alike(
     assert onnx_served.id == torch_served.id
     assert onnx_served.bundle.path.parent == reg.home / "cache" / "onnx"
     rows = plan_rows(torch_served.bundle, [*TEXTS[:3], ["a film", "the movie"]], None, 1000)
-    assert close(run_rows(onnx_served.bundle, rows), run_rows(torch_served.bundle, rows))
+    assert close(onnx_served.bundle.run(rows), torch_served.bundle.run(rows))

@@ -8,9 +8,15 @@ import time
 
 import pytest
 
+from mtreg.artifacts.manifest import Manifest
 from mtreg.errors import MtregError
 from mtreg.registry.records import BundleRecord, TaskVersionRecord, TrunkRecord
 from mtreg.registry.store import Store
+
+# A manifest of no task: these tests are about ids, members and aliases.
+EMPTY_MANIFEST = Manifest.build(
+    "tiny", {}, {"layers": []}, {"embeddings": "0" * 64, "layers": [], "tokenizer": {}}, []
+)
 
 
 @pytest.fixture
@@ -70,7 +76,7 @@ def test_bundles_by_id_prefix_and_alias(store: Store) -> None:
     with store.transaction(write=True) as tx:
         tx.add_version(version("t", "1.0.0"))
         for ident in ("abcdef01" + "0" * 56, "abcdef02" + "0" * 56):
-            tx.add_bundle(BundleRecord(ident, "tiny", {"id": ident}, {"t": "1.0.0"}))
+            tx.add_bundle(BundleRecord(ident, "tiny", EMPTY_MANIFEST, {"t": "1.0.0"}))
         tx.set_alias("serving", "abcdef01" + "0" * 56)
     with store.transaction() as tx:
         assert tx.get_bundle("abcdef02").members == {"t": "1.0.0"}

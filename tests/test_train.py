@@ -2,112 +2,40 @@
 initialisation, cached against uncached gradients, and the activation cache.
 
 Everything runs on a tiny random 3-layer BERT (tests/factories.py) and a toy sentiment
-task whose label is decided by one word, written as a path plugin.
+task whose label is decided by one word, written as a path plugin (tests/toy.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import textwrap
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from factories import make_checkpoint
+from toy import FAST, OpenRegistry
 
+from mtreg import heads
 from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
 from mtreg.registry.api import Registry
 from mtreg.training.cache import ActivationCache, cache_key
-from mtreg.training.job import Settings, compute_hidden, hidden_states, prepare, uncached_batch_loss
-from mtreg.training.loop import Split, autocast, batch_loss, soft_loss
+from mtreg.training.job import compute_hidden, hidden_states, prepare, uncached_batch_loss
+from mtreg.training.loop import TEMPERATURE, Split, autocast, batch_loss
+from mtreg.training.settings import Settings
 from mtreg.training.stages import load_run, student_branch, teacher_branch, train_teachers
-
-PLUGIN = textwrap.dedent(
-    '''
-    import random
-
-    import mtreg
-
-    POS = ["good", "great", "love", "excellent", "fun", "fine"]
-    NEG = ["bad", "awful", "hate", "terrible", "boring", "slow"]
-    FILLER = ["the", "movie", "film", "book", "service", "food", "it", "this", "was", "is"]
-
-
-    def toy(split):
-        """A label decided by one sentiment word among fillers: separable."""
-        rng = random.Random({"train": 0, "dev": 1}[split])
-        for i in range({"train": 192, "dev": 40}[split]):
-            label = "positive" if i % 2 == 0 else "negative"
-            words = rng.sample(FILLER, 3)
-            words.insert(rng.randrange(5), rng.choice(POS if label == "positive" else NEG))
-            yield {"text": " ".join(words), "label": label}
-
-
-    def empty(split):
-        return toy(split) if split == "train" else iter(())
-
-
-    def bad_label(split):
-        yield {"text": "good film", "label": "neutral"}
-
-
-    def task(name, loader, trunk="tiny", **extra):
-        return mtreg.TaskSpec(
-            name=name,
-            version="1.0.0",
-            head=mtreg.HeadSpec("classification", ("negative", "positive")),
-            load_dataset=loader,
-            metrics=("accuracy",),
-            trunk=trunk,
-            max_length=16,
-            **extra,
-        )
-
-
-    @mtreg.hookimpl
-    def register_tasks(register):
-        register(task("toy", toy))
-        register(task("nodata", None))
-        register(task("ghost", toy, trunk="missing"))
-        register(task("empty", empty))
-        register(task("badlabel", bad_label))
-    '''
-)
-
-# Fast settings for the tiny model: a random trunk wants a higher rate than a real one.
-FAST = Settings(
-    teacher_layers=(2,),
-    teacher_lrs=(3e-3,),
-    student_lrs=(3e-3,),
-    epochs=12,
-    batch_size=16,
-    patience=None,
-)
-
-
-def toy_registry(root: Path, url: str | None = None) -> Registry:
-    """Return a registry under ``root`` with trunk ``tiny`` (3 random layers) and the toy
-    plugin on its plugin path."""
-    make_checkpoint(root / "ckpt", num_layers=3, seed=0)
-    (root / "plugins").mkdir(parents=True, exist_ok=True)
-    (root / "plugins" / "toyplug.py").write_text(PLUGIN)
-    registry = Registry(
-        url or f"sqlite:///{root / 'registry.db'}", root / "home", [root / "plugins"]
-    )
-    registry.add_trunk("tiny", root / "ckpt")
-    return registry
 
 
 @pytest.fixture
-def registry(tmp_path: Path):
+def registry(toy_registry: OpenRegistry, tmp_path: Path) -> Iterator[Registry]:
     with toy_registry(tmp_path) as reg:
         yield reg
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.slow
 def test_teacher_learns_a_separable_task(registry: Registry, precision: str) -> None:
     job = prepare(registry, "toy", replace(FAST, precision=precision))
     result = train_teachers(job)
@@ -128,13 +56,14 @@ def test_bf16_autocast_computes_a_close_loss_and_a_new_run_key(registry: Registr
         mixed = batch_loss(branch, job.spec.head, train, indices)
     assert mixed.dtype == torch.float32 and mixed.item() != exact.item()
     assert mixed.item() == pytest.approx(exact.item(), rel=2e-2)
-    # A bf16 run must never resume from an fp32 run's checkpoint.
+    # A bf16 run must never resume from an fp32 run's saved state.
     recipe = job.recipe(1e-3, 2)
     assert cache_key(recipe=recipe) != cache_key(recipe=replace(recipe, precision="bf16"))
     with pytest.raises(MtregError, match="unknown precision 'fp8': use fp32 or bf16"):
         Settings(precision="fp8").check()
 
 
+@pytest.mark.slow
 def test_frozen_trunk_is_bit_for_bit_unchanged(registry: Registry) -> None:
     trunk = registry.trunk("tiny")
     objects = [trunk.objects["embeddings"], *trunk.objects["layers"]]
@@ -161,11 +90,12 @@ def test_distillation_loss_matches_a_hand_computation() -> None:
         log_q = [math.log(v / sum(sz)) for v in sz]
         expected += -sum(pi * qi for pi, qi in zip(p, log_q, strict=True))
     expected = t * t * expected / 2
-    got = soft_loss(head, student, teacher, torch.tensor([0, 2]))
+    got = heads.get(head.kind).distill(student, teacher, torch.tensor([0, 2]), TEMPERATURE)
     assert float(got) == pytest.approx(expected, rel=1e-6)
     # Regression distils by MSE to the teacher's output.
     reg = HeadSpec("regression")
-    value = soft_loss(reg, torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]]), None)
+    distill = heads.get(reg.kind).distill
+    value = distill(torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]]), None, TEMPERATURE)
     assert float(value) == pytest.approx((1 + 4) / 2)
 
 
@@ -224,7 +154,7 @@ def test_training_is_reproducible(registry: Registry) -> None:
     settings = Settings(teacher_layers=(1,), teacher_lrs=(1e-3,), epochs=2, patience=None)
     first = train_teachers(prepare(registry, "toy", settings))
     second_job = prepare(registry, "toy", settings)
-    # Force a real second run instead of a resume from the first run's checkpoint.
+    # Force a real second run instead of a resume from the first run's saved state.
     for path in second_job.stage_dir.glob("teacher-*"):
         path.unlink()
     second = train_teachers(second_job)
@@ -276,4 +206,4 @@ def test_the_cache_is_reused_across_runs(registry: Registry) -> None:
     assert (again.cache.hits, again.cache.misses) == (2, 0)
     digest = hashlib.sha256(b"".join(sorted(p.name.encode() for p in job.cache.root.iterdir())))
     assert digest.hexdigest()  # entries live under MTREG_HOME/cache/activations
-    assert job.cache.root == registry.home / "cache" / "activations"
+    assert job.cache.root == registry.home.root / "cache" / "activations"

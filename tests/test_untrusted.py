@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import pytest
-from factories import make_branch_file, make_checkpoint
+from factories import Checkpoints, make_branch_file
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -211,7 +211,7 @@ def test_read_manifest_is_a_manifest_or_a_clean_error(tmp_path: Path, data: obje
     except MtregError as exc:
         assert "\n" not in str(exc)
         return
-    _check_loaded(manifest, tmp_path)
+    _check_loaded(manifest.to_dict(), tmp_path)
 
 
 def test_read_manifest_refuses_nesting_deeper_than_the_parser(tmp_path: Path) -> None:
@@ -238,11 +238,11 @@ def test_safe_relative_never_leaves_the_bundle(tmp_path: Path, path: str) -> Non
 
 
 @pytest.fixture(scope="module")
-def branch(tmp_path_factory) -> tuple[bytes, object]:
+def branch(tmp_path_factory, checkpoints: Checkpoints) -> tuple[bytes, object]:
     """A valid branch file's bytes and the trunk config it fits."""
     tmp = tmp_path_factory.mktemp("branch")
     checkpoint = read_checkpoint(
-        make_checkpoint(tmp / "trunk", num_layers=2, hidden=8, heads=2, intermediate=16)
+        checkpoints.shared(num_layers=2, hidden=8, heads=2, intermediate=16)
     )
     path = make_branch_file(
         tmp / "b.safetensors",

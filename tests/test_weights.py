@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import corrupt_header, make_branch_file, make_checkpoint, set_tensor
+from factories import Checkpoints, corrupt_header, make_branch_file, set_tensor
 from safetensors.torch import save_file
 
 from mtreg.artifacts.branch_file import read_branch
@@ -26,8 +26,10 @@ HEADS = [
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
-def test_checkpoint_is_split_into_components(tmp_path: Path, model_type: str) -> None:
-    checkpoint = read_checkpoint(make_checkpoint(tmp_path / "t", 3, model_type=model_type))
+def test_checkpoint_is_split_into_components(
+    tmp_path: Path, checkpoints: Checkpoints, model_type: str
+) -> None:
+    checkpoint = read_checkpoint(checkpoints.copy(tmp_path / "t", 3, model_type=model_type))
     assert checkpoint.config.model_type == model_type
     assert len(checkpoint.layers) == len(checkpoint.fingerprint.layers) == 3
     assert set(checkpoint.layers[0]) == set(layer_shapes(checkpoint.config))
@@ -42,8 +44,10 @@ def test_packaged_minilm_reads() -> None:
     assert {"vocab.txt", "tokenizer.json"} <= set(checkpoint.tokenizer_files)
 
 
-def test_fingerprint_survives_a_move_and_names_the_changed_layer(tmp_path: Path) -> None:
-    source = make_checkpoint(tmp_path / "a", 3, seed=0)
+def test_fingerprint_survives_a_move_and_names_the_changed_layer(
+    tmp_path: Path, checkpoints: Checkpoints
+) -> None:
+    source = checkpoints.copy(tmp_path / "a", 3, seed=0)
     moved = shutil.copytree(source, tmp_path / "elsewhere")
     original = read_checkpoint(source).fingerprint
     assert read_checkpoint(moved).fingerprint == original
@@ -63,8 +67,8 @@ def test_fingerprint_survives_a_move_and_names_the_changed_layer(tmp_path: Path)
     assert TrunkFingerprint.from_dict(original.to_dict()) == original
 
 
-def test_tokenizer_change_is_a_mismatch(tmp_path: Path) -> None:
-    folder = make_checkpoint(tmp_path / "a", 2)
+def test_tokenizer_change_is_a_mismatch(tmp_path: Path, checkpoints: Checkpoints) -> None:
+    folder = checkpoints.copy(tmp_path / "a", 2)
     before = read_checkpoint(folder).fingerprint
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["do_lower_case"] = not config.get("do_lower_case", True)
@@ -85,16 +89,20 @@ def test_tokenizer_change_is_a_mismatch(tmp_path: Path) -> None:
     ],
     ids=["no config", "not bert", "too few layers", "no weights", "garbage", "no tokenizer"],
 )
-def test_bad_checkpoints_are_refused(tmp_path: Path, damage, message: str) -> None:
-    folder = make_checkpoint(tmp_path / "t", 2)
+def test_bad_checkpoints_are_refused(
+    tmp_path: Path, checkpoints: Checkpoints, damage, message: str
+) -> None:
+    folder = checkpoints.copy(tmp_path / "t", 2)
     damage(folder)
     with pytest.raises(InvalidCheckpoint, match=message) as info:
         read_checkpoint(folder)
     assert "\n" not in str(info.value)
 
 
-def test_pickled_checkpoints_are_refused_without_unpickling(tmp_path: Path) -> None:
-    folder = make_checkpoint(tmp_path / "t", 2)
+def test_pickled_checkpoints_are_refused_without_unpickling(
+    tmp_path: Path, checkpoints: Checkpoints
+) -> None:
+    folder = checkpoints.copy(tmp_path / "t", 2)
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not even opened")
     with pytest.raises(InvalidCheckpoint, match="safetensors only"):
@@ -107,8 +115,8 @@ def _edit_config(folder: Path, **changes) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    return read_checkpoint(make_checkpoint(tmp_path_factory.mktemp("trunk"), 3))
+def checkpoint(checkpoints: Checkpoints):
+    return read_checkpoint(checkpoints.shared(3))
 
 
 @pytest.mark.parametrize("head", HEADS, ids=lambda h: h.kind)

@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mtreg.core.env import cache_max_bytes
+
 DEFAULT_MAX_BYTES = 4 << 30
 
 
@@ -37,8 +39,9 @@ class ActivationCache:
 
     def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.root = Path(root)
-        env = os.environ.get("MTREG_CACHE_MAX_BYTES")
-        self.max_bytes = max_bytes if max_bytes is not None else int(env or DEFAULT_MAX_BYTES)
+        if max_bytes is None:
+            max_bytes = cache_max_bytes()
+        self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self.hits = 0
         self.misses = 0
 

@@ -6,29 +6,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtreg import heads
 from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
-
-IGNORE = -100  # label of sub-tokens and special tokens in tagging (skipped by the loss)
-
-
-def load_tokenizer(path: Path):
-    """Return the fast tokenizer stored in folder ``path`` (never remote code, never a hub).
-
-    Raises:
-        MtregError: the folder holds no tokenizer transformers can read offline.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
-    except (OSError, ValueError) as exc:
-        raise MtregError(f"cannot load the tokenizer in {path}: {exc}") from None
 
 
 @dataclass
@@ -53,8 +37,8 @@ def encode(
 ) -> Encoded:
     """Tokenise ``examples`` (their ``inputs`` fields) and encode their labels for ``head``.
 
-    Tagging examples are split on whitespace and each word's tag goes to its first
-    sub-token; the other positions get :data:`IGNORE`.
+    The examples of a per-token head are split on whitespace into words; the head's kind
+    encodes the labels (:meth:`mtreg.heads.base.HeadKind.encode_label`).
 
     Raises:
         MtregError: an example lacks a field, or has a label the head does not know.
@@ -63,7 +47,7 @@ def encode(
         columns = [[str(ex[field]) for ex in examples] for field in inputs]
     except KeyError as exc:
         raise MtregError(f"an example lacks the input field {exc.args[0]!r}") from None
-    if head.kind == "tagging":
+    if head.per_token:
         words = [text.split() for text in columns[0]]
         batch = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
     else:
@@ -72,49 +56,15 @@ def encode(
     types = batch.get("token_type_ids") or [[0] * len(x) for x in ids]
     labels = None
     if with_labels:
+        kind = heads.get(head.kind)
         labels = [
-            _encode_label(
-                head, ex.get("label"), batch.word_ids(i) if head.kind == "tagging" else None
-            )
+            kind.encode_label(head, ex.get("label"), batch.word_ids(i) if head.per_token else None)
             for i, ex in enumerate(examples)
         ]
     return Encoded(ids, types, labels)
 
 
-def _encode_label(head: HeadSpec, label: Any, word_ids: list[int | None] | None) -> Any:
-    index = {name: i for i, name in enumerate(head.labels)}
-
-    def lookup(name: Any) -> int:
-        if name not in index:
-            raise MtregError(f"label {name!r} is not in the head's labels {list(head.labels)}")
-        return index[name]
-
-    if head.kind == "classification":
-        return lookup(label)
-    if head.kind == "multilabel":
-        hot = [0.0] * len(head.labels)
-        for name in label:
-            hot[lookup(name)] = 1.0
-        return hot
-    if head.kind == "regression":
-        values = label if isinstance(label, list | tuple) else [label]
-        return [float(v) for v in values]
-    tags = label.split() if isinstance(label, str) else list(label)
-    out, previous = [], None
-    for word in word_ids:
-        if word is None or word == previous:
-            out.append(IGNORE)
-        else:
-            if word >= len(tags):
-                raise MtregError(f"{len(tags)} tags for a text of more words")
-            out.append(lookup(tags[word]))
-        previous = word
-    return out
-
-
-def collate(
-    encoded: Encoded, indices: Sequence[int], pad_id: int, head: HeadSpec | None = None
-) -> dict[str, torch.Tensor]:
+def collate(encoded: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad the examples at ``indices`` to their longest and stack them into tensors."""
     rows = [encoded.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
@@ -126,19 +76,7 @@ def collate(
         ids[row, :n] = torch.tensor(encoded.input_ids[i])
         types[row, :n] = torch.tensor(encoded.token_type_ids[i])
         mask[row, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-    if encoded.labels is not None and head is not None:
-        labels = [encoded.labels[i] for i in indices]
-        if head.kind == "classification":
-            batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        elif head.kind == "tagging":
-            padded = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-            for row, tags in enumerate(labels):
-                padded[row, : len(tags)] = torch.tensor(tags)
-            batch["labels"] = padded
-        else:
-            batch["labels"] = torch.tensor(labels, dtype=torch.float32)
-    return batch
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
 def batch_indices(
@@ -157,21 +95,3 @@ def data_hash(examples: Iterable[Mapping[str, Any]]) -> str:
         digest.update(json.dumps(example, sort_keys=True, default=str).encode())
         digest.update(b"\n")
     return digest.hexdigest()
-
-
-def tag_spans(words: Sequence[str], tags: Sequence[str]) -> list[dict[str, Any]]:
-    """Turn per-word BIO tags into spans ``{"label", "start", "end", "text"}`` (word indices,
-    end exclusive). ``I-x`` after a different label starts a new span, as seqeval does."""
-    spans: list[dict[str, Any]] = []
-    for position, tag in enumerate(tags):
-        prefix, _, label = tag.partition("-")
-        continues = (
-            prefix == "I" and spans and spans[-1]["label"] == label and spans[-1]["end"] == position
-        )
-        if continues:
-            spans[-1]["end"] = position + 1
-        elif prefix in ("B", "I") and label:
-            spans.append({"label": label, "start": position, "end": position + 1})
-    for span in spans:
-        span["text"] = " ".join(words[span["start"] : span["end"]])
-    return spans

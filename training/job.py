@@ -1,152 +1,45 @@
-"""A training job: what to search and how to train (:class:`Settings`), and everything one
-task's training needs, loaded once (:class:`Job`, :func:`prepare`): its spec, its train and
-dev data encoded with the trunk's tokenizer, the trunk, and the trunk's activations.
+"""A training job: everything one task's training needs, loaded once (:class:`Job`,
+:func:`prepare`): its spec and settings (:mod:`mtreg.training.settings`), its train and dev
+data encoded with the trunk's tokenizer, the trunk, and the trunk's activations.
 
-Cost (bench/onboarding.py measures it): the trunk below a fork is frozen and runs without dropout, so
-its hidden states at every candidate depth are computed in one pass and cached on disk
-(fp16, :mod:`mtreg.training.cache`); every teacher and student trains on those. The trunk is
-read from the registry's object store, never from the folder it was added from.
+Cost (bench/onboarding.py measures it): the trunk below a fork is frozen and runs without
+dropout, so its hidden states at every candidate depth are computed in one pass and cached
+on disk (fp16, :mod:`mtreg.training.cache`); every teacher and student trains on those. The
+trunk is read from the registry's object store, never from the folder it was added from.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mtreg import heads
 from mtreg.artifacts.checkpoint import load_component
 from mtreg.artifacts.config import TrunkConfig
 from mtreg.artifacts.fingerprint import TrunkFingerprint
+from mtreg.artifacts.tokenizer import load_tokenizer
+from mtreg.core.env import using_data_dir
 from mtreg.errors import MtregError
 from mtreg.nn.layers import Branch
 from mtreg.nn.network import Trunk
 from mtreg.training.cache import ActivationCache, cache_key
-from mtreg.training.data import Encoded, collate, data_hash, encode, load_tokenizer
-from mtreg.training.loop import Recipe, check_precision, hard_loss, stack_labels
-from mtreg.training.metrics import DEFAULT_METRICS, check_names
+from mtreg.training.data import Encoded, collate, data_hash, encode
+from mtreg.training.loop import Recipe
+from mtreg.training.metrics import check_names
 from mtreg.training.progress import Progress
+from mtreg.training.settings import Settings
 
 if TYPE_CHECKING:
     from mtreg.core.spec import TaskSpec
     from mtreg.registry.api import Registry
     from mtreg.registry.records import TrunkRecord
 
-DATA_DIR_ENV = "MTREG_DATA_DIR"
-FORMAT = "mtreg-onboarding/1"  # bump when a change makes old stage checkpoints stale
-# Partial runs want a higher learning rate than full fine-tuning (bench/onboarding.py: lr 2e-4 on the
-# top 3 of 6 layers matched a full run at 1e-4). Searching 1e-4 as well doubled the teacher
-# stage and made onboarding 2.6x one full fine-tuning, for teachers within noise of the 2e-4
-# ones (SST-2 and CoLA, bench/results/onboarding.md and quality/); `--lr` repeats to search.
-# Students start from a trained teacher but their head meets a shallower state than it was
-# trained on; a higher rate and twice the teacher's epochs let them catch up (l < L).
-TEACHER_LRS = (2e-4,)
-STUDENT_LRS = (5e-4,)
-# Automatic epochs: enough for about MIN_STEPS optimizer steps, within MIN..MAX epochs.
-# Small data sets (the demo's 48 sentences) get more passes; 10k examples get MIN_EPOCHS.
-# Together with early stopping (PATIENCE epochs without a better dev score) this keeps the
-# README demo (two tasks of 60-80 sentences on the 6-layer MiniLM) to a few CPU minutes.
-MIN_STEPS, MIN_EPOCHS, MAX_EPOCHS = 20, 3, 10
-PATIENCE = 3
-
-
-# -- settings -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What to search and how to train. Every field is reported with the results.
-
-    ``None`` means "choose": teacher layers default to :func:`default_teacher_layers`,
-    student layers to 1..min(3, L-1), epochs to :func:`auto_epochs` (students: twice the
-    teachers'), max length to the task's own.
-    """
-
-    teacher_layers: tuple[int, ...] | None = None
-    teacher_lrs: tuple[float, ...] = TEACHER_LRS
-    student_layers: tuple[int, ...] | None = None
-    student_lrs: tuple[float, ...] = STUDENT_LRS
-    epochs: int | None = None
-    student_epochs: int | None = None
-    batch_size: int = 32
-    max_length: int | None = None
-    seed: int = 0
-    dropout: float = 0.1
-    patience: int | None = PATIENCE
-    tolerance: float = 0.99
-    device: str = "auto"
-    precision: str = "fp32"
-
-    def check(self) -> None:
-        """Raise MtregError for a value no run could use."""
-        for name in ("teacher_lrs", "student_lrs"):
-            values = getattr(self, name)
-            if not values or any(not (lr > 0 and math.isfinite(lr)) for lr in values):
-                raise MtregError(f"{name.replace('_', ' ')} must be positive numbers")
-        for name in ("teacher_layers", "student_layers"):
-            values = getattr(self, name)
-            if values is not None and (not values or min(values) < 1):
-                raise MtregError(f"{name.replace('_', ' ')} must be at least 1")
-        for name in ("epochs", "student_epochs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise MtregError(f"{name.replace('_', ' ')} must be at least 1")
-        if self.patience is not None and self.patience < 1:
-            raise MtregError("patience must be at least 1 epoch")
-        if self.batch_size < 1:
-            raise MtregError("batch size must be at least 1")
-        if not 0 < self.tolerance <= 1:
-            raise MtregError(f"tolerance must be in (0, 1], got {self.tolerance}")
-        check_precision(self.precision)
-        if self.max_length is not None and not 2 <= self.max_length <= 8192:
-            raise MtregError("max length must be in 2..8192")
-
-
-def with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
-    """Return ``settings`` (default: ``Settings()``) with the fields in ``overrides`` replaced.
-
-    Raises:
-        TypeError: an override names no Settings field (a typo must not pass silently).
-    """
-    unknown = set(overrides) - set(Settings.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown onboarding settings: {', '.join(sorted(unknown))}")
-    return replace(settings or Settings(), **overrides)
-
-
-def parse_range(text: str) -> tuple[int, ...]:
-    """Parse ``"LO..HI"`` (or a single ``"N"``) into the integers LO..HI inclusive.
-
-    Raises:
-        MtregError: not of that form, or LO > HI, or LO < 1.
-    """
-    lo, sep, hi = text.partition("..")
-    try:
-        low, high = int(lo), int(hi if sep else lo)
-    except ValueError:
-        raise MtregError(f"invalid range {text!r}: write LO..HI, e.g. 2..4") from None
-    if low < 1 or low > high:
-        raise MtregError(f"invalid range {text!r}: need 1 <= LO <= HI")
-    return tuple(range(low, high + 1))
-
-
-def default_teacher_layers(num_layers: int) -> tuple[int, ...]:
-    """Return the default L search for an N-layer trunk: about N/3..N/2 (2..3 of 6, 4..6 of
-    12; the paper searched 4..10 of 12, kept narrow here so onboarding stays cheap)."""
-    low = max(1, round(num_layers / 3))
-    high = max(low, num_layers // 2)
-    return tuple(range(low, min(high, num_layers) + 1))
-
-
-def auto_epochs(num_examples: int, batch_size: int) -> int:
-    """Return epochs giving about :data:`MIN_STEPS` steps, within MIN_EPOCHS..MAX_EPOCHS."""
-    steps = max(1, math.ceil(num_examples / batch_size))
-    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(MIN_STEPS / steps)))
+FORMAT = "mtreg-onboarding/1"  # bump when a change makes old saved runs stale
 
 
 # -- preparing a job: task, data, trunk ---------------------------------------------------
@@ -167,23 +60,6 @@ def resolve_device(name: str) -> str:
             raise MtregError("--device cuda: this machine has no CUDA device; use cpu or auto")
         return name
     raise MtregError(f"unknown device {name!r}: use auto, cpu or cuda")
-
-
-@contextlib.contextmanager
-def data_dir_env(data_dir: str | Path | None) -> Iterator[None]:
-    """Set ``MTREG_DATA_DIR`` (read by the built-in plugins' loaders) while loading data."""
-    if data_dir is None:
-        yield
-        return
-    previous = os.environ.get(DATA_DIR_ENV)
-    os.environ[DATA_DIR_ENV] = str(data_dir)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(DATA_DIR_ENV, None)
-        else:
-            os.environ[DATA_DIR_ENV] = previous
 
 
 @dataclass
@@ -296,7 +172,7 @@ def _encode(job_spec: TaskSpec, tokenizer: Any, examples: list, split: str, n: i
 def _materialise_tokenizer(registry: Registry, trunk: TrunkRecord) -> Path:
     """Return a folder holding the trunk's tokenizer files under their real names (hard
     links to the object store, kept under MTREG_HOME/cache/tokenizers for reuse)."""
-    folder = registry.home / "cache" / "tokenizers" / trunk.fingerprint["tokenizer"][:32]
+    folder = registry.home.tokenizer(trunk.fingerprint["tokenizer"])
     if not (folder / ".complete").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         for name, sha in trunk.objects["tokenizer"].items():
@@ -338,10 +214,10 @@ def prepare(
         )
     if spec.trunk is None:
         raise MtregError(f"task {task!r} names no trunk: set TaskSpec(trunk=...) in its plugin")
-    metrics = spec.metrics or DEFAULT_METRICS[spec.head.kind]
+    metrics = spec.metrics or heads.get(spec.head.kind).default_metrics
     check_names(metrics)
     trunk = registry.trunk(spec.trunk)
-    with data_dir_env(data_dir):
+    with using_data_dir(data_dir):
         train, dev = load_split(spec, "train"), load_split(spec, "dev")
     tokenizer = load_tokenizer(_materialise_tokenizer(registry, trunk))
     max_length = settings.max_length or spec.max_length
@@ -359,8 +235,8 @@ def prepare(
         data_hash=data_hash([*train, {"split": "dev"}, *dev]),
         device=resolve_device(settings.device),
         settings=settings,
-        cache=ActivationCache(registry.home / "cache" / "activations"),
-        stage_dir=registry.home / "onboarding" / spec.name / spec.version,
+        cache=ActivationCache(registry.home.activations),
+        stage_dir=registry.home.onboarding(spec.name, spec.version),
         progress=progress,
     )
 
@@ -442,5 +318,6 @@ def uncached_batch_loss(
         hidden = trunk(
             batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], (depth,)
         )[depth]
-    labels = stack_labels(job.spec.head, [encoded.labels[i] for i in indices], hidden.shape[1])
-    return hard_loss(job.spec.head, branch(hidden, batch["attention_mask"]), labels)
+    kind = heads.get(job.spec.head.kind)
+    labels = kind.stack([encoded.labels[i] for i in indices], hidden.shape[1])
+    return kind.loss(branch(hidden, batch["attention_mask"]), labels)

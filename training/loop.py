@@ -1,9 +1,10 @@
 """Training a branch on a frozen trunk: the teacher (partial fine-tuning) and the student
 (distillation), both on cached activations.
 
-The recipe follows the paper's reference recipe: AdamW (weight decay 0.01, none on LayerNorm weights and
-biases), gradient clipping at 1.0, linear warm-up over 10% of one epoch then linear decay,
-and the checkpoint with the best dev score (the task's first metric) is kept. With
+The recipe follows the paper's reference recipe: AdamW (weight decay 0.01, none on LayerNorm
+weights and biases), gradient clipping at 1.0, linear warm-up over 10% of one epoch then
+linear decay, and the branch of the epoch with the best dev score (the task's first metric)
+is kept. With
 ``precision="bf16"`` the training steps run under bfloat16 autocast (mixed precision: the
 weights, gradients and optimizer state stay fp32; dev scoring stays fp32, as served), about
 twice as fast on CPUs with AMX or AVX-512 BF16 and on recent GPUs.
@@ -24,14 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mtreg import heads
 from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
-from mtreg.training.data import IGNORE
 from mtreg.training.metrics import evaluate
 from mtreg.training.progress import Progress, Step, StepProgress
+from mtreg.training.settings import check_precision
 
 TEMPERATURE = 2.0
 
@@ -51,15 +52,6 @@ class Recipe:
     # Stop after this many epochs without a better dev score (None: run every epoch).
     patience: int | None = None
     precision: str = "fp32"  # or "bf16": training steps under bfloat16 autocast
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def check_precision(precision: str) -> None:
-    """Raise MtregError unless ``precision`` is one of :data:`PRECISIONS`."""
-    if precision not in PRECISIONS:
-        raise MtregError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
 
 
 def autocast(precision: str, device: str) -> contextlib.AbstractContextManager[Any]:
@@ -112,50 +104,6 @@ def pad_hidden(
     return hidden, mask
 
 
-def stack_labels(head: HeadSpec, labels: Sequence[Any], width: int) -> torch.Tensor:
-    """Return a batch's labels as a tensor (tagging labels padded with IGNORE to width)."""
-    if head.kind == "classification":
-        return torch.tensor(labels, dtype=torch.long)
-    if head.kind == "tagging":
-        out = torch.full((len(labels), width), IGNORE, dtype=torch.long)
-        for i, tags in enumerate(labels):
-            out[i, : len(tags)] = torch.tensor(tags)
-        return out
-    return torch.tensor(labels, dtype=torch.float32)
-
-
-def hard_loss(head: HeadSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The supervised loss for a head kind: CE, BCE, MSE or token CE."""
-    if head.kind == "classification":
-        return F.cross_entropy(logits, labels)
-    if head.kind == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, labels)
-    if head.kind == "regression":
-        return F.mse_loss(logits, labels)
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-
-
-def soft_loss(
-    head: HeadSpec,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = TEMPERATURE,
-) -> torch.Tensor:
-    """The distillation term: T² · CE(softmax(z_t/T), softmax(z_s/T)) (sigmoids for
-    multilabel; plain MSE to the teacher's output for regression)."""
-    t = temperature
-    if head.kind == "regression":
-        return F.mse_loss(student, teacher)
-    if head.kind == "multilabel":
-        return t * t * F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(teacher / t))
-    if head.kind == "tagging":
-        keep = labels != IGNORE
-        student, teacher = student[keep], teacher[keep]
-    target = F.softmax(teacher / t, dim=-1)
-    return t * t * -(target * F.log_softmax(student / t, dim=-1)).sum(-1).mean()
-
-
 def optimizer_for(module: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: LayerNorm weights and biases are 1-D.
 
@@ -192,7 +140,7 @@ def predict_logits(
     branch: nn.Module, split: Split, batch_size: int = 64, device: str = "cpu"
 ) -> list[torch.Tensor]:
     """Run ``branch`` (in eval mode) over a split; return per-example logits on the CPU
-    (tagging: [len, labels] per example, padding removed)."""
+    (per-token heads: [len, labels] per example, padding removed)."""
     branch.eval()
     out: list[torch.Tensor] = []
     for start in range(0, len(split), batch_size):
@@ -204,35 +152,11 @@ def predict_logits(
     return out
 
 
-def decode(
-    head: HeadSpec, logits: Sequence[torch.Tensor], labels: Sequence[Any]
-) -> tuple[list[Any], list[Any]]:
-    """Return (predictions, references) in the form :func:`mtreg.training.metrics.evaluate`
-    takes for ``head.kind``, from per-example logits and encoded labels: class indices, 0/1
-    lists, floats (one output) or lists of floats (several), per-word tag names (tagging:
-    the first sub-token of each word, where the label is not IGNORE)."""
-    if head.kind == "classification":
-        return [int(z.argmax()) for z in logits], [int(y) for y in labels]
-    if head.kind == "multilabel":
-        return [(z > 0).int().tolist() for z in logits], [[int(v) for v in y] for y in labels]
-    if head.kind == "regression":
-        if head.num_outputs > 1:
-            return [z.tolist() for z in logits], [[float(v) for v in y] for y in labels]
-        return [float(z[0]) for z in logits], [float(y[0]) for y in labels]
-    names = head.labels
-    predictions, references = [], []
-    for z, tags in zip(logits, labels, strict=True):
-        keep = [i for i, t in enumerate(tags) if t != IGNORE]
-        predictions.append([names[int(z[i].argmax())] for i in keep])
-        references.append([names[tags[i]] for i in keep])
-    return predictions, references
-
-
 def score(
     head: HeadSpec, logits: Sequence[torch.Tensor], labels: Sequence[Any], metrics: Sequence[str]
 ) -> dict[str, float]:
     """Return ``{metric: value}`` of per-example logits against encoded labels."""
-    return evaluate(metrics, *decode(head, logits, labels))
+    return evaluate(metrics, *heads.get(head.kind).decode(head, logits, labels))
 
 
 def batch_loss(
@@ -240,17 +164,18 @@ def batch_loss(
 ) -> torch.Tensor:
     """Return the training loss of ``branch`` on the examples at ``indices`` of ``split``:
     the hard loss, plus the soft (distillation) loss when ``split.teacher`` is set."""
+    kind = heads.get(head.kind)
     hidden, mask = pad_hidden([split.hidden[i] for i in indices], device)
-    labels = stack_labels(head, [split.labels[i] for i in indices], hidden.shape[1]).to(device)
+    labels = kind.stack([split.labels[i] for i in indices], hidden.shape[1]).to(device)
     logits = branch(hidden, mask).float()  # the losses in fp32 under bf16 autocast
-    loss = hard_loss(head, logits, labels)
+    loss = kind.loss(logits, labels)
     if split.teacher is not None:
         rows = [split.teacher[i] for i in indices]
-        if head.kind == "tagging":
+        if head.per_token:
             teacher, _ = pad_hidden(rows, device)
         else:
             teacher = torch.stack(rows).to(device=device, dtype=torch.float32)
-        loss = loss + soft_loss(head, logits, teacher, labels)
+        loss = loss + kind.distill(logits, teacher, labels, TEMPERATURE)
     return loss
 
 
@@ -334,33 +259,17 @@ def train_loop(
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     module.to(device)
-    optimizer = optimizer_for(module, recipe)
-    batches = math.ceil(num_train / recipe.batch_size)
-    schedule = linear_schedule(optimizer, batches, recipe)
-    on_step = progress.step if isinstance(progress, StepProgress) else None
+    steps = _Steps.start(module, recipe, num_train, forward_context)
     best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
     history = []
     for epoch in range(1, recipe.epochs + 1):
         (train_mode or module.train)()
-        total, seen = 0.0, 0
         order = torch.randperm(num_train, generator=generator).split(recipe.batch_size)
-        for batch, indices in enumerate(order, 1):
-            with forward_context:
-                loss = loss_for(indices.tolist())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), recipe.clip)
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(indices)
-            seen += len(indices)
-            if on_step is not None:
-                on_step(Step("", epoch, recipe.epochs, batch, batches, total / seen))
+        on_batch = _batch_reporter(progress, epoch, recipe.epochs, steps.batches)
+        train_loss = steps.epoch(order, loss_for, on_batch) / num_train
         dev_metrics = score(head, predict(), dev_labels, metrics)
-        history.append({"epoch": epoch, "train_loss": total / num_train, **dev_metrics})
-        if progress:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
-            progress(f"epoch {epoch}/{recipe.epochs}: loss {total / num_train:.4f}, {shown}")
+        history.append({"epoch": epoch, "train_loss": train_loss, **dev_metrics})
+        _report_epoch(progress, epoch, recipe.epochs, train_loss, dev_metrics)
         key = dev_metrics[metrics[0]]
         if best is None or key > best[0]:
             state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -372,3 +281,77 @@ def train_loop(
     result.load_state_dict(best[3])
     result.eval()
     return result, best[1], best[2], history, time.perf_counter() - started
+
+
+@dataclass
+class _Steps:
+    """What the training steps of one run share: the module, its optimizer and learning-rate
+    schedule, and the autocast context its losses are computed under."""
+
+    module: nn.Module
+    recipe: Recipe
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    forward_context: contextlib.AbstractContextManager[Any]
+    batches: int  # per epoch
+
+    @classmethod
+    def start(
+        cls,
+        module: nn.Module,
+        recipe: Recipe,
+        num_train: int,
+        forward_context: contextlib.AbstractContextManager[Any],
+    ) -> _Steps:
+        """Return the steps of a run of ``recipe`` over ``num_train`` examples."""
+        optimizer = optimizer_for(module, recipe)
+        batches = math.ceil(num_train / recipe.batch_size)
+        schedule = linear_schedule(optimizer, batches, recipe)
+        return cls(module, recipe, optimizer, schedule, forward_context, batches)
+
+    def epoch(
+        self,
+        order: Sequence[torch.Tensor],
+        loss_for: Callable[[list[int]], torch.Tensor],
+        on_batch: Callable[[int, float], None] | None,
+    ) -> float:
+        """Take one optimizer step per batch of example indices in ``order``; tell
+        ``on_batch`` each batch's number and the mean loss so far.
+
+        Returns:
+            The epoch's training loss summed over its examples.
+        """
+        total, seen = 0.0, 0
+        for batch, indices in enumerate(order, 1):
+            with self.forward_context:
+                loss = loss_for(indices.tolist())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.recipe.clip)
+            self.optimizer.step()
+            self.schedule.step()
+            total += float(loss.detach()) * len(indices)
+            seen += len(indices)
+            if on_batch is not None:
+                on_batch(batch, total / seen)
+        return total
+
+
+def _batch_reporter(
+    progress: Progress | None, epoch: int, epochs: int, batches: int
+) -> Callable[[int, float], None] | None:
+    """Return what tells a :class:`StepProgress` about each finished batch of ``epoch``
+    (None for other listeners, which hear only of whole epochs)."""
+    if not isinstance(progress, StepProgress):
+        return None
+    step = progress.step
+    return lambda batch, loss: step(Step("", epoch, epochs, batch, batches, loss))
+
+
+def _report_epoch(
+    progress: Progress | None, epoch: int, epochs: int, loss: float, dev: dict[str, float]
+) -> None:
+    """Tell ``progress`` (if any) an epoch's training loss and dev metrics, on one line."""
+    if progress:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in dev.items())
+        progress(f"epoch {epoch}/{epochs}: loss {loss:.4f}, {shown}")

@@ -1,8 +1,8 @@
 """Task metrics, computed by scikit-learn, scipy and seqeval (GLUE's official choices).
 
-Predictions and references come per head kind: class indices (classification), 0/1 lists
-(multilabel), floats or per-example lists of floats (regression, one per output) or
-per-word tag strings (tagging). The libraries are
+Predictions and references come as each head kind's ``decode`` (:mod:`mtreg.heads`) gives
+them: class indices (classification), 0/1 lists (multilabel), floats or per-example lists of
+floats (regression, one per output) or per-word tag strings (tagging). The libraries are
 imported inside each metric so that importing this module (to check metric names while
 plugins load) stays cheap.
 """
@@ -71,20 +71,20 @@ def micro_f1(predictions: Sequence[Sequence[int]], references: Sequence[Sequence
     )
 
 
-def _correlation(kind: str, predictions: Sequence[Any], references: Sequence[Any]) -> float:
+def _correlation(method: str, predictions: Sequence[Any], references: Sequence[Any]) -> float:
     import numpy as np
     from scipy import stats
 
     p, r = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
     if p.ndim == 2:
         # Several outputs: each is its own score, and a head is as good as their mean.
-        return sum(_correlation(kind, p[:, j], r[:, j]) for j in range(p.shape[1])) / p.shape[1]
+        return sum(_correlation(method, p[:, j], r[:, j]) for j in range(p.shape[1])) / p.shape[1]
     # A constant side has no correlation; scipy warns and returns NaN, mtreg reports 0.
     if len(r) < 2 or np.ptp(p) == 0 or np.ptp(r) == 0:
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        value = stats.pearsonr(p, r)[0] if kind == "pearson" else stats.spearmanr(p, r)[0]
+        value = stats.pearsonr(p, r)[0] if method == "pearson" else stats.spearmanr(p, r)[0]
     return 0.0 if math.isnan(value) else float(value)
 
 
@@ -138,14 +138,6 @@ METRICS: dict[str, Metric] = {
     "neg_mse": mse,
     "span_f1": span_f1,
     "token_accuracy": token_accuracy,
-}
-
-# What a task gets when its plugin names no metrics: the first one selects checkpoints.
-DEFAULT_METRICS = {
-    "classification": ("accuracy",),
-    "multilabel": ("micro_f1", "accuracy"),
-    "regression": ("pearson", "spearman"),
-    "tagging": ("span_f1", "token_accuracy"),
 }
 
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from mtreg.artifacts.branch_file import BranchMeta, write_branch
 from mtreg.errors import MtregError
-from mtreg.training.job import Job, Settings, prepare, with_overrides
+from mtreg.training.job import Job, prepare
 from mtreg.training.progress import Progress
+from mtreg.training.settings import Settings, with_overrides
 from mtreg.training.stages import (
     Run,
     StageResult,
@@ -29,7 +30,8 @@ from mtreg.training.stages import (
 )
 
 if TYPE_CHECKING:
-    from mtreg.registry.api import Changes, Registry
+    from mtreg.registry.api import Registry
+    from mtreg.registry.outcomes import Changes
 
 
 @dataclass
@@ -92,11 +94,11 @@ def write_chosen(
     """Write ``run``'s branch as the task's branch file at ``path``; return the path.
 
     Raises:
-        MtregError: the run's checkpoint is gone, or ``path`` cannot be written.
+        MtregError: the saved run is gone, or ``path`` cannot be written.
     """
     found = load_run(job, run.name, run.key, run.layers)
     if found is None:
-        raise MtregError(f"the checkpoint of {run.name} is gone: run the command again")
+        raise MtregError(f"the saved run {run.name} is gone: run the command again")
     _, branch = found
     meta = BranchMeta(
         task=job.spec.name,
@@ -131,11 +133,6 @@ def write_chosen(
         raise MtregError(f"cannot write the branch file {path}: {exc}; pass --out") from None
 
 
-def default_weights_path(home: Path, task: str, version: str) -> Path:
-    """Return ``MTREG_HOME/trained/<task>/<version>.safetensors``."""
-    return Path(home) / "trained" / task / f"{version}.safetensors"
-
-
 def output_path(job: Job, out: str | Path | None) -> Path:
     """Return where a branch file goes: ``out``, else the plugin's weights path, else
     ``MTREG_HOME/trained/<task>/<version>.safetensors``."""
@@ -143,7 +140,7 @@ def output_path(job: Job, out: str | Path | None) -> Path:
         return Path(out)
     if job.spec.weights is not None:
         return Path(job.spec.weights)
-    return default_weights_path(job.registry.home, job.spec.name, job.spec.version)
+    return job.registry.home.trained(job.spec.name, job.spec.version)
 
 
 # -- the commands -------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """The two training stages of onboarding: teacher search and distillation.
 
-The method (docs/architecture.md, "The method"): a teacher of L layers fine-tunes the trunk's top L layers (copied,
-the trunk itself never changes) plus a pooler and a fresh head, forking at k = N - L; a
-student of l < L layers at the same k starts from the teacher's bottom l layers and head and
-learns from hard labels plus the teacher's softened logits.
+The method (docs/architecture.md, "The method"): a teacher of L layers fine-tunes the
+trunk's top L layers (copied, the trunk itself never changes) plus a pooler and a fresh
+head, forking at k = N - L; a student of l < L layers at the same k starts from the
+teacher's bottom l layers and head and learns from hard labels plus the teacher's softened
+logits.
 
 Both train on the cached activations of :mod:`mtreg.training.job`, and students read the
-teacher's cached logits. Every run's result is checkpointed under
+teacher's cached logits. Every finished run is saved under
 ``MTREG_HOME/onboarding/<task>/<version>/`` (JSON + safetensors), so a killed onboarding
 resumes at the run it reached.
 """
@@ -29,9 +30,10 @@ from mtreg.artifacts.fingerprint import tensor_group_hash
 from mtreg.errors import MtregError
 from mtreg.nn.layers import Branch
 from mtreg.training.cache import cache_key
-from mtreg.training.job import Job, auto_epochs, default_teacher_layers, hidden_states
+from mtreg.training.job import Job, hidden_states
 from mtreg.training.loop import Split, fit, predict_logits
 from mtreg.training.progress import prefixed
+from mtreg.training.settings import auto_epochs, default_teacher_layers
 
 # Students are searched at l = 1..min(MAX_STUDENT_LAYERS, L-1) unless Settings say otherwise.
 MAX_STUDENT_LAYERS = 3
@@ -41,7 +43,7 @@ MAX_STUDENT_LAYERS = 3
 
 
 def run_name(stage: str, layers: int, lr: float) -> str:
-    """Return the label of a run (its checkpoint's file name), e.g. ``teacher-L3-lr0.0002``:
+    """Return the label of a run (its saved files' name), e.g. ``teacher-L3-lr0.0002``:
     L counts a teacher's layers, l a student's."""
     letter = "L" if stage == "teacher" else "l"
     return f"{stage}-{letter}{layers}-lr{lr:g}"
@@ -130,7 +132,7 @@ def _state_hash(branch: Branch) -> str:
     return tensor_group_hash(branch.state_dict())
 
 
-# -- stage checkpoints --------------------------------------------------------------------
+# -- saved runs ---------------------------------------------------------------------------
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -145,13 +147,13 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _checkpoint_paths(job: Job, run_name: str) -> tuple[Path, Path]:
+def _saved_run_paths(job: Job, run_name: str) -> tuple[Path, Path]:
     return job.stage_dir / f"{run_name}.json", job.stage_dir / f"{run_name}.safetensors"
 
 
 def save_run(job: Job, run: Run, branch: Branch) -> None:
-    """Checkpoint a finished run: weights first, then the JSON that marks it complete."""
-    meta_path, weights_path = _checkpoint_paths(job, run.name)
+    """Save a finished run: weights first, then the JSON that marks it complete."""
+    meta_path, weights_path = _saved_run_paths(job, run.name)
     state = {k: v.detach().cpu().contiguous() for k, v in branch.state_dict().items()}
     _atomic_write(weights_path, lambda tmp: save_file(state, tmp))
     payload = json.dumps({**run.to_dict(), "resumed": False}, indent=2, sort_keys=True)
@@ -159,8 +161,8 @@ def save_run(job: Job, run: Run, branch: Branch) -> None:
 
 
 def load_run(job: Job, run_name: str, key: str, layers: int) -> tuple[Run, Branch] | None:
-    """Return a checkpointed run and its branch if one exists for exactly ``key``."""
-    meta_path, weights_path = _checkpoint_paths(job, run_name)
+    """Return a saved run and its branch if one exists for exactly ``key``."""
+    meta_path, weights_path = _saved_run_paths(job, run_name)
     try:
         data = json.loads(meta_path.read_text())
         if data.get("key") != key:
@@ -209,11 +211,11 @@ def _train_run(
     train: Split,
     dev: Split,
 ) -> tuple[Run, Branch]:
-    """Train one candidate, or take it from its checkpoint when one matches ``key``."""
+    """Train one candidate, or take its saved run when one matches ``key``."""
     name = run_name(stage, layers, lr)
     found = load_run(job, name, key, layers)
     if found is not None:
-        job.say(f"{name}: done before, resumed from its checkpoint")
+        job.say(f"{name}: done before, resumed from its saved run")
         return found
 
     result = fit(
@@ -245,8 +247,8 @@ def _train_run(
 def train_teachers(job: Job) -> StageResult:
     """Train a teacher for every L and learning rate of the search; keep the best on dev.
 
-    Each finished run is checkpointed; a rerun with the same data, trunk and recipe takes
-    it from there. Writes ``teacher.json`` naming the best one.
+    Each finished run is saved; a rerun with the same data, trunk and recipe takes it from
+    there. Writes ``teacher.json`` naming the best one.
 
     Returns:
         Every run, the best, and the settings used.
@@ -312,7 +314,7 @@ def chosen_teacher(job: Job) -> tuple[Run, Branch]:
     run = Run(**{k: marker["run"][k] for k in Run.__dataclass_fields__ if k in marker["run"]})
     found = load_run(job, run.name, run.key, run.layers)
     if found is None:
-        raise MtregError(f"task {job.spec.name!r}: its teacher checkpoint is gone: run {name}")
+        raise MtregError(f"task {job.spec.name!r}: its saved teacher run is gone: run {name}")
     return found
 
 

@@ -1,0 +1,127 @@
+"""Onboarding settings: what to search and how to train (:class:`Settings`), the defaults
+behind them, and the helpers that fill in what a setting leaves to be chosen.
+
+Nothing here imports torch, so the CLI can build settings before it loads a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mtreg.errors import MtregError
+
+# Partial runs want a higher learning rate than full fine-tuning (bench/onboarding.py: lr
+# 2e-4 on the top 3 of 6 layers matched a full run at 1e-4). Searching 1e-4 as well doubled
+# the teacher stage and made onboarding 2.6x one full fine-tuning, for teachers within noise
+# of the 2e-4 ones (SST-2 and CoLA, bench/results/onboarding.md and quality/); `--lr`
+# repeats to search.
+# Students start from a trained teacher but their head meets a shallower state than it was
+# trained on; a higher rate and twice the teacher's epochs let them catch up (l < L).
+TEACHER_LRS = (2e-4,)
+STUDENT_LRS = (5e-4,)
+# Automatic epochs: enough for about MIN_STEPS optimizer steps, within MIN..MAX epochs.
+# Small data sets (the demo's 48 sentences) get more passes; 10k examples get MIN_EPOCHS.
+# Together with early stopping (PATIENCE epochs without a better dev score) this keeps the
+# README demo (two tasks of 60-80 sentences on the 6-layer MiniLM) to a few CPU minutes.
+MIN_STEPS, MIN_EPOCHS, MAX_EPOCHS = 20, 3, 10
+PATIENCE = 3
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    """Raise MtregError unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise MtregError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to search and how to train. Every field is reported with the results.
+
+    ``None`` means "choose": teacher layers default to :func:`default_teacher_layers`,
+    student layers to 1..min(3, L-1), epochs to :func:`auto_epochs` (students: twice the
+    teachers'), max length to the task's own.
+    """
+
+    teacher_layers: tuple[int, ...] | None = None
+    teacher_lrs: tuple[float, ...] = TEACHER_LRS
+    student_layers: tuple[int, ...] | None = None
+    student_lrs: tuple[float, ...] = STUDENT_LRS
+    epochs: int | None = None
+    student_epochs: int | None = None
+    batch_size: int = 32
+    max_length: int | None = None
+    seed: int = 0
+    dropout: float = 0.1
+    patience: int | None = PATIENCE
+    tolerance: float = 0.99
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def check(self) -> None:
+        """Raise MtregError for a value no run could use."""
+        for name in ("teacher_lrs", "student_lrs"):
+            values = getattr(self, name)
+            if not values or any(not (lr > 0 and math.isfinite(lr)) for lr in values):
+                raise MtregError(f"{name.replace('_', ' ')} must be positive numbers")
+        for name in ("teacher_layers", "student_layers"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise MtregError(f"{name.replace('_', ' ')} must be at least 1")
+        for name in ("epochs", "student_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise MtregError(f"{name.replace('_', ' ')} must be at least 1")
+        if self.patience is not None and self.patience < 1:
+            raise MtregError("patience must be at least 1 epoch")
+        if self.batch_size < 1:
+            raise MtregError("batch size must be at least 1")
+        if not 0 < self.tolerance <= 1:
+            raise MtregError(f"tolerance must be in (0, 1], got {self.tolerance}")
+        check_precision(self.precision)
+        if self.max_length is not None and not 2 <= self.max_length <= 8192:
+            raise MtregError("max length must be in 2..8192")
+
+
+def with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
+    """Return ``settings`` (default: ``Settings()``) with the fields in ``overrides`` replaced.
+
+    Raises:
+        TypeError: an override names no Settings field (a typo must not pass silently).
+    """
+    unknown = set(overrides) - set(Settings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown onboarding settings: {', '.join(sorted(unknown))}")
+    return replace(settings or Settings(), **overrides)
+
+
+def parse_range(text: str) -> tuple[int, ...]:
+    """Parse ``"LO..HI"`` (or a single ``"N"``) into the integers LO..HI inclusive.
+
+    Raises:
+        MtregError: not of that form, or LO > HI, or LO < 1.
+    """
+    lo, sep, hi = text.partition("..")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise MtregError(f"invalid range {text!r}: write LO..HI, e.g. 2..4") from None
+    if low < 1 or low > high:
+        raise MtregError(f"invalid range {text!r}: need 1 <= LO <= HI")
+    return tuple(range(low, high + 1))
+
+
+def default_teacher_layers(num_layers: int) -> tuple[int, ...]:
+    """Return the default L search for an N-layer trunk: about N/3..N/2 (2..3 of 6, 4..6 of
+    12; the paper searched 4..10 of 12, kept narrow here so onboarding stays cheap)."""
+    low = max(1, round(num_layers / 3))
+    high = max(low, num_layers // 2)
+    return tuple(range(low, min(high, num_layers) + 1))
+
+
+def auto_epochs(num_examples: int, batch_size: int) -> int:
+    """Return epochs giving about :data:`MIN_STEPS` steps, within MIN_EPOCHS..MAX_EPOCHS."""
+    steps = max(1, math.ceil(num_examples / batch_size))
+    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(MIN_STEPS / steps)))
