@@ -54,6 +54,7 @@ def test_full_finetuning_learns_the_toy_task_and_trains_every_weight(job: Job) -
     assert torch.equal(emb, start["trunk.embeddings.word_embeddings.weight"])
 
 
+@pytest.mark.slow
 def test_frozen_embeddings_stay_bit_for_bit(job: Job) -> None:
     start = _state(ft.full_model(job))
     result = ft.finetune(job, 3e-3, 2, train_embeddings=False)
