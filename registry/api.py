@@ -76,6 +76,7 @@ class Registry:
             DatabaseError: unreachable database, or a schema older or newer than the code.
         """
         if self._store is None:
+            # SQLAlchemy loads with the first database access (`mtreg plugins` makes none).
             from mtreg.registry.store import Store
 
             self._store = Store(self.url)
@@ -104,6 +105,7 @@ class Registry:
         Returns:
             ``{"home", "database", "revision"}`` describing the registry.
         """
+        # Alembic loads only to create or upgrade a schema.
         from mtreg.registry import db
 
         self.home.root.mkdir(parents=True, exist_ok=True)
@@ -152,6 +154,7 @@ class Registry:
     def discover(self, refresh: bool = False) -> Discovery:
         """Return the installed and path plugins and the tasks they offer (cached)."""
         if self._discovery is None or refresh:
+            # Discovery imports every plugin: only when plugins are asked for.
             from mtreg.plugins.loader import discover
 
             self._discovery = discover(self.plugins_dirs)

@@ -19,6 +19,7 @@ from alembic.script import ScriptDirectory
 
 from mtreg.core.env import DATABASE_ENV
 from mtreg.errors import DatabaseError
+from mtreg.registry.tables import Base
 
 SchemaState = Literal["empty", "current", "outdated", "newer", "unmanaged"]
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -175,8 +176,6 @@ def _run(engine: sa.Engine, operation) -> None:
 
 def check(engine: sa.Engine) -> list[str]:
     """Return the differences between the database schema and the code's tables."""
-    from mtreg.registry.tables import Base
-
     with _connect(engine) as connection:
         context = MigrationContext.configure(
             connection, opts={"compare_type": True, "render_as_batch": True}

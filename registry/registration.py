@@ -79,6 +79,7 @@ def _read_meta(spec: TaskSpec, trunk: TrunkRecord) -> BranchMeta:
 
 def _check_trained_on(spec: TaskSpec, trunk: TrunkRecord, meta: BranchMeta) -> None:
     """Refuse weights whose trunk prefix does not match ``trunk``'s fingerprint."""
+    # Fingerprints hash tensors (torch): only when weights are registered.
     from mtreg.artifacts.fingerprint import TrunkFingerprint
 
     try:

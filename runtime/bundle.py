@@ -367,6 +367,7 @@ def load_bundle(
         if path.is_dir() or "/" in str(ref):
             raise NotFound(f"{ref} holds no {MANIFEST}: point at a bundle directory")
         if registry is None:
+            # A bundle directory loads without the database: SQLAlchemy only for a reference.
             from mtreg.registry.api import Registry
 
             with Registry() as registry:

@@ -44,6 +44,7 @@ def is_directory_ref(ref: str) -> bool:
 def _onnx_folder(registry: Registry, source: Path, record_id: str, tasks) -> Path:
     """Return an ONNX export of registry bundle ``source``, made once and cached under the
     registry home (registry bundles hold torch weights only)."""
+    # onnx is an optional extra: imported only when the ONNX backend is asked for.
     from mtreg.runtime.export import export_onnx
 
     out = registry.home.onnx(record_id, tasks)

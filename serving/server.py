@@ -65,6 +65,7 @@ def serve(
     Raises:
         NotFound, InvalidWeights, MtregError: the bundle cannot be served (nothing listens).
     """
+    # FastAPI and uvicorn (the `serve` extra) load only when a server starts.
     import uvicorn
 
     from mtreg.serving.app import create_app
