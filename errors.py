@@ -45,3 +45,7 @@ class PluginError(MtregError):
 
 class DatabaseError(MtregError):
     """A database that cannot be reached, or whose schema is older or newer than the code."""
+
+
+class StorageError(MtregError):
+    """A disk that is full or read-only, or a path the registry cannot write or create."""

@@ -19,7 +19,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtreg.core.env import database_url, resolve_home
+from mtreg.core.env import HOME_ENV, database_url, resolve_home
+from mtreg.errors import DatabaseError, MtregError
 
 # The tokenizer fingerprint is a sha256; 32 hex digits name its cache folder unambiguously.
 _TOKENIZER_DIGITS = 32
@@ -51,6 +52,19 @@ class Home:
     def database_url(self, url: str | None = None) -> str:
         """Return ``url``, else ``$MTREG_DATABASE_URL``, else :attr:`sqlite_url`."""
         return url or database_url() or self.sqlite_url
+
+    def require_database(self, url: str) -> None:
+        """Check that a registry exists here, unless ``url`` is another database than this
+        home's own SQLite file: a missing file is a mistyped home likelier than a new one.
+
+        Raises:
+            DatabaseError: ``url`` is this home's SQLite file and it does not exist.
+        """
+        if url == self.sqlite_url and not self.database_file.exists():
+            raise DatabaseError(
+                f"no registry at {self.root} (no {self.database_file.name}): "
+                f"run `mtreg init` to create one, or check --home or {HOME_ENV}"
+            )
 
     @property
     def objects(self) -> Path:
@@ -94,6 +108,22 @@ class Home:
     def trained(self, task: str, version: str) -> Path:
         """Return where onboarding writes ``task``'s branch file when its plugin names none."""
         return self.root / "trained" / task / f"{version}.safetensors"
+
+    def check_output(self, path: Path) -> Path:
+        """Return ``path`` if a command may write a folder of its own there.
+
+        Raises:
+            MtregError: ``path`` is the home or lies inside it, where the registry's own
+                files live (objects, bundles, caches; the demo's ``exports/`` excepted): a
+                folder written there could shadow or be deleted with the registry's.
+        """
+        target, root = Path(path).resolve(), self.root.resolve()
+        exports = (root / "exports").resolve()
+        if target.is_relative_to(root) and not target.is_relative_to(exports):
+            raise MtregError(
+                f"{path} is inside the registry home {self.root}: write exports outside it"
+            )
+        return path
 
     def export(self, bundle_id: str) -> Path:
         """Return the folder the demo exports bundle ``bundle_id`` to."""

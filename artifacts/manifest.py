@@ -259,6 +259,34 @@ class Manifest:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
 
+def bundle_directory(ref: str | Path) -> Path | None:
+    """Return the bundle directory ``ref`` names, or None when it names a registry bundle
+    (an alias, a bundle id or an id prefix).
+
+    A directory is written as a path: with a ``/`` (``./serving``, ``/srv/bundle``), as
+    ``.`` or ``..``, or passed as a :class:`~pathlib.Path`. A bare word is never a folder, so
+    a folder that happens to be named like an alias cannot silently replace the alias.
+
+    Raises:
+        NotFound: a path that holds no ``manifest.json``.
+    """
+    text = str(ref)
+    if not isinstance(ref, Path) and "/" not in text and text not in (".", ".."):
+        return None
+    path = Path(ref)
+    if not (path / MANIFEST).is_file():
+        raise NotFound(f"{ref} holds no {MANIFEST}: point at a bundle directory")
+    return path
+
+
+def folder_hint(ref: str) -> str:
+    """Return a hint for a bare name ``ref`` that is also a bundle folder in the current
+    directory (``ref`` names the registry's bundle, see :func:`bundle_directory`), else ``""``."""
+    if (Path(ref) / MANIFEST).is_file():
+        return f" (to load the folder {ref}, write ./{ref})"
+    return ""
+
+
 def read_manifest(path: Path) -> Manifest:
     """Read a bundle's ``manifest.json`` and check that it is safe to act on.
 

@@ -22,11 +22,12 @@ class Context:
 
     @property
     def registry(self) -> Registry:
-        """The Registry for this invocation, opened on first use."""
+        """The Registry for this invocation, opened on first use. Only ``mtreg init``
+        creates a home's database: a mistyped ``--home`` is an error, not a new registry."""
         if self._registry is None:
             from mtreg.registry.api import Registry
 
-            self._registry = Registry(self.url, self.home, self.plugins_dirs)
+            self._registry = Registry(self.url, self.home, self.plugins_dirs, create=False)
         return self._registry
 
     def close(self) -> None:

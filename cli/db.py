@@ -14,10 +14,14 @@ def db() -> None:
     """Create, upgrade and check the registry database schema."""
 
 
-def _engine(ctx: Context):
+def _engine(ctx: Context, create: bool = False):
     from mtreg.registry.db import make_engine
 
-    return make_engine(Home.resolve(ctx.home).database_url(ctx.url))
+    home = Home.resolve(ctx.home)
+    url = home.database_url(ctx.url)
+    if not create:
+        home.require_database(url)
+    return make_engine(url, create)
 
 
 @db.command("upgrade")
@@ -27,7 +31,7 @@ def upgrade(ctx: Context, revision: str) -> None:
     """Apply the migrations the database lacks (creates a new database)."""
     from mtreg.registry import db as schema
 
-    engine = _engine(ctx)
+    engine = _engine(ctx, create=True)
     before = schema.current_revision(engine)
     schema.upgrade(engine, revision)
     after = schema.current_revision(engine)

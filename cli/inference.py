@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mtreg.artifacts.manifest import MANIFEST
+from mtreg.artifacts.home import Home
+from mtreg.artifacts.manifest import bundle_directory
 from mtreg.cli.context import Context, pass_context
-from mtreg.core.text import read_jsonl, split_list
+from mtreg.core.text import read_jsonl, split_list, text_problem
+from mtreg.errors import MtregError
 
 bundle_option = click.option(
     "--bundle",
     "ref",
     default="serving",
     show_default=True,
-    help="Alias, bundle id (prefix) or bundle directory.",
+    help="Alias, bundle id (prefix), or a bundle directory written as a path (./DIR).",
 )
 tasks_option = click.option(
     "--tasks", default=None, metavar="A,B", help="Comma-separated tasks (default: all)."
@@ -30,21 +31,61 @@ def _split(tasks: str | None) -> list[str] | None:
 
 
 def _resolve(ctx: Context, ref: str) -> Path:
-    path = Path(ref)
-    if (path / MANIFEST).is_file():
-        return path
-    return ctx.registry.bundle_path(ref)
+    directory = bundle_directory(ref)
+    return directory if directory is not None else ctx.registry.bundle_path(ref)
 
 
-def _read_inputs(path: Path) -> Iterator[Any]:
-    """Yield inputs from a JSON-lines file: a string, a ``[text, pair]`` list, or an object
-    with ``text`` (and ``text_pair``) or with the tasks' own input field names."""
-    for _, item in read_jsonl(path):
-        if isinstance(item, dict) and set(item) <= {"text", "text_pair"} and "text" in item:
-            item = (item["text"], item["text_pair"]) if "text_pair" in item else item["text"]
-        elif isinstance(item, list):
-            item = tuple(item)
-        yield item
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def _input(value: Any) -> tuple[Any, str | None]:
+    """Return ``(input, None)`` for a JSON value that is an input, else ``(None, problem)``."""
+    if isinstance(value, dict) and set(value) <= {"text", "text_pair"} and "text" in value:
+        texts = [value["text"], value["text_pair"]] if "text_pair" in value else [value["text"]]
+        item = tuple(texts) if len(texts) == 2 else texts[0]
+    elif isinstance(value, dict):
+        texts, item = list(value.values()), value
+    elif isinstance(value, list):
+        if len(value) not in (1, 2):
+            return None, f"is a list of {len(value)} items: a pair has two texts"
+        texts, item = value, tuple(value)
+    elif isinstance(value, str):
+        texts, item = [value], value
+    else:
+        kind = _JSON_TYPES.get(type(value), type(value).__name__)
+        return None, f"is {kind}, not an input: write a text, a [text, pair] list or an object"
+    if not texts:
+        return None, "is an empty object: give the tasks' input fields"
+    problem = next(filter(None, map(text_problem, texts)), None)
+    return (item, None) if problem is None else (None, f"has a bad text ({problem})")
+
+
+def _read_inputs(path: Path, skip_bad: bool) -> list[Any]:
+    """Return the inputs of a JSON-lines file: a string, a ``[text, pair]`` list, or an
+    object with ``text`` (and ``text_pair``) or with the tasks' own input field names.
+
+    Raises:
+        MtregError: a line that is not an input (bad UTF-8 or JSON, ``null``, a number, an
+            empty text, ...), naming it; with ``skip_bad`` each is reported on stderr instead.
+    """
+
+    def bad(number: int, problem: str) -> None:
+        if not skip_bad:
+            raise MtregError(f"{path}:{number} {problem}: fix that line or pass --skip-bad")
+        skipped.append(number)
+        click.echo(f"skipped {path}:{number}: {problem}", err=True)
+
+    skipped: list[int] = []
+    inputs = []
+    for number, value in read_jsonl(path, on_error=bad):
+        item, problem = _input(value)
+        if problem is None:
+            inputs.append(item)
+        else:
+            bad(number, problem)
+    if skipped:
+        click.echo(f"skipped {len(skipped)} bad line(s), predicted {len(inputs)}", err=True)
+    return inputs
 
 
 @click.command("predict")
@@ -56,8 +97,11 @@ def _read_inputs(path: Path) -> Iterator[Any]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSON-lines file of inputs (instead of TEXT).",
 )
+@click.option(
+    "--skip-bad", is_flag=True, help="Skip --input lines that are not inputs (listed on stderr)."
+)
 @click.option("--logits", is_flag=True, help="Add the raw outputs.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option(
     "--backend",
     type=click.Choice(["torch", "onnx", "auto"]),
@@ -73,6 +117,7 @@ def predict(
     ref: str,
     tasks: str | None,
     input_file: Path | None,
+    skip_bad: bool,
     logits: bool,
     batch_size: int,
     backend: str,
@@ -88,7 +133,7 @@ def predict(
     if input_file is None:
         inputs: list[Any] = [text if text_pair is None else (text, text_pair)]
     else:
-        inputs = list(_read_inputs(input_file))
+        inputs = _read_inputs(input_file, skip_bad)
     results = bundle.predict(inputs, batch_size=batch_size, with_logits=logits)
     for item, result in zip(inputs, results, strict=True):
         shown = list(item) if isinstance(item, tuple) else item
@@ -123,6 +168,7 @@ def export(
     source, names = _resolve(ctx, ref), _split(tasks)
     if quantize and fmt != "onnx":
         raise click.UsageError("--quantize applies to --format onnx only")
+    Home.resolve(ctx.home).check_output(out)
     if fmt == "dir":
         exporting.export_dir(source, out, names)
         click.echo(f"exported {', '.join(names or ['all tasks'])} to {out}")

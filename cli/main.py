@@ -26,6 +26,7 @@ from mtreg.cli import (
 )
 from mtreg.cli.context import Context
 from mtreg.core.env import DATABASE_ENV, HOME_ENV, PLUGINS_PATH_ENV
+from mtreg.core.extras import missing_extra
 from mtreg.errors import MtregError
 
 
@@ -35,10 +36,14 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except MtregError as exc:
-            if ctx.find_object(Context) and ctx.find_object(Context).debug:
+        except (MtregError, ImportError) as exc:
+            # An ImportError is shown as one line only for an optional extra a command
+            # imports when it runs (serve, onnx, report): anything else is a bug.
+            error = exc if isinstance(exc, MtregError) else missing_extra(exc)
+            settings = ctx.find_object(Context)
+            if error is None or (settings and settings.debug):
                 raise
-            raise click.ClickException(str(exc).replace("\n", " ")) from None
+            raise click.ClickException(str(error).replace("\n", " ")) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from mtreg.core.text import printable
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
@@ -17,11 +19,16 @@ def echo_json(data: Any) -> None:
 
 
 def echo_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], empty: str) -> None:
-    """Print rows as a left-aligned table, or ``empty`` when there are none."""
+    """Print rows as a left-aligned table, or ``empty`` when there are none.
+
+    Cells are made :func:`~mtreg.core.text.printable`: a name, description or error that
+    came from a plugin can neither break the table nor send escapes to the terminal.
+    """
     if not rows:
         click.echo(empty)
         return
-    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    body = [["" if v is None else printable(str(v)) for v in r] for r in rows]
+    cells = [[str(h) for h in headers], *body]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for index, row in enumerate(cells):
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -30,10 +37,10 @@ def echo_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], empty: str
 
 
 def echo_fields(fields: Sequence[tuple[str, Any]]) -> None:
-    """Print ``name: value`` lines with the names aligned."""
+    """Print ``name: value`` lines with the names aligned (values made printable)."""
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
-        click.echo(f"{name.ljust(width)}  {value}")
+        click.echo(f"{name.ljust(width)}  {printable(str(value))}")
 
 
 def listing(

@@ -6,6 +6,7 @@ import click
 
 from mtreg.cli.context import Context, pass_context
 from mtreg.cli.output import echo_json, echo_table, json_option
+from mtreg.core.text import printable
 
 
 @click.command("plugins")
@@ -32,7 +33,7 @@ def plugins(ctx: Context, as_json: bool) -> None:
         "no plugins found: install one, or pass --plugins-dir / set MTREG_PLUGINS_PATH",
     )
     for message in (*discovery.conflicts, *discovery.warnings):
-        click.echo(f"warning: {message}", err=True)
+        click.echo(f"warning: {printable(message)}", err=True)
 
 
 COMMANDS = [plugins]

@@ -40,7 +40,8 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
 @_config_option(
     "--bundle",
     metavar="ALIAS|ID|PATH",
-    help="Bundle to serve; an alias is followed (hot reload when it moves).",
+    help="Bundle to serve (a directory written as a path, ./DIR); an alias is followed "
+    "(hot reload when it moves).",
 )
 @click.option("--tasks", default=None, metavar="A,B", help="Serve only these tasks.")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -68,6 +69,29 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
     type=click.FloatRange(0),
     help="How often the alias is checked for hot reload (0: never).",
 )
+@_config_option(
+    "--header-timeout",
+    "header_timeout_s",
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a request line and headers may take to arrive (slower: 408, closed).",
+)
+@_config_option(
+    "--body-timeout",
+    "body_timeout_s",
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a request body may take to arrive after its headers (slower: 408).",
+)
+@_config_option(
+    "--keep-alive",
+    "keep_alive_s",
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds an idle keep-alive connection stays open.",
+)
+@_config_option(
+    "--max-connections",
+    type=click.IntRange(1),
+    help="Open connections; a request on one past it gets 503 with Retry-After.",
+)
 @click.option(
     "--threads",
     default=None,
@@ -93,6 +117,10 @@ def serve(
     queue_size: int | None,
     max_inputs: int | None,
     poll_seconds: float | None,
+    header_timeout_s: float | None,
+    body_timeout_s: float | None,
+    keep_alive_s: float | None,
+    max_connections: int | None,
     threads: int | None,
     log_level: str,
 ) -> None:
@@ -113,12 +141,16 @@ def serve(
         queue_size=queue_size,
         max_inputs=max_inputs,
         poll_seconds=poll_seconds,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
+        keep_alive_s=keep_alive_s,
+        max_connections=max_connections,
     )
     run(
         config,
         host=host,
         port=port,
-        registry_factory=lambda: Registry(ctx.url, ctx.home, ctx.plugins_dirs),
+        registry_factory=lambda: Registry(ctx.url, ctx.home, ctx.plugins_dirs, create=False),
         threads=threads,
         log_level=log_level,
     )

@@ -7,6 +7,7 @@ options and messages that name a variable use its constant.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,14 +15,19 @@ from pathlib import Path
 import platformdirs
 
 from mtreg.core.text import split_list
+from mtreg.errors import MtregError
 
 HOME_ENV = "MTREG_HOME"
 DATABASE_ENV = "MTREG_DATABASE_URL"
 DATA_DIR_ENV = "MTREG_DATA_DIR"
 PLUGINS_PATH_ENV = "MTREG_PLUGINS_PATH"
 LOAD_PLUGINS_ENV = "MTREG_LOAD_PLUGINS"
+PLUGIN_TIMEOUT_ENV = "MTREG_PLUGIN_TIMEOUT"
 CACHE_MAX_BYTES_ENV = "MTREG_CACHE_MAX_BYTES"
 FAULT_ENV = "MTREG_FAULT"
+
+# Long enough for a plugin that imports torch and transformers from a cold disk.
+DEFAULT_PLUGIN_TIMEOUT = 60.0
 
 
 def resolve_home(home: str | Path | None = None, env: Mapping[str, str] = os.environ) -> Path:
@@ -77,6 +83,28 @@ def load_plugins(env: Mapping[str, str] = os.environ) -> list[str] | None:
     order); None when it is unset, which allows every plugin."""
     raw = env.get(LOAD_PLUGINS_ENV)
     return None if raw is None else list(dict.fromkeys(split_list(raw)))
+
+
+def plugin_timeout(env: Mapping[str, str] = os.environ) -> float:
+    """Return ``$MTREG_PLUGIN_TIMEOUT``: the seconds a plugin may take to import, and again
+    to run its hook, before it is reported as hung; 60 when unset or empty.
+
+    Raises:
+        MtregError: the value is not a number of seconds greater than 0.
+    """
+    raw = env.get(PLUGIN_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PLUGIN_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        raise MtregError(
+            f"{PLUGIN_TIMEOUT_ENV} must be a number of seconds greater than 0, got {raw!r}: "
+            "fix or unset it"
+        )
+    return seconds
 
 
 def cache_max_bytes(env: Mapping[str, str] = os.environ) -> int | None:

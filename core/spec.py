@@ -45,6 +45,7 @@ HEAD_KINDS: tuple[str, ...] = tuple(KIND_RULES)
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+VERSION_MAX = 64  # characters: the registry's version column
 
 Example = Mapping[str, Any]
 """One example: the input field(s) named by ``TaskSpec.inputs`` plus ``label``.
@@ -75,15 +76,13 @@ def parse_version(text: object) -> Version:
     """Parse a semantic version ``MAJOR.MINOR.PATCH`` (pre-release suffixes allowed).
 
     Raises:
-        InvalidVersion: for anything else, such as ``"1.0"``, ``"v1"`` or ``"latest"``.
+        InvalidVersion: for anything else, such as ``"1.0"``, ``"v1"`` or ``"latest"``, or
+            one longer than VERSION_MAX characters.
     """
-    try:
-        version = Version(str(text))
-    except _PkgInvalidVersion:
-        version = None
+    version = version_key(text) if isinstance(text, str) else None
     if (
-        not isinstance(text, str)
-        or version is None
+        version is None
+        or len(text) > VERSION_MAX
         or len(version.release) != 3
         or version.epoch
         or version.local
@@ -94,6 +93,27 @@ def parse_version(text: object) -> Version:
             f"invalid version {text!r}: use a semantic version such as 1.0.0 or 2.1.0rc1"
         )
     return version
+
+
+def version_key(text: str) -> Version | None:
+    """Return the comparable form of a version string, or None when it is none.
+
+    Normalised forms compare equal: ``1.0``, ``1.0.0`` and ``v1.0.0`` are one version, as are
+    ``1.0.0-rc1`` and ``1.0.0rc1``.
+    """
+    try:
+        return Version(text)
+    except _PkgInvalidVersion:
+        return None
+
+
+def find_version(wanted: str, registered: Iterable[str]) -> str | None:
+    """Return the version among ``registered`` that ``wanted`` names (compared by
+    :func:`version_key`, so ``1.0`` finds ``1.0.0``), or None."""
+    key = version_key(wanted)
+    if key is None:
+        return None
+    return next((version for version in registered if version_key(version) == key), None)
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,23 @@ class HeadKind(ABC):
     hf_problem_type: ClassVar[str | None] = None
 
     @abstractmethod
+    def check_label(self, head: HeadSpec, label: Any, words: int) -> None:
+        """Check one training example's ``label`` before anything is tokenised or trained:
+        its type, its names against ``head.labels``, its values (finite numbers), and for
+        a per-token head one tag per word of a text of ``words`` words.
+
+        Raises:
+            MtregError: what is wrong with the label, in words a plugin author can act on.
+        """
+
+    @abstractmethod
     def encode_label(
         self, head: HeadSpec, label: Any, word_ids: Sequence[int | None] | None
     ) -> Any:
         """Return one example's ``label`` encoded for training: plain Python values that
         :meth:`stack` turns into a batch. ``word_ids`` maps each token to its word
-        (per-token heads only; None otherwise).
+        (per-token heads only; None otherwise). The label should have passed
+        :meth:`check_label`.
 
         Raises:
             MtregError: a label the head does not know, or that does not fit the text.
@@ -90,7 +101,8 @@ def label_lookup(head: HeadSpec) -> Callable[[Any], int]:
     index = {name: i for i, name in enumerate(head.labels)}
 
     def lookup(name: Any) -> int:
-        if name not in index:
+        # A label of another type (a number, a list) is refused here rather than hashed.
+        if not isinstance(name, str) or name not in index:
             raise MtregError(f"label {name!r} is not in the head's labels {list(head.labels)}")
         return index[name]
 

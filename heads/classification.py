@@ -20,6 +20,10 @@ class Classification(HeadKind):
     default_metrics = ("accuracy",)
     hf_problem_type = "single_label_classification"
 
+    def check_label(self, head: HeadSpec, label: Any, words: int) -> None:
+        """Raise MtregError unless ``label`` is one of the head's class names (a string)."""
+        label_lookup(head)(label)
+
     def encode_label(
         self, head: HeadSpec, label: Any, word_ids: Sequence[int | None] | None
     ) -> int:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mtreg.core.spec import HeadSpec
+from mtreg.errors import MtregError
 from mtreg.heads.base import HeadKind, Words, label_lookup
 
 
@@ -19,6 +20,18 @@ class Multilabel(HeadKind):
     name = "multilabel"
     default_metrics = ("micro_f1", "accuracy")
     hf_problem_type = "multi_label_classification"
+
+    def check_label(self, head: HeadSpec, label: Any, words: int) -> None:
+        """Raise MtregError unless ``label`` is a list of the head's label names (a string
+        alone would be read letter by letter)."""
+        if not isinstance(label, list | tuple):
+            raise MtregError(
+                f"label {label!r} is not a list: a multilabel example's label is a list of "
+                f"names from {list(head.labels)} (empty for none)"
+            )
+        lookup = label_lookup(head)
+        for name in label:
+            lookup(name)
 
     def encode_label(
         self, head: HeadSpec, label: Any, word_ids: Sequence[int | None] | None

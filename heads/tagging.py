@@ -15,6 +15,11 @@ from mtreg.heads.base import HeadKind, Words, label_lookup, softmax_distillation
 IGNORE = -100  # label of sub-tokens and special tokens (skipped by the loss and the metrics)
 
 
+def _tags(label: str | Sequence[str]) -> list[str]:
+    """Return a tagging label as a list of tags (a string holds them space-separated)."""
+    return label.split() if isinstance(label, str) else list(label)
+
+
 class Tagging(HeadKind):
     """Labels are per-word tags (a list, or a string of space-separated tags), encoded per
     token: a word's tag on its first sub-token, :data:`IGNORE` elsewhere. The result is the
@@ -23,6 +28,26 @@ class Tagging(HeadKind):
     name = "tagging"
     default_metrics = ("span_f1", "token_accuracy")
     hf_architecture = "TokenClassification"
+
+    def check_label(self, head: HeadSpec, label: Any, words: int) -> None:
+        """Raise MtregError unless ``label`` is the head's tags (a list, or a string of
+        space-separated tags), exactly one per word of a text of ``words`` words."""
+        if not isinstance(label, str | list | tuple):
+            raise MtregError(
+                f"label {label!r} is not a list of tags: give one tag per whitespace-separated "
+                "word of the text"
+            )
+        tags = _tags(label)
+        if words == 0:
+            raise MtregError("the text has no words to tag")
+        if len(tags) != words:
+            raise MtregError(
+                f"{len(tags)} tags for a text of {words} words: give one tag per "
+                "whitespace-separated word"
+            )
+        lookup = label_lookup(head)
+        for tag in tags:
+            lookup(tag)
 
     def encode_label(
         self, head: HeadSpec, label: Any, word_ids: Sequence[int | None] | None
@@ -34,7 +59,7 @@ class Tagging(HeadKind):
         """
         assert word_ids is not None, "a per-token label is encoded along its tokens' words"
         lookup = label_lookup(head)
-        tags = label.split() if isinstance(label, str) else list(label)
+        tags = _tags(label)
         out, previous = [], None
         for word in word_ids:
             if word is None or word == previous:

@@ -24,6 +24,8 @@ def register_tasks(register: Callable[[TaskSpec], None]) -> None:
     Called once each time mtreg discovers plugins. ``register`` validates the spec at once
     (name, version, head) and raises :class:`mtreg.MtregError` for a bad one, so build specs
     cheaply here: do not load data sets or weights, pass a ``load_dataset`` callable and a
-    ``weights`` path instead. An exception escaping this hook disables this plugin only;
-    ``mtreg plugins`` reports it and every other plugin keeps working.
+    ``weights`` path instead. An exception escaping this hook (``SystemExit`` included), or a
+    hook still running after ``$MTREG_PLUGIN_TIMEOUT`` seconds, disables this plugin only;
+    ``mtreg plugins`` reports it and every other plugin keeps working. What the hook prints
+    is captured, not shown.
     """

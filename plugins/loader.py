@@ -3,8 +3,10 @@
 Plugins come from installed entry points (group ``mtreg``) and from plugin paths (the
 ``paths`` given to :func:`discover` plus ``$MTREG_PLUGINS_PATH``); ``$MTREG_LOAD_PLUGINS``
 restricts which of them load. Each plugin is imported and its ``register_tasks`` hook called
-on its own, so a plugin that fails to import, raises in its hook or builds a bad spec is
-reported, contributes no tasks, and every other plugin keeps working.
+on its own, each under :func:`~mtreg.plugins.isolation.guarded` (a time limit, output
+captured, every exception caught), so a plugin that fails to import, raises or exits in its
+hook, hangs, or builds a bad spec is reported, contributes no tasks, and every other plugin
+keeps working; one that prints is reported in the warnings.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import pluggy
 from mtreg.core import env
 from mtreg.core.env import LOAD_PLUGINS_ENV
 from mtreg.core.spec import TaskSpec
+from mtreg.core.text import printable
 from mtreg.errors import NotFound, PluginError
 from mtreg.plugins import hookspecs
+from mtreg.plugins.isolation import Guarded, guarded
 
 ENTRY_POINT_GROUP = "mtreg"
 
@@ -157,7 +161,11 @@ def discover(paths: Sequence[str | Path] = ()) -> Discovery:
     Returns:
         The :class:`Discovery`. Never raises for a broken plugin, a missing path or a clash:
         those are recorded in it (``plugins[i].error``, ``warnings``, ``conflicts``).
+
+    Raises:
+        MtregError: ``$MTREG_PLUGIN_TIMEOUT`` is not a number of seconds.
     """
+    limit = env.plugin_timeout()
     warnings: list[str] = []
     sources = _entry_point_sources() + _path_sources([*paths, *env.plugins_path()], warnings)
     allowed = env.load_plugins()
@@ -170,12 +178,10 @@ def discover(paths: Sequence[str | Path] = ()) -> Discovery:
         ]
         sources = [s for s in sources if s.name in allowed]
 
-    manager = pluggy.PluginManager(hookspecs.PROJECT)
-    manager.add_hookspecs(hookspecs)
     plugins: list[PluginInfo] = []
     claims: dict[str, list[tuple[TaskSpec, PluginInfo]]] = {}
-    for index, source in enumerate(sources):
-        info, specs = _load(manager, f"{index}:{source.name}", source, warnings)
+    for source in sources:
+        info, specs = _load(source, limit, warnings)
         plugins.append(info)
         for spec in specs:
             claims.setdefault(spec.name, []).append((spec, info))
@@ -192,40 +198,64 @@ def discover(paths: Sequence[str | Path] = ()) -> Discovery:
     return Discovery(plugins, tasks, list(conflicted.values()), warnings, conflicted)
 
 
-def _load(
-    manager: pluggy.PluginManager, key: str, source: _Source, warnings: list[str]
-) -> tuple[PluginInfo, list[TaskSpec]]:
-    """Import one plugin and call its hook; any exception becomes the plugin's error."""
+def _load(source: _Source, limit: float, warnings: list[str]) -> tuple[PluginInfo, list[TaskSpec]]:
+    """Import one plugin and call its hook, each guarded; a failure becomes its error."""
     info = PluginInfo(source.name, source.version, [], None, source.where)
+    imported = guarded(source.load, "importing it", limit)
+    _warn_output(source, imported, "importing it", warnings)
+    if imported.value is None:
+        info.error = imported.error or "importing it gave nothing to register"
+        return info, []
+    loaded = imported.value
+    info.version = info.version or loaded.version
     specs: list[TaskSpec] = []
-    try:
-        loaded = source.load()
-        info.version = info.version or loaded.version
-        manager.register(loaded.plugin, name=key)
-        if not any(
-            impl.plugin is loaded.plugin for impl in manager.hook.register_tasks.get_hookimpls()
-        ):
-            warnings.append(
-                f"plugin {source.name!r} ({source.where}) defines no @mtreg.hookimpl "
-                "register_tasks: it offers no tasks"
-            )
-            return info, []
 
-        def register(spec: TaskSpec) -> None:
-            if not isinstance(spec, TaskSpec):
-                raise TypeError(f"register() takes a mtreg.TaskSpec, got {type(spec).__name__}")
-            specs.append(_resolve_weights(spec, loaded.base))
+    def register(spec: TaskSpec) -> None:
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"register() takes a mtreg.TaskSpec, got {type(spec).__name__}")
+        specs.append(_resolve_weights(spec, loaded.base))
 
-        # Call this plugin's implementation only: with one shared hook call, the first
-        # plugin to raise would stop the others and hide their errors.
-        others = [p for p in manager.get_plugins() if p is not loaded.plugin]
-        manager.subset_hook_caller("register_tasks", remove_plugins=others)(register=register)
-    except Exception as exc:
+    called = guarded(
+        partial(_call_hook, loaded.plugin, register), "running its register_tasks hook", limit
+    )
+    _warn_output(source, called, "running its hook", warnings)
+    if called.error is not None:
         # A half-run hook contributes nothing: its tasks might depend on the part that failed.
-        info.error = _one_line(exc)
+        info.error = called.error
+        return info, []
+    if not called.value:
+        warnings.append(
+            f"plugin {source.name!r} ({source.where}) defines no @mtreg.hookimpl "
+            "register_tasks: it offers no tasks"
+        )
         return info, []
     info.tasks = list(dict.fromkeys(spec.name for spec in specs))
-    return info, specs
+    return info, list(specs)
+
+
+def _call_hook(plugin: object, register: Callable[[TaskSpec], None]) -> bool:
+    """Call ``plugin``'s ``register_tasks`` alone; return False if it defines none.
+
+    A manager of its own per plugin: a plugin abandoned mid-hook must not share state with
+    the next one, and one plugin raising must not stop or hide the others.
+    """
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    manager.register(plugin)
+    if not manager.hook.register_tasks.get_hookimpls():
+        return False
+    manager.hook.register_tasks(register=register)
+    return True
+
+
+def _warn_output(source: _Source, call: Guarded[Any], doing: str, warnings: list[str]) -> None:
+    """Record that the plugin printed while ``doing`` (its output is kept out of mtreg's)."""
+    if call.written:
+        warnings.append(
+            f"plugin {source.name!r} ({source.where}) wrote {call.written} bytes to "
+            f"stdout/stderr while {doing}; mtreg kept them out of its output (plugins should "
+            f"not print), they began: {printable(call.output, 80)}"
+        )
 
 
 def _resolve_weights(spec: TaskSpec, base: Path | None) -> TaskSpec:
@@ -252,11 +282,6 @@ def _conflict_message(task: str, owners: list[PluginInfo]) -> str:
     if len(unique) > 2:
         return f"{message}, and also by {', '.join(named[2:])}: uninstall or rename all but one"
     return f"{message}: uninstall or rename one"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # -- entry points -------------------------------------------------------------------------
@@ -358,7 +383,8 @@ def _import_path(location: Path) -> _Loaded:
         _forget(name)
         raise
     version = getattr(module, "__version__", None)
-    return _Loaded(module, file.parent, version if isinstance(version, str) else None)
+    shown = printable(version, 64) if isinstance(version, str) else None
+    return _Loaded(module, file.parent, shown)
 
 
 def _forget(name: str) -> None:

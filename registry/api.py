@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from mtreg.artifacts.home import Home
 from mtreg.artifacts.objects import ObjectStore
 from mtreg.core import faults
-from mtreg.core.spec import validate_name
+from mtreg.core.disk import disk_errors
+from mtreg.core.spec import find_version, validate_name
 from mtreg.errors import MtregError, NotFound
 from mtreg.registry.garbage import delete_files, find_garbage, forget_garbage
 from mtreg.registry.lookup import require_bundle, require_task, require_trunk
@@ -36,7 +37,7 @@ from mtreg.registry.versioning import Change
 from mtreg.registry.writing import Write, writing
 
 if TYPE_CHECKING:
-    from mtreg.plugins.loader import Discovery
+    from mtreg.plugins.loader import Discovery, LoadedTask
     from mtreg.registry.store import Store
 
 
@@ -48,6 +49,10 @@ class Registry:
         home: registry home; default ``$MTREG_HOME``, else the platform's user data dir.
         plugins_dirs: extra plugin files or directories, besides ``$MTREG_PLUGINS_PATH``
             and installed entry points.
+        create: create a missing database on first use. When False (the CLI, where a
+            mistyped ``--home`` or ``--db`` is likelier than a new registry), the home's own
+            SQLite file, or the folder of another SQLite file, must exist: only
+            :meth:`init` creates them.
 
     Attributes:
         home: the :class:`~mtreg.artifacts.home.Home`, which names every path under it.
@@ -58,8 +63,10 @@ class Registry:
         url: str | None = None,
         home: str | Path | None = None,
         plugins_dirs: Sequence[str | Path] = (),
+        create: bool = True,
     ) -> None:
         self.home = Home.resolve(home)
+        self.create = create
         self.url = self.home.database_url(url)
         self.objects = ObjectStore(self.home.objects)
         self.plugins_dirs = tuple(plugins_dirs)
@@ -73,13 +80,19 @@ class Registry:
         """The store, opened on first use (creating a new database by its migrations).
 
         Raises:
-            DatabaseError: unreachable database, or a schema older or newer than the code.
+            DatabaseError: unreachable database, or a schema older or newer than the code;
+                the home's SQLite file is missing and ``create`` is False.
         """
+        return self._open(self.create)
+
+    def _open(self, create: bool) -> Store:
         if self._store is None:
+            if not create:
+                self.home.require_database(self.url)
             # SQLAlchemy loads with the first database access (`mtreg plugins` makes none).
             from mtreg.registry.store import Store
 
-            self._store = Store(self.url)
+            self._store = Store(self.url, create)
         return self._store
 
     def close(self) -> None:
@@ -108,8 +121,9 @@ class Registry:
         # Alembic loads only to create or upgrade a schema.
         from mtreg.registry import db
 
-        self.home.root.mkdir(parents=True, exist_ok=True)
-        revision = db.current_revision(self.store.engine) or ""
+        with disk_errors(self.home.root):
+            self.home.root.mkdir(parents=True, exist_ok=True)
+        revision = db.current_revision(self._open(create=True).engine) or ""
         return {"home": str(self.home.root), "database": self.store.url, "revision": revision}
 
     # -- trunks -----------------------------------------------------------------------
@@ -187,7 +201,8 @@ class Registry:
         discovery = self.discover()
         if all:
             # Built-in and scaffolded plugins offer tasks before they are trained.
-            names = sorted(n for n, t in discovery.tasks.items() if t.spec.weights is not None)
+            offered = discovery.tasks.items()
+            names = sorted(n for n, t in offered if self._weighed(t).spec.weights is not None)
         else:
             # A name with path characters is refused as such, not as "no plugin offers it".
             names = [validate_name(name) for name in dict.fromkeys(tasks)]
@@ -198,10 +213,7 @@ class Registry:
         overrides = dict(weights or {})
         candidates = []
         for name in names:
-            loaded = discovery.task(name)
-            if name in overrides:
-                spec = replace(loaded.spec, weights=Path(overrides[name]))
-                loaded = replace(loaded, spec=spec)
+            loaded = self._weighed(discovery.task(name), overrides.get(name))
             candidates.append(check_candidate(self.store, loaded))
         with self._writing() as write:
             write.promote = promote
@@ -223,11 +235,12 @@ class Registry:
         refused = [Refusal(name, message) for name, message in discovery.failures()]
         candidates, skipped = [], []
         for name in sorted(discovery.tasks):
-            if discovery.task(name).spec.weights is None:
+            loaded = self._weighed(discovery.task(name))
+            if loaded.spec.weights is None:
                 skipped.append(Refusal(name, "no weights yet: train it with `mtreg onboard`"))
                 continue
             try:
-                candidates.append(check_candidate(self.store, discovery.task(name)))
+                candidates.append(check_candidate(self.store, loaded))
             except MtregError as exc:
                 refused.append(Refusal(name, str(exc)))
         done: list[Registration] = []
@@ -242,6 +255,19 @@ class Registry:
             if dry_run:
                 write.rebuild.clear()
         return Changes(done, refused, list(write.bundles.values()), skipped)
+
+    def _weighed(self, loaded: LoadedTask, override: str | Path | None = None) -> LoadedTask:
+        """Return ``loaded`` naming the branch file to register: ``override``, else its
+        plugin's, else the one ``mtreg train`` / ``distill`` / ``onboard`` wrote under the
+        home's ``trained/`` (where they write when the plugin names none), else none."""
+        spec = loaded.spec
+        path = Path(override) if override is not None else spec.weights
+        if path is None:
+            trained = self.home.trained(spec.name, spec.version)
+            path = trained if trained.is_file() else None
+        if path == spec.weights:
+            return loaded
+        return replace(loaded, spec=replace(spec, weights=path))
 
     @staticmethod
     def _finish(write: Write, done: list[Registration]) -> Changes:
@@ -274,15 +300,18 @@ class Registry:
     def rollback(self, task: str, to: str, *, dry_run: bool = False) -> Changes:
         """Re-activate registered version ``to`` of ``task`` and rebuild.
 
+        ``to`` may be any normalised form of the version (``1.0`` finds ``1.0.0``).
+
         Raises:
             NotFound: unknown task or version (the message lists the registered ones).
         """
         with self._writing() as write:
             record = require_task(write.tx, task)
             versions = [v.version for v in write.tx.list_versions(task)]
-            if to not in versions:
+            asked, to = to, find_version(to, versions)
+            if to is None:
                 raise NotFound(
-                    f"task {task!r} has no version {to!r}: registered versions are "
+                    f"task {task!r} has no version {asked!r}: registered versions are "
                     f"{', '.join(versions)}"
                 )
             change: Change = "unchanged" if record.active_version == to else "rolled back"

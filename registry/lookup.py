@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mtreg.artifacts.manifest import folder_hint
 from mtreg.errors import NotFound
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def require_bundle(tx: Tx, ref: str) -> BundleRecord:
     if record is None:
         aliases = ", ".join(sorted(tx.list_aliases())) or "none yet"
         raise NotFound(
-            f"no bundle or alias {ref!r}: aliases are {aliases}; `mtreg bundle list` "
-            "shows bundle ids"
+            f"no bundle or alias {ref!r}{folder_hint(ref)}: aliases are {aliases}; "
+            "`mtreg bundle list` shows bundle ids"
         )
     return record

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from mtreg.artifacts.manifest import Manifest
-from mtreg.core.spec import parse_version
+from mtreg.core.spec import find_version, parse_version
 from mtreg.errors import DatabaseError, MtregError
 from mtreg.registry import db
 from mtreg.registry.records import (
@@ -32,6 +32,7 @@ from mtreg.registry.records import (
     TrunkRecord,
 )
 from mtreg.registry.tables import (
+    ACTOR_MAX,
     AliasRow,
     BundleMemberRow,
     BundleRow,
@@ -49,22 +50,24 @@ MIN_PREFIX = 6
 class Store:
     """The registry database at ``url``, migrated to the code's schema.
 
-    A new (empty) database is created by running the migrations. An older one is refused
+    A new (empty) database is created by running the migrations (without ``create``, a
+    SQLite file is created only in a folder that exists). An older one is refused
     until ``mtreg db upgrade`` runs; one written by a newer mtreg is refused outright.
 
     Raises:
         DatabaseError: unreachable, outdated, newer or unmanaged database.
     """
 
-    def __init__(self, url: str) -> None:
-        self.engine = db.make_engine(url)
+    def __init__(self, url: str, create: bool = True) -> None:
+        self.engine = db.make_engine(url, create)
         self.url = db.mask(url)
         try:
             state = db.schema_state(self.engine)
             if state == "empty":
                 db.upgrade(self.engine)
             elif state != "current":
-                raise DatabaseError(_STATE_MESSAGES[state].format(url=self.url))
+                revision = db.current_revision(self.engine)
+                raise DatabaseError(_STATE_MESSAGES[state].format(url=self.url, rev=revision))
         except BaseException:
             self.engine.dispose()
             raise
@@ -89,18 +92,21 @@ class Store:
                     connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_WRITE_LOCK)))
                 yield Tx(session)
                 session.commit()
-        except sa.exc.OperationalError as exc:
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            raise DatabaseError(
-                f"database {self.url} failed: {reason}: check that it is reachable and retry"
-            ) from None
+        except sa.exc.DatabaseError as exc:
+            if not db.is_fault(exc):
+                raise
+            otherwise = "database {url} failed: {reason}: check that it is reachable and retry"
+            raise db.failure(self.url, exc, otherwise) from None
 
 
 _STATE_MESSAGES = {
     "outdated": "database {url} has an older schema than this mtreg: run `mtreg db upgrade`",
-    "newer": "database {url} was written by a newer mtreg: upgrade mtreg to use it",
+    # An unknown revision is what a newer mtreg writes, and also what a damaged table holds.
+    "newer": "database {url} was written by a newer mtreg (revision {rev!r} is unknown here): "
+    "upgrade mtreg to use it, or restore the database from a backup if it is damaged",
     "unmanaged": "database {url} has tables but no mtreg migration history: use another "
-    "database for mtreg",
+    "database for mtreg, or restore this one from a backup if its alembic_version table "
+    "was lost",
 }
 
 
@@ -162,8 +168,11 @@ class Tx:
         return sorted(records, key=lambda r: parse_version(r.version))
 
     def get_version(self, task: str, version: str) -> TaskVersionRecord | None:
-        """Return one version of a task, or None."""
-        return next((r for r in self.list_versions(task) if r.version == version), None)
+        """Return the version of a task that ``version`` names (in any normalised form, see
+        :func:`mtreg.core.spec.find_version`), or None."""
+        records = self.list_versions(task)
+        found = find_version(version, [r.version for r in records])
+        return next((r for r in records if r.version == found), None)
 
     def add_version(self, record: TaskVersionRecord, activate: bool = True) -> None:
         """Insert a task version (creating the task on first use) and activate it.
@@ -341,8 +350,10 @@ class Tx:
 
 
 def _actor() -> str:
+    # The user name comes from the environment (LOGNAME, USER): an audit note, cut to fit
+    # rather than a reason to refuse the command.
     try:
-        return getpass.getuser()
+        return getpass.getuser()[:ACTOR_MAX]
     except (KeyError, OSError):
         return ""
 

@@ -9,8 +9,21 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from mtreg.core.spec import VERSION_MAX
+from mtreg.errors import MtregError
 
 # Named constraints, so that batch migrations on SQLite can find and alter them.
 NAMING = {
@@ -22,6 +35,9 @@ NAMING = {
 }
 
 
+ACTOR_MAX = 200  # characters of the user name an event records
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -29,6 +45,27 @@ def utcnow() -> datetime:
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map: ClassVar = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+@event.listens_for(Base, "before_insert", propagate=True)
+@event.listens_for(Base, "before_update", propagate=True)
+def check_lengths(_mapper: Any, _connection: Any, row: Base) -> None:
+    """Refuse a row holding a string longer than its column, on every database.
+
+    SQLite ignores VARCHAR lengths and PostgreSQL fails with a driver error; this check runs
+    inside the flush, so the transaction rolls back and the registry is unchanged.
+
+    Raises:
+        MtregError: the column, the length and the limit.
+    """
+    for column in row.__table__.columns:
+        limit = getattr(column.type, "length", None)
+        value = getattr(row, column.key, None)
+        if limit and isinstance(value, str) and len(value) > limit:
+            raise MtregError(
+                f"{row.__tablename__}.{column.key} {value[:24]!r}... is {len(value)} "
+                f"characters, the registry stores at most {limit}: shorten it"
+            )
 
 
 class TrunkRow(Base):
@@ -71,7 +108,7 @@ class TaskVersionRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
-    version: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(VERSION_MAX))
     weights_sha256: Mapped[str] = mapped_column(String(64))
     fork_depth: Mapped[int] = mapped_column(Integer)
     num_layers: Mapped[int] = mapped_column(Integer)
@@ -86,7 +123,7 @@ class TaskVersionRow(Base):
     training: Mapped[dict[str, Any]]
     trunk_prefix: Mapped[dict[str, Any]]
     plugin: Mapped[str] = mapped_column(String(200), default="")
-    plugin_version: Mapped[str] = mapped_column(String(64), default="")
+    plugin_version: Mapped[str] = mapped_column(String(VERSION_MAX), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -127,5 +164,5 @@ class EventRow(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     kind: Mapped[str] = mapped_column(String(32))
     subject: Mapped[str] = mapped_column(String(200), default="")
-    actor: Mapped[str] = mapped_column(String(200), default="")
+    actor: Mapped[str] = mapped_column(String(ACTOR_MAX), default="")
     detail: Mapped[dict[str, Any]]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from mtreg.core.spec import parse_version
+from mtreg.core.spec import find_version, parse_version
 from mtreg.errors import AlreadyExists, InvalidVersion
 from mtreg.registry.records import TaskVersionRecord
 
@@ -39,7 +39,9 @@ def decide(
             head kind without a new major version.
     """
     name = candidate.task
-    same = next((v for v in history if v.version == candidate.version), None)
+    # "1.0.0-rc1" and "1.0.0rc1" are one version: the same weights under both are a no-op.
+    found = find_version(candidate.version, [v.version for v in history])
+    same = next((v for v in history if v.version == found), None)
     if same is not None:
         if same.weights_sha256 != candidate.weights_sha256:
             raise AlreadyExists(

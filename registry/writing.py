@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from mtreg.artifacts.bundle_dir import clean_leftovers, write_bundle
 from mtreg.artifacts.manifest import Manifest
 from mtreg.core import faults
+from mtreg.core.disk import disk_errors
 from mtreg.registry.records import BundleRecord
 
 if TYPE_CHECKING:
@@ -63,8 +64,9 @@ def writing(store: Store, objects: ObjectStore, home: Home) -> Iterator[Write]:
 
     Raises:
         DatabaseError: the database cannot be reached or the lock not taken in time.
+        StorageError: the home's disk is full or read-only (after the undo).
     """
-    with store.transaction(write=True) as tx:
+    with disk_errors(home.root), store.transaction(write=True) as tx:
         write = Write(tx, objects, home)
         objects.clean_incoming()
         clean_leftovers(home.bundles, {b.id for b in tx.list_bundles()})

@@ -24,15 +24,17 @@ from mtreg.artifacts.manifest import (
     TOKENIZER_DIR,
     Manifest,
     TaskEntry,
+    bundle_directory,
     layer_path,
     read_manifest,
 )
 from mtreg.artifacts.objects import sha256_file
 from mtreg.artifacts.tokenizer import load_tokenizer
+from mtreg.core.text import text_problem
 from mtreg.errors import InvalidWeights, MtregError, NotFound
 from mtreg.nn.layers import Branch
 from mtreg.nn.network import MultiTaskModel, Trunk
-from mtreg.runtime.inference import Input, Row, forward_groups
+from mtreg.runtime.inference import Input, Row, check_batch_size, cut_text, forward_groups
 
 BACKENDS = ("torch", "onnx", "auto")
 
@@ -200,10 +202,10 @@ class LoadedBundle:
             MtregError: an input does not fit the task (a pair for a one-text task, ...).
         """
         columns: list[list[str]] = [[] for _ in info.inputs]
-        for item in inputs:
-            fields = _fields(item, info)
+        for index, item in enumerate(inputs):
+            fields = _fields(item, info, index)
             for column, value in zip(columns, fields, strict=True):
-                column.append(value)
+                column.append(cut_text(value, info.max_length))
         if info.head.per_token:
             words = [text.split() for text in columns[0]]
             batch = self.tokenizer(
@@ -225,7 +227,12 @@ class LoadedBundle:
         )
         return {"batch": batch}
 
-    def _asked(self, tasks: Iterable[str] | None) -> tuple[str, ...]:
+    def _asked(self, inputs: Sequence[Input], tasks: Iterable[str] | None) -> tuple[str, ...]:
+        # What the CLI's option types check, for callers of the Python API.
+        if isinstance(inputs, str | Mapping) or not isinstance(inputs, Sequence):
+            raise MtregError("inputs must be a list of inputs: wrap a single input in [ ]")
+        if isinstance(tasks, str):
+            raise MtregError(f"tasks must be a list of task names: use [{tasks!r}]")
         return tuple(select_tasks(self.tasks, tasks))
 
     @torch.inference_mode()
@@ -266,7 +273,7 @@ class LoadedBundle:
         Raises:
             NotFound: an unknown task. MtregError: an input the task cannot read.
         """
-        names = self._asked(tasks)
+        names = self._asked(inputs, tasks)
         rows = [Row(item, names) for item in inputs]
         return {
             name: (group.logits[name], group.encoded)
@@ -292,11 +299,11 @@ class LoadedBundle:
             or ``spans`` (tagging), plus ``logits`` when asked.
 
         Raises:
-            NotFound: an unknown task. MtregError: an input the task cannot read.
+            NotFound: an unknown task. MtregError: an input the task cannot read (see
+                :func:`mtreg.core.text.text_problem`), or arguments of the wrong type.
         """
-        if isinstance(inputs, str | Mapping):
-            raise MtregError("predict takes a list of inputs: wrap a single input in [ ]")
-        names = self._asked(tasks)
+        names = self._asked(inputs, tasks)
+        check_batch_size(batch_size)
         results: list[dict[str, Any]] = []
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size]
@@ -313,18 +320,25 @@ def input_fields(item: Input, info: TaskEntry) -> list[str] | None:
         if any(name not in item for name in info.inputs):
             return None
         values = [item[name] for name in info.inputs]
-    else:
+    elif isinstance(item, Sequence):
         values = list(item)
+    else:
+        return None
     if len(values) != len(info.inputs) or not all(isinstance(v, str) for v in values):
         return None
     return values
 
 
-def _fields(item: Input, info: TaskEntry) -> list[str]:
+def _fields(item: Input, info: TaskEntry, index: int) -> list[str]:
     values = input_fields(item, info)
     if values is None:
         want = "one text" if len(info.inputs) == 1 else "a pair of texts"
-        raise MtregError(f"task {info.name!r} reads {want} ({', '.join(info.inputs)})")
+        fields = ", ".join(info.inputs)
+        raise MtregError(f"inputs[{index}]: task {info.name!r} reads {want} ({fields})")
+    for value in values:
+        problem = text_problem(value)
+        if problem is not None:
+            raise MtregError(f"inputs[{index}]: {problem}")
     return values
 
 
@@ -352,7 +366,8 @@ def load_bundle(
     """Load a bundle for inference: a bundle directory, or an alias / id of the registry.
 
     Args:
-        ref: a directory holding ``manifest.json``, or an alias or bundle id (prefix).
+        ref: a directory holding ``manifest.json`` (a :class:`~pathlib.Path`, or a string
+            with a ``/`` such as ``./serving``), or an alias or bundle id (prefix).
         tasks: load only these tasks (and the trunk up to their deepest fork).
         backend: ``torch``; ``onnx`` or ``auto`` (per batch size, whichever measured faster)
             for a folder written by ``mtreg export --format onnx``.
@@ -362,10 +377,8 @@ def load_bundle(
         NotFound: no such directory, alias, bundle or task. InvalidWeights: a damaged bundle.
         MtregError: an unknown backend, or onnx without an ONNX export.
     """
-    path = Path(ref)
-    if not (path / MANIFEST).is_file():
-        if path.is_dir() or "/" in str(ref):
-            raise NotFound(f"{ref} holds no {MANIFEST}: point at a bundle directory")
+    path = bundle_directory(ref)
+    if path is None:
         if registry is None:
             # A bundle directory loads without the database: SQLAlchemy only for a reference.
             from mtreg.registry.api import Registry

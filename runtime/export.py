@@ -24,6 +24,7 @@ from mtreg import heads
 from mtreg.artifacts.bundle_dir import write_bundle_files
 from mtreg.artifacts.checkpoint import load_component
 from mtreg.artifacts.manifest import Manifest, layer_path
+from mtreg.core.disk import disk_errors
 from mtreg.errors import MtregError
 from mtreg.nn.network import MultiTaskModel
 from mtreg.runtime.bundle import LoadedBundle
@@ -39,14 +40,15 @@ def _atomic_folder(out: Path) -> Iterator[Path]:
     out = Path(out)
     if out.exists():
         raise MtregError(f"{out} already exists: choose another --out or delete it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield scratch
-        os.replace(scratch, out)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    with disk_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            yield scratch
+            os.replace(scratch, out)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
 
 
 def _copy_bundle(source: Path, manifest: Manifest, target: Path) -> None:

@@ -17,10 +17,33 @@ from typing import Any, Protocol
 import torch
 
 from mtreg.artifacts.manifest import TaskEntry
+from mtreg.errors import MtregError
 
 # One input: a text, a (text, pair) sequence, or a mapping of the tasks' field names to texts.
 Input = str | Sequence[str] | Mapping[str, str]
 GroupKey = tuple[tuple[str, ...], bool, int]
+
+MAX_BATCH_SIZE = 4096
+# A word-piece token never covers more than the 100 characters of a word the tokenizer
+# still splits (longer ones become one [UNK]) and its spaces, so a text cut at this many
+# characters per token of max_length tokenises the same: a 10 MB line costs what 16 kB do.
+CHARS_PER_TOKEN = 128
+
+
+def cut_text(text: str, max_length: int) -> str:
+    """Return ``text`` cut to what ``max_length`` tokens can cover (see CHARS_PER_TOKEN)."""
+    return text[: max_length * CHARS_PER_TOKEN]
+
+
+def check_batch_size(size: object) -> int:
+    """Return ``size`` if it is a batch size in 1..MAX_BATCH_SIZE.
+
+    Raises:
+        MtregError: anything else (a bool, a float, zero, a negative or huge number).
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH_SIZE:
+        raise MtregError(f"batch size must be an integer in 1..{MAX_BATCH_SIZE}, got {size!r}")
+    return size
 
 
 @dataclass(frozen=True)

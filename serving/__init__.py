@@ -5,8 +5,9 @@ request against the bundle), :mod:`batcher` (the bounded queue and the inference
 which runs mixed-task micro-batches with :meth:`mtreg.runtime.bundle.LoadedBundle.run`),
 :mod:`metrics` (Prometheus), :mod:`reload` (loading bundles and following the ``serving``
 alias), :mod:`schemas` (request and response bodies), :mod:`app` (the ASGI application:
-its routes, state and lifespan) and :mod:`server` (uvicorn, signals, the command's Python
-entry point).
+its routes, state and lifespan), :mod:`protocol` (HTTP connections: header deadline,
+connection limit) and :mod:`server` (uvicorn, signals, draining, the command's Python entry
+point).
 """
 
 from mtreg.serving.config import ServeConfig

@@ -111,7 +111,8 @@ def server_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(server_state)]
 
 
-def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Return the problem response every refusal of the server has: ``{"detail": ...}``."""
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
@@ -173,8 +174,9 @@ def _replay(body: bytes, receive: Callable) -> Callable:
 
 
 class Observe:
-    """ASGI middleware: refuses bodies over the limit (413) and records request counts and
-    latencies per endpoint."""
+    """ASGI middleware: refuses bodies over the size limit (413) or arriving too slowly
+    (408), closes every connection a draining server answers, and records request counts
+    and latencies per endpoint."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app = app
@@ -192,18 +194,39 @@ class Observe:
         async def send_and_note(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if self.state.draining:
+                    # Its next request must go elsewhere, not to a connection about to close.
+                    headers = [*message.get("headers", []), (b"connection", b"close")]
+                    message = {**message, "headers": headers}
             await send(message)
 
-        limit = self.state.config.max_body_bytes
-        body = await _read_body(receive, limit)
-        if body is None:
-            response = _problem(413, f"request body over {limit} bytes")
-            await response(scope, receive, send_and_note)
-        else:
+        body = await self._body(receive)
+        if isinstance(body, bytes):
             await self.app(scope, _replay(body, receive), send_and_note)
+        else:
+            await body(scope, receive, send_and_note)
         metrics = self.state.metrics
         metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
         metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - began)
+
+    async def _body(self, receive: Callable) -> bytes | JSONResponse:
+        """Return the request body, or the problem refusing it: 413 past the size limit,
+        408 (closing the connection) when it has not all arrived within the body timeout,
+        so that a client trickling bytes cannot hold a connection."""
+        config = self.state.config
+        try:
+            async with asyncio.timeout(config.body_timeout_s):
+                body = await _read_body(receive, config.max_body_bytes)
+        except TimeoutError:
+            self.state.metrics.dropped.labels(reason="body_timeout").inc()
+            detail = (
+                f"request body not complete after {config.body_timeout_s:g} s; "
+                "send the whole body without pausing"
+            )
+            return problem(408, detail, {"Connection": "close"})
+        if body is None:
+            return problem(413, f"request body over {config.max_body_bytes} bytes")
+        return body
 
 
 def _settle(future: asyncio.Future, results: Results | None, error: BaseException | None) -> None:
@@ -239,15 +262,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     """Return a 422 problem naming the invalid fields."""
-    return _problem(422, _validation_message(exc))
+    return problem(422, _validation_message(exc))
 
 
 async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Return an HTTP error (404, 405, ...) as a problem body."""
-    return _problem(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    return problem(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {"model": Problem, "description": "Request body not complete in time."},
     413: {"model": Problem, "description": "Request body too large."},
     422: {"model": Problem, "description": "Malformed JSON or a request not fitting "
           "the bundle (unknown task, bad input, empty or oversized text)."},
@@ -266,28 +290,32 @@ async def answer(body: Any, state: ServerState) -> Any:
     """
     served = state.served  # the bundle this request is admitted to, even across a swap
     config, metrics = state.config, state.metrics
+    retry = {"Retry-After": str(config.retry_after_s)}
+    if state.draining:
+        metrics.dropped.labels(reason="draining").inc()
+        detail = "the server is shutting down; send the request again (to another instance)"
+        return problem(503, detail, retry)
     try:
         rows = plan_rows(served.bundle, body.inputs, body.tasks, config.max_text_chars, body.logits)
     except BadRequest as exc:
-        return _problem(422, str(exc))
+        return problem(422, str(exc))
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
-    retry = {"Retry-After": str(config.retry_after_s)}
     try:
         state.batcher.submit(Pending(served.bundle, rows, _deliver(loop, future)))
     except QueueFull as exc:
         metrics.rejected.inc()
-        return _problem(503, str(exc), retry)
+        return problem(503, str(exc), retry)
     except ShuttingDown as exc:
-        return _problem(503, str(exc), retry)
+        return problem(503, str(exc), retry)
     for task in {t for row in rows for t in row.tasks}:
         metrics.task_requests.labels(task=task).inc()
     try:
         results = await future
     except ShuttingDown as exc:
-        return _problem(503, str(exc), retry)
+        return problem(503, str(exc), retry)
     except RuntimeError as exc:
-        return _problem(500, str(exc))
+        return problem(500, str(exc))
     return {"bundle": served.id, "results": results}
 
 

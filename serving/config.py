@@ -23,6 +23,12 @@ class ServeConfig:
         poll_seconds: how often the alias is looked up for hot reload (0: never).
         retry_after_s: the Retry-After header of a 503.
         drain_seconds: how long shutdown waits for queued work.
+        header_timeout_s: a request line and headers must all arrive within this many
+            seconds of the connection opening (or of the previous response); else 408.
+        body_timeout_s: a request body must all arrive within this many seconds of its
+            headers; else 408.
+        keep_alive_s: an idle keep-alive connection is closed after this many seconds.
+        max_connections: most open connections; a request on one past it gets 503.
     """
 
     bundle: str = "serving"
@@ -37,12 +43,22 @@ class ServeConfig:
     poll_seconds: float = 2.0
     retry_after_s: int = 1
     drain_seconds: float = 30.0
+    # Slow or numerous clients must not hold the server: without these bounds a client
+    # trickling a byte at a time keeps its connection (and a file descriptor) forever.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 1000
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.max_inputs < 1:
             raise ValueError("max batch size, queue size and max inputs must be at least 1")
         if self.max_wait_ms < 0 or self.poll_seconds < 0:
             raise ValueError("max wait and poll interval cannot be negative")
+        if min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s) <= 0:
+            raise ValueError("header, body and keep-alive timeouts must be positive")
+        if self.max_connections < 1:
+            raise ValueError("max connections must be at least 1")
         if self.max_inputs > self.queue_size:
             # A request larger than the whole queue could never be admitted.
             raise ValueError(

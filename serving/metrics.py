@@ -48,6 +48,12 @@ class ServeMetrics:
             "poll_errors", "Registry look-ups of the alias that failed."
         )
         self.bundle = self._gauge("bundle", "1 for the bundle being served.", ("bundle",))
+        self.dropped = self._counter(
+            "dropped",
+            "Requests refused or connections closed by the server's limits, by reason "
+            "(header_timeout, body_timeout, connection_limit, draining).",
+            ("reason",),
+        )
         self.queue_depth = self._gauge("queue_depth", "Inputs waiting for a batch.")
 
     def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:

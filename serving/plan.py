@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mtreg.artifacts.manifest import TaskEntry
+from mtreg.core.text import text_problem
 from mtreg.runtime.bundle import LoadedBundle, input_fields
 from mtreg.runtime.inference import Input, Row
 
@@ -32,18 +33,13 @@ def _texts(item: Input) -> list[str]:
 
 
 def check_text(text: Any, where: str, max_chars: int) -> None:
-    """Raise BadRequest unless ``text`` is a non-blank string of at most ``max_chars``
-    characters that encodes to UTF-8 (a lone surrogate would fail in the tokeniser)."""
-    if not isinstance(text, str):
-        raise BadRequest(f"{where}: expected a string, got {type(text).__name__}")
-    if not text.strip():
-        raise BadRequest(f"{where}: empty text")
+    """Raise BadRequest unless ``text`` is a text :func:`mtreg.core.text.text_problem`
+    accepts, of at most ``max_chars`` characters."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise BadRequest(f"{where}: {problem}")
     if len(text) > max_chars:
         raise BadRequest(f"{where}: text of {len(text)} characters, the limit is {max_chars}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(f"{where}: text is not valid Unicode (lone surrogate)") from None
 
 
 def plan_rows(

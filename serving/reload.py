@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtreg.artifacts.manifest import MANIFEST
+from mtreg.artifacts.manifest import bundle_directory
 from mtreg.runtime.bundle import LoadedBundle
 from mtreg.serving.metrics import ServeMetrics
 
@@ -37,8 +37,10 @@ class Served:
 
 
 def is_directory_ref(ref: str) -> bool:
-    """True when ``ref`` names a bundle directory rather than an alias or id."""
-    return (Path(ref) / MANIFEST).is_file()
+    """True when ``ref`` names a bundle directory rather than an alias or id (see
+    :func:`mtreg.artifacts.manifest.bundle_directory`, which raises NotFound for a path
+    without a bundle)."""
+    return bundle_directory(ref) is not None
 
 
 def _onnx_folder(registry: Registry, source: Path, record_id: str, tasks) -> Path:
@@ -65,8 +67,9 @@ def load_served(
     Raises:
         NotFound, InvalidWeights, MtregError: as :func:`mtreg.runtime.bundle.load_bundle`.
     """
-    if is_directory_ref(ref):
-        loaded = LoadedBundle(Path(ref), tasks, backend)
+    directory = bundle_directory(ref)
+    if directory is not None:
+        loaded = LoadedBundle(directory, tasks, backend)
         return Served(loaded, loaded.manifest.bundle_id)
     if registry is None:
         raise ValueError(f"{ref!r} is not a bundle directory and no registry was given")
@@ -134,6 +137,10 @@ class Reloader:
             self.metrics.poll_errors.inc()
             log.warning("could not look up alias %r: %s", self.alias, exc)
             return False
+        if target == self.current().id and self.failed_id is not None:
+            # The alias moved back to the bundle serving: the failure is over.
+            self.failed_id = None
+            self.metrics.reload_failed.set(0)
         if target in (self.current().id, self.failed_id):
             return False
         log.info("alias %r moved to %s: loading it", self.alias, target[:12])

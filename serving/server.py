@@ -1,23 +1,34 @@
 """Running the app under uvicorn: what ``mtreg serve`` does, callable from Python.
 
-Shutdown on SIGTERM or SIGINT: /readyz turns 503 at once (so a load balancer stops sending),
-uvicorn stops accepting connections and waits for requests in flight, then the lifespan
+Shutdown on SIGTERM or SIGINT: /readyz turns 503 at once (so a load balancer stops sending)
+and new predictions get 503 with ``Connection: close``, while the requests admitted before
+the signal finish; once no request has come or run for a moment (at most ``drain_seconds``),
+uvicorn stops accepting connections and waits for requests in flight, and the lifespan
 drains the queue and stops the inference and reload threads.
+
+Connections are bounded by the ServeConfig: request heads and bodies must arrive in time,
+idle keep-alive connections close, and past ``max_connections`` requests get 503 (see
+:mod:`mtreg.serving.protocol`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from mtreg.serving.config import ServeConfig
 from mtreg.serving.reload import RegistryFactory, Served, is_directory_ref, load_served
 
 log = logging.getLogger("mtreg.serving")
+
+# A draining server stops listening once no request came or ran for this long.
+QUIET_SECONDS = 0.25
 
 
 def set_threads(threads: int | None) -> int:
@@ -52,6 +63,50 @@ def load_first(config: ServeConfig, registry_factory: RegistryFactory | None) ->
         registry.close()
 
 
+def build_server(
+    app: Any, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info"
+) -> Any:
+    """Return the ``uvicorn.Server`` that runs ``app`` (made by
+    :func:`mtreg.serving.app.create_app`) under the limits of its ServeConfig and drains
+    on SIGTERM or SIGINT as this module says; start it with ``run()``."""
+    # FastAPI and uvicorn (the `serve` extra) load only when a server starts.
+    import uvicorn
+
+    from mtreg.serving.protocol import guarded_protocol
+
+    state = app.state.server
+    config: ServeConfig = state.config
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.draining = True  # /readyz and new predictions answer 503 from now on
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list | None = None) -> None:
+            # Keep accepting until no request has been in flight for a while (those
+            # admitted before the signal finish, new ones get 503): a client connecting
+            # as the listening socket closes would see its connection reset.
+            deadline, seen = time.monotonic() + config.drain_seconds, -1
+            busy = self.server_state
+            while time.monotonic() < deadline and (busy.tasks or seen != busy.total_requests):
+                seen = busy.total_requests
+                await asyncio.sleep(QUIET_SECONDS)
+            await super().shutdown(sockets)
+
+    settings = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        http=guarded_protocol(state),
+        timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=int(config.drain_seconds),
+        lifespan="on",
+    )
+    return Server(settings)
+
+
 def serve(
     config: ServeConfig,
     host: str = "127.0.0.1",
@@ -65,9 +120,6 @@ def serve(
     Raises:
         NotFound, InvalidWeights, MtregError: the bundle cannot be served (nothing listens).
     """
-    # FastAPI and uvicorn (the `serve` extra) load only when a server starts.
-    import uvicorn
-
     from mtreg.serving.app import create_app
 
     if not logging.getLogger().handlers:
@@ -76,25 +128,9 @@ def serve(
     used = set_threads(threads)
     served = load_first(config, registry_factory)
     log.info("loaded bundle %s (%s backend, %d torch threads)", served.id, config.backend, used)
-    app = create_app(config, served, registry_factory)
-    state = app.state.server
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            state.draining = True  # /readyz answers 503 from now on
-            super().handle_exit(sig, frame)
-
-    settings = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(config.drain_seconds),
-        lifespan="on",
-    )
+    server = build_server(create_app(config, served, registry_factory), host, port, log_level)
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM that was
         # served by draining is a clean exit (status 0), so let that second one pass.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    Server(settings).run()
+    server.run()

@@ -223,6 +223,7 @@ def test_scaffolded_plugin_installs_and_onboards_in_a_subprocess(
         )
 
     trunk = checkpoints.copy(tmp_path / "trunk", num_layers=2)
+    assert mtreg("init").returncode == 0  # commands other than init never create a registry
     assert mtreg("trunk", "add", "tiny", str(trunk)).returncode == 0
     onboard = mtreg(
         "onboard", "reviews", "--data-dir", str(tmp_path / "data"), "--layers", "1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,39 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+def check_example(example: Any, inputs: Sequence[str], head: HeadSpec) -> dict[str, Any]:
+    """Return a training ``example`` as a dict, once its text fields and its label are
+    what tokenising and training need (an empty text is allowed: real data sets hold a few).
+
+    Raises:
+        MtregError: the example is not a mapping, lacks a field or its label, has a text
+            that is not a string (None, a number) or not valid Unicode, or a label its
+            head refuses (:meth:`mtreg.heads.base.HeadKind.check_label`).
+    """
+    if not isinstance(example, Mapping):
+        raise MtregError(
+            f"the example is a {type(example).__name__}, not a mapping of fields "
+            f"(such as {{{inputs[0]!r}: ..., 'label': ...}})"
+        )
+    for name in inputs:
+        if name not in example:
+            raise MtregError(f"the example lacks the input field {name!r}")
+        text = example[name]
+        if not isinstance(text, str):
+            raise MtregError(
+                f"field {name!r} is {reprlib.repr(text)}, a {type(text).__name__}, not a string"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MtregError(f"field {name!r} is not valid Unicode (a lone surrogate)") from None
+    if "label" not in example:
+        raise MtregError("the example has no 'label'")
+    words = len(example[inputs[0]].split()) if head.per_token else 0
+    heads.get(head.kind).check_label(head, example["label"], words)
+    return dict(example)
 
 
 def encode(

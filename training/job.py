@@ -11,7 +11,7 @@ trunk is read from the registry's object store, never from the folder it was add
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from mtreg.errors import MtregError
 from mtreg.nn.layers import Branch
 from mtreg.nn.network import Trunk
 from mtreg.training.cache import ActivationCache, cache_key
-from mtreg.training.data import Encoded, collate, data_hash, encode
+from mtreg.training.data import Encoded, check_example, collate, data_hash, encode
 from mtreg.training.loop import Recipe
 from mtreg.training.metrics import check_names
 from mtreg.training.progress import Progress
@@ -147,19 +147,45 @@ class Job:
 
 
 def load_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
-    """Return the examples of ``split``. Raises MtregError for a failing or empty split."""
-    assert spec.load_dataset is not None
-    try:
-        examples = [dict(example) for example in spec.load_dataset(split)]
-    except MtregError as exc:
-        raise MtregError(f"task {spec.name!r}: {exc}") from None
-    except (OSError, ValueError, KeyError, TypeError, UnicodeError) as exc:
-        raise MtregError(
-            f"task {spec.name!r}: cannot load its {split} split: {type(exc).__name__}: {exc}"
-        ) from None
+    """Return the examples of ``split``, each checked by :func:`check_example`, before
+    anything is tokenised, cached or trained.
+
+    Raises:
+        MtregError: the loader fails, at once or halfway through, whatever it raises; the
+            split is empty; an example is malformed. The message names the task, the split
+            and the row (counted from 1).
+    """
+    where = f"task {spec.name!r}, {split} split"
+    examples = []
+    for number, example in enumerate(_read(spec, split, where), 1):
+        try:
+            examples.append(check_example(example, spec.inputs, spec.head))
+        except MtregError as exc:
+            raise MtregError(f"{where}, row {number}: {exc}") from None
     if not examples:
-        raise MtregError(f"task {spec.name!r}: its {split} split is empty")
+        raise MtregError(
+            f"task {spec.name!r}: its {split} split is empty: its loader gave no examples"
+        )
     return examples
+
+
+def _read(spec: TaskSpec, split: str, where: str) -> Iterator[Any]:
+    """Yield what the task's loader gives for ``split``; whatever the loader raises (a
+    plugin's own exception, ``sys.exit``) becomes one MtregError naming the row it was on."""
+    assert spec.load_dataset is not None
+    number = 0
+    try:
+        for number, example in enumerate(spec.load_dataset(split), 1):  # noqa: B007
+            yield example
+    except MtregError as exc:
+        raise MtregError(f"{where}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # a loader is plugin code: anything can come out
+        at = f" at row {number + 1} (after {number} good rows)" if number else ""
+        detail = " ".join(str(exc).split())
+        raise MtregError(
+            f"{where}: its loader failed{at}: {type(exc).__name__}: {detail}; fix the "
+            "plugin's load_dataset"
+        ) from None
 
 
 def _encode(job_spec: TaskSpec, tokenizer: Any, examples: list, split: str, n: int) -> Encoded:

@@ -202,6 +202,7 @@ def fit(
 
     Raises:
         MtregError: the train or the dev split is empty.
+        Diverged: the loss or the weights stopped being finite (see :func:`train_loop`).
     """
     if not len(train) or not len(dev):
         raise MtregError("cannot train on an empty split: the train and dev splits need examples")
@@ -241,16 +242,15 @@ def train_loop(
     ``train_mode()`` (default ``module.train()``) prepares an epoch. AdamW without decay on
     LayerNorm and biases, gradient clipping, warm-up then linear decay, the best epoch by
     the first metric (a tie is no improvement), early stopping after ``recipe.patience``;
-    training losses are computed under :func:`autocast` at ``recipe.precision``, dev scores
-    in fp32, as the branch will be served.
-
-    ``progress`` gets one line per epoch (train loss, dev metrics) and, if it is a
-    :class:`~mtreg.training.progress.StepProgress`, a :class:`~mtreg.training.progress.Step`
-    after every batch.
+    losses under :func:`autocast` at ``recipe.precision``, dev scores in fp32 (as served).
+    ``progress`` gets a line per epoch and, if it is a ``StepProgress``, a ``Step`` per batch.
 
     Returns:
         The best epoch's module (a CPU copy in eval mode), that epoch, its dev metrics, the
         history and the seconds taken.
+
+    Raises:
+        Diverged: the loss or the weights stopped being finite: the run stops there.
     """
     started = time.perf_counter()
     forward_context = autocast(recipe.precision, device)
@@ -266,7 +266,7 @@ def train_loop(
         (train_mode or module.train)()
         order = torch.randperm(num_train, generator=generator).split(recipe.batch_size)
         on_batch = _batch_reporter(progress, epoch, recipe.epochs, steps.batches)
-        train_loss = steps.epoch(order, loss_for, on_batch) / num_train
+        train_loss = steps.epoch(epoch, order, loss_for, on_batch) / num_train
         dev_metrics = score(head, predict(), dev_labels, metrics)
         history.append({"epoch": epoch, "train_loss": train_loss, **dev_metrics})
         _report_epoch(progress, epoch, recipe.epochs, train_loss, dev_metrics)
@@ -281,6 +281,26 @@ def train_loop(
     result.load_state_dict(best[3])
     result.eval()
     return result, best[1], best[2], history, time.perf_counter() - started
+
+
+class Diverged(MtregError):
+    """A training run whose loss or weights stopped being finite numbers."""
+
+    @classmethod
+    def at(cls, epoch: int, what: str) -> Diverged:
+        """Return the error of a run that diverged in ``epoch``, ``what`` saying how."""
+        return cls(
+            f"training diverged in epoch {epoch}: {what}; nothing was kept. Lower the "
+            "learning rate (--lr), or check the data's targets"
+        )
+
+
+def nonfinite_weight(module: nn.Module) -> str | None:
+    """Return the name of a parameter of ``module`` holding NaN or Inf, or None."""
+    for name, parameter in module.named_parameters():
+        if not torch.isfinite(parameter).all():
+            return name
+    return None
 
 
 @dataclass
@@ -311,20 +331,27 @@ class _Steps:
 
     def epoch(
         self,
+        number: int,
         order: Sequence[torch.Tensor],
         loss_for: Callable[[list[int]], torch.Tensor],
         on_batch: Callable[[int, float], None] | None,
     ) -> float:
-        """Take one optimizer step per batch of example indices in ``order``; tell
-        ``on_batch`` each batch's number and the mean loss so far.
+        """Take one optimizer step per batch of example indices in ``order`` (epoch
+        ``number``); tell ``on_batch`` each batch's number and the mean loss so far.
 
         Returns:
             The epoch's training loss summed over its examples.
+
+        Raises:
+            Diverged: a batch's loss, or a weight at the end of the epoch, is NaN or Inf.
         """
         total, seen = 0.0, 0
         for batch, indices in enumerate(order, 1):
             with self.forward_context:
                 loss = loss_for(indices.tolist())
+            if not torch.isfinite(loss):
+                value = float(loss.detach())
+                raise Diverged.at(number, f"the training loss became {value} at batch {batch}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.recipe.clip)
@@ -334,6 +361,9 @@ class _Steps:
             seen += len(indices)
             if on_batch is not None:
                 on_batch(batch, total / seen)
+        bad = nonfinite_weight(self.module)
+        if bad is not None:
+            raise Diverged.at(number, f"weight {bad!r} holds NaN or Inf")
         return total
 
 

@@ -31,7 +31,7 @@ from mtreg.errors import MtregError
 from mtreg.nn.layers import Branch
 from mtreg.training.cache import cache_key
 from mtreg.training.job import Job, hidden_states
-from mtreg.training.loop import Split, fit, predict_logits
+from mtreg.training.loop import Split, fit, nonfinite_weight, predict_logits
 from mtreg.training.progress import prefixed
 from mtreg.training.settings import auto_epochs, default_teacher_layers
 
@@ -161,7 +161,8 @@ def save_run(job: Job, run: Run, branch: Branch) -> None:
 
 
 def load_run(job: Job, run_name: str, key: str, layers: int) -> tuple[Run, Branch] | None:
-    """Return a saved run and its branch if one exists for exactly ``key``."""
+    """Return a saved run and its branch if one exists for exactly ``key`` and its weights
+    are finite numbers."""
     meta_path, weights_path = _saved_run_paths(job, run_name)
     try:
         data = json.loads(meta_path.read_text())
@@ -172,6 +173,8 @@ def load_run(job: Job, run_name: str, key: str, layers: int) -> tuple[Run, Branc
         branch.load_state_dict(state, strict=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
         return None  # absent, stale or damaged: train again
+    if nonfinite_weight(branch) is not None:
+        return None  # not a run to keep (an older mtreg saved diverged runs): train again
     fields = {k: data[k] for k in Run.__dataclass_fields__ if k in data}
     return replace(Run(**fields), resumed=True), branch.eval()
 
@@ -211,23 +214,32 @@ def _train_run(
     train: Split,
     dev: Split,
 ) -> tuple[Run, Branch]:
-    """Train one candidate, or take its saved run when one matches ``key``."""
+    """Train one candidate, or take its saved run when one matches ``key``; a run is saved
+    only once it has finished with finite weights.
+
+    Raises:
+        MtregError: the run diverged (see :func:`mtreg.training.loop.train_loop`); nothing
+            of it is saved.
+    """
     name = run_name(stage, layers, lr)
     found = load_run(job, name, key, layers)
     if found is not None:
         job.say(f"{name}: done before, resumed from its saved run")
         return found
 
-    result = fit(
-        make_branch(),
-        job.spec.head,
-        train,
-        dev,
-        job.metrics,
-        job.recipe(lr, epochs),
-        device=job.device,
-        progress=prefixed(job.progress, name),
-    )
+    try:
+        result = fit(
+            make_branch(),
+            job.spec.head,
+            train,
+            dev,
+            job.metrics,
+            job.recipe(lr, epochs),
+            device=job.device,
+            progress=prefixed(job.progress, name),
+        )
+    except MtregError as exc:
+        raise MtregError(f"task {job.spec.name!r}, run {name}: {exc}") from None
     run = Run(
         stage=stage,
         layers=layers,

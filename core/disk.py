@@ -1,0 +1,42 @@
+"""Disk faults a user can cause (a full disk, a read-only file system, no permission, a file
+where a folder should be), turned into one-line errors that say what to do."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mtreg.errors import StorageError
+
+_HINTS = {
+    errno.ENOSPC: "free space on that disk and retry",
+    errno.EDQUOT: "free space within your disk quota and retry",
+    errno.EROFS: "use a writable --home or --out (commands that only read work as they are)",
+    errno.EACCES: "check the permissions, or use another --home or --out",
+    errno.EPERM: "check the permissions, or use another --home or --out",
+    errno.ENOTDIR: "a part of that path is a regular file: use another --home or --out",
+    # mkdir of a folder where a regular file already is.
+    errno.EEXIST: "a regular file is in the way: use another --home or --out",
+}
+
+
+@contextmanager
+def disk_errors(where: str | Path) -> Iterator[None]:
+    """Run the block, turning a disk fault in it into a :class:`StorageError`.
+
+    ``where`` names the folder being written, for a fault that names no file. Other
+    ``OSError`` s (a missing source file, for one) pass through unchanged.
+
+    Raises:
+        StorageError: the disk is full or read-only, or the path cannot be written or created.
+    """
+    try:
+        yield
+    except OSError as exc:
+        hint = _HINTS.get(exc.errno)
+        if hint is None:
+            raise
+        path = exc.filename or where
+        raise StorageError(f"cannot write {path}: {exc.strerror}: {hint}") from None
