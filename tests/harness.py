@@ -17,12 +17,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -309,3 +311,17 @@ def registry_state(url: str, home: str) -> dict[str, Any]:
             "incoming": incoming,
             "hash": hashlib.sha256(str(sorted(stored)).encode()).hexdigest(),
         }
+
+
+def wait_ready(process: subprocess.Popen, url: str, timeout: float = 60) -> None:
+    """Return once the ``mtreg serve`` ``process`` answers ``/readyz`` at ``url`` with 200;
+    fail the test if it exits or is not ready within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "server did not become ready"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)

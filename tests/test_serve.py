@@ -25,6 +25,7 @@ import pytest
 import schemathesis
 import uvicorn
 from factories import Checkpoints
+from harness import wait_ready
 from helpers import publish_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -390,15 +391,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(reg: Registered) ->
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "server did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_ready(process, url)
         body = {"inputs": TEXTS * 10}  # 60 inputs in 4-input batches: takes a moment
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(post, url, body) for _ in range(6)]
