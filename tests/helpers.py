@@ -10,6 +10,25 @@ from typing import Any
 import sqlalchemy as sa
 
 
+def task_spec(
+    name: str,
+    weights: Path | str,
+    version: str = "1.0.0",
+    head: tuple[str, tuple[str, ...]] = ("classification", ("neg", "pos")),
+    **more: Any,
+) -> dict[str, Any]:
+    """Return TaskSpec keyword arguments for :func:`write_plugin`: task ``name`` on the
+    ``tiny`` trunk with branch file ``weights``."""
+    return {
+        "name": name,
+        "version": version,
+        "head": head,
+        "weights": str(weights),
+        "trunk": "tiny",
+        **more,
+    }
+
+
 def write_plugin(directory: Path, module: str, tasks: list[dict[str, Any]]) -> Path:
     """Write a path plugin ``directory/module.py`` registering ``tasks``.
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from factories import Checkpoints, corrupt_header, make_branch_file, set_tensor
 from harness import CliPool, Databases
-from helpers import snapshot, stamp, write_plugin
+from helpers import snapshot, stamp, task_spec, write_plugin
 
 from mtreg.artifacts.checkpoint import Checkpoint, read_checkpoint
 from mtreg.core.spec import HeadSpec
@@ -95,18 +95,6 @@ class World:
         return snapshot(url or self.url, home or self.home)
 
 
-def task(name: str, weights: Path | str, version: str = "1.0.0", head=HEAD, **more: Any) -> dict:
-    """TaskSpec keyword arguments for :func:`helpers.write_plugin`."""
-    return {
-        "name": name,
-        "version": version,
-        "head": head,
-        "weights": str(weights),
-        "trunk": "tiny",
-        **more,
-    }
-
-
 @pytest.fixture(scope="module")
 def world(
     databases: Databases, checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory
@@ -116,7 +104,7 @@ def world(
     w = World(tmp, databases.new(), read_checkpoint(trunk_dir), trunk_dir, databases)
     CHECKPOINT_PREFIX.update({d: w.checkpoint.fingerprint.prefix(d) for d in range(4)})
     weights = w.branch("sentiment-1.0.0.safetensors", task="sentiment")
-    write_plugin(tmp / "plugins-base", "base", [task("sentiment", weights)])
+    write_plugin(tmp / "plugins-base", "base", [task_spec("sentiment", weights)])
     with Registry(url=w.url, home=w.home, plugins_dirs=[tmp / "plugins-base"]) as registry:
         registry.add_trunk("tiny", trunk_dir)
         registry.register(["sentiment"], promote=True)
@@ -147,7 +135,7 @@ def _bad_weights(edit: Callable[[Path], Any]) -> Callable[[World, str], Setup]:
     def setup(w: World, case: str) -> Setup:
         path = w.branch(f"{case}.safetensors")
         edit(path)
-        return _register_probe(w, case, task("probe", path))
+        return _register_probe(w, case, task_spec("probe", path))
 
     return setup
 
@@ -173,7 +161,7 @@ def _other_trunk(w: World, case: str) -> Setup:
     fp = w.checkpoint.fingerprint
     other = replace(fp, layers=(fp.layers[0], "0" * 64, *fp.layers[2:]))
     fake = types.SimpleNamespace(config=w.checkpoint.config, fingerprint=other)
-    return _register_probe(w, case, task("probe", w.branch(f"{case}.st", checkpoint=fake)))
+    return _register_probe(w, case, task_spec("probe", w.branch(f"{case}.st", checkpoint=fake)))
 
 
 def _other_tokenizer(w: World, case: str) -> Setup:
@@ -181,7 +169,7 @@ def _other_tokenizer(w: World, case: str) -> Setup:
     fake = types.SimpleNamespace(
         config=w.checkpoint.config, fingerprint=replace(fp, tokenizer="f" * 64)
     )
-    return _register_probe(w, case, task("probe", w.branch(f"{case}.st", checkpoint=fake)))
+    return _register_probe(w, case, task_spec("probe", w.branch(f"{case}.st", checkpoint=fake)))
 
 
 def _malformed_prefix(w: World, case: str) -> Setup:
@@ -189,15 +177,15 @@ def _malformed_prefix(w: World, case: str) -> Setup:
         config=w.checkpoint.config,
         fingerprint=types.SimpleNamespace(prefix=lambda depth: {"layers": 5, "depth": "x"}),
     )
-    return _register_probe(w, case, task("probe", w.branch(f"{case}.st", checkpoint=fake)))
+    return _register_probe(w, case, task_spec("probe", w.branch(f"{case}.st", checkpoint=fake)))
 
 
 def _two_plugins(w: World, case: str) -> Setup:
     weights = w.branch(f"{case}.st")
-    w.plugin(case, task("probe", weights), module="first")
+    w.plugin(case, task_spec("probe", weights), module="first")
     return Setup(
         ["register", "probe"],
-        {"MTREG_PLUGINS_PATH": str(w.plugin(case, task("probe", weights), module="second"))},
+        {"MTREG_PLUGINS_PATH": str(w.plugin(case, task_spec("probe", weights), module="second"))},
     )
 
 
@@ -205,7 +193,7 @@ def _sentiment(version: str, seed: int = 0, head=HEAD) -> Callable[[World, str],
     def setup(w: World, case: str) -> Setup:
         weights = w.branch(f"{case}.st", task="sentiment", version=version, seed=seed, head=head)
         return _register_probe(
-            w, case, task("sentiment", weights, version, head=head), name="sentiment"
+            w, case, task_spec("sentiment", weights, version, head=head), name="sentiment"
         )
 
     return setup
@@ -225,7 +213,7 @@ def _bad_name(name: str) -> Callable[[World, str], Setup]:
     """A case: a plugin declaring a task with a bad name (the plugin is refused)."""
 
     def setup(w: World, case: str) -> Setup:
-        return _register_probe(w, case, task(name, w.branch(f"{case}.st")))
+        return _register_probe(w, case, task_spec(name, w.branch(f"{case}.st")))
 
     return setup
 
@@ -296,7 +284,7 @@ def _probe(**branch: Any) -> Callable[[World, str], Setup]:
     """A case: register task ``probe`` whose weights :meth:`World.branch` writes."""
 
     def setup(w: World, case: str) -> Setup:
-        return _register_probe(w, case, task("probe", w.branch(f"{case}.st", **branch)))
+        return _register_probe(w, case, task_spec("probe", w.branch(f"{case}.st", **branch)))
 
     return setup
 
@@ -305,7 +293,7 @@ def _probe_spec(**spec: Any) -> Callable[[World, str], Setup]:
     """A case: register task ``probe`` with valid weights and these TaskSpec fields."""
 
     def setup(w: World, case: str) -> Setup:
-        return _register_probe(w, case, {**task("probe", w.branch(f"{case}.st")), **spec})
+        return _register_probe(w, case, {**task_spec("probe", w.branch(f"{case}.st")), **spec})
 
     return setup
 
@@ -318,7 +306,7 @@ def _forged(prefix: Callable[[int], dict], depth: int = 2) -> Callable[[World, s
             config=w.checkpoint.config, fingerprint=types.SimpleNamespace(prefix=prefix)
         )
         weights = w.branch(f"{case}.st", checkpoint=fake, depth=depth)
-        return _register_probe(w, case, task("probe", weights))
+        return _register_probe(w, case, task_spec("probe", weights))
 
     return setup
 

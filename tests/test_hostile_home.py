@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from factories import Checkpoints, make_branch_file
 from harness import CliPool, Databases, Result
-from helpers import snapshot, write_plugin
+from helpers import snapshot, task_spec, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.artifacts.home import Home
@@ -64,16 +64,6 @@ class World:
         return {**base, **{k: str(v) for k, v in overrides.items()}}
 
 
-def _task(name: str, weights: Path) -> dict[str, Any]:
-    return {
-        "name": name,
-        "version": "1.0.0",
-        "head": HEAD,
-        "weights": str(weights),
-        "trunk": "tiny",
-    }
-
-
 @pytest.fixture(scope="module")
 def world(
     databases: Databases, checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory
@@ -94,7 +84,7 @@ def world(
             1,
             HeadSpec(*HEAD),
         )
-        write_plugin(tmp / folder, name, [_task(name, weights)])
+        write_plugin(tmp / folder, name, [task_spec(name, weights, head=HEAD)])
     with Registry(url=url, home=home, plugins_dirs=[tmp / "plugins-base"]) as registry:
         registry.add_trunk("tiny", trunk_dir)
         registry.register(["sentiment"], promote=True)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from factories import Checkpoints, make_branch_file
 from harness import CliPool, Databases, Result, Step
-from helpers import snapshot, write_plugin
+from helpers import snapshot, task_spec, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.core.spec import HeadSpec, find_version
@@ -74,13 +74,7 @@ def _sentiment(tmp: Path, checkpoint: Any, version: str) -> dict[str, Any]:
     weights = make_branch_file(
         path, checkpoint, "sentiment", version, 2, 1, HeadSpec(*HEAD), seed=len(version)
     )
-    return {
-        "name": "sentiment",
-        "version": version,
-        "head": HEAD,
-        "weights": str(weights),
-        "trunk": "tiny",
-    }
+    return task_spec("sentiment", weights, version, HEAD)
 
 
 @pytest.fixture(scope="module")
