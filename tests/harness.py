@@ -15,11 +15,14 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,3 +328,30 @@ def wait_ready(process: subprocess.Popen, url: str, timeout: float = 60) -> None
                 return
         except httpx.TransportError:
             time.sleep(0.1)
+
+
+def free_socket() -> socket.socket:
+    """Return a TCP socket bound to a free port on 127.0.0.1 (loopback only)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def in_thread(server: Any) -> Iterator[str]:
+    """Run a ``uvicorn.Server`` in a thread on a free loopback port; yield its base URL and
+    stop it on exit."""
+    sock = free_socket()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()

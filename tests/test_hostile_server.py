@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 from factories import Checkpoints
-from harness import Databases, wait_ready
+from harness import Databases, free_socket, in_thread, wait_ready
 from helpers import publish_tasks
 
 from mtreg.artifacts.checkpoint import read_checkpoint
@@ -80,13 +80,6 @@ def hosted(
     h.registry.close()
 
 
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 @contextmanager
 def hosting(hosted: Hosted, follow: bool = False, **options: Any) -> Iterator[str]:
     """Run the server ``mtreg serve`` runs (build_server) in a thread on a free loopback
@@ -96,19 +89,8 @@ def hosting(hosted: Hosted, follow: bool = False, **options: Any) -> Iterator[st
         served = load_served("serving", None, "torch", registry)
     app = create_app(config, served, hosted.open if follow else None)
     server = build_server(app, log_level="warning")
-    sock = _free_socket()
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+    with in_thread(server) as url:
+        yield url
 
 
 def metric(url: str, name: str) -> float:
@@ -347,7 +329,7 @@ LIMITS += ["--max-connections", "64"]
 
 @pytest.mark.slow
 def test_sigterm_under_load_answers_503_rather_than_resetting(hosted: Hosted) -> None:
-    sock = _free_socket()
+    sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     command = [sys.executable, "-m", "mtreg", "serve", "--bundle", "serving", "--port", str(port)]

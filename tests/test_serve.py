@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import pytest
 import schemathesis
 import uvicorn
 from factories import Checkpoints
-from harness import wait_ready
+from harness import free_socket, in_thread, wait_ready
 from helpers import publish_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -99,30 +98,12 @@ def reg(tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoints) -> I
     r.registry.close()
 
 
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 @contextmanager
 def running(app: Any) -> Iterator[str]:
     """Run ``app`` under uvicorn in a thread on a free loopback port; yield its base URL."""
-    sock = _free_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+    with in_thread(server) as url:
+        yield url
 
 
 @contextmanager
@@ -378,7 +359,7 @@ def test_hot_reload_under_load_loses_no_request(reg: Registered) -> None:
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_cleanly(reg: Registered) -> None:
-    sock = _free_socket()
+    sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     bundle = str(reg.registry.bundle_path("serving"))
