@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from factories import Checkpoints, make_branch_file
-from helpers import snapshot, write_plugin
+from helpers import snapshot, task_spec, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.core.spec import HeadSpec
@@ -70,14 +70,7 @@ class World:
         self.registry.discover(refresh=True)
 
     def task(self, name: str, version: str, head=SENTIMENT, **branch) -> dict:
-        weights = self.branch(name, version, head=head, **branch)
-        return {
-            "name": name,
-            "version": version,
-            "head": head,
-            "weights": str(weights),
-            "trunk": "tiny",
-        }
+        return task_spec(name, self.branch(name, version, head=head, **branch), version, head)
 
     def snapshot(self) -> dict:
         return snapshot(self.url, self.home)
