@@ -82,8 +82,16 @@ def text_problem(text: object) -> str | None:
         return f"expected a string, got {'null' if text is None else type(text).__name__}"
     if not text.strip():
         return "empty text: give some text to predict"
+    if not is_unicode(text):
+        return "text is not valid Unicode (lone surrogate)"
+    return None
+
+
+def is_unicode(text: str) -> bool:
+    """Return whether ``text`` encodes to UTF-8: False for a lone surrogate, which would
+    fail inside the tokenizer."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return "text is not valid Unicode (lone surrogate)"
-    return None
+        return False
+    return True

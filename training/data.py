@@ -13,6 +13,7 @@ import torch
 
 from mtreg import heads
 from mtreg.core.spec import HeadSpec
+from mtreg.core.text import is_unicode
 from mtreg.errors import MtregError
 
 
@@ -50,10 +51,8 @@ def check_example(example: Any, inputs: Sequence[str], head: HeadSpec) -> dict[s
             raise MtregError(
                 f"field {name!r} is {reprlib.repr(text)}, a {type(text).__name__}, not a string"
             )
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise MtregError(f"field {name!r} is not valid Unicode (a lone surrogate)") from None
+        if not is_unicode(text):
+            raise MtregError(f"field {name!r} is not valid Unicode (a lone surrogate)")
     if "label" not in example:
         raise MtregError("the example has no 'label'")
     words = len(example[inputs[0]].split()) if head.per_token else 0
