@@ -355,3 +355,26 @@ def in_thread(server: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``mtreg serve ARGS`` as a real process on a free loopback port and wait until it
+    is ready; return the process and its base URL (the caller stops the process)."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtreg", "serve", *args, "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, url)
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    return process, url

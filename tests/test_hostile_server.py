@@ -14,8 +14,6 @@ import select
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 from factories import Checkpoints
-from harness import Databases, free_socket, in_thread, wait_ready
+from harness import Databases, in_thread, start_serve
 from helpers import publish_tasks
 
 from mtreg.artifacts.checkpoint import read_checkpoint
@@ -329,20 +327,12 @@ LIMITS += ["--max-connections", "64"]
 
 @pytest.mark.slow
 def test_sigterm_under_load_answers_503_rather_than_resetting(hosted: Hosted) -> None:
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    command = [sys.executable, "-m", "mtreg", "serve", "--bundle", "serving", "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--threads", "1", "--log-level", "warning", "--max-wait-ms", "1", *LIMITS],
+    process, url = start_serve(
+        "--bundle", "serving", "--threads", "1", "--log-level", "warning", "--max-wait-ms", "1",
+        *LIMITS,
         env={**os.environ, "MTREG_DATABASE_URL": hosted.url, "MTREG_HOME": str(hosted.home)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    )  # fmt: skip
     try:
-        wait_ready(process, url)
         outcomes: list[Any] = []
         clients = [
             threading.Thread(target=_client_loop, args=(url, outcomes, time.monotonic() + 60))

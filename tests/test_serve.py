@@ -24,7 +24,7 @@ import pytest
 import schemathesis
 import uvicorn
 from factories import Checkpoints
-from harness import free_socket, in_thread, wait_ready
+from harness import in_thread, start_serve
 from helpers import publish_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -359,20 +359,11 @@ def test_hot_reload_under_load_loses_no_request(reg: Registered) -> None:
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_cleanly(reg: Registered) -> None:
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
     bundle = str(reg.registry.bundle_path("serving"))
-    command = [sys.executable, "-m", "mtreg", "serve", "--bundle", bundle, "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--max-batch-size", "4", "--threads", "1", "--log-level", "warning"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process, url = start_serve(
+        "--bundle", bundle, "--max-batch-size", "4", "--threads", "1", "--log-level", "warning"
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(process, url)
         body = {"inputs": TEXTS * 10}  # 60 inputs in 4-input batches: takes a moment
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(post, url, body) for _ in range(6)]
