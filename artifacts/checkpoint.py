@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,8 +29,9 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "vocab.json",
     "merges.txt",
+    "spm.model",
+    "sentencepiece.bpe.model",
 )
-_MODEL_PREFIXES = ("", "bert.", "roberta.")
 # Checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta.
 _LEGACY = {".gamma": ".weight", ".beta": ".bias"}
 
@@ -37,41 +39,27 @@ Tensors = dict[str, torch.Tensor]
 
 
 def embedding_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
-    """Return the expected embeddings tensors: name -> shape."""
-    h = config.hidden_size
-    return {
-        "word_embeddings.weight": (config.vocab_size, h),
-        "position_embeddings.weight": (config.max_position_embeddings, h),
-        "token_type_embeddings.weight": (config.type_vocab_size, h),
-        "LayerNorm.weight": (h,),
-        "LayerNorm.bias": (h,),
-    }
+    """Return the expected embeddings component tensors: name -> shape."""
+    return config.family.embeddings(config.to_dict())
 
 
-def layer_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
-    """Return the expected tensors of one encoder layer: name -> shape."""
-    h, i = config.hidden_size, config.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in ("attention.self.query", "attention.self.key", "attention.self.value"):
-        shapes |= {f"{name}.weight": (h, h), f"{name}.bias": (h,)}
-    return shapes | {
-        "attention.output.dense.weight": (h, h),
-        "attention.output.dense.bias": (h,),
-        "attention.output.LayerNorm.weight": (h,),
-        "attention.output.LayerNorm.bias": (h,),
-        "intermediate.dense.weight": (i, h),
-        "intermediate.dense.bias": (i,),
-        "output.dense.weight": (h, i),
-        "output.dense.bias": (h,),
-        "output.LayerNorm.weight": (h,),
-        "output.LayerNorm.bias": (h,),
-    }
+def layer_shapes(config: TrunkConfig, index: int = 0) -> dict[str, tuple[int, ...]]:
+    """Return the expected tensors of encoder layer ``index``: name -> shape (ModernBERT's
+    layer 0 has no attention norm; every other family's layers are alike)."""
+    return config.family.layer(config.to_dict(), index)
 
 
 def pooler_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
-    """Return the expected pooler tensors: name -> shape."""
-    h = config.hidden_size
-    return {"dense.weight": (h, h), "dense.bias": (h,)}
+    """Return the expected tensors of a branch's pooler: name -> shape."""
+    return config.family.pooler_shapes(config.to_dict())
+
+
+def top_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
+    """Return the expected tensors of the trunk's top component (what follows its last
+    layer: BERT's pooler, ModernBERT's final norm): name -> shape."""
+    if config.family.final_norm:
+        return config.family.final_norm_shapes(config.to_dict())
+    return pooler_shapes(config)
 
 
 @dataclass(frozen=True)
@@ -137,17 +125,19 @@ def _read_tensors(folder: Path) -> Tensors:
 
 
 def _split(tensors: Tensors, config: TrunkConfig) -> tuple[Tensors, list[Tensors], Tensors]:
+    family = config.family
     prefix = next(
-        (p for p in _MODEL_PREFIXES if f"{p}embeddings.word_embeddings.weight" in tensors), None
+        (p for p in ("", family.base) if any(n.startswith(f"{p}embeddings.") for n in tensors)),
+        None,
     )
     if prefix is None:
         raise InvalidCheckpoint(
-            "no embeddings.word_embeddings.weight tensor (with or without a bert./roberta. "
-            "prefix): not a BERT-family encoder"
+            f"no embeddings tensors (with or without a {family.base} prefix): not a "
+            f"{family.name} encoder"
         )
     embeddings: Tensors = {}
     layers: list[Tensors] = [{} for _ in range(config.num_hidden_layers)]
-    pooler: Tensors = {}
+    top: Tensors = {}
     for full_name, tensor in tensors.items():
         if not full_name.startswith(prefix):
             continue  # a task head of a *ForSequenceClassification checkpoint, for example
@@ -155,24 +145,26 @@ def _split(tensors: Tensors, config: TrunkConfig) -> tuple[Tensors, list[Tensors
         for old, new in _LEGACY.items():
             if name.endswith(old):
                 name = name[: -len(old)] + new
-        if name.startswith("embeddings."):
-            if not name.endswith("position_ids"):
-                embeddings[name.removeprefix("embeddings.")] = tensor
-        elif name.startswith("encoder.layer."):
-            index, _, rest = name.removeprefix("encoder.layer.").partition(".")
+        if name.startswith(family.layer_prefix):
+            index, _, rest = name.removeprefix(family.layer_prefix).partition(".")
             if not index.isdigit() or int(index) >= len(layers):
                 raise InvalidCheckpoint(
                     f"tensor {full_name!r} names a layer beyond num_hidden_layers "
                     f"{config.num_hidden_layers}"
                 )
             layers[int(index)][rest] = tensor
-        elif name.startswith("pooler."):
-            pooler[name.removeprefix("pooler.")] = tensor
-    return embeddings, layers, pooler
+        elif family.top_prefix and name.startswith(family.top_prefix):
+            top[name.removeprefix(family.top_prefix)] = tensor
+        elif not name.endswith(("position_ids", "token_type_ids")):
+            for group, target in family.embedding_groups.items():
+                if name.startswith(group):
+                    embeddings[target + name.removeprefix(group)] = tensor
+    return embeddings, layers, top
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
-    """Read a Hugging Face BERT or RoBERTa checkpoint folder.
+    """Read a Hugging Face checkpoint folder of one of the encoder families (its base model
+    or a ``*For...`` model built on it).
 
     Returns:
         The config, the components (tensor names relative to each) and the fingerprint.
@@ -180,6 +172,16 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     Raises:
         InvalidCheckpoint: a missing folder or file, another architecture, a missing or
             misshapen tensor, non-finite weights, or no tokenizer; the message names it.
+    """
+    return read_model(folder)[0]
+
+
+def read_model(folder: Path) -> tuple[Checkpoint, dict[str, Any], Tensors]:
+    """Read a checkpoint folder as :func:`read_checkpoint` does, and also return its raw
+    ``config.json`` and every tensor by its own name (a task head's included).
+
+    Raises:
+        InvalidCheckpoint: as :func:`read_checkpoint`.
     """
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -189,22 +191,27 @@ def read_checkpoint(folder: Path) -> Checkpoint:
             "(config.json, model.safetensors, tokenizer files)"
         )
     try:
-        config = TrunkConfig.from_hf(json.loads(config_file.read_text()))
+        raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise InvalidCheckpoint(f"{config_file} is not valid JSON: {exc}") from None
-    embeddings, layers, pooler = _split(_read_tensors(folder), config)
+    if not isinstance(raw, dict):
+        raise InvalidCheckpoint(f"{config_file} is not a JSON object")
+    config = TrunkConfig.from_hf(raw)
+    tensors = _read_tensors(folder)
+    embeddings, layers, pooler = _split(tensors, config)
     problem = check_shapes(embeddings, embedding_shapes(config), "embeddings")
     for index, layer in enumerate(layers):
-        problem = problem or check_shapes(layer, layer_shapes(config), f"layer {index}")
+        problem = problem or check_shapes(layer, layer_shapes(config, index), f"layer {index}")
     if pooler:
-        problem = problem or check_shapes(pooler, pooler_shapes(config), "pooler")
+        problem = problem or check_shapes(pooler, top_shapes(config), "pooler")
     if problem:
         raise InvalidCheckpoint(f"{folder}: {problem}")
     tokenizer_files = {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
-    if not {"tokenizer.json", "vocab.txt", "vocab.json"} & set(tokenizer_files):
+    vocabularies = {"tokenizer.json", "vocab.txt", "vocab.json", "spm.model"}
+    if not (vocabularies | {"sentencepiece.bpe.model"}) & set(tokenizer_files):
         raise InvalidCheckpoint(
-            f"{folder} has no tokenizer (tokenizer.json, vocab.txt or vocab.json): save the "
-            "tokenizer into the checkpoint folder"
+            f"{folder} has no tokenizer (tokenizer.json, vocab.txt, vocab.json or a "
+            "sentencepiece model): save the tokenizer into the checkpoint folder"
         )
     fingerprint = TrunkFingerprint(
         tokenizer=tokenizer_hash(tokenizer_files),
@@ -212,7 +219,10 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         embeddings=tensor_group_hash(embeddings),
         layers=tuple(tensor_group_hash(layer) for layer in layers),
     )
-    return Checkpoint(config, embeddings, layers, pooler or None, tokenizer_files, fingerprint)
+    checkpoint = Checkpoint(
+        config, embeddings, layers, pooler or None, tokenizer_files, fingerprint
+    )
+    return checkpoint, raw, tensors
 
 
 def save_component(tensors: Mapping[str, torch.Tensor], path: Path) -> None:

@@ -6,7 +6,6 @@ torch is imported inside the command bodies only, so that ``mtreg list`` stays f
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,21 +16,24 @@ import click
 from mtreg.cli.context import Context, pass_context
 from mtreg.cli.defaults import default_option, given
 from mtreg.cli.output import echo_json, echo_table, json_option
-from mtreg.cli.progress import Renderer
 from mtreg.core.env import DATA_DIR_ENV
 from mtreg.errors import MtregError
 from mtreg.training.settings import MAX_EPOCHS, MIN_EPOCHS, PRECISIONS, Settings, parse_range
 
 if TYPE_CHECKING:
+    from mtreg.cli.progress import Renderer
     from mtreg.training.onboard import OnboardReport
     from mtreg.training.stages import Run
 
 
-def _progress() -> contextlib.AbstractContextManager[Renderer | None]:
-    """Return a context giving the ``progress=`` to train with: on a terminal, a
-    :class:`Renderer` on stderr (lines under a bar, the bar wiped on the way out); in pipes
-    and logs None, so that nothing is written to stderr."""
-    return Renderer(sys.stderr) if sys.stderr.isatty() else contextlib.nullcontext()
+def _progress() -> Renderer:
+    """Return the ``progress=`` to train with, a context: a :class:`Renderer` on stderr
+    (on a terminal, lines above a bar that goes on the way out; in pipes and logs,
+    timestamped lines)."""
+    # rich is imported here, not at start-up: `mtreg list` must not pay for it.
+    from mtreg.cli.progress import Renderer
+
+    return Renderer(sys.stderr)
 
 
 def _layers(layers: int | None, search: str | None, what: str) -> tuple[int, ...] | None:
@@ -264,6 +266,12 @@ def distill(
     help="Branch file [default: the plugin's weights path, else MTREG_HOME/trained/].",
 )
 @click.option("--promote", is_flag=True, help="Also point the 'serving' alias at the new bundle.")
+@click.option(
+    "--teacher",
+    metavar="PATH_OR_HUB_ID",
+    help="Distil this fine-tuned classifier (a transformers folder or Hub id, on the same "
+    "trunk) instead of training teachers; students fork at N - max L.",
+)
 @_common
 @pass_context
 def onboard(
@@ -277,12 +285,14 @@ def onboard(
     student_lrs,
     out,
     promote: bool,
+    teacher: str | None,
     **opts,
 ) -> None:
     """Train, distil, keep the smallest good branch, register TASK and rebuild the bundle.
 
     Students are tried from the smallest up; the first one within the tolerance of the
-    teacher ends the search. A killed onboarding, run again, resumes after its last
+    teacher ends the search. With --teacher, the team's own fine-tuned model is the
+    teacher (no teacher training). A killed onboarding, run again, resumes after its last
     finished training run.
     """
     from mtreg.training.onboard import onboard as run_onboard
@@ -305,6 +315,7 @@ def onboard(
             out=out,
             promote=promote,
             progress=progress,
+            teacher=teacher,
         )
     if as_json:
         echo_json(report.to_dict())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from mtreg.cli.context import Context, pass_context
@@ -17,11 +15,13 @@ def trunk() -> None:
 
 @trunk.command("add")
 @click.argument("name")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", metavar="PATH_OR_HUB_ID")
 @json_option
 @pass_context
-def add(ctx: Context, name: str, path: Path, as_json: bool) -> None:
-    """Register the Hugging Face BERT-family checkpoint folder PATH as trunk NAME."""
+def add(ctx: Context, name: str, path: str, as_json: bool) -> None:
+    """Register a Hugging Face checkpoint folder, or a Hub id (owner/name[@revision],
+    through huggingface_hub's cache; HF_HUB_OFFLINE=1 uses the cache only), as trunk NAME.
+    Families: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2/v3, ModernBERT."""
     record = ctx.registry.add_trunk(name, path)
     if as_json:
         echo_json(record.to_dict())

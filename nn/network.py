@@ -14,23 +14,28 @@ import torch
 from torch import Tensor, nn
 
 from mtreg.artifacts.config import TrunkConfig
-from mtreg.nn.layers import Branch, Embeddings, Layer, attention_bias
+from mtreg.nn.layers import ADAPTERS, Branch, hf_config
 
 
 class Trunk(nn.Module):
-    """Embeddings plus the first ``depth`` encoder layers of a frozen shared encoder.
+    """Embeddings plus the first ``depth`` encoder layers of a frozen shared encoder, built
+    from its family's transformers modules (``nn/layers.py``).
 
-    State dict names: ``embeddings.<HF embedding tensor>``, ``layers.{i}.<HF layer tensor>``.
+    State dict names: ``embeddings.<HF embedding tensor>``, ``context.*`` (DeBERTa's
+    relative embeddings), ``layers.{i}.<HF layer tensor>``.
     """
 
     def __init__(self, config: TrunkConfig, depth: int) -> None:
         super().__init__()
         if not 0 <= depth <= config.num_hidden_layers:
             raise ValueError(f"trunk depth {depth} outside 0..{config.num_hidden_layers}")
+        adapter, hf = ADAPTERS[config.model_type], hf_config(config)
         self.config = config
         self.depth = depth
-        self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(Layer(config) for _ in range(depth))
+        self.embed, self.run = adapter.embed, adapter.run
+        self.embeddings = adapter.embeddings(hf)
+        self.context = adapter.context(hf)
+        self.layers = nn.ModuleList(adapter.layer(hf, i) for i in range(depth))
 
     @classmethod
     def from_tensors(
@@ -39,9 +44,13 @@ class Trunk(nn.Module):
         embeddings: Mapping[str, Tensor],
         layers: list[Mapping[str, Tensor]],
     ) -> Trunk:
-        """Return a Trunk of depth ``len(layers)`` loaded (strictly) from HF-named tensors."""
+        """Return a Trunk of depth ``len(layers)`` loaded (strictly) from the tensors of its
+        components (``context.*`` tensors of the embeddings component go to the context)."""
         trunk = cls(config, len(layers))
-        trunk.embeddings.load_state_dict(embeddings, strict=True)
+        own = {k: v for k, v in embeddings.items() if not k.startswith("context.")}
+        trunk.embeddings.load_state_dict(own, strict=True)
+        context = {k.removeprefix("context."): v for k, v in embeddings.items() if k not in own}
+        trunk.context.load_state_dict(context, strict=True)
         for layer, tensors in zip(trunk.layers, layers, strict=True):
             layer.load_state_dict(tensors, strict=True)
         return trunk
@@ -61,11 +70,11 @@ class Trunk(nn.Module):
                 raise ValueError(f"depth {d} outside 0..{self.depth} of this trunk")
         if not wanted:
             return {}
-        hidden = self.embeddings(input_ids, token_type_ids)
+        hidden = self.embed(self.embeddings, input_ids, token_type_ids, attention_mask)
         out = {0: hidden} if 0 in wanted else {}
-        bias = attention_bias(attention_mask, hidden.dtype)
+        context = self.context(hidden, attention_mask) if max(wanted) else None
         for i in range(max(wanted)):
-            hidden = self.layers[i](hidden, bias)
+            hidden = self.run(self.layers[i], hidden, context)
             if i + 1 in wanted:
                 out[i + 1] = hidden
         return out

@@ -40,34 +40,91 @@ def make_checkpoint(
     Same arguments give the same weights; another ``seed`` gives another trunk with the
     same architecture and tokenizer. Returns ``folder``.
     """
-    from transformers import BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaModel
+    from transformers import AutoModel, BertTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    config = family_config(model_type, num_layers, hidden, heads, intermediate, hidden_act)
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).eval().save_pretrained(folder)
+    # transformers 5 ignores vocab_file here; the vocab itself must be passed.
+    vocab = {word: index for index, word in enumerate(VOCAB)}
+    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(folder)
+    return folder
+
+
+# Every encoder family mtreg serves, as the model types tests parametrise over.
+FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2", "modernbert")
+
+
+def family_config(
+    model_type: str,
+    num_layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    intermediate: int = 64,
+    hidden_act: str = "gelu",
+    **extra: Any,
+):
+    """Return a tiny random-architecture transformers config of ``model_type``, using the
+    family's own options (DeBERTa's relative attention, ModernBERT's local attention every
+    other layer, ELECTRA's narrower embeddings) so that tests reach them."""
+    from transformers import AutoConfig
+
     common = dict(
         vocab_size=len(VOCAB),
         hidden_size=hidden,
         num_hidden_layers=num_layers,
         num_attention_heads=heads,
         intermediate_size=intermediate,
-        hidden_act=hidden_act,
         max_position_embeddings=64,
     )
-    if model_type == "roberta":
-        config = RobertaConfig(**common, pad_token_id=1, type_vocab_size=1)
-        model_class = RobertaModel
-    else:
-        config = BertConfig(**common, pad_token_id=0)
-        model_class = BertModel
-    torch.manual_seed(seed)
-    model_class(config).eval().save_pretrained(folder)
-    # transformers 5 ignores vocab_file here; the vocab itself must be passed.
-    vocab = {word: index for index, word in enumerate(VOCAB)}
-    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(folder)
-    return folder
+    act = {"hidden_act": hidden_act}
+    options: dict[str, Any] = {
+        "bert": dict(act, pad_token_id=0),
+        "roberta": dict(act, pad_token_id=1, type_vocab_size=1),
+        "xlm-roberta": dict(act, pad_token_id=1, type_vocab_size=1),
+        "electra": dict(act, pad_token_id=0, embedding_size=hidden // 2),
+        "deberta-v2": dict(
+            act,
+            pad_token_id=0,
+            relative_attention=True,
+            position_buckets=8,
+            max_relative_positions=16,
+            norm_rel_ebd="layer_norm",
+            pos_att_type=["p2c", "c2p"],
+            share_att_key=True,
+            position_biased_input=False,
+            type_vocab_size=0,
+        ),
+        "modernbert": dict(
+            pad_token_id=0,
+            hidden_activation=hidden_act,
+            local_attention=4,
+            global_attn_every_n_layers=2,
+            bos_token_id=2,
+            eos_token_id=3,
+            cls_token_id=2,
+            sep_token_id=3,
+        ),
+    }
+    if model_type == "distilbert":
+        return AutoConfig.for_model(
+            "distilbert",
+            vocab_size=len(VOCAB),
+            dim=hidden,
+            n_layers=num_layers,
+            n_heads=heads,
+            hidden_dim=intermediate,
+            activation=hidden_act,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            **extra,
+        )
+    return AutoConfig.for_model(model_type, **common, **options[model_type], **extra)
 
 
 class Checkpoints:
@@ -101,13 +158,22 @@ class Checkpoints:
 
 
 def random_branch(
-    config: TrunkConfig, num_layers: int, head: HeadSpec, seed: int = 0
+    config: TrunkConfig,
+    num_layers: int,
+    head: HeadSpec,
+    seed: int = 0,
+    fork_depth: int = 0,
+    trunk_embeddings: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Return random branch tensors of the right names and shapes (LayerNorms at 1/0)."""
+    """Return random branch tensors of the right names and shapes (norms at 1/0), forking
+    at ``fork_depth``; DeBERTa's relative-position copy is taken from ``trunk_embeddings``
+    when given, as training does."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in branch_shapes(config, num_layers, head).items():
-        if "LayerNorm" in name:
+    for name, shape in branch_shapes(config, num_layers, head, fork_depth).items():
+        if trunk_embeddings is not None and name in trunk_embeddings:
+            tensors[name] = trunk_embeddings[name].clone()
+        elif "norm" in name.lower():
             tensors[name] = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
         else:
             tensors[name] = torch.randn(shape, generator=generator) * 0.05
@@ -140,7 +206,11 @@ def make_branch_file(
         trunk_prefix=checkpoint.fingerprint.prefix(depth),
         training=training or {"dev_metrics": {"accuracy": 0.5}},
     )
-    return write_branch(path, random_branch(checkpoint.config, layers, head, seed), meta)
+    # DeBERTa branches copy the trunk's relative-position table; a test's stand-in for a
+    # checkpoint may carry only its config and fingerprint.
+    trunk = getattr(checkpoint, "embeddings", None)
+    tensors = random_branch(checkpoint.config, layers, head, seed, depth, trunk)
+    return write_branch(path, tensors, meta)
 
 
 def corrupt_header(path: Path) -> Path:

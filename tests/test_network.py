@@ -16,7 +16,7 @@ from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 from mtreg.artifacts.checkpoint import embedding_shapes, layer_shapes, pooler_shapes
 from mtreg.artifacts.config import TrunkConfig
 from mtreg.core.spec import HeadSpec
-from mtreg.nn.layers import Branch, Embeddings, Layer, attention_bias
+from mtreg.nn.layers import Branch
 from mtreg.nn.network import MultiTaskModel, Standalone, Trunk
 
 TOL = 1e-5
@@ -187,11 +187,17 @@ def test_trunk_runs_each_layer_once_and_stops_at_the_deepest_request(case: Case)
     assert calls == [1, 1, 0, 0]
 
 
+def embedding_output(trunk: Trunk, ids: torch.Tensor, types: torch.Tensor | None = None):
+    """The trunk's hidden state at depth 0 (its embeddings) for unpadded ``ids``."""
+    return trunk(ids, torch.ones_like(ids), types, depths=[0])[0]
+
+
 def test_embeddings_default_token_types_are_zero(case: Case) -> None:
-    embeddings = Embeddings(case.config)
-    embeddings.load_state_dict(case.tensors()[0], strict=True)
+    trunk = case.trunk(depth=0)
     zeros = torch.zeros_like(case.input_ids)
-    assert torch.equal(embeddings(case.input_ids), embeddings(case.input_ids, zeros))
+    assert torch.equal(
+        embedding_output(trunk, case.input_ids), embedding_output(trunk, case.input_ids, zeros)
+    )
 
 
 def test_roberta_positions_skip_padding() -> None:
@@ -199,18 +205,19 @@ def test_roberta_positions_skip_padding() -> None:
     hf_config, model_class = _roberta()
     hf = model_class(hf_config, add_pooling_layer=False).eval()
     config = TrunkConfig.from_hf(hf_config.to_dict())
-    embeddings = Embeddings(config)
-    embeddings.load_state_dict(
-        {k.removeprefix("embeddings."): v for k, v in hf.state_dict().items() if "embed" in k}
+    trunk = Trunk.from_tensors(
+        config,
+        {k.removeprefix("embeddings."): v for k, v in hf.state_dict().items() if "embed" in k},
+        [],
     )
     ids = torch.tensor([[0, 5, 6, 2, 1, 1]])
     with torch.no_grad():
-        ours = embeddings(ids)
+        ours = embedding_output(trunk, ids)
         expected = hf.embeddings(input_ids=ids)
     assert (ours - expected).abs().max().item() <= TOL
     # a real token sits at position pad+1+index: moving padding does not shift it
     with torch.no_grad():
-        assert torch.allclose(embeddings(ids[:, :4]), ours[:, :4], atol=TOL)
+        assert torch.allclose(embedding_output(trunk, ids[:, :4]), ours[:, :4], atol=TOL)
 
 
 # -- 2. a branch is a stack of layers -------------------------------------------------------
@@ -255,9 +262,9 @@ def test_branch_layers_reproduce_hf_layers(case: Case) -> None:
             one = identity_branch(case.config, [layers[i]])
             ours = one(theirs[i], case.mask)
             assert max_diff_real(ours, theirs[i + 1], case.mask) <= TOL, f"layer {i}"
-            layer = Layer(case.config).eval()
-            layer.load_state_dict(layers[i], strict=True)
-            alone = layer(theirs[i], attention_bias(case.mask, torch.float32))
+            layer = case.trunk().layers[i]
+            keep = case.mask[:, None, None, :].float()  # an additive mask, as HF's eager path
+            alone = layer(theirs[i], (1.0 - keep) * torch.finfo(torch.float32).min)
             assert max_diff_real(alone, theirs[i + 1], case.mask) <= TOL
         two = identity_branch(case.config, layers[1:3])
         assert max_diff_real(two(theirs[1], case.mask), theirs[3], case.mask) <= TOL

@@ -28,6 +28,7 @@ from mtreg.training.stages import (
     threshold,
     train_teachers,
 )
+from mtreg.training.teacher import distill_from, resolve_teacher
 
 if TYPE_CHECKING:
     from mtreg.registry.api import Registry
@@ -211,10 +212,13 @@ def onboard(
     register: bool = True,
     promote: bool = False,
     progress: Progress | None = None,
+    teacher: str | Path | None = None,
     **overrides: Any,
 ) -> OnboardReport:
     """``mtreg onboard``: teacher search, distillation, choice of the smallest branch within
     ``tolerance`` of the best teacher, branch file, registration (which rebuilds the bundle).
+    With ``teacher`` (a classifier folder or Hub id) that model is the teacher and the
+    search only distils it (:mod:`mtreg.training.teacher`).
 
     A killed onboarding run again resumes after its last finished training run.
 
@@ -229,17 +233,14 @@ def onboard(
     job = prepare(
         registry, task, with_overrides(settings, overrides), data_dir=data_dir, progress=progress
     )
-    teachers = train_teachers(job)
-    students = distill(job)
-    runs = teachers.runs + students.runs
+    runs, best, chosen, epochs, used = _search(job, teacher)
     metric = job.metrics[0]
-    chosen = choose(runs, teachers.best, metric, job.settings.tolerance)
     job.say(f"chose {chosen.name} ({metric} {chosen.dev_metrics[metric]:.4f})")
-    budget = _budget(job, runs, teachers)
+    budget = _budget(job, runs, epochs)
     # Wall-clock seconds stay out of the file: an onboarding resumed or run again must
     # write the same bytes, so that registering it again is "unchanged".
     steady = {k: v for k, v in budget.items() if k != "train_seconds"}
-    path = write_chosen(job, chosen, teachers.best, output_path(job, out), {"budget": steady})
+    path = write_chosen(job, chosen, best, output_path(job, out), {"budget": steady})
     changes = None
     if register:
         changes = registry.register([task], weights={task: path}, promote=promote)
@@ -249,23 +250,44 @@ def onboard(
         trunk=job.trunk.name,
         metric=metric,
         tolerance=job.settings.tolerance,
-        threshold=threshold(teachers.best.dev_metrics[metric], job.settings.tolerance),
+        threshold=threshold(best.dev_metrics[metric], job.settings.tolerance),
         runs=runs,
-        teacher=teachers.best,
+        teacher=best,
         chosen=chosen,
         weights=path,
         budget=budget,
-        settings={**teachers.settings, **students.settings, "device": job.device},
+        settings={**used, "device": job.device},
         changes=changes,
         seconds=time.perf_counter() - started,
     )
 
 
-def _budget(job: Job, runs: Sequence[Run], teachers: StageResult) -> dict[str, Any]:
+def _search(
+    job: Job, teacher: str | Path | None
+) -> tuple[list[Run], Run, Run, int, dict[str, Any]]:
+    """Search teachers and distil the best, or distil the outside ``teacher``; return the
+    runs, the teacher, the run chosen, the epochs of one full fine-tuning to compare
+    against, and the settings used."""
+    if teacher is None:
+        teachers, students = train_teachers(job), distill(job)
+        runs = teachers.runs + students.runs
+        chosen = choose(runs, teachers.best, job.metrics[0], job.settings.tolerance)
+        used = {**teachers.settings, **students.settings}
+        return runs, teachers.best, chosen, teachers.settings["epochs"], used
+    students = distill_from(job, *resolve_teacher(job, teacher))
+    best = Run(**{k: v for k, v in students.settings["teacher"].items() if k != "source"})
+    chosen = choose(students.runs, best, job.metrics[0], job.settings.tolerance)
+    if chosen is best:  # an outside teacher is no branch to keep: the best student is
+        chosen = students.best
+    epochs = students.settings["student_epochs"] // 2
+    return students.runs, best, chosen, epochs, students.settings
+
+
+def _budget(job: Job, runs: Sequence[Run], epochs: int) -> dict[str, Any]:
     """The search's cost, explicit: runs, and branch-layer epochs actually trained against
-    one full fine-tuning of all N layers for the same epochs (the issue's ≤ 2× goal; the
-    one trunk pass that fills the cache is forward-only and comes on top)."""
-    n, epochs = job.config.num_hidden_layers, teachers.settings["epochs"]
+    one full fine-tuning of all N layers for ``epochs`` (the issue's ≤ 2× goal; the one
+    trunk pass that fills the cache is forward-only and comes on top)."""
+    n = job.config.num_hidden_layers
     layer_epochs = sum(r.layers * r.epochs_run for r in runs)
     return {
         "runs": len(runs),

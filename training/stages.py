@@ -98,18 +98,16 @@ def teacher_branch(job: Job, layers: int, seed: int) -> Branch:
     if not 1 <= layers <= n:
         raise MtregError(f"teacher layers must be in 1..{n} for trunk {job.trunk.name!r}")
     torch.manual_seed(seed)  # the fresh head (and pooler) are seeded
-    branch = Branch(job.config, layers, job.spec.head, job.settings.dropout)
+    branch = Branch(job.config, layers, job.spec.head, job.settings.dropout, n - layers)
     for j, layer in enumerate(branch.layers):
         layer.load_state_dict(job.trunk_layer(n - layers + j), strict=True)  # copies
-    pooler = job.trunk_pooler()
-    if branch.pooler is not None and pooler is not None:
-        branch.pooler.load_state_dict(pooler, strict=True)
+    branch.take_from_trunk(job.component(job.trunk.objects["embeddings"]), job.trunk_pooler())
     return branch
 
 
 def student_branch(job: Job, teacher: Branch, layers: int) -> Branch:
     """Return a student of ``layers`` layers initialised from the teacher's bottom
-    ``layers`` branch layers, its pooler and its head (copies).
+    ``layers`` branch layers and everything else it holds (pooler, head, final norm; copies).
 
     Raises:
         MtregError: ``layers`` not below the teacher's.
@@ -119,12 +117,11 @@ def student_branch(job: Job, teacher: Branch, layers: int) -> Branch:
             f"a student needs 1..{len(teacher.layers) - 1} layers (its teacher has "
             f"{len(teacher.layers)})"
         )
-    student = Branch(job.config, layers, job.spec.head, job.settings.dropout)
-    for j, layer in enumerate(student.layers):
-        layer.load_state_dict(teacher.layers[j].state_dict(), strict=True)
-    if student.pooler is not None:
-        student.pooler.load_state_dict(teacher.pooler.state_dict(), strict=True)
-    student.head.load_state_dict(teacher.head.state_dict(), strict=True)
+    student = Branch(job.config, layers, job.spec.head, job.settings.dropout, teacher.fork_depth)
+    kept = {f"layers.{j}." for j in range(layers)}
+    state = teacher.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("layers.") or k[:9] in kept}
+    student.load_state_dict(state, strict=True)
     return student
 
 
@@ -169,7 +166,8 @@ def load_run(job: Job, run_name: str, key: str, layers: int) -> tuple[Run, Branc
         if data.get("key") != key:
             return None
         state = load_file(weights_path)
-        branch = Branch(job.config, layers, job.spec.head, job.settings.dropout)
+        depth = int(data["fork_depth"])  # ModernBERT's layers differ by their index
+        branch = Branch(job.config, layers, job.spec.head, job.settings.dropout, depth)
         branch.load_state_dict(state, strict=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
         return None  # absent, stale or damaged: train again
@@ -349,27 +347,43 @@ def threshold(reference: float, tolerance: float) -> float:
 
 
 def distill(job: Job) -> StageResult:
-    """Distil the chosen teacher into students of each l and learning rate of the search,
-    smallest l first, stopping after the first l where a run reaches the settings'
-    tolerance of the teacher's dev score: the smallest good-enough branch is the one kept
-    (:func:`mtreg.training.onboard.choose`), so larger students would be trained for nothing.
+    """Distil the chosen teacher into students of each l and learning rate of the search
+    (see :func:`student_search`), each initialised from the teacher's bottom l layers.
 
     Raises:
         MtregError: no usable teacher (see :func:`chosen_teacher`), or an l not below L.
     """
-    s = job.settings
     teacher_run, teacher = chosen_teacher(job)
-    big = teacher_run.layers
-    candidates = s.student_layers or tuple(range(1, min(MAX_STUDENT_LAYERS, big - 1) + 1))
-    if candidates and max(candidates) >= big:
+    big, k = teacher_run.layers, teacher_run.fork_depth
+    if job.settings.student_layers and max(job.settings.student_layers) >= big:
         raise MtregError(f"student layers must be below the teacher's {big} (1..{big - 1})")
+    train_hidden = hidden_states(job, "train", [k])[k]
+    logits = teacher_logits(job, teacher, teacher_run, train_hidden)
+    return student_search(
+        job, teacher_run, big - 1, logits, lambda layers: student_branch(job, teacher, layers)
+    )
+
+
+def student_search(
+    job: Job,
+    teacher_run: Run,
+    most: int,
+    logits: list[torch.Tensor],
+    make_student: Callable[[int], Branch],
+) -> StageResult:
+    """Train students of each l (1..min(MAX_STUDENT_LAYERS, ``most``) unless the settings
+    say) and learning rate at the teacher's fork depth on the training split's teacher
+    ``logits``, smallest l first, stopping after the first l where a run reaches the
+    settings' tolerance of the teacher's dev score: the smallest good-enough branch is the
+    one kept (:func:`mtreg.training.onboard.choose`), so larger students would be trained
+    for nothing. ``make_student(l)`` returns a fresh student.
+    """
+    s = job.settings
+    candidates = s.student_layers or tuple(range(1, min(MAX_STUDENT_LAYERS, most) + 1))
     k = teacher_run.fork_depth
     epochs = s.student_epochs or 2 * (s.epochs or auto_epochs(len(job.train), s.batch_size))
-    train_hidden = hidden_states(job, "train", [k])[k]
     dev = Split(hidden_states(job, "dev", [k])[k], job.dev.labels)
-    train = Split(
-        train_hidden, job.train.labels, teacher_logits(job, teacher, teacher_run, train_hidden)
-    )
+    train = Split(hidden_states(job, "train", [k])[k], job.train.labels, logits)
     enough = threshold(teacher_run.dev_metrics[job.metrics[0]], s.tolerance)
     runs: list[Run] = []
     best: Run | None = None
@@ -390,7 +404,7 @@ def distill(job: Job) -> StageResult:
                 lr,
                 epochs,
                 key,
-                lambda layers=layers: student_branch(job, teacher, layers),
+                lambda layers=layers: make_student(layers),
                 train,
                 dev,
             )

@@ -1,0 +1,165 @@
+"""Bring your own teacher: a branch distilled from a team's fully fine-tuned model, against
+that model and against onboarding the same task from its data.
+
+For each task (default: SST-2 and CLINC150, fixed-seed subsamples of bench/benchtasks.py) on
+the packaged MiniLM-L6, in one run:
+
+1. the team's model: one full fine-tuning (:func:`finetune.finetune`, ``--full-lr``),
+   saved as a standard transformers ``*ForSequenceClassification`` folder (safetensors,
+   config, tokenizer) through mtreg's own HF writer;
+2. ``mtreg onboard TASK --teacher FOLDER`` in a fresh home: the model is the teacher, only
+   students are trained (forked at N − L, L = ``--teacher-layers``);
+3. ``mtreg onboard TASK`` from data (teacher search and distillation) in another fresh home.
+
+Reported per task: each dev score, the distilled branch as a share of its teacher (the
+goal: >= 99%), the branch's layers, and the CPU and wall seconds of 2 against 3 (the full
+fine-tuning in 1 is the team's own cost, shown for scale).
+
+    python bench/teacher.py [--tasks sst2 clinc150] [--train 3000] [--dev N] [--epochs E]
+                            [--threads T]
+
+writes bench/results/teacher.json and bench/results/teacher.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import benchtasks  # noqa: E402  (bench/ is not a package)
+from onboarding import Clock, _say  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def save_teacher(job: Any, model: Any, folder: Path) -> Path:
+    """Write a fully fine-tuned :class:`Standalone` as a transformers classifier folder."""
+    from safetensors.torch import save_file
+
+    from mtreg import heads
+    from mtreg.artifacts.hf_model import classifier_config, classifier_state_dict, write_config
+
+    folder.mkdir(parents=True)
+    embeddings = {k.removeprefix("embeddings."): v for k, v in model.trunk.state_dict().items()}
+    branch = {k: v for k, v in model.branch.state_dict().items() if not k.startswith("context.")}
+    head = job.spec.head
+    tensors = classifier_state_dict(job.config, embeddings, [], branch, head.per_token)
+    save_file(tensors, str(folder / "model.safetensors"))
+    kind = heads.get(head.kind)
+    n = job.config.num_hidden_layers
+    config = classifier_config(
+        job.config, n, head, f"For{kind.hf_architecture}", kind.hf_problem_type
+    )
+    write_config(folder / "config.json", config)
+    job.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def run_task(work: Path, config: dict, task: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The three runs of one task; return its row."""
+    import finetune
+
+    from mtreg.training.job import prepare
+    from mtreg.training.onboard import onboard
+    from mtreg.training.settings import Settings
+
+    settings = Settings(epochs=args.epochs, teacher_layers=(args.teacher_layers,))
+    with benchtasks.open_registry(work / f"{task}-full", config) as registry:
+        job = prepare(registry, task, settings, progress=_say)
+        with Clock() as full_clock:
+            full = finetune.finetune(job, args.full_lr, args.epochs)
+        folder = save_teacher(job, full.model.eval(), work / f"{task}-teacher")
+    with benchtasks.open_registry(work / f"{task}-distil", config) as registry, Clock() as distil:
+        taught = onboard(registry, task, settings, teacher=folder, progress=_say)
+    with benchtasks.open_registry(work / f"{task}-data", config) as registry, Clock() as data:
+        learnt = onboard(registry, task, Settings(epochs=args.epochs), progress=_say)
+    metric = taught.metric
+    teacher_score = taught.teacher.dev_metrics[metric]
+    return {
+        "task": task,
+        "metric": metric,
+        "full_finetune": {**full_clock.to_dict(), "dev": full.dev_metrics[metric]},
+        "teacher_dev_as_distilled": teacher_score,
+        "distilled": {
+            **distil.to_dict(),
+            "dev": taught.chosen.dev_metrics[metric],
+            "layers": taught.chosen.layers,
+            "fork_depth": taught.chosen.fork_depth,
+            "runs": len(taught.runs),
+        },
+        "from_data": {
+            **data.to_dict(),
+            "dev": learnt.chosen.dev_metrics[metric],
+            "layers": learnt.chosen.layers,
+            "runs": len(learnt.runs),
+        },
+        "share_of_teacher": taught.chosen.dev_metrics[metric] / teacher_score,
+        "cpu_ratio_vs_from_data": distil.cpu / max(data.cpu, 1e-9),
+        "wall_ratio_vs_from_data": distil.wall / max(data.wall, 1e-9),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Return the results as a Markdown table."""
+    lines = [
+        "| task | metric | teacher (full FT) | distilled branch | % of teacher | layers "
+        "| --teacher CPU s | from data CPU s | CPU ratio | from-data branch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        d, f = row["distilled"], row["from_data"]
+        lines.append(
+            f"| {row['task']} | {row['metric']} | {row['teacher_dev_as_distilled']:.4f} "
+            f"| {d['dev']:.4f} | {row['share_of_teacher']:.1%} | {d['layers']} "
+            f"| {d['cpu_s']:.0f} | {f['cpu_s']:.0f} | {row['cpu_ratio_vs_from_data']:.2f}x "
+            f"| {f['dev']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table and write JSON and Markdown to ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "clinc150"])
+    parser.add_argument("--train", type=int, default=3000, help="training examples (subsample)")
+    parser.add_argument("--dev", type=int, default=None, help="dev examples (default: all)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: onboard's auto")
+    parser.add_argument("--full-lr", type=float, default=1e-4)
+    parser.add_argument("--teacher-layers", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads [torch's]")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = {"train": args.train, **({"dev": args.dev} if args.dev else {})}
+    config = {task: {"sizes": sizes, "seed": 0} for task in args.tasks}
+    with tempfile.TemporaryDirectory(prefix="mtreg-bench-teacher-") as work:
+        rows = [run_task(Path(work), config, task, args) for task in args.tasks]
+    result = {
+        "rows": rows,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+    table = markdown(result)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "teacher.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "teacher.md").write_text(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
