@@ -35,6 +35,11 @@ class InvalidWeights(MtregError):
     """A branch weight file that is missing, unreadable or does not match its head spec."""
 
 
+class Damaged(InvalidWeights):
+    """A file whose bytes or metadata differ from what the manifest or registry recorded
+    for it: a bundle, export or object edited or corrupted after it was written."""
+
+
 class IncompatibleTrunk(MtregError):
     """A branch trained on a trunk whose prefix differs from the registered one."""
 

@@ -22,8 +22,10 @@ from safetensors.torch import save
 
 from mtreg.artifacts.checkpoint import check_shapes, layer_shapes, pooler_shapes
 from mtreg.artifacts.config import TrunkConfig
+from mtreg.artifacts.integrity import REPAIR_HINT
+from mtreg.artifacts.manifest import TaskEntry
 from mtreg.core.spec import HeadSpec, parse_version, validate_name
-from mtreg.errors import InvalidWeights, MtregError
+from mtreg.errors import Damaged, InvalidWeights, MtregError
 
 FORMAT = "mtreg-branch/1"
 
@@ -91,15 +93,20 @@ class BranchMeta:
 
 
 def branch_shapes(
-    config: TrunkConfig, num_layers: int, head: HeadSpec
+    config: TrunkConfig, num_layers: int, head: HeadSpec, fork_depth: int = 0
 ) -> dict[str, tuple[int, ...]]:
-    """Return every tensor a branch file must hold: name -> shape."""
+    """Return every tensor a branch forking at ``fork_depth`` must hold: name -> shape
+    (its layers, the family's extras: DeBERTa's relative-position ``context.*`` copy,
+    ModernBERT's ``final_norm.*``; its pooler unless the head is per token; its head)."""
+    family, fields = config.family, config.to_dict()
     shapes = {
         f"layers.{j}.{name}": shape
         for j in range(num_layers)
-        for name, shape in layer_shapes(config).items()
+        for name, shape in layer_shapes(config, fork_depth + j).items()
     }
-    if not head.per_token:
+    shapes |= {k: v for k, v in family.embeddings(fields).items() if k.startswith("context.")}
+    shapes |= {f"final_norm.{k}": v for k, v in family.final_norm_shapes(fields).items()}
+    if not head.per_token or family.token_pooler:
         shapes |= {f"pooler.{name}": shape for name, shape in pooler_shapes(config).items()}
     return shapes | {
         "head.weight": (head.num_outputs, config.hidden_size),
@@ -172,7 +179,37 @@ def read_branch(
             f"{path} has a {meta.head.kind} head with labels {list(meta.head.labels)}, the "
             f"plugin declares {head.kind} with label list {list(head.labels)}: make them agree"
         )
-    problem = check_shapes(tensors, branch_shapes(config, meta.num_layers, meta.head), "branch")
+    expected = branch_shapes(config, meta.num_layers, meta.head, meta.fork_depth)
+    problem = check_shapes(tensors, expected, "branch")
     if problem:
         raise InvalidWeights(f"{path}: {problem}")
     return meta, tensors
+
+
+def check_against_entry(
+    path: Path, meta: BranchMeta, entry: TaskEntry, config: TrunkConfig
+) -> None:
+    """Check that branch file ``path`` (metadata ``meta``) is what manifest ``entry`` says
+    it is, on the trunk of ``config``: the manifest is what loading builds the network
+    from, so an edited label list or fork depth must not pass for the branch's own.
+
+    Raises:
+        Damaged: the first field where they disagree (task, version, fork depth, branch
+            layers, head kind, labels, max length, trunk architecture), naming the file.
+    """
+    fields = (
+        ("task", meta.task, entry.name),
+        ("version", meta.task_version, entry.version),
+        ("fork depth", meta.fork_depth, entry.fork_depth),
+        ("branch layers", meta.num_layers, entry.num_layers),
+        ("head kind", meta.head.kind, entry.head.kind),
+        ("labels", list(meta.head.labels), list(entry.head.labels)),
+        ("max length", meta.max_length, entry.max_length),
+        ("trunk config hash", meta.trunk_prefix.get("config"), config.architecture_hash()),
+    )
+    for name, own, listed in fields:
+        if own != listed:
+            raise Damaged(
+                f"{path} says {name} {own!r} but the manifest says {listed!r}: the manifest "
+                f"or the file was edited; {REPAIR_HINT}"
+            )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mtreg.errors import AlreadyExists
 from mtreg.registry.records import TrunkRecord
@@ -28,6 +28,31 @@ def refuse_taken_trunk(tx: Tx, name: str) -> None:
         )
 
 
+def component_files(checkpoint: Checkpoint, scratch: Path) -> dict[str, Any]:
+    """Write each tensor component of ``checkpoint`` as a file under ``scratch``.
+
+    Returns:
+        The layout of a trunk's ``objects`` with files instead of object ids: the
+        ``embeddings`` file, the ``layers`` files in order, the ``pooler`` file (or None)
+        and the ``tokenizer`` files by name (the checkpoint's own, sorted).
+    """
+    # torch comes with the tensor writer: only when a trunk is added or repaired, never
+    # for `mtreg list`.
+    from mtreg.artifacts.checkpoint import save_component
+
+    def written(tensors: Tensors, label: str) -> Path:
+        file = scratch / f"{label}.safetensors"
+        save_component(tensors, file)
+        return file
+
+    return {
+        "embeddings": written(checkpoint.embeddings, "embeddings"),
+        "layers": [written(t, f"layer{i}") for i, t in enumerate(checkpoint.layers)],
+        "pooler": written(checkpoint.pooler, "pooler") if checkpoint.pooler else None,
+        "tokenizer": dict(sorted(checkpoint.tokenizer_files.items())),
+    }
+
+
 def store_trunk(write: Write, name: str, checkpoint: Checkpoint, source: Path) -> None:
     """Copy the embeddings, layers, pooler and tokenizer files of ``checkpoint`` into the
     object store and add the trunk ``name`` (read from folder ``source``) in ``write``.
@@ -35,23 +60,14 @@ def store_trunk(write: Write, name: str, checkpoint: Checkpoint, source: Path) -
     Returns:
         None; the trunk row and its ``trunk.add`` event are added to the transaction.
     """
-    # torch comes with the tensor writer: only when a trunk is added, never for `mtreg list`.
-    from mtreg.artifacts.checkpoint import save_component
-
     with tempfile.TemporaryDirectory() as scratch:
-
-        def put_tensors(tensors: Tensors, label: str) -> str:
-            file = Path(scratch) / f"{label}.safetensors"
-            save_component(tensors, file)
-            return write.put_object(file)
-
+        files = component_files(checkpoint, Path(scratch))
         objects = {
-            "embeddings": put_tensors(checkpoint.embeddings, "embeddings"),
-            "layers": [put_tensors(t, f"layer{i}") for i, t in enumerate(checkpoint.layers)],
-            "pooler": put_tensors(checkpoint.pooler, "pooler") if checkpoint.pooler else None,
+            "embeddings": write.put_object(files["embeddings"]),
+            "layers": [write.put_object(file) for file in files["layers"]],
+            "pooler": write.put_object(files["pooler"]) if files["pooler"] else None,
             "tokenizer": {
-                file_name: write.put_object(file_path)
-                for file_name, file_path in sorted(checkpoint.tokenizer_files.items())
+                name: write.put_object(file) for name, file in files["tokenizer"].items()
             },
         }
     record = TrunkRecord(
