@@ -4,6 +4,7 @@
 
     registry.db                      the SQLite database, unless another URL is given
     objects/<sha256>                 content-addressed trunk components and branch files
+                                     (with a remote store: this machine's verified cache)
     bundles/<bundle id>/             merged bundles, as files linked from objects/
     cache/tokenizers/<fingerprint>/  a trunk's tokenizer files under their real names
     cache/activations/               trunk hidden states training reuses
@@ -19,7 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtreg.core.env import HOME_ENV, database_url, resolve_home
+from mtreg.core.env import HOME_ENV, database_url, resolve_home, store_url
 from mtreg.errors import DatabaseError, MtregError
 
 # The tokenizer fingerprint is a sha256; 32 hex digits name its cache folder unambiguously.
@@ -53,6 +54,10 @@ class Home:
         """Return ``url``, else ``$MTREG_DATABASE_URL``, else :attr:`sqlite_url`."""
         return url or database_url() or self.sqlite_url
 
+    def store_url(self, url: str | None = None) -> str | None:
+        """Return ``url``, else ``$MTREG_STORE_URL``, else None (the store is :attr:`objects`)."""
+        return url or store_url()
+
     def require_database(self, url: str) -> None:
         """Check that a registry exists here, unless ``url`` is another database than this
         home's own SQLite file: a missing file is a mistyped home likelier than a new one.
@@ -68,7 +73,7 @@ class Home:
 
     @property
     def objects(self) -> Path:
-        """The object store's folder."""
+        """The object store's folder; with a remote store, this machine's cache of it."""
         return self.root / "objects"
 
     @property
@@ -94,10 +99,15 @@ class Home:
         """The activation cache's folder."""
         return self.cache / "activations"
 
+    @property
+    def onnx_cache(self) -> Path:
+        """The folder holding the ONNX exports made for serving (see :meth:`onnx`)."""
+        return self.cache / "onnx"
+
     def onnx(self, bundle_id: str, tasks: Collection[str] | None = None) -> Path:
         """Return the folder of the ONNX export of bundle ``bundle_id`` (of only ``tasks``)."""
         suffix = "" if tasks is None else "-" + "-".join(sorted(tasks))
-        return self.cache / "onnx" / f"{bundle_id}{suffix}"
+        return self.onnx_cache / f"{bundle_id}{suffix}"
 
     def onboarding(self, task: str, version: str | None = None) -> Path:
         """Return the folder of the saved runs of ``task``'s onboarding at ``version``; without

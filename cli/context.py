@@ -18,6 +18,7 @@ class Context:
     home: Path | None
     plugins_dirs: tuple[Path, ...]
     debug: bool
+    store: str | None = None
     _registry: Registry | None = field(default=None, repr=False)
 
     @property
@@ -25,10 +26,14 @@ class Context:
         """The Registry for this invocation, opened on first use. Only ``mtreg init``
         creates a home's database: a mistyped ``--home`` is an error, not a new registry."""
         if self._registry is None:
-            from mtreg.registry.api import Registry
-
-            self._registry = Registry(self.url, self.home, self.plugins_dirs, create=False)
+            self._registry = self.open_registry()
         return self._registry
+
+    def open_registry(self) -> Registry:
+        """Return a new Registry for these options (the server opens one per thread)."""
+        from mtreg.registry.api import Registry
+
+        return Registry(self.url, self.home, self.plugins_dirs, create=False, store=self.store)
 
     def close(self) -> None:
         if self._registry is not None:

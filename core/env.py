@@ -19,6 +19,7 @@ from mtreg.errors import MtregError
 
 HOME_ENV = "MTREG_HOME"
 DATABASE_ENV = "MTREG_DATABASE_URL"
+STORE_ENV = "MTREG_STORE_URL"
 DATA_DIR_ENV = "MTREG_DATA_DIR"
 PLUGINS_PATH_ENV = "MTREG_PLUGINS_PATH"
 LOAD_PLUGINS_ENV = "MTREG_LOAD_PLUGINS"
@@ -39,6 +40,11 @@ def resolve_home(home: str | Path | None = None, env: Mapping[str, str] = os.env
 def database_url(env: Mapping[str, str] = os.environ) -> str | None:
     """Return ``$MTREG_DATABASE_URL``, or None when it is unset or empty."""
     return env.get(DATABASE_ENV) or None
+
+
+def store_url(env: Mapping[str, str] = os.environ) -> str | None:
+    """Return ``$MTREG_STORE_URL`` (stripped), or None when it is unset or blank."""
+    return env.get(STORE_ENV, "").strip() or None
 
 
 def data_dir(env: Mapping[str, str] = os.environ) -> str | None:

@@ -11,6 +11,9 @@ EXTRA_MODULES = {
     "onnx": ("onnx", "onnxruntime"),
     "report": ("matplotlib",),
     "postgres": ("psycopg",),
+    "s3": ("s3fs",),
+    "gcs": ("gcsfs",),
+    "azure": ("adlfs",),
 }
 _EXTRA_OF = {module: extra for extra, modules in EXTRA_MODULES.items() for module in modules}
 

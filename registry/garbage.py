@@ -62,11 +62,20 @@ def delete_files(
     ids (bundles are content-addressed) or stored one of the orphaned objects again.
     A crash here leaves only garbage that the next write or gc removes.
 
+    With a remote store, the published manifests of bundles the database does not know
+    are withdrawn first, and objects are deleted from the store and this machine's cache
+    (other machines' caches keep verified copies until their home is cleaned).
+
     Returns:
         The objects deleted.
     """
     with store.transaction(write=True) as tx:
         known = {b.id for b in tx.list_bundles()}
+        # Publications go before objects: a bundle is never published without its objects.
+        # Unknown ones were published by a writer that died before its commit.
+        for ident in objects.published_ids():
+            if ident not in known:
+                objects.withdraw(ident)
         for ident in doomed:
             if ident not in known:
                 remove_bundle_dir(home.bundle(ident))

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtreg.artifacts.bundle_dir import clean_leftovers, write_bundle
-from mtreg.artifacts.manifest import Manifest
+from mtreg.artifacts.manifest import MANIFEST, Manifest
+from mtreg.artifacts.release import live_releases
 from mtreg.core import faults
 from mtreg.core.disk import disk_errors
 from mtreg.registry.records import BundleRecord
@@ -31,6 +32,7 @@ class Write:
     home: Home
     new_objects: list[str] = field(default_factory=list)
     directories: list[Path] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
     rebuild: set[str] = field(default_factory=set)
     promote: bool = False
     bundles: dict[str, BundleRecord] = field(default_factory=dict)
@@ -46,7 +48,10 @@ class Write:
         return sha
 
     def undo(self) -> None:
-        """Delete the objects and bundle directories this transaction created."""
+        """Delete the published manifests, objects and bundle directories this transaction
+        created (manifests first: a bundle must never be published without its objects)."""
+        for ident in self.published:
+            self.objects.withdraw(ident)
         for sha in self.new_objects:
             self.objects.discard(sha)
         for directory in self.directories:
@@ -89,7 +94,8 @@ def writing(store: Store, objects: ObjectStore, home: Home) -> Iterator[Write]:
 
 
 def rebuild_bundle(write: Write, trunk_name: str) -> str:
-    """Build the bundle of the active versions on a trunk, point ``latest`` at it.
+    """Build the bundle of the active versions on a trunk and of the releases under way
+    that fit them, point ``latest`` at it.
 
     Returns:
         The bundle id.
@@ -97,18 +103,25 @@ def rebuild_bundle(write: Write, trunk_name: str) -> str:
     tx = write.tx
     members = tx.active_versions(trunk_name)
     trunk = tx.get_trunk(trunk_name)
+    stable = {m.task: m.manifest_entry() for m in members}
+    releases = [r.manifest_release() for r in tx.list_releases(trunk_name)]
     manifest = Manifest.build(
         trunk.name,
         trunk.config,
         trunk.fingerprint,
         trunk.objects,
-        [m.manifest_entry() for m in members],
+        list(stable.values()),
+        live_releases(stable, releases),
     )
     ident = manifest.bundle_id
     fresh = not write.home.bundle(ident).exists()
     path = write_bundle(write.home.bundles, manifest, write.objects)
     if fresh:
         write.directories.append(path)
+    # Last, after every object it names is in the store: publishing makes the bundle exist
+    # for the other machines sharing the store (a no-op for a local store).
+    if write.objects.publish(ident, path / MANIFEST):
+        write.published.append(ident)
     existing = tx.get_bundle(ident)
     if existing is None:
         tx.add_bundle(
