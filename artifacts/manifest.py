@@ -26,8 +26,9 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
+from mtreg.artifacts.release import Release, check_releases
 from mtreg.core.spec import HeadSpec, parse_version, validate_name
-from mtreg.errors import MtregError, NotFound
+from mtreg.errors import Damaged, MtregError, NotFound
 
 FORMAT = "mtreg-bundle"
 FORMAT_VERSION = 1
@@ -146,16 +147,19 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a bundle serves: its trunk, its tasks (sorted by name) and every file it holds
-    (bundle-relative path -> sha256)."""
+    """What a bundle serves: its trunk, its tasks (sorted by name), every file it holds
+    (bundle-relative path -> sha256) and the tasks' releases (a candidate version beside the
+    stable one, :mod:`mtreg.artifacts.release`)."""
 
     trunk: ManifestTrunk
     tasks: Mapping[str, TaskEntry] = field(hash=False)
     files: Mapping[str, str] = field(hash=False)
+    releases: Mapping[str, Release] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", MappingProxyType(dict(sorted(self.tasks.items()))))
         object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
+        object.__setattr__(self, "releases", check_releases(self.tasks, self.releases))
 
     @classmethod
     def build(
@@ -165,20 +169,29 @@ class Manifest:
         fingerprint: Mapping[str, Any],
         objects: Mapping[str, Any],
         tasks: Sequence[TaskEntry],
+        releases: Sequence[Release] = (),
     ) -> Manifest:
-        """Return the manifest of a bundle of ``tasks`` on trunk ``trunk``.
+        """Return the manifest of a bundle of ``tasks`` and their ``releases`` on trunk
+        ``trunk``.
 
-        The trunk is cut at the deepest fork among the tasks; its files are the trunk's own
-        objects (``objects``: the object ids of its ``embeddings``, ``layers`` and
+        The trunk is cut at the deepest fork among the branches; its files are the trunk's
+        own objects (``objects``: the object ids of its ``embeddings``, ``layers`` and
         ``tokenizer`` files, the last by file name).
+
+        Raises:
+            MtregError: a release without its task, or conflicting with it (``conflict``).
         """
-        depth = max((t.fork_depth for t in tasks), default=0)
+        candidates = [r.candidate for r in releases]
+        depth = max((t.fork_depth for t in [*tasks, *candidates]), default=0)
         files = {EMBEDDINGS: objects["embeddings"]}
         files.update({layer_path(i): objects["layers"][i] for i in range(depth)})
         files.update({tokenizer_path(name): sha for name, sha in objects["tokenizer"].items()})
-        files.update({t.file: t.sha256 for t in tasks})
+        files.update({t.file: t.sha256 for t in [*tasks, *candidates]})
         return cls(
-            ManifestTrunk(trunk, config, fingerprint, depth), {t.name: t for t in tasks}, files
+            ManifestTrunk(trunk, config, fingerprint, depth),
+            {t.name: t for t in tasks},
+            files,
+            {r.task: r for r in releases},
         )
 
     @classmethod
@@ -204,10 +217,16 @@ class Manifest:
         # The cost is derived from the tasks; a stored one is only checked for its type.
         _require(isinstance(data["cost"], dict), "cost")
         entries = [_task_entry(name, task, files, depth) for name, task in tasks.items()]
+        releases = data.get("releases", {})
+        _require(isinstance(releases, dict), "releases")
         return cls(
             ManifestTrunk(trunk["name"], config, fingerprint, depth),
             {entry.name: entry for entry in entries},
             files,
+            {
+                name: Release.from_dict(r, _task_entry(name, r["candidate"], files, depth))
+                for name, r in releases.items()
+            },
         )
 
     @property
@@ -231,15 +250,19 @@ class Manifest:
             KeyError: a task this manifest does not hold.
         """
         chosen = {name: self.tasks[name] for name in sorted(tasks)}
-        depth = max((t.fork_depth for t in chosen.values()), default=0)
+        releases = {n: r for n, r in self.releases.items() if n in chosen}
+        branches = [*chosen.values(), *(r.candidate for r in releases.values())]
+        depth = max((t.fork_depth for t in branches), default=0)
         keep = {EMBEDDINGS, *(layer_path(i) for i in range(depth)), *self.tokenizer_files}
-        keep |= {t.file for t in chosen.values()}
+        keep |= {t.file for t in branches}
         files = {rel: sha for rel, sha in self.files.items() if rel in keep}
-        return Manifest(replace(self.trunk, depth=depth), chosen, files)
+        return Manifest(replace(self.trunk, depth=depth), chosen, files, releases)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready content of ``manifest.json``."""
-        return {
+        # Releases only when there are some, so that other bundles keep the ids they had.
+        releases = {"releases": {n: r.to_dict() for n, r in self.releases.items()}}
+        return (releases if self.releases else {}) | {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "trunk": self.trunk.to_dict(),
@@ -300,16 +323,53 @@ def read_manifest(path: Path) -> Manifest:
         NotFound: no manifest at ``path``. MtregError: not valid JSON, another format, a
             bad task name, or a file path that would leave the bundle directory.
     """
+    return _parse_manifest(_read_raw(Path(path)), Path(path))
+
+
+def read_bundle_manifest(root: Path, expected_id: str | None = None) -> tuple[Manifest, str]:
+    """Read the manifest of bundle directory ``root`` and check it (see
+    :func:`read_manifest`); when ``expected_id`` is given (the id the registry recorded),
+    check that the bytes read hash to it.
+
+    Returns:
+        The manifest and the bundle's id: the sha256 of the manifest bytes actually read,
+        which is what a loaded or served bundle reports.
+
+    Raises:
+        As :func:`read_manifest`. Damaged: the bytes hash to another id than
+            ``expected_id`` (edited after the bundle was built), or are missing.
+    """
+    path = Path(root) / MANIFEST
+    if expected_id is not None and not path.is_file():
+        raise Damaged(f"{path} is missing: run `mtreg verify --repair` to rebuild the bundle")
+    raw = _read_raw(path)
+    ident = hashlib.sha256(raw).hexdigest()
+    if expected_id is not None and ident != expected_id:
+        raise Damaged(
+            f"{path} hashes to {ident[:12]}, not to the id of bundle {expected_id[:12]} it is "
+            "stored under: it was edited; run `mtreg verify --repair` to rebuild the bundle"
+        )
+    return _parse_manifest(raw, path), ident
+
+
+def _read_raw(path: Path) -> bytes:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
         raise NotFound(f"no bundle manifest at {path}: point at a bundle directory") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        # RecursionError: JSON nested deeper than the parser's stack allows.
+    except OSError as exc:
+        raise MtregError(f"cannot read {path} ({exc}): rebuild or re-export it") from None
+
+
+def _parse_manifest(raw: bytes, path: Path) -> Manifest:
+    """Parse and check manifest bytes read from ``path``; raise as :func:`read_manifest`."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the parser's stack allows; ValueError
+        # (JSONDecodeError among them): also an integer too long to convert.
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MtregError(f"{path} is not valid JSON ({reason}): rebuild or re-export it") from None
-    except (OSError, ValueError) as exc:
-        raise MtregError(f"cannot read {path} ({exc}): rebuild or re-export it") from None
     if not isinstance(data, dict) or (data.get("format"), data.get("format_version")) != (
         FORMAT,
         FORMAT_VERSION,

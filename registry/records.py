@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
 from mtreg.artifacts.manifest import Manifest, TaskEntry, branch_path
+from mtreg.artifacts.release import Release, candidate_path
 from mtreg.core.spec import HeadSpec
 
 
@@ -95,6 +96,43 @@ class TaskRecord(_Record):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "status": self.status}
+
+
+@dataclass(frozen=True)
+class ReleaseRecord(_Record):
+    """A task's release under way: its ``candidate`` version and how traffic reaches it."""
+
+    task: str
+    candidate: TaskVersionRecord
+    mode: str
+    percent: float
+    key_field: str | None = None
+    updated_at: datetime | None = None
+    # Why the bundle leaves it out (see mtreg.artifacts.release.release_problem); None: live.
+    inert: str | None = None
+
+    def manifest_release(self) -> Release:
+        """Return this release's entry in a bundle manifest (its branch under ``candidates/``).
+
+        Raises:
+            MtregError: a mode, percent or key field a release cannot hold.
+        """
+        entry = replace(self.candidate.manifest_entry(), file=candidate_path(self.task))
+        return Release(
+            candidate=entry, mode=self.mode, percent=self.percent, key_field=self.key_field
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict naming the candidate by its version."""
+        return {
+            "task": self.task,
+            "candidate": self.candidate.version,
+            "mode": self.mode,
+            "percent": self.percent,
+            "key_field": self.key_field,
+            "updated_at": _jsonable(self.updated_at),
+            "inert": self.inert,
+        }
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from mtreg.registry import db
 from mtreg.registry.records import (
     BundleRecord,
     EventRecord,
+    ReleaseRecord,
     TaskRecord,
     TaskVersionRecord,
     TrunkRecord,
@@ -37,6 +38,7 @@ from mtreg.registry.tables import (
     BundleMemberRow,
     BundleRow,
     EventRow,
+    ReleaseRow,
     TaskRow,
     TaskVersionRow,
     TrunkRow,
@@ -240,6 +242,47 @@ class Tx:
             updated_at=row.updated_at,
         )
 
+    # -- releases ---------------------------------------------------------------------------
+
+    def set_release(self, release: ReleaseRecord) -> None:
+        """Start or change the release of ``release.task`` (both registered)."""
+        task = self._task_row(release.task)
+        assert task is not None, f"release of unknown task {release.task!r}"
+        row = self.session.get(ReleaseRow, task.id) or ReleaseRow(task_id=task.id)
+        row.candidate_version_id = self._version_id(task.id, release.candidate.version)
+        row.mode, row.percent, row.key_field = release.mode, release.percent, release.key_field
+        self.session.add(row)
+        self.session.flush()
+
+    def delete_release(self, task: str) -> None:
+        """End the release of ``task``, if any."""
+        row = self._task_row(task)
+        if row is not None:
+            self.session.execute(sa.delete(ReleaseRow).where(ReleaseRow.task_id == row.id))
+
+    def list_releases(self, trunk: str | None = None) -> list[ReleaseRecord]:
+        """Return the releases under way (of tasks on ``trunk``, or all), by task name."""
+        query = (
+            sa.select(ReleaseRow, TaskVersionRow, TaskRow.name, TrunkRow.name)
+            .join(TaskRow, ReleaseRow.task_id == TaskRow.id)
+            .join(TaskVersionRow, ReleaseRow.candidate_version_id == TaskVersionRow.id)
+            .join(TrunkRow, TaskRow.trunk_id == TrunkRow.id)
+            .order_by(TaskRow.name)
+        )
+        if trunk is not None:
+            query = query.where(TrunkRow.name == trunk)
+        return [
+            ReleaseRecord(
+                task=task,
+                candidate=_version_record(version, task, trunk_name),
+                mode=row.mode,
+                percent=row.percent,
+                key_field=row.key_field,
+                updated_at=row.updated_at,
+            )
+            for row, version, task, trunk_name in self.session.execute(query).all()
+        ]
+
     # -- bundles and aliases -----------------------------------------------------------------
 
     def add_bundle(self, record: BundleRecord) -> None:
@@ -338,11 +381,16 @@ class Tx:
         self.session.add(EventRow(kind=kind, subject=subject, actor=_actor(), detail=detail))
         self.session.flush()
 
-    def list_events(self, limit: int = 50, subject: str | None = None) -> list[EventRecord]:
-        """Return up to ``limit`` events, newest first, optionally about one subject."""
+    def list_events(
+        self, limit: int = 50, subject: str | None = None, kind_prefix: str | None = None
+    ) -> list[EventRecord]:
+        """Return up to ``limit`` events, newest first, optionally about one subject and of
+        the kinds starting with ``kind_prefix``."""
         query = sa.select(EventRow).order_by(EventRow.id.desc()).limit(limit)
         if subject is not None:
             query = query.where(EventRow.subject == subject)
+        if kind_prefix is not None:
+            query = query.where(EventRow.kind.startswith(kind_prefix, autoescape=True))
         return [
             EventRecord(row.id, row.at, row.kind, row.subject, row.actor, row.detail)
             for row in self.session.scalars(query)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -166,3 +167,22 @@ class EventRow(Base):
     subject: Mapped[str] = mapped_column(String(200), default="")
     actor: Mapped[str] = mapped_column(String(ACTOR_MAX), default="")
     detail: Mapped[dict[str, Any]]
+
+
+class ReleaseRow(Base):
+    """A task's release under way: a candidate version served beside the active one.
+
+    At most one per task; promoting or rolling back deletes it. Its history is in events.
+    """
+
+    __tablename__ = "releases"
+
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    candidate_version_id: Mapped[int] = mapped_column(ForeignKey("task_versions.id"))
+    mode: Mapped[str] = mapped_column(String(16))
+    # The candidate's share of the task's traffic, 0..100 (0 in shadow mode).
+    percent: Mapped[float] = mapped_column(Float)
+    key_field: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )

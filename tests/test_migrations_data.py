@@ -67,6 +67,8 @@ def test_every_revision_round_trips_a_full_registry(
             _offer(plugins, tmp_path, checkpoint, version, number)
             registry.discover(refresh=True)
             registry.register(["sentiment"], promote=number == 0)
+        # A release fills the releases table (revision 0002).
+        registry.release("sentiment", "1.0.0", shadow=True)
     engine = db.make_engine(db_url)
     try:
         full = _rows(engine)
