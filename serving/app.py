@@ -1,14 +1,14 @@
 """The ASGI application of ``mtreg serve`` (FastAPI; its OpenAPI spec is /openapi.json).
 
 Endpoints: POST /v1/predict, GET /v1/tasks, /healthz (alive), /readyz (loaded and not
-draining), /metrics (Prometheus). Handlers only check requests and queue them; inference
-runs in the batcher's thread.
+draining), /metrics (Prometheus), and the Open Inference Protocol under /v2
+(:mod:`mtreg.serving.v2`). Handlers only check requests and queue them (through
+:mod:`mtreg.serving.dispatch`); inference runs in the batcher's thread.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,8 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtreg import __version__
 from mtreg.runtime.bundle import LoadedBundle
-from mtreg.serving.batcher import Batcher, Pending, QueueFull, Results, ShuttingDown
+from mtreg.serving import v2
+from mtreg.serving.access import NOTE, AccessLog, RequestNote
+from mtreg.serving.batcher import Batcher
 from mtreg.serving.config import ServeConfig
+from mtreg.serving.dispatch import Refused, dispatch, refuse_if_draining
 from mtreg.serving.metrics import ServeMetrics
 from mtreg.serving.plan import BadRequest, plan_rows
 from mtreg.serving.reload import RegistryFactory, Reloader, Served, is_directory_ref
@@ -35,6 +38,7 @@ from mtreg.serving.schemas import (
     TaskOut,
     TasksResponse,
     request_model,
+    validation_message,
 )
 
 log = logging.getLogger("mtreg.serving")
@@ -68,6 +72,8 @@ class ServerState:
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self.metrics.serving(served.id)
+        log_to = config.access_log
+        self.access_log = AccessLog.open(log_to, self.metrics) if log_to else None
 
     def swap(self, served: Served) -> None:
         """Serve ``served`` from the next request on (one assignment: atomic)."""
@@ -100,6 +106,8 @@ class ServerState:
         if self.reloader is not None:
             await asyncio.to_thread(self.reloader.stop)
         await asyncio.to_thread(self.batcher.stop, self.config.drain_seconds)
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
         log.info("stopped")
 
 
@@ -111,30 +119,14 @@ def server_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(server_state)]
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """Return the problem response every refusal of the server has: ``{"detail": ...}``."""
+def problem(
+    status: int, detail: str, headers: dict[str, str] | None = None, path: str = ""
+) -> JSONResponse:
+    """Return the problem response every refusal of the server has: ``{"detail": ...}``,
+    or the Open Inference Protocol's ``{"error": ...}`` for a ``path`` under ``/v2``."""
+    if path.startswith(v2.PREFIX):
+        return v2.oip_error(status, detail, headers)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    """One line naming each invalid field (without echoing the input back).
-
-    pydantic reports a value matching no member of a union once per member, under
-    locations like ``inputs.0.list[...]``: those are merged into one entry per field.
-    """
-    found: dict[str, list[str]] = {}
-    for error in exc.errors():
-        parts = [
-            str(p)
-            for p in error.get("loc", ())
-            if p != "body" and (isinstance(p, int) or str(p).isidentifier())
-        ]
-        messages = found.setdefault(".".join(parts) or "body", [])
-        message = str(error.get("msg", "invalid"))
-        if message not in messages:
-            messages.append(message)
-    parts = [f"{where}: {' or '.join(msgs)}" for where, msgs in list(found.items())[:5]]
-    return "invalid request: " + "; ".join(parts)
 
 
 async def _read_body(receive: Callable, limit: int) -> bytes | None:
@@ -173,6 +165,16 @@ def _replay(body: bytes, receive: Callable) -> Callable:
     return replay
 
 
+def _endpoint(scope: dict) -> str:
+    """The endpoint label of a request: the path template of the route that answered it
+    (``/v2/models/{task}/infer``, never the path itself, so that the label's values are
+    bounded), a known path refused before routing, or ``other``."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    return scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+
 class Observe:
     """ASGI middleware: refuses bodies over the size limit (413) or arriving too slowly
     (408), closes every connection a draining server answers, and records request counts
@@ -186,10 +188,10 @@ class Observe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
-        began = time.perf_counter()
+        began, arrived = time.perf_counter(), time.time()
         status = {"code": 500}
+        note = RequestNote()
+        NOTE.set(note)  # this request's task: the handler fills the note in
 
         async def send_and_note(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -200,16 +202,20 @@ class Observe:
                     message = {**message, "headers": headers}
             await send(message)
 
-        body = await self._body(receive)
+        body = await self._body(receive, scope["path"])
         if isinstance(body, bytes):
             await self.app(scope, _replay(body, receive), send_and_note)
         else:
             await body(scope, receive, send_and_note)
+        seconds = time.perf_counter() - began
+        endpoint = _endpoint(scope)
         metrics = self.state.metrics
         metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
-        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - began)
+        metrics.latency.labels(endpoint=endpoint).observe(seconds)
+        if self.state.access_log is not None:
+            self.state.access_log.record(note.entry(scope, status["code"], seconds, arrived))
 
-    async def _body(self, receive: Callable) -> bytes | JSONResponse:
+    async def _body(self, receive: Callable, path: str) -> bytes | JSONResponse:
         """Return the request body, or the problem refusing it: 413 past the size limit,
         408 (closing the connection) when it has not all arrived within the body timeout,
         so that a client trickling bytes cannot hold a connection."""
@@ -223,30 +229,10 @@ class Observe:
                 f"request body not complete after {config.body_timeout_s:g} s; "
                 "send the whole body without pausing"
             )
-            return problem(408, detail, {"Connection": "close"})
+            return problem(408, detail, {"Connection": "close"}, path)
         if body is None:
-            return problem(413, f"request body over {config.max_body_bytes} bytes")
+            return problem(413, f"request body over {config.max_body_bytes} bytes", path=path)
         return body
-
-
-def _settle(future: asyncio.Future, results: Results | None, error: BaseException | None) -> None:
-    if future.done():  # the client went away
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(results)
-
-
-def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callable:
-    """Return a Pending.done callback that hands the outcome to ``future`` on ``loop``."""
-
-    def done(results: Results | None, error: BaseException | None) -> None:
-        # RuntimeError: the loop closed during shutdown, and nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle, future, results, error)
-
-    return done
 
 
 @asynccontextmanager
@@ -262,12 +248,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     """Return a 422 problem naming the invalid fields."""
-    return problem(422, _validation_message(exc))
+    return problem(422, validation_message(exc))
 
 
-async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Return an HTTP error (404, 405, ...) as a problem body."""
-    return problem(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    return problem(exc.status_code, str(exc.detail), headers, request.url.path)
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -289,33 +276,22 @@ async def answer(body: Any, state: ServerState) -> Any:
         bundle), 503 (queue full, shutting down) or 500 (inference failed).
     """
     served = state.served  # the bundle this request is admitted to, even across a swap
-    config, metrics = state.config, state.metrics
-    retry = {"Retry-After": str(config.retry_after_s)}
-    if state.draining:
-        metrics.dropped.labels(reason="draining").inc()
-        detail = "the server is shutting down; send the request again (to another instance)"
-        return problem(503, detail, retry)
     try:
-        rows = plan_rows(served.bundle, body.inputs, body.tasks, config.max_text_chars, body.logits)
+        refuse_if_draining(state)
+        rows = plan_rows(
+            served.bundle,
+            body.inputs,
+            body.tasks,
+            state.config.max_text_chars,
+            body.logits,
+            body.versions,
+            body.key,
+        )
+        results = await dispatch(state, served, rows)
     except BadRequest as exc:
         return problem(422, str(exc))
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-    try:
-        state.batcher.submit(Pending(served.bundle, rows, _deliver(loop, future)))
-    except QueueFull as exc:
-        metrics.rejected.inc()
-        return problem(503, str(exc), retry)
-    except ShuttingDown as exc:
-        return problem(503, str(exc), retry)
-    for task in {t for row in rows for t in row.tasks}:
-        metrics.task_requests.labels(task=task).inc()
-    try:
-        results = await future
-    except ShuttingDown as exc:
-        return problem(503, str(exc), retry)
-    except RuntimeError as exc:
-        return problem(500, str(exc))
+    except Refused as exc:
+        return problem(exc.status, str(exc), exc.headers)
     return {"bundle": served.id, "results": results}
 
 
@@ -422,5 +398,6 @@ def create_app(
     app.state.server = state
     app.include_router(predict_router(config))
     app.include_router(router)
+    app.include_router(v2.router)
     app.add_middleware(Observe, state=state)
     return app

@@ -49,6 +49,7 @@ class Pending:
     rows: list[Row]
     done: Callable[[Results | None, BaseException | None], None]
     arrived: float = field(default_factory=time.monotonic)
+    batch: int = 0  # inputs of the micro-batch(es) it ran in, set before ``done``
 
 
 class Batcher:
@@ -156,9 +157,10 @@ class Batcher:
 
     def _run(self, batch: list[Pending]) -> None:
         now = time.monotonic()
+        rows = [row for pending in batch for row in pending.rows]
         for pending in batch:
             self.metrics.queue_wait.observe(now - pending.arrived)
-        rows = [row for pending in batch for row in pending.rows]
+            pending.batch = len(rows)
         try:
             results = self._chunks(batch[0].bundle, rows)
         except Exception:

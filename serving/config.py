@@ -29,6 +29,8 @@ class ServeConfig:
             headers; else 408.
         keep_alive_s: an idle keep-alive connection is closed after this many seconds.
         max_connections: most open connections; a request on one past it gets 503.
+        access_log: where to write one JSON line per request: a file (appended to), ``-``
+            for standard error, or None for no access log.
     """
 
     bundle: str = "serving"
@@ -49,6 +51,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
     max_connections: int = 1000
+    access_log: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.max_inputs < 1:

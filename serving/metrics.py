@@ -55,6 +55,30 @@ class ServeMetrics:
             ("reason",),
         )
         self.queue_depth = self._gauge("queue_depth", "Inputs waiting for a batch.")
+        # Task and version labels come from the served bundle only, never from a request,
+        # so that a client naming made-up tasks cannot grow the number of series.
+        version = ("task", "version")
+        self.task_seconds = self._histogram(
+            "task_request_seconds",
+            "Time from queueing to answer of requests asking a task, per task version.",
+            LATENCY_BUCKETS,
+            version,
+        )
+        self.task_errors = self._counter(
+            "task_errors",
+            "Requests asking a task that failed, per task version and reason "
+            "(bad_request, queue_full, shutting_down, failed).",
+            (*version, "reason"),
+        )
+        self.shadow_rows = self._counter(
+            "shadow_rows",
+            "Rows a shadow candidate answered beside the stable version, per task, candidate "
+            "version and whether the answers agreed (true, false).",
+            (*version, "agree"),
+        )
+        self.access_dropped = self._counter(
+            "access_log_dropped", "Access log lines dropped because the writer fell behind."
+        )
 
     def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(f"{PREFIX}{name}", doc, labels, registry=self.registry)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mtreg.artifacts.bundle_dir import remove_bundle_dir
 from mtreg.artifacts.manifest import bundle_directory
+from mtreg.errors import MtregError
 from mtreg.runtime.bundle import LoadedBundle
 from mtreg.serving.metrics import ServeMetrics
 
@@ -43,17 +45,33 @@ def is_directory_ref(ref: str) -> bool:
     return bundle_directory(ref) is not None
 
 
-def _onnx_folder(registry: Registry, source: Path, record_id: str, tasks) -> Path:
-    """Return an ONNX export of registry bundle ``source``, made once and cached under the
-    registry home (registry bundles hold torch weights only)."""
+def _onnx_cached(
+    registry: Registry, source: Path, record_id: str, tasks, backend: str
+) -> LoadedBundle:
+    """Load the ONNX export of registry bundle ``record_id`` (folder ``source``), made once
+    and cached under the registry home (registry bundles hold torch weights only).
+
+    A cached export is used only if it verifies (its graph files hash to its ``onnx.json``,
+    which names this bundle as its source); a stale or damaged one is exported again.
+    """
     # onnx is an optional extra: imported only when the ONNX backend is asked for.
     from mtreg.runtime.export import export_onnx
 
     out = registry.home.onnx(record_id, tasks)
-    if not (out / "model.onnx").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(source, out, tasks=tasks)
-    return out
+    if out.exists():
+        try:
+            loaded = LoadedBundle(out, tasks, backend)
+            source_id = loaded.onnx_info.source if loaded.onnx_info else ""
+            if source_id == record_id:
+                return loaded
+            problem = f"it was exported from bundle {source_id[:12]}"
+        except MtregError as exc:
+            problem = str(exc)
+        log.warning("rebuilding the ONNX cache %s: %s", out, problem)
+        remove_bundle_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(source, out, tasks=tasks, expected_id=record_id)
+    return LoadedBundle(out, tasks, backend)
 
 
 def load_served(
@@ -70,14 +88,16 @@ def load_served(
     directory = bundle_directory(ref)
     if directory is not None:
         loaded = LoadedBundle(directory, tasks, backend)
-        return Served(loaded, loaded.manifest.bundle_id)
+        return Served(loaded, loaded.bundle_id)
     if registry is None:
         raise ValueError(f"{ref!r} is not a bundle directory and no registry was given")
     record = registry.bundle(ref)
-    path = registry.home.bundle(record.id)
-    if backend in ("onnx", "auto") and not (path / "model.onnx").is_file():
-        path = _onnx_folder(registry, path, record.id, tasks)
-    return Served(LoadedBundle(path, tasks, backend), record.id)
+    path = registry.bundle_dir(record)
+    if backend in ("onnx", "auto"):
+        # The cached export's own manifest is a subset when tasks are chosen; its
+        # onnx.json ties it to this bundle, whose id is the one served.
+        return Served(_onnx_cached(registry, path, record.id, tasks, backend), record.id)
+    return Served(LoadedBundle(path, tasks, backend, expected_id=record.id), record.id)
 
 
 class Reloader:

@@ -8,7 +8,8 @@ length) appear in the spec and are enforced before a request reaches the queue.
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from mtreg.serving.config import ServeConfig
 
@@ -51,6 +52,22 @@ def request_model(config: ServeConfig) -> type[BaseModel]:
             Field(min_length=1, max_length=256, description="Task names (default: all)."),
         ] = None
         logits: Annotated[bool, Field(description="Add raw logits to each result.")] = False
+        versions: Annotated[
+            dict[TaskName, Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None,
+            Field(
+                max_length=256,
+                description="Pin tasks to a version the bundle serves (task -> version).",
+            ),
+        ] = None
+        key: Annotated[
+            str | None,
+            Field(
+                min_length=1,
+                max_length=256,
+                description="Routing key of a sticky canary split (when an input lacks the "
+                "release's key field).",
+            ),
+        ] = None
 
     return PredictRequest
 
@@ -93,3 +110,24 @@ class Problem(BaseModel):
     """An error: what is wrong, in one sentence."""
 
     detail: str
+
+
+def validation_message(exc: RequestValidationError | ValidationError) -> str:
+    """One line naming each invalid field of a request body (without echoing the input).
+
+    pydantic reports a value matching no member of a union once per member, under
+    locations like ``inputs.0.list[...]``: those are merged into one entry per field.
+    """
+    found: dict[str, list[str]] = {}
+    for error in exc.errors():
+        parts = [
+            str(p)
+            for p in error.get("loc", ())
+            if p != "body" and (isinstance(p, int) or str(p).isidentifier())
+        ]
+        messages = found.setdefault(".".join(parts) or "body", [])
+        message = str(error.get("msg", "invalid"))
+        if message not in messages:
+            messages.append(message)
+    parts = [f"{where}: {' or '.join(msgs)}" for where, msgs in list(found.items())[:5]]
+    return "invalid request: " + "; ".join(parts)

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+from mtreg.serving.access import check_target
 from mtreg.serving.config import ServeConfig
 from mtreg.serving.reload import RegistryFactory, Served, is_directory_ref, load_served
 
@@ -118,13 +119,16 @@ def serve(
     """Load the bundle and serve it until SIGTERM or SIGINT.
 
     Raises:
-        NotFound, InvalidWeights, MtregError: the bundle cannot be served (nothing listens).
+        NotFound, InvalidWeights, MtregError: the bundle cannot be served, or the access
+            log cannot be written (nothing listens).
     """
     from mtreg.serving.app import create_app
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s:%(name)s: %(message)s")
     logging.getLogger("mtreg").setLevel(log_level.upper())
+    if config.access_log is not None:
+        check_target(config.access_log)
     used = set_threads(threads)
     served = load_first(config, registry_factory)
     log.info("loaded bundle %s (%s backend, %d torch threads)", served.id, config.backend, used)
