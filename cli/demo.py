@@ -9,6 +9,7 @@ it reuses what it already did (registered trunk, finished training runs).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def _step(title: str) -> None:
 def demo(directory: Path) -> None:
     """Onboard two demo tasks on the packaged MiniLM trunk, then list, export and predict."""
     from mtreg.cli.onboard import echo_report
+    from mtreg.cli.progress import Renderer
     from mtreg.plugins import demo as demo_plugin
     from mtreg.registry.api import Registry
     from mtreg.runtime.bundle import load_bundle
@@ -74,7 +76,9 @@ def demo(directory: Path) -> None:
 
         for index, task in enumerate(DEMO_TASKS, 2):
             _step(f"{index}. onboard {task}: teacher search, distillation, register")
-            echo_report(onboard(registry, task, promote=True))
+            with Renderer(sys.stderr) as progress:
+                report = onboard(registry, task, promote=True, progress=progress)
+            echo_report(report)
 
         _step("4. the registry")
         echo_table(

@@ -2,8 +2,9 @@
 
 Reads each task's active version (the dev metrics, teacher size and geometry its branch file
 recorded) and, where known, a full fine-tuning reference: ``--baseline FILE.json``, else the
-repository's bench/results/quality.json when it exists. Thin layer over
-:mod:`mtreg.cli.reporting`.
+repository's bench/results/quality.json when it exists. On a terminal the report is a table
+fitted to its width; into a pipe or a file it is markdown (``--out`` writes report.md too).
+Thin layer over :mod:`mtreg.cli.reporting`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import click
 
 from mtreg.cli.context import Context, pass_context
-from mtreg.cli.output import echo_json, json_option
+from mtreg.cli.output import echo_json, echo_table, json_option, terminal_width
 from mtreg.core.text import split_list
 
 # Written by bench/quality.py; present in a source checkout (and an editable install).
@@ -70,7 +71,12 @@ def report(
     if as_json:
         echo_json(data)
         return
-    click.echo(text.rstrip())
+    if terminal_width() is None:
+        click.echo(text.rstrip())
+    else:
+        # On a terminal a table reads better than markdown's pipes; a file keeps markdown.
+        echo_table([rp.cells(r) for r in rows], [h.upper() for h in rp.HEADERS], "no tasks")
+        click.echo("\n" + rp.overall_text(overall, strong=""))
     click.echo(f"\nreferences: {source or 'none (pass --baseline FILE.json)'}")
     if out is not None:
         click.echo(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")

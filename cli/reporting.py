@@ -111,32 +111,49 @@ def summary(rows: Sequence[TaskQuality], num_layers: int) -> dict[str, Any]:
     }
 
 
+HEADERS = ("task", "metric (split)", "full FT", "teacher", "served branch", "% of full", "noise")
+
+
+def cells(r: TaskQuality) -> list[str]:
+    """Return the report's cells for task ``r``, in :data:`HEADERS` order."""
+    ratio = "–" if r.ratio is None else f"{100 * r.ratio:.1f}%"
+    verdict = {True: "within noise", False: "outside noise", None: "–"}[r.within_noise]
+    if r.noise is not None:
+        verdict += f" (SE {100 * r.noise:.1f})"
+    teacher = f"L={r.teacher_layers}: {fmt(r.teacher)}" if r.teacher_layers else fmt(r.teacher)
+    return [
+        r.task,
+        f"{r.metric} ({r.split})",
+        fmt(r.full),
+        teacher,
+        f"k={r.fork_depth}, l={r.branch_layers}: {fmt(r.served)}",
+        ratio,
+        f"{verdict}{' ' + r.note if r.note else ''}",
+    ]
+
+
+def overall_text(overall: Mapping[str, Any], strong: str = "**") -> str:
+    """Return the overall sentence: mean quality ratio and layers per request, its key
+    numbers wrapped in ``strong`` (markdown's bold; ``""`` for plain text)."""
+    mean_ratio = overall.get("mean_ratio")
+    shown = "–" if mean_ratio is None else f"{100 * mean_ratio:.1f}%"
+    return (
+        f"Mean quality ratio: {strong}{shown}{strong} of full fine-tuning over "
+        f"{overall['tasks_with_reference']} of {overall['tasks']} tasks. Layers per request "
+        f"for all tasks: bundle {strong}{overall['bundle_layers']}{strong} against "
+        f"{overall['full_layers']} for one {overall['num_layers']}-layer model per task "
+        f"({strong}{100 * (overall['layer_ratio'] or 0):.0f}%{strong})."
+    )
+
+
 def markdown(rows: Sequence[TaskQuality], overall: Mapping[str, Any]) -> str:
     """Return the per-task table and the overall line as markdown."""
     lines = [
-        "| task | metric (split) | full FT | teacher | served branch | % of full | noise |",
+        "| " + " | ".join(HEADERS) + " |",
         "|---|---|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        ratio = "–" if r.ratio is None else f"{100 * r.ratio:.1f}%"
-        verdict = {True: "within noise", False: "outside noise", None: "–"}[r.within_noise]
-        if r.noise is not None:
-            verdict += f" (SE {100 * r.noise:.1f})"
-        teacher = f"L={r.teacher_layers}: {fmt(r.teacher)}" if r.teacher_layers else fmt(r.teacher)
-        lines.append(
-            f"| {r.task} | {r.metric} ({r.split}) | {fmt(r.full)} | {teacher} "
-            f"| k={r.fork_depth}, l={r.branch_layers}: {fmt(r.served)} | {ratio} | {verdict}"
-            f"{' ' + r.note if r.note else ''} |"
-        )
-    mean_ratio = overall.get("mean_ratio")
-    shown = "–" if mean_ratio is None else f"{100 * mean_ratio:.1f}%"
-    lines += [
+        *("| " + " | ".join(cells(r)) + " |" for r in rows),
         "",
-        f"Mean quality ratio: **{shown}** of full fine-tuning over "
-        f"{overall['tasks_with_reference']} of {overall['tasks']} tasks. Layers per request "
-        f"for all tasks: bundle **{overall['bundle_layers']}** against "
-        f"{overall['full_layers']} for one {overall['num_layers']}-layer model per task "
-        f"(**{100 * (overall['layer_ratio'] or 0):.0f}%**).",
+        overall_text(overall),
     ]
     return "\n".join(lines) + "\n"
 

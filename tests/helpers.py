@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import pty
+import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -138,3 +143,72 @@ def snapshot(url: str, home: Path) -> dict[str, Any]:
         if path.is_file() and not path.name.startswith("registry.db"):
             files[str(path.relative_to(home))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return {"rows": rows, "files": files}
+
+
+# An ISO 8601 time to the second with its UTC offset, as mtreg shows every time.
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"
+_ESCAPE = re.compile(r"\x1b\[(\??)(\d*)([A-Za-z])")
+
+
+def screen(text: str) -> list[str]:
+    """Return the rows a terminal shows after ``text``; the last row is the one the cursor
+    is on. Understood: line feeds, carriage returns, cursor up (``ESC[nA``) and erase line
+    (``ESC[2K``), what rich's live display uses; colours and cursor hiding are ignored."""
+    rows: list[list[str]] = [[]]
+    line = col = 0
+    at = 0
+    while at < len(text):
+        escape = _ESCAPE.match(text, at)
+        if escape:
+            private, number, command = escape.groups()
+            if command == "A" and not private:
+                line = max(0, line - int(number or 1))
+            elif command == "K" and not private:
+                rows[line] = []
+            at = escape.end()
+            continue
+        char = text[at]
+        at += 1
+        if char == "\n":
+            line, col = line + 1, 0
+            if line == len(rows):
+                rows.append([])
+        elif char == "\r":
+            col = 0
+        else:
+            row = rows[line]
+            row.extend(" " * (col - len(row)))
+            row[col : col + 1] = [char]
+            col += 1
+    # Rows below the cursor that nothing was left on (a bar moved down, then erased) are
+    # not part of what is shown.
+    while len(rows) > line + 1 and not rows[-1]:
+        rows.pop()
+    return ["".join(row).rstrip() for row in rows]
+
+
+def on_terminal(argv: list[str], env: dict[str, str], columns: int = 80) -> tuple[int, str]:
+    """Run ``python -m mtreg *argv`` with stdout and stderr on a pseudo-terminal
+    ``columns`` wide (a real process, as a user at a terminal runs it); return its exit
+    code and everything it wrote, with the terminal's line endings (\\r\\n) as \\n."""
+    main, child = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtreg", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=child,
+        stderr=child,
+        env={**os.environ, **env, "COLUMNS": str(columns), "TERM": "xterm"},
+    )
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    code = process.wait(timeout=300)
+    return code, b"".join(chunks).decode().replace("\r\n", "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pytest
 import torch
 from factories import Checkpoints
 from harness import CliPool, Databases
-from helpers import snapshot
+from helpers import STAMP, snapshot
 from safetensors.torch import load_file, save_file
 from toy import FLAGS, open_toy_registry
 
@@ -261,8 +262,13 @@ def world(
     yield World(root, url)
 
 
+# A timestamped progress line: in a pipe, training logs one per stage and per epoch.
+PROGRESS = re.compile(f"{STAMP} ")
+
+
 def _one_line_error(result: Any) -> str:
-    lines = result.stderr.strip().splitlines()
+    """Return the error that ends ``result``'s stderr: one line, after any progress lines."""
+    lines = [line for line in result.stderr.strip().splitlines() if not PROGRESS.match(line)]
     assert result.code == 1, result.stderr
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert "Traceback" not in result.stderr

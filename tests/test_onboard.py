@@ -32,7 +32,7 @@ def test_onboard_through_the_cli_registers_the_task_and_builds_a_bundle(
     base += ["--plugins-dir", str(tmp_path / "plugins")]
     result = CliRunner().invoke(cli, [*base, "onboard", "toy", *FLAGS, "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert [r["stage"] for r in report["runs"]] == ["teacher", "student"]
     assert report["changes"]["tasks"][0]["change"] == "added"
     assert report["chosen"]["layers"] in (1, 2) and report["budget"]["runs"] == 2

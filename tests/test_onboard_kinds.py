@@ -257,7 +257,7 @@ def test_onboard_trains_registers_and_serves_each_head_kind(
         labels, dev = spec.head.labels, list(spec.load_dataset("dev"))
         result = CliRunner().invoke(cli, [*options, "onboard", kind.task, *FLAGS])
         assert result.exit_code == 0, result.output
-        report = json.loads(result.output)
+        report = json.loads(result.stdout)
         assert [r["stage"] for r in report["runs"]] == ["teacher", "student"]
         assert report["metric"] == kind.metric
         chosen = report["chosen"]

@@ -1,6 +1,6 @@
 """Training progress: per-batch steps from the training loop, run names through onboarding
-and full fine-tuning, the terminal renderer (a bar redrawn with \\r, wiped before each
-line) and its absence in pipes."""
+and full fine-tuning, the terminal renderer (rich's bar under the lines, gone when it
+closes) and, in pipes, timestamped lines instead of a bar."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from pathlib import Path
 import finetune as ft
 import pytest
 from click.testing import CliRunner
+from helpers import STAMP, screen
 from toy import FAST, FLAGS, OpenRegistry
 
 from mtreg.cli.main import cli
-from mtreg.cli.progress import Renderer, bar_text
+from mtreg.cli.progress import Renderer
 from mtreg.registry.api import Registry
-from mtreg.training.job import prepare
+from mtreg.training.job import CACHE_BATCH, prepare
 from mtreg.training.onboard import onboard
 from mtreg.training.progress import Step, StepProgress, prefixed
 from mtreg.training.stages import train_teachers
@@ -46,24 +47,6 @@ class Recorder:
 
     def step(self, step: Step) -> None:
         self.steps.append(step)
-
-
-def screen(text: str) -> list[str]:
-    """Return the rows a terminal shows after ``text`` (\\r returns to the row's start and
-    later characters overwrite); the last row is the one the cursor is on."""
-    rows: list[str] = []
-    row: list[str] = []
-    col = 0
-    for char in text:
-        if char == "\n":
-            rows.append("".join(row).rstrip())
-            row, col = [], 0
-        elif char == "\r":
-            col = 0
-        else:
-            row[col : col + 1] = [char]
-            col += 1
-    return [*rows, "".join(row).rstrip()]
 
 
 @pytest.fixture
@@ -95,22 +78,19 @@ def test_prefixed_names_lines_and_steps_and_drops_steps_for_plain_callbacks() ->
     assert prefixed(None, "run") is None
 
 
-def test_bar_text_fills_in_proportion() -> None:
-    text = bar_text(Step("teacher-L3-lr0.0002", 2, 3, 45, 94, 0.41))
-    assert text == "teacher-L3-lr0.0002  epoch 2/3 [####------] 45/94  loss 0.4100"
-
-
-def test_on_a_terminal_the_bar_is_redrawn_in_place_and_only_lines_stay() -> None:
+def test_on_a_terminal_the_bar_shows_pace_and_loss_and_only_lines_stay() -> None:
     stream = FakeTTY()
-    with Renderer(stream, interval=0) as progress:
+    with Renderer(stream) as progress:
         progress("cached train activations at depth(s) [1] in 0.1s")
         for epoch in (1, 2):
             for batch in range(1, 5):
                 progress.step(Step("teacher-L2-lr0.003", epoch, 2, batch, 4, 1 / batch))
             progress(f"teacher-L2-lr0.003 epoch {epoch}/2: loss 0.2500, accuracy 1.0000")
     raw = stream.getvalue()
-    assert "\r  teacher-L2-lr0.003  epoch 2/2 [##########] 4/4  loss 0.2500" in raw
-    assert raw.endswith("accuracy 1.0000\n")
+    # The bar spans the run's epochs: batches done of all, [elapsed<left, rate], loss.
+    bar = re.search(r"teacher-L2-lr0\.003 epoch 2/2 .*?(\d+)/8.*?\[(\S+)<(\S+), (\S+)/s\]", raw)
+    assert bar is not None and int(bar[1]) > 4
+    assert re.fullmatch(r"\d:\d\d:\d\d", bar[2]) and re.search("loss 0.2500", raw)
     assert screen(raw) == [
         "  cached train activations at depth(s) [1] in 0.1s",
         "  teacher-L2-lr0.003 epoch 1/2: loss 0.2500, accuracy 1.0000",
@@ -119,30 +99,31 @@ def test_on_a_terminal_the_bar_is_redrawn_in_place_and_only_lines_stay() -> None
     ]
 
 
+def test_caching_shows_a_bar_without_epoch_or_loss() -> None:
+    stream = FakeTTY()
+    with Renderer(stream) as progress:
+        for batch in (1, 2, 3):
+            progress.step(Step("caching train activations", 1, 1, batch, 3))
+    raw = stream.getvalue()
+    assert re.search(r"caching train activations .*3/3", raw)
+    assert "epoch" not in raw and "loss" not in raw
+
+
 def test_closing_wipes_a_bar_left_by_an_interrupted_run() -> None:
     stream = FakeTTY()
-    with pytest.raises(KeyboardInterrupt), Renderer(stream, interval=0) as progress:
+    with pytest.raises(KeyboardInterrupt), Renderer(stream) as progress:
         progress.step(Step("student-l1-lr0.003", 1, 4, 1, 12, 0.7))
         raise KeyboardInterrupt
     assert "student-l1" in stream.getvalue()
     assert screen(stream.getvalue()) == [""]  # the error message starts on a clean row
 
 
-def test_redraws_are_throttled_but_an_epochs_first_and_last_batch_always_show() -> None:
-    stream = FakeTTY()
-    progress = Renderer(stream, interval=3600)
-    for batch in range(1, 11):
-        progress.step(Step("run", 1, 1, batch, 10, 0.5))
-    assert stream.getvalue().count("\r") == 2
-    assert screen(stream.getvalue())[-1].startswith("  run  epoch 1/1 [#####")
-
-
-def test_elsewhere_there_are_lines_only() -> None:
+def test_elsewhere_there_are_timestamped_lines_only() -> None:
     stream = io.StringIO()
-    with Renderer(stream, interval=0) as progress:
+    with Renderer(stream) as progress:
         progress.step(Step("teacher-L2-lr0.003", 1, 2, 1, 4, 0.5))
         progress("teacher-L2-lr0.003 epoch 1/2: loss 0.5000")
-    assert stream.getvalue() == "  teacher-L2-lr0.003 epoch 1/2: loss 0.5000\n"
+    assert re.fullmatch(f"{STAMP} teacher-L2-lr0.003 epoch 1/2: loss 0.5000\n", stream.getvalue())
 
 
 @pytest.mark.slow
@@ -160,19 +141,26 @@ def test_onboarding_steps_every_batch_of_every_epoch_run(registry: Registry) -> 
         ]
         assert all(s.epochs == run.epochs and s.batches == batches for s in steps)
         assert f"{run.name} epoch 1/{run.epochs}: loss" in "\n".join(recorder.lines)
-    assert len(recorder.steps) == sum(batches * r.epochs_run for r in report.runs)
+    # Training steps carry a loss; the other steps are the activation-caching phase's.
+    training = [s for s in recorder.steps if s.loss is not None]
+    assert len(training) == sum(batches * r.epochs_run for r in report.runs)
+    caching = [(s.run, s.batch) for s in recorder.steps if s.loss is None]
+    cached = math.ceil(TRAIN_EXAMPLES / CACHE_BATCH)
+    assert caching[:cached] == [("caching train activations", b) for b in range(1, cached + 1)]
     assert any(line.startswith("cached train activations") for line in recorder.lines)
 
 
 def test_onboarding_on_a_terminal_draws_bars_and_keeps_the_log(registry: Registry) -> None:
     stream = FakeTTY()
-    with Renderer(stream, interval=0) as progress:
+    with Renderer(stream) as progress:
         job = prepare(registry, "toy", replace(FAST, epochs=2), progress=progress)
         train_teachers(job)
     raw = stream.getvalue()
-    assert "\r  teacher-L2-lr0.003  epoch 2/2 [" in raw
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", raw)  # without colours
+    assert re.search(r"teacher-L2-lr0\.003 epoch 2/2 .*/\d+ \[", plain)
+    assert re.search(r"caching train activations .*\[", plain)
     rows = screen(raw)
-    assert rows[-1] == "" and not any(re.search(r"\[[#-]+\]", row) for row in rows)
+    assert rows[-1] == "" and not any(re.search(r"\[\S+<\S+, ", row) for row in rows)
     assert [row.split(":")[0] for row in rows if "epoch" in row] == [
         "  teacher-L2-lr0.003 epoch 1/2",
         "  teacher-L2-lr0.003 epoch 2/2",
@@ -190,7 +178,7 @@ def test_full_finetuning_steps_carry_the_learning_rate(registry: Registry) -> No
 
 
 @pytest.mark.slow
-def test_cli_onboard_into_a_pipe_writes_no_progress(
+def test_cli_onboard_into_a_pipe_writes_timestamped_lines_to_stderr(
     toy_registry: OpenRegistry, tmp_path: Path
 ) -> None:
     toy_registry(tmp_path).close()
@@ -198,5 +186,7 @@ def test_cli_onboard_into_a_pipe_writes_no_progress(
     base += ["--plugins-dir", str(tmp_path / "plugins")]
     result = CliRunner().invoke(cli, [*base, "onboard", "toy", *FLAGS, "--epochs", "2", "--json"])
     assert result.exit_code == 0, result.output
-    assert "\r" not in result.output and result.stderr == ""
+    assert "\r" not in result.output and "\x1b" not in result.output
     assert json.loads(result.stdout)["chosen"]["stage"] in ("teacher", "student")
+    lines = result.stderr.splitlines()
+    assert lines and all(re.match(f"{STAMP} ", line) for line in lines)

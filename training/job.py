@@ -10,8 +10,9 @@ trunk is read from the registry's object store, never from the folder it was add
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from mtreg.training.cache import ActivationCache, cache_key
 from mtreg.training.data import Encoded, check_example, collate, data_hash, encode
 from mtreg.training.loop import Recipe
 from mtreg.training.metrics import check_names
-from mtreg.training.progress import Progress
+from mtreg.training.progress import Progress, batch_reporter
 from mtreg.training.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from mtreg.registry.records import TrunkRecord
 
 FORMAT = "mtreg-onboarding/1"  # bump when a change makes old saved runs stale
+CACHE_BATCH = 64  # examples per trunk pass while caching activations
 
 
 # -- preparing a job: task, data, trunk ---------------------------------------------------
@@ -283,16 +285,21 @@ def _hidden_key(job: Job, split: str, depth: int) -> str:
 
 @torch.no_grad()
 def compute_hidden(
-    job: Job, encoded: Encoded, depths: Sequence[int], batch_size: int = 64
+    job: Job,
+    encoded: Encoded,
+    depths: Sequence[int],
+    batch_size: int = CACHE_BATCH,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[int, list[torch.Tensor]]:
     """Run the frozen trunk once over ``encoded`` and return, per depth, each example's
-    hidden state [len, H] (padding removed, fp32 on the CPU)."""
+    hidden state [len, H] (padding removed, fp32 on the CPU); ``on_batch`` hears the
+    number of each batch done."""
     trunk = job.trunk_module(max(depths)).to(job.device)
     out: dict[int, list[torch.Tensor]] = {d: [None] * len(encoded) for d in depths}  # type: ignore[list-item]
     # Batching examples of similar length wastes less work on padding.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
     pad = job.tokenizer.pad_token_id or 0
-    for start in range(0, len(order), batch_size):
+    for number, start in enumerate(range(0, len(order), batch_size), 1):
         indices = order[start : start + batch_size]
         batch = {k: v.to(job.device) for k, v in collate(encoded, indices, pad).items()}
         states = trunk(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], depths)
@@ -300,6 +307,8 @@ def compute_hidden(
             n = len(encoded.input_ids[i])
             for d in depths:
                 out[d][i] = states[d][row, :n].float().cpu()
+        if on_batch is not None:
+            on_batch(number)
     return out
 
 
@@ -316,7 +325,10 @@ def hidden_states(job: Job, split: str, depths: Sequence[int]) -> dict[int, list
     missing = [d for d in depths if d not in found]
     if missing:
         started = time.perf_counter()
-        computed = compute_hidden(job, job.train if split == "train" else job.dev, missing)
+        encoded = job.train if split == "train" else job.dev
+        batches = math.ceil(len(encoded) / CACHE_BATCH)
+        report = batch_reporter(job.progress, batches, run=f"caching {split} activations")
+        computed = compute_hidden(job, encoded, missing, CACHE_BATCH, report)
         for d, rows in computed.items():
             rows16 = [r.half() for r in rows]
             job.cache.put(_hidden_key(job, split, d), rows16)

@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 from mtreg import heads
 from mtreg.core.spec import HeadSpec
 from mtreg.errors import MtregError
 from mtreg.training.metrics import evaluate
-from mtreg.training.progress import Progress, Step, StepProgress
+from mtreg.training.progress import Progress, batch_reporter
 from mtreg.training.settings import check_precision
 
 TEMPERATURE = 2.0
@@ -123,16 +124,11 @@ def optimizer_for(module: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
 def linear_schedule(
     optimizer: torch.optim.Optimizer, steps_per_epoch: int, recipe: Recipe
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_fraction`` of one epoch, then linear decay to zero."""
+    """Return transformers' linear schedule: warm-up from zero over ``warmup_fraction`` of
+    one epoch's steps (at least one), then linear decay to zero at the run's last step."""
     warmup = max(1, math.ceil(steps_per_epoch * recipe.warmup_fraction))
     total = max(warmup + 1, steps_per_epoch * recipe.epochs)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / (total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
 @torch.no_grad()
@@ -265,7 +261,7 @@ def train_loop(
     for epoch in range(1, recipe.epochs + 1):
         (train_mode or module.train)()
         order = torch.randperm(num_train, generator=generator).split(recipe.batch_size)
-        on_batch = _batch_reporter(progress, epoch, recipe.epochs, steps.batches)
+        on_batch = batch_reporter(progress, steps.batches, epoch=epoch, epochs=recipe.epochs)
         train_loss = steps.epoch(epoch, order, loss_for, on_batch) / num_train
         dev_metrics = score(head, predict(), dev_labels, metrics)
         history.append({"epoch": epoch, "train_loss": train_loss, **dev_metrics})
@@ -365,17 +361,6 @@ class _Steps:
         if bad is not None:
             raise Diverged.at(number, f"weight {bad!r} holds NaN or Inf")
         return total
-
-
-def _batch_reporter(
-    progress: Progress | None, epoch: int, epochs: int, batches: int
-) -> Callable[[int, float], None] | None:
-    """Return what tells a :class:`StepProgress` about each finished batch of ``epoch``
-    (None for other listeners, which hear only of whole epochs)."""
-    if not isinstance(progress, StepProgress):
-        return None
-    step = progress.step
-    return lambda batch, loss: step(Step("", epoch, epochs, batch, batches, loss))
 
 
 def _report_epoch(
