@@ -30,9 +30,14 @@ def _split(tasks: str | None) -> list[str] | None:
     return split_list(tasks) if tasks else None
 
 
-def _resolve(ctx: Context, ref: str) -> Path:
+def _resolve(ctx: Context, ref: str) -> tuple[Path, str | None]:
+    """Return the bundle directory ``ref`` names and the id the registry recorded for it
+    (None for a directory written as a path, which needs no database)."""
     directory = bundle_directory(ref)
-    return directory if directory is not None else ctx.registry.bundle_path(ref)
+    if directory is not None:
+        return directory, None
+    record = ctx.registry.bundle(ref)
+    return ctx.registry.bundle_dir(record), record.id
 
 
 _JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number"}
@@ -127,9 +132,10 @@ def predict(
     """Predict TEXT (and TEXT_PAIR) or every line of --input with a bundle; print JSON lines."""
     if (text is None) == (input_file is None):
         raise click.UsageError("give either TEXT [TEXT_PAIR] or --input FILE.jsonl")
-    from mtreg.runtime.bundle import load_bundle
+    from mtreg.runtime.bundle import LoadedBundle
 
-    bundle = load_bundle(_resolve(ctx, ref), tasks=_split(tasks), backend=backend)
+    path, ident = _resolve(ctx, ref)
+    bundle = LoadedBundle(path, _split(tasks), backend, expected_id=ident)
     if input_file is None:
         inputs: list[Any] = [text if text_pair is None else (text, text_pair)]
     else:
@@ -158,22 +164,45 @@ def predict(
     help="Folder to create (must not exist).",
 )
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write an int8 ONNX graph.")
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="ONNX: keep the weights in model.onnx.data beside the graph (graphs over 2 GB).",
+)
+@click.option(
+    "--push-to-hub",
+    "repo",
+    metavar="OWNER/NAME",
+    help="Then upload OUT (with its model card) to this Hub model repository (private).",
+)
 @pass_context
 def export(
-    ctx: Context, ref: str, tasks: str | None, fmt: str, out: Path, quantize: str | None
+    ctx: Context,
+    ref: str,
+    tasks: str | None,
+    fmt: str,
+    out: Path,
+    quantize: str | None,
+    external_data: bool,
+    repo: str | None,
 ) -> None:
-    """Export a bundle (or some of its tasks) to OUT."""
+    """Export a bundle (or some of its tasks) to OUT, with a model card (README.md)."""
+    from mtreg.artifacts import hub
     from mtreg.runtime import export as exporting
 
-    source, names = _resolve(ctx, ref), _split(tasks)
-    if quantize and fmt != "onnx":
-        raise click.UsageError("--quantize applies to --format onnx only")
+    (source, ident), names = _resolve(ctx, ref), _split(tasks)
+    if (quantize or external_data) and fmt != "onnx":
+        raise click.UsageError("--quantize and --external-data apply to --format onnx only")
     Home.resolve(ctx.home).check_output(out)
+    if repo is not None:  # refused before anything is written
+        hub.check_push(repo)
     if fmt == "dir":
-        exporting.export_dir(source, out, names)
+        exporting.export_dir(source, out, names, expected_id=ident)
         click.echo(f"exported {', '.join(names or ['all tasks'])} to {out}")
     elif fmt == "onnx":
-        report = exporting.export_onnx(source, out, names, quantize)
+        report = exporting.export_onnx(
+            source, out, names, quantize, expected_id=ident, external_data=external_data
+        )
         click.echo(
             f"exported {len(report['outputs'])} task(s) as one ONNX graph to {out} "
             f"(max abs diff to torch {report['max_abs_diff']:.2e})"
@@ -186,8 +215,10 @@ def export(
     else:
         if not names or len(names) != 1:
             raise click.UsageError("--format hf exports one task: pass --tasks NAME")
-        exporting.export_hf(source, out, names[0])
+        exporting.export_hf(source, out, names[0], expected_id=ident)
         click.echo(f"exported {names[0]} as a transformers folder to {out}")
+    if repo is not None:
+        click.echo(f"pushed {out} to the Hub: {hub.push_folder(out, repo)}")
 
 
 COMMANDS = [predict, export]

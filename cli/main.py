@@ -15,17 +15,20 @@ from mtreg.cli import (
     bundle,
     db,
     demo,
+    events,
     inference,
     onboard,
     plugin,
+    release,
     report,
     scaffold,
     serve,
     task,
     trunk,
+    verify,
 )
 from mtreg.cli.context import Context
-from mtreg.core.env import DATABASE_ENV, HOME_ENV, PLUGINS_PATH_ENV
+from mtreg.core.env import DATABASE_ENV, HOME_ENV, PLUGINS_PATH_ENV, STORE_ENV
 from mtreg.core.extras import missing_extra
 from mtreg.errors import MtregError
 
@@ -55,6 +58,13 @@ class _Group(click.Group):
     help=f"SQLAlchemy database URL [env {DATABASE_ENV}; default: SQLite in {HOME_ENV}].",
 )
 @click.option(
+    "--store",
+    envvar=STORE_ENV,
+    metavar="URL",
+    help=f"Object store shared by machines: s3://BUCKET/PREFIX, gs://, az:// or a folder, "
+    f"cached in {HOME_ENV} [env {STORE_ENV}; default: {HOME_ENV}/objects].",
+)
+@click.option(
     "--home",
     envvar=HOME_ENV,
     type=click.Path(file_okay=False, path_type=Path),
@@ -73,16 +83,19 @@ class _Group(click.Group):
 def cli(
     ctx: click.Context,
     url: str | None,
+    store: str | None,
     home: Path | None,
     plugins_dirs: tuple[Path, ...],
     debug: bool,
 ) -> None:
     """mtreg: register task plugins on a shared BERT trunk and merge them into bundles."""
-    ctx.obj = Context(url=url, home=home, plugins_dirs=plugins_dirs, debug=debug)
+    ctx.obj = Context(url=url, home=home, plugins_dirs=plugins_dirs, debug=debug, store=store)
     ctx.call_on_close(ctx.obj.close)
 
 
-for module in (bundle, db, demo, inference, onboard, plugin, report, scaffold, serve, task, trunk):
+# Two short lines rather than one name per line, which would repeat the import above.
+_FIRST = (bundle, db, demo, events, inference, onboard, plugin)
+for module in (*_FIRST, release, report, scaffold, serve, task, trunk, verify):
     for command in module.COMMANDS:
         cli.add_command(command)
 

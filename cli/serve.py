@@ -92,6 +92,12 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
     type=click.IntRange(1),
     help="Open connections; a request on one past it gets 503 with Retry-After.",
 )
+@_config_option(
+    "--access-log",
+    metavar="PATH",
+    help="Append one JSON line per request to PATH (- for standard error), written by a "
+    "thread of its own.",
+)
 @click.option(
     "--threads",
     default=None,
@@ -121,15 +127,16 @@ def serve(
     body_timeout_s: float | None,
     keep_alive_s: float | None,
     max_connections: int | None,
+    access_log: str | None,
     threads: int | None,
     log_level: str,
 ) -> None:
     """Serve a bundle over HTTP: POST /v1/predict, GET /v1/tasks, /healthz, /readyz,
-    /metrics, and the OpenAPI spec at /openapi.json (docs at /docs).
+    /metrics, the Open Inference Protocol (v2) under /v2, and the OpenAPI spec at
+    /openapi.json (docs at /docs).
 
     Requests for different tasks share micro-batches. Stops on SIGTERM after draining.
     """
-    from mtreg.registry.api import Registry
     from mtreg.serving.server import serve as run
 
     config = _config(
@@ -145,12 +152,13 @@ def serve(
         body_timeout_s=body_timeout_s,
         keep_alive_s=keep_alive_s,
         max_connections=max_connections,
+        access_log=access_log,
     )
     run(
         config,
         host=host,
         port=port,
-        registry_factory=lambda: Registry(ctx.url, ctx.home, ctx.plugins_dirs, create=False),
+        registry_factory=ctx.open_registry,
         threads=threads,
         log_level=log_level,
     )

@@ -2,9 +2,9 @@
 
 The operations live by topic beside it (:mod:`~mtreg.registry.writing` for write
 transactions and the bundle rebuild, :mod:`~mtreg.registry.trunks`,
-:mod:`~mtreg.registry.registration`, :mod:`~mtreg.registry.garbage`); none of them builds
-SQL (that is :mod:`mtreg.registry.store`), and torch is imported only inside the
-operations that read weights, so listing tasks stays fast.
+:mod:`~mtreg.registry.registration`, :mod:`~mtreg.registry.garbage`, and the inherited
+:mod:`~mtreg.registry.releases`); none of them builds SQL (that is :mod:`~.store`), and
+torch is imported only inside the operations that read weights, so listing stays fast.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtreg.artifacts.home import Home
-from mtreg.artifacts.objects import ObjectStore
+from mtreg.artifacts.objects import open_store
 from mtreg.core import faults
 from mtreg.core.disk import disk_errors
 from mtreg.core.spec import find_version, validate_name
 from mtreg.errors import MtregError, NotFound
+from mtreg.registry.fetching import local_bundle
 from mtreg.registry.garbage import delete_files, find_garbage, forget_garbage
+from mtreg.registry.integrity import VerifyReport, verify_registry
 from mtreg.registry.lookup import require_bundle, require_task, require_trunk
 from mtreg.registry.outcomes import Changes, Refusal, Registration
 from mtreg.registry.records import (
@@ -32,6 +34,7 @@ from mtreg.registry.records import (
     TrunkRecord,
 )
 from mtreg.registry.registration import apply_candidate, check_candidate
+from mtreg.registry.releases import Releasing
 from mtreg.registry.trunks import refuse_taken_trunk, store_trunk
 from mtreg.registry.versioning import Change
 from mtreg.registry.writing import Write, writing
@@ -41,12 +44,15 @@ if TYPE_CHECKING:
     from mtreg.registry.store import Store
 
 
-class Registry:
-    """A task registry: a database, an object store under ``home``, and the plugins.
+class Registry(Releasing):
+    """A task registry: a database, an object store, and the plugins.
 
     Args:
         url: SQLAlchemy URL; default ``$MTREG_DATABASE_URL``, else SQLite in ``home``.
         home: registry home; default ``$MTREG_HOME``, else the platform's user data dir.
+        store: where objects and published bundles are kept: a local folder, or
+            ``s3://BUCKET/PREFIX`` (``gs://``, ``az://``) shared by every machine, cached
+            under ``home``; default ``$MTREG_STORE_URL``, else ``home``'s ``objects/``.
         plugins_dirs: extra plugin files or directories, besides ``$MTREG_PLUGINS_PATH``
             and installed entry points.
         create: create a missing database on first use. When False (the CLI, where a
@@ -64,11 +70,12 @@ class Registry:
         home: str | Path | None = None,
         plugins_dirs: Sequence[str | Path] = (),
         create: bool = True,
+        store: str | None = None,
     ) -> None:
         self.home = Home.resolve(home)
         self.create = create
         self.url = self.home.database_url(url)
-        self.objects = ObjectStore(self.home.objects)
+        self.objects = open_store(self.home.store_url(store), self.home.objects)
         self.plugins_dirs = tuple(plugins_dirs)
         self._store: Store | None = None
         self._discovery: Discovery | None = None
@@ -129,7 +136,9 @@ class Registry:
     # -- trunks -----------------------------------------------------------------------
 
     def add_trunk(self, name: str, path: str | Path) -> TrunkRecord:
-        """Register a Hugging Face BERT-family checkpoint folder as trunk ``name``.
+        """Register a Hugging Face checkpoint folder of a served encoder family (or a Hub
+        id, ``owner/name[@revision]``, resolved through huggingface_hub's cache) as trunk
+        ``name``.
 
         Its embeddings, layers, pooler and tokenizer files are copied into the object
         store, so the source folder may move or change afterwards.
@@ -139,18 +148,22 @@ class Registry:
 
         Raises:
             InvalidName: bad name. AlreadyExists: the name is taken.
-            InvalidCheckpoint: not a usable BERT/RoBERTa folder (the message names why).
+            InvalidCheckpoint: not a usable checkpoint folder (the message names why).
+            MtregError: a Hub id that cannot be resolved (offline and not cached, ...).
         """
         validate_name(name, "trunk")
         with self.store.transaction() as tx:
             refuse_taken_trunk(tx, name)
-        # Reading a checkpoint needs torch: only here, never for `mtreg list`.
+        # Reading a checkpoint needs torch (and a Hub id huggingface_hub): only here,
+        # never for `mtreg list`.
         from mtreg.artifacts.checkpoint import read_checkpoint
+        from mtreg.artifacts.hub import resolve
 
-        checkpoint = read_checkpoint(Path(path))
+        folder = resolve(path, "trunk")
+        checkpoint = read_checkpoint(folder)
         with self._writing() as write:
             refuse_taken_trunk(write.tx, name)
-            store_trunk(write, name, checkpoint, Path(path))
+            store_trunk(write, name, checkpoint, folder)
         return self.trunk(name)
 
     def trunks(self) -> list[TrunkRecord]:
@@ -359,8 +372,17 @@ class Registry:
             return require_bundle(tx, ref)
 
     def bundle_path(self, ref: str = "latest") -> Path:
-        """Return the directory of the bundle named by ``ref`` (see :meth:`bundle`)."""
-        return self.home.bundle(self.bundle(ref).id)
+        """Return the directory of the bundle ``ref`` names (:meth:`bundle`, :meth:`bundle_dir`)."""
+        return self.bundle_dir(self.bundle(ref))
+
+    def bundle_dir(self, record: BundleRecord) -> Path:
+        """Return bundle ``record``'s directory on this machine; with a remote store, one
+        built elsewhere is first written here from the store (objects verified).
+
+        Raises:
+            NotFound, Damaged, StorageError: see :func:`~mtreg.registry.fetching.local_bundle`.
+        """
+        return local_bundle(self.store, self.home, self.objects, record)
 
     def diff(self, a: str, b: str) -> dict[str, dict[str, str | None]]:
         """Return the tasks whose versions differ between bundles ``a`` and ``b``.
@@ -408,6 +430,18 @@ class Registry:
         faults.point("gc.after_commit")
         deleted = delete_files(self.store, self.objects, self.home, doomed)
         return {"bundles": doomed, "objects": deleted}
+
+    def verify(self, *, repair: bool = False) -> VerifyReport:
+        """Check every object (its bytes hash to its name), every bundle directory (its
+        manifest hashes to the bundle id, every file to its recorded sha256) and every
+        ONNX export cached for serving; with ``repair``, restore what a good source allows
+        (see :mod:`mtreg.registry.integrity`).
+
+        Returns:
+            The report: items checked per kind, and each damaged one (repaired or not,
+            with what to do).
+        """
+        return verify_registry(self.store, self.objects, self.home, self.discover, repair)
 
     def events(self, limit: int = 50, subject: str | None = None) -> list[EventRecord]:
         """Return the audit log, newest first."""

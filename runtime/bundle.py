@@ -1,8 +1,12 @@
 """Loading a bundle directory and predicting with it: what a user serves.
 
-``load_bundle`` reads ``manifest.json``, checks every path and every file's sha256 against
-it, and builds a :class:`MultiTaskModel` holding only the requested tasks and the trunk up
-to their deepest fork: trunk layers above that are never opened.
+``load_bundle`` reads ``manifest.json`` (checked against the bundle id the registry
+recorded, when loaded by alias or id), checks every path and the sha256 of every file it
+reads, the tokenizer folder as an exact set, and each branch file's own metadata against
+its manifest entry, and builds a :class:`MultiTaskModel` holding only the requested tasks
+and the trunk up to their deepest fork: trunk layers above that are never opened. Nothing
+is trusted before it is hashed: bundle files are hard links to the object store's objects
+(docs/architecture.md, "Hard links, verified before trust").
 """
 
 from __future__ import annotations
@@ -15,23 +19,24 @@ from typing import Any
 import torch
 
 from mtreg import heads
-from mtreg.artifacts.branch_file import read_branch
+from mtreg.artifacts.branch_file import check_against_entry, read_branch
 from mtreg.artifacts.checkpoint import load_component
 from mtreg.artifacts.config import TrunkConfig
+from mtreg.artifacts.integrity import check_tokenizer, checked_file
 from mtreg.artifacts.manifest import (
     EMBEDDINGS,
-    MANIFEST,
     TOKENIZER_DIR,
-    Manifest,
     TaskEntry,
     bundle_directory,
     layer_path,
-    read_manifest,
+    read_bundle_manifest,
 )
-from mtreg.artifacts.objects import sha256_file
+from mtreg.artifacts.onnx_info import GRAPH, OnnxInfo, verify_onnx
+from mtreg.artifacts.release import candidate_key
 from mtreg.artifacts.tokenizer import load_tokenizer
+from mtreg.core.spec import find_version
 from mtreg.core.text import text_problem
-from mtreg.errors import InvalidWeights, MtregError, NotFound
+from mtreg.errors import MtregError, NotFound
 from mtreg.nn.layers import Branch
 from mtreg.nn.network import MultiTaskModel, Trunk
 from mtreg.runtime.inference import Input, Row, check_batch_size, cut_text, forward_groups
@@ -57,36 +62,26 @@ def select_tasks(held: Iterable[str], tasks: Iterable[str] | None) -> list[str]:
     return wanted
 
 
-def _checked(root: Path, manifest: Manifest, relative: str) -> Path:
-    path = root / relative
-    expected = manifest.files.get(relative)
-    if expected is None or not path.is_file() or sha256_file(path) != expected:
-        raise InvalidWeights(
-            f"bundle file {relative} is missing or does not match the manifest: the bundle "
-            f"at {root} is damaged; rebuild it (`mtreg sync`) or export it again"
-        )
-    return path
-
-
 class OnnxModel:
     """The ONNX graph of an ``mtreg export --format onnx`` folder, called like
     :class:`MultiTaskModel`: ``model(input_ids, attention_mask, token_type_ids, tasks, rows)``.
 
-    The graph computes every output on every row, so ``rows`` is accepted and not used.
+    The graph and its external data are verified against the folder's ``onnx.json``
+    (``info``) before onnxruntime opens them. The graph computes every output on every
+    row, so ``rows`` is accepted and not used.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, bundle_id: str) -> None:
         try:
             import onnxruntime
         except ImportError:
             raise MtregError("the onnx backend needs `pip install 'mtreg[onnx]'`") from None
-        graph = Path(path) / "model.onnx"
-        if not graph.is_file():
-            raise NotFound(
-                f"{path} holds no model.onnx: export one with `mtreg export --format onnx`"
-            )
+        self.info: OnnxInfo = verify_onnx(path, bundle_id)
+        graph = Path(path) / GRAPH
         self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # A family without token types (DistilBERT, ModernBERT) has no token_type_ids input.
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
     def __call__(
         self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None
@@ -99,6 +94,7 @@ class OnnxModel:
             "attention_mask": attention_mask.numpy(),
             "token_type_ids": token_type_ids.numpy(),
         }
+        feeds = {k: v for k, v in feeds.items() if k in self.inputs}
         values = self.session.run(names, feeds)
         return {name: torch.from_numpy(v) for name, v in zip(names, values, strict=True)}
 
@@ -146,54 +142,95 @@ class LoadedBundle:
 
     Attributes:
         path: the bundle directory. manifest: its :class:`Manifest` (all its tasks).
+        bundle_id: the sha256 of the ``manifest.json`` bytes read (what a server reports).
+        onnx_info: the verified ``onnx.json`` of an ONNX export (None for ``torch``).
         tasks: the loaded task names. info: their manifest entries (:class:`TaskEntry`).
+        releases: task -> :class:`~mtreg.artifacts.release.Release` of the loaded tasks
+            whose candidate is loaded too (the torch backend only: an ONNX graph holds the
+            stable versions). branches: every branch a :class:`Row` can name (its
+            ``tasks``) -> entry: the tasks, and each candidate under ``candidate_key``.
         model: the :class:`MultiTaskModel` (eval mode); with ``backend="onnx"`` an
             :class:`OnnxModel`, with ``"auto"`` an :class:`AutoModel`, both called the same
             way. tokenizer: the trunk's tokenizer.
     """
 
     def __init__(
-        self, path: Path, tasks: Iterable[str] | None = None, backend: str = "torch"
+        self,
+        path: Path,
+        tasks: Iterable[str] | None = None,
+        backend: str = "torch",
+        expected_id: str | None = None,
     ) -> None:
         self.path = Path(path)
-        self.manifest = read_manifest(self.path / MANIFEST)
+        self.manifest, self.bundle_id = read_bundle_manifest(self.path, expected_id)
         self.tasks = select_tasks(self.manifest.tasks, tasks)
         self.info = {name: self.manifest.tasks[name] for name in self.tasks}
         self.config = TrunkConfig(**self.manifest.trunk.config)
         if backend not in BACKENDS:
             raise MtregError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+        held = self.manifest.releases.items() if backend == "torch" else ()
+        self.releases = {name: r for name, r in held if name in self.info}
+        candidates = {candidate_key(name): r.candidate for name, r in self.releases.items()}
+        self.branches: dict[str, TaskEntry] = {**self.info, **candidates}
         self.backend = backend
-        for relative in self.manifest.tokenizer_files:
-            self._read(relative)
+        check_tokenizer(self.path, self.manifest)
         self.tokenizer = load_tokenizer(self.path / TOKENIZER_DIR)
+        self.onnx_info: OnnxInfo | None = None
         if backend == "torch":
             self.model = self._torch_model()
-        elif backend == "onnx":
-            self.model = OnnxModel(self.path)
+            return
+        onnx = OnnxModel(self.path, self.bundle_id)
+        self.onnx_info = onnx.info
+        if backend == "onnx":
+            self.model = onnx
         else:
-            self.model = AutoModel(self._torch_model(), OnnxModel(self.path), self.tokenizer)
+            self.model = AutoModel(self._torch_model(), onnx, self.tokenizer)
 
     def _torch_model(self) -> MultiTaskModel:
-        depth = max((i.fork_depth for i in self.info.values()), default=0)
+        depth = max((i.fork_depth for i in self.branches.values()), default=0)
+        embeddings = load_component(self._read(EMBEDDINGS))
         trunk = Trunk.from_tensors(
             self.config,
-            load_component(self._read(EMBEDDINGS)),
+            embeddings,
             [load_component(self._read(layer_path(i))) for i in range(depth)],
         )
         branches = {}
-        for name, info in self.info.items():
-            _, tensors = read_branch(self._read(info.file), self.config)
-            branch = Branch(self.config, info.num_layers, info.head)
+        for name, info in self.branches.items():
+            path = self._read(info.file)
+            meta, tensors = read_branch(path, self.config)
+            check_against_entry(path, meta, info, self.config)
+            branch = Branch(self.config, info.num_layers, info.head, fork_depth=info.fork_depth)
             branch.load_state_dict(tensors, strict=True)
+            # DeBERTa: every layer reads the trunk's relative embeddings, branch layers too.
+            branch.take_from_trunk(embeddings, None)
             branches[name] = (info.fork_depth, branch)
         self.layers_read = depth
         return MultiTaskModel(trunk, branches).eval()
 
     def _read(self, relative: str) -> Path:
-        return _checked(self.path, self.manifest, relative)
+        return checked_file(self.path, self.manifest.files, relative)
 
     def __repr__(self) -> str:
         return f"LoadedBundle({str(self.path)!r}, tasks={self.tasks})"
+
+    def branch(self, task: str, version: str | None = None) -> str:
+        """Return the branch of ``task`` that answers ``version`` (default: the stable one),
+        for a :class:`Row`'s ``tasks``; ``run`` keys that row's result by it.
+
+        Raises:
+            NotFound: a task not loaded, or a version of it this bundle does not serve.
+        """
+        name = select_tasks(self.tasks, [task])[0]
+        served = {self.info[name].version: name}
+        if name in self.releases:
+            served[self.releases[name].candidate.version] = candidate_key(name)
+        found = served.get(find_version(version, served) or "") if version else name
+        if found is None:
+            raise NotFound(
+                f"task {name!r} has no version {version!r} in this bundle: it serves "
+                f"{', '.join(served)}"
+            )
+        return found
 
     def encode(self, inputs: Sequence[Input], info: TaskEntry) -> dict[str, Any]:
         """Tokenise ``inputs`` for a task; return tensors (and words, for a per-token head).
@@ -254,7 +291,7 @@ class LoadedBundle:
                 for name in group.tasks:
                     if name in row.tasks:
                         logits = group.logits[name][position]
-                        info = self.info[name]
+                        info = self.branches[name]
                         results[i][name] = task_result(
                             info, logits, group.encoded, position, row.logits
                         )
@@ -374,17 +411,22 @@ def load_bundle(
         registry: the :class:`mtreg.Registry` resolving aliases (default: ``Registry()``).
 
     Raises:
-        NotFound: no such directory, alias, bundle or task. InvalidWeights: a damaged bundle.
-        MtregError: an unknown backend, or onnx without an ONNX export.
+        NotFound: no such directory, alias, bundle or task. Damaged: a file that differs
+            from the manifest, or a manifest that differs from the registry's bundle id.
+        InvalidWeights: an unreadable weight file. MtregError: an unknown backend, or onnx
+            without an ONNX export.
     """
     path = bundle_directory(ref)
-    if path is None:
-        if registry is None:
-            # A bundle directory loads without the database: SQLAlchemy only for a reference.
-            from mtreg.registry.api import Registry
+    if path is not None:
+        return LoadedBundle(path, tasks, backend)
+    if registry is None:
+        # A bundle directory loads without the database: SQLAlchemy only for a reference.
+        from mtreg.registry.api import Registry
 
-            with Registry() as registry:
-                path = registry.bundle_path(str(ref))
-        else:
-            path = registry.bundle_path(str(ref))
-    return LoadedBundle(path, tasks, backend)
+        with Registry() as registry:
+            record = registry.bundle(str(ref))
+            path = registry.bundle_dir(record)
+    else:
+        record = registry.bundle(str(ref))
+        path = registry.bundle_dir(record)
+    return LoadedBundle(path, tasks, backend, expected_id=record.id)

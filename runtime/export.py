@@ -7,7 +7,6 @@ an interrupted export never leaves a half-written folder under the requested nam
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,14 +21,16 @@ from torch import nn
 
 from mtreg import heads
 from mtreg.artifacts.bundle_dir import write_bundle_files
-from mtreg.artifacts.checkpoint import load_component
-from mtreg.artifacts.manifest import Manifest, layer_path
+from mtreg.artifacts.hf_model import classifier_config, classifier_state_dict, write_config
+from mtreg.artifacts.manifest import MANIFEST, MODEL_CARD, Manifest
+from mtreg.artifacts.model_card import model_card
+from mtreg.artifacts.objects import sha256_file
+from mtreg.artifacts.onnx_info import GRAPH, ONNX_INFO, OnnxInfo
 from mtreg.core.disk import disk_errors
 from mtreg.errors import MtregError
 from mtreg.nn.network import MultiTaskModel
 from mtreg.runtime.bundle import LoadedBundle
 
-ONNX_INFO = "onnx.json"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
 PARITY = 1e-4  # max abs logit difference an exported graph may have against torch
@@ -55,14 +56,18 @@ def _copy_bundle(source: Path, manifest: Manifest, target: Path) -> None:
     write_bundle_files(target, manifest, lambda rel, dest: shutil.copyfile(source / rel, dest))
 
 
-def export_dir(bundle: Path, out: Path, tasks: Sequence[str] | None = None) -> Path:
+def export_dir(
+    bundle: Path, out: Path, tasks: Sequence[str] | None = None, expected_id: str | None = None
+) -> Path:
     """Write a self-contained bundle folder holding only ``tasks`` (default: all), its trunk
-    cut at their deepest fork. Returns ``out``.
+    cut at their deepest fork. ``expected_id``: the id the registry recorded for ``bundle``
+    (see :class:`LoadedBundle`). Returns ``out``.
 
     Raises:
-        NotFound: a task the bundle does not hold. MtregError: ``out`` exists.
+        NotFound: a task the bundle does not hold. MtregError: ``out`` exists. Damaged:
+            the source bundle differs from its manifest or id.
     """
-    loaded = LoadedBundle(bundle, tasks)  # checks every file against the manifest
+    loaded = LoadedBundle(bundle, tasks, expected_id=expected_id)  # checks every file
     manifest = loaded.manifest.subset(loaded.tasks)
     with _atomic_folder(out) as scratch:
         _copy_bundle(loaded.path, manifest, scratch)
@@ -102,11 +107,18 @@ def _max_diff(a: Sequence[Any], b: Sequence[Any]) -> float:
 
 
 def export_onnx(
-    bundle: Path, out: Path, tasks: Sequence[str] | None = None, quantize: str | None = None
+    bundle: Path,
+    out: Path,
+    tasks: Sequence[str] | None = None,
+    quantize: str | None = None,
+    expected_id: str | None = None,
+    external_data: bool = False,
 ) -> dict[str, Any]:
     """Write one ONNX graph serving ``tasks``: inputs input_ids, attention_mask and
     token_type_ids (dynamic batch and sequence axes), one output per task, with the
-    manifest and tokenizer beside it.
+    manifest and tokenizer beside it, and ``onnx.json`` hashing every graph file
+    (:mod:`mtreg.artifacts.onnx_info`). ``external_data`` stores the weights beside the
+    graph in ``model.onnx.data`` (needed past protobuf's 2 GB limit).
 
     Returns:
         A report: the files, the outputs, and the max abs difference to torch on a probe
@@ -115,6 +127,7 @@ def export_onnx(
 
     Raises:
         MtregError: ``out`` exists, an unknown quantisation, or onnx/onnxruntime missing.
+        Damaged: the source bundle differs from its manifest or ``expected_id``.
     """
     if quantize not in (None, "int8"):
         raise MtregError(f"unknown quantisation {quantize!r}: use int8")
@@ -122,16 +135,16 @@ def export_onnx(
         import onnxruntime
     except ImportError:
         raise MtregError("ONNX export needs `pip install 'mtreg[onnx]'`") from None
-    loaded = LoadedBundle(bundle, tasks)
+    loaded = LoadedBundle(bundle, tasks, expected_id=expected_id)
     names = loaded.tasks
     manifest = loaded.manifest.subset(names)
     probe = _probe_batch(loaded)
     with torch.no_grad():
         expected = _Graph(loaded.model, names)(*probe.values())
-    report: dict[str, Any] = {"outputs": names, "files": ["model.onnx"], "opset": OPSET}
+    report: dict[str, Any] = {"outputs": names, "files": [GRAPH], "opset": OPSET}
     with _atomic_folder(out) as scratch:
         _copy_bundle(loaded.path, manifest, scratch)
-        graph = scratch / "model.onnx"
+        graph = scratch / GRAPH
         axes = {name: {0: "batch", 1: "sequence"} for name in ONNX_INPUTS}
         for name in names:
             per_token = loaded.info[name].head.per_token
@@ -153,8 +166,38 @@ def export_onnx(
             report["int8_argmax_agreement"] = _argmax_agreement(int8_out, expected)
         report["fused"] = _fuse(graph, loaded.config, probe, expected, onnxruntime)
         report["max_abs_diff"] = _max_diff(_session(graph, onnxruntime)(probe), expected)
-        (scratch / ONNX_INFO).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        if external_data:
+            report["files"].append(_externalise(graph))
+        files = _graph_files(scratch, manifest)
+        OnnxInfo(manifest.bundle_id, loaded.bundle_id, files, report).write(scratch)
     return report
+
+
+def _externalise(graph: Path) -> str:
+    """Move every tensor of ``graph`` into one external-data file beside it; return its name."""
+    import onnx
+
+    data = f"{graph.name}.data"
+    model = onnx.load(str(graph))
+    onnx.save_model(
+        model,
+        str(graph),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data,
+    )
+    return data
+
+
+def _graph_files(folder: Path, manifest: Manifest) -> dict[str, str]:
+    """Return every file of an export folder that is not the bundle's own (the graph, its
+    external data, the int8 graph) -> sha256: whatever the exporters wrote is hashed."""
+    own = {*manifest.files, MANIFEST, MODEL_CARD, ONNX_INFO}
+    return {
+        rel: sha256_file(folder / rel)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and (rel := path.relative_to(folder).as_posix()) not in own
+    }
 
 
 def _export(model: MultiTaskModel, names, probe, graph: Path, axes) -> None:
@@ -175,10 +218,12 @@ def _fuse(graph: Path, config, probe, expected, onnxruntime) -> dict[str, int]:
     place, if the fused graph still matches torch; return the fused operator counts."""
     from onnxruntime.transformers import optimizer
 
+    if config.family.onnx_fusion is None:
+        return {}  # onnxruntime has no fusion for this family's attention
     fused = graph.with_name("fused.onnx")
     model = optimizer.optimize_model(
         str(graph),
-        model_type="bert",
+        model_type=config.family.onnx_fusion,
         num_heads=config.num_attention_heads,
         hidden_size=config.hidden_size,
     )
@@ -195,7 +240,8 @@ def _session(graph: Path, onnxruntime) -> Callable[[dict[str, torch.Tensor]], li
     # As many threads as torch uses, so the two backends compare (and share a CPU) fairly.
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    return lambda feeds: session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    inputs = {i.name for i in session.get_inputs()}  # no token_type_ids: DistilBERT, ModernBERT
+    return lambda feeds: session.run(None, {k: v.numpy() for k, v in feeds.items() if k in inputs})
 
 
 def _argmax_agreement(a: Sequence[Any], b: Sequence[Any]) -> float:
@@ -206,46 +252,23 @@ def _argmax_agreement(a: Sequence[Any], b: Sequence[Any]) -> float:
     return sum(agree) / len(agree)
 
 
-# transformers' class name prefix per model type: BertFor..., RobertaFor...
-_HF_PREFIXES = {"bert": "Bert", "roberta": "Roberta"}
-
-
 def hf_state_dict(loaded: LoadedBundle, task: str) -> dict[str, torch.Tensor]:
     """Return ``task``'s standalone network as a transformers ``*For...Classification`` state
-    dict: trunk layers below the fork, then the branch layers, then pooler and head."""
-    info = loaded.info[task]
-    model_type = loaded.config.model_type
-    prefix = f"{model_type}."
-    branch = loaded.model.branches[task].state_dict()
-    trunk = loaded.model.trunk.state_dict()
-    tensors = {
-        f"{prefix}embeddings.{k.removeprefix('embeddings.')}": v
-        for k, v in trunk.items()
-        if k.startswith("embeddings.")
+    dict: trunk layers below the fork, then the branch layers, then its classifier."""
+    info, trunk = loaded.info[task], loaded.model.trunk
+    # The embeddings component as stored: the embeddings' own names, DeBERTa's "context.*".
+    embeddings = {
+        k.removeprefix("embeddings."): v
+        for k, v in trunk.state_dict().items()
+        if not k.startswith("layers.")
     }
-    for i in range(info.fork_depth):
-        for key, value in load_component(loaded.path / layer_path(i)).items():
-            tensors[f"{prefix}encoder.layer.{i}.{key}"] = value
-    for key, value in branch.items():
-        if key.startswith("layers."):
-            j, _, rest = key.removeprefix("layers.").partition(".")
-            tensors[f"{prefix}encoder.layer.{info.fork_depth + int(j)}.{rest}"] = value
-    head = {k.removeprefix("head."): v for k, v in branch.items() if k.startswith("head.")}
-    pooler = {k.removeprefix("pooler."): v for k, v in branch.items() if k.startswith("pooler.")}
-    if info.head.per_token:  # no pooler: the classifier reads every token's state
-        tensors |= {f"classifier.{k}": v for k, v in head.items()}
-    elif model_type == "roberta":
-        # RoBERTa's classification head is dense + tanh + out_proj on the first token:
-        # the same function as mtreg's pooler + head.
-        tensors |= {f"classifier.{k}": v for k, v in pooler.items()}
-        tensors |= {f"classifier.out_proj.{k}": v for k, v in head.items()}
-    else:
-        tensors |= {f"{prefix}pooler.{k}": v for k, v in pooler.items()}
-        tensors |= {f"classifier.{k}": v for k, v in head.items()}
-    return {k: v.detach().contiguous() for k, v in tensors.items()}
+    layers = [trunk.layers[i].state_dict() for i in range(info.fork_depth)]
+    branch = loaded.model.branches[task].state_dict()
+    branch = {k: v for k, v in branch.items() if not k.startswith("context.")}
+    return classifier_state_dict(loaded.config, embeddings, layers, branch, info.head.per_token)
 
 
-def export_hf(bundle: Path, out: Path, task: str) -> Path:
+def export_hf(bundle: Path, out: Path, task: str, expected_id: str | None = None) -> Path:
     """Write one task as a transformers folder that ``AutoModelForSequenceClassification``
     (or ``AutoModelForTokenClassification`` for tagging) loads with the same logits.
 
@@ -253,29 +276,23 @@ def export_hf(bundle: Path, out: Path, task: str) -> Path:
         ``out``.
 
     Raises:
-        NotFound: an unknown task. MtregError: ``out`` exists.
+        NotFound: an unknown task. MtregError: ``out`` exists. Damaged: the source bundle
+            differs from its manifest or ``expected_id``.
     """
     from safetensors.torch import save_file
 
-    loaded = LoadedBundle(bundle, [task])
+    loaded = LoadedBundle(bundle, [task], expected_id=expected_id)
     name = loaded.tasks[0]
     info, config = loaded.info[name], loaded.config
     kind = heads.get(info.head.kind)
-    labels = list(info.head.labels) or ["value"]
-    hf_config = {
-        **config.to_dict(),
-        "architectures": [f"{_HF_PREFIXES[config.model_type]}For{kind.hf_architecture}"],
-        "num_hidden_layers": info.fork_depth + info.num_layers,
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-        "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1,
-    }
-    if kind.hf_problem_type is not None:
-        hf_config["problem_type"] = kind.hf_problem_type
+    layers = info.fork_depth + info.num_layers
+    hf_config = classifier_config(
+        config, layers, info.head, f"For{kind.hf_architecture}", kind.hf_problem_type
+    )
     with _atomic_folder(out) as scratch:
         save_file(hf_state_dict(loaded, name), str(scratch / "model.safetensors"))
-        (scratch / "config.json").write_text(json.dumps(hf_config, indent=1) + "\n")
+        write_config(scratch / "config.json", hf_config)
+        (scratch / MODEL_CARD).write_text(model_card(loaded.manifest, name), encoding="utf-8")
         for relative in loaded.manifest.tokenizer_files:
             shutil.copyfile(loaded.path / relative, scratch / Path(relative).name)
     return Path(out)

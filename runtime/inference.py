@@ -48,7 +48,8 @@ def check_batch_size(size: object) -> int:
 
 @dataclass(frozen=True)
 class Row:
-    """One input and the tasks asked of it (``logits``: add the raw outputs)."""
+    """One input and the tasks asked of it (``logits``: add the raw outputs): task names for
+    their stable versions, or a release's candidate by its branch name (``LoadedBundle.branch``)."""
 
     item: Input
     tasks: tuple[str, ...]
@@ -56,9 +57,10 @@ class Row:
 
 
 class Runnable(Protocol):
-    """What a forward pass needs of a loaded bundle (:class:`LoadedBundle` is one)."""
+    """What a forward pass needs of a loaded bundle (:class:`LoadedBundle` is one):
+    ``branches`` maps each name a :class:`Row` may ask for to its entry."""
 
-    info: Mapping[str, TaskEntry]
+    branches: Mapping[str, TaskEntry]
     model: Callable[..., dict[str, torch.Tensor]]
 
     def encode(self, inputs: Sequence[Input], info: TaskEntry) -> dict[str, Any]:
@@ -101,9 +103,9 @@ def forward_groups(bundle: Runnable, rows: Sequence[Row]) -> Iterator[Group]:
         MtregError: an input a task it asks cannot read (from ``encode``).
     """
     names = {name for row in rows for name in row.tasks}
-    for tasks in group_tasks(bundle.info, names).values():
+    for tasks in group_tasks(bundle.branches, names).values():
         members = [i for i, row in enumerate(rows) if any(t in row.tasks for t in tasks)]
-        encoded = bundle.encode([rows[i].item for i in members], bundle.info[tasks[0]])
+        encoded = bundle.encode([rows[i].item for i in members], bundle.branches[tasks[0]])
         wanted = {
             name: [at for at, i in enumerate(members) if name in rows[i].tasks] for name in tasks
         }

@@ -35,7 +35,17 @@ PLAN = {
     "on the packaged MiniLM, and the whole suite; CI runs both (.ci/run)",
     ("bash", "export MTREG_HOME"): "run: test_walkthrough_runs_as_written",
     ("bash", "curl"): "run: test_walkthrough_runs_as_written, against `mtreg serve`",
+    ("bash", "# The Serving section's prediction, through the Open Inference Protocol"): "run: "
+    "test_walkthrough_runs_as_written, against the same `mtreg serve`",
+    ("python", "# With Triton's client"): "run: test_walkthrough_runs_as_written, against the "
+    "same `mtreg serve`",
     ("python", "import mtreg"): "run: test_python_examples_run_as_written",
+    ("bash", "# Releasing a task"): "run: tests/test_releases.py, "
+    "test_readme_release_commands_run_as_written",
+    ("bash", "# With a release under way"): "run: tests/test_releases.py, "
+    "test_readme_release_commands_run_as_written, against `mtreg serve`",
+    ("bash", "# Team setup"): "run: tests/test_remote_store.py, "
+    "test_the_readme_team_setup_runs_as_written, on a moto S3 server",
     ("python", "# my_plugins/sentiment.py"): "run: the plugin of the Python API example",
     ("toml", "[project.entry-points.mtreg]"): "run: test_entry_point_table_is_mtregs_group",
     ("", "cli/"): "not code: the source layout",
@@ -181,6 +191,12 @@ def test_walkthrough_runs_as_written(checkpoints: Checkpoints, db_url: str, tmp_
         curl = _block("bash", "curl").replace("8080", str(port))
         answer = _poll(lambda: subprocess.run(["bash", "-c", curl], capture_output=True, text=True))
         assert [set(r) for r in answer["results"]] == [{"sst2"}], answer
+        v2 = _block("bash", "# The Serving section's prediction").replace("8080", str(port))
+        answer = json.loads(subprocess.run(["bash", "-c", v2], capture_output=True).stdout)
+        assert answer["id"] == "1" and answer["model_name"] == "sst2", answer
+        triton = _block("python", "# With Triton's client").replace("8080", str(port))
+        done = subprocess.run([sys.executable, "-c", triton], capture_output=True, text=True)
+        assert done.returncode == 0 and "sentence" in done.stdout, done.stderr[-2000:]
     finally:
         server.terminate()
         server.wait(30)
