@@ -95,12 +95,6 @@ def _predict(pool: CliPool, w: World, ref: str, *more: str) -> list[dict[str, An
     return [json.loads(r.stdout)["predictions"] for r in results]
 
 
-def _once(world: World) -> None:
-    """Skip the PostgreSQL run of a test whose subject is a folder, not the registry."""
-    if not world.url.startswith("sqlite"):
-        pytest.skip("a bundle folder's check: the registry's database plays no part")
-
-
 def _one_line_error(result: Result, *needles: str) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.code == 1, result.stderr
@@ -261,7 +255,6 @@ def test_an_object_without_a_good_source_is_reported_with_what_to_do(
 def test_an_edited_manifest_in_a_folder_is_refused_naming_the_branch(
     pool: CliPool, world: World, edit: Callable[[dict[str, Any]], None], field: str
 ) -> None:
-    _once(world)
     folder = world.tmp / f"folder-{field.replace(' ', '-')}"
     shutil.rmtree(folder, ignore_errors=True)
     assert pool.run(world.env(), "export", "--out", str(folder)).code == 0
@@ -299,7 +292,6 @@ def test_the_served_id_is_the_hash_of_the_manifest_served(world: World) -> None:
 @pytest.fixture(scope="module")
 def onnx_export(pool: CliPool, world: World) -> Path:
     pytest.importorskip("onnxruntime")
-    _once(world)
     out = world.tmp / "onnx"
     done = pool.run(world.env(), "export", "--format", "onnx", "--external-data", "--out", str(out))
     assert done.code == 0, done.stderr
@@ -340,7 +332,6 @@ def test_a_tampered_onnx_export_is_refused(
     named: str,
     says: str,
 ) -> None:
-    _once(world)
     copy = shutil.copytree(onnx_export, tmp_path / "onnx")
     if case == "graph":  # the intact export answers as the bundle does
         intact = _predict(pool, world, str(copy), "--backend", "onnx")
