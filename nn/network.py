@@ -8,7 +8,8 @@ one task alone, for comparison and per-task export.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -109,13 +110,15 @@ class MultiTaskModel(nn.Module):
         token_type_ids: Tensor | None = None,
         tasks: Iterable[str] | None = None,
         rows: Mapping[str, Sequence[int]] | None = None,
+        timings: MutableMapping[str, float] | None = None,
     ) -> dict[str, Tensor]:
         """Return {task: logits} for ``tasks`` (default: all), in sorted task order.
 
         The trunk runs once over the whole batch, up to the deepest requested fork;
         branches sharing a fork depth read the same hidden state. ``rows`` maps a task to
         the batch rows that need it (default: every row): its branch runs on those only
-        and the other rows of its logits hold zeros.
+        and the other rows of its logits hold zeros. With ``timings``, each branch's
+        compute time (seconds, the trunk not included) is stored under its task.
 
         Raises:
             ValueError: for a task this model does not hold.
@@ -132,7 +135,10 @@ class MultiTaskModel(nn.Module):
         for depth, group in sorted(groups.items()):
             for task in group:
                 wanted = None if rows is None else rows.get(task)
+                began = time.perf_counter()
                 out[task] = self._branch(task, hidden[depth], attention_mask, wanted)
+                if timings is not None:
+                    timings[task] = time.perf_counter() - began
         return {task: out[task] for task in names}
 
     def _branch(

@@ -10,7 +10,7 @@ that asked for it (the torch backend; ONNX runs its graph's outputs on every row
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -96,8 +96,12 @@ def group_tasks(info: Mapping[str, TaskEntry], names: Iterable[str]) -> dict[Gro
     return groups
 
 
-def forward_groups(bundle: Runnable, rows: Sequence[Row]) -> Iterator[Group]:
-    """Yield the forward pass of each group of the tasks ``rows`` ask for.
+def forward_groups(
+    bundle: Runnable, rows: Sequence[Row], timings: MutableMapping[str, float] | None = None
+) -> Iterator[Group]:
+    """Yield the forward pass of each group of the tasks ``rows`` ask for; with ``timings``,
+    store each branch's compute time in seconds under its name (torch backend only: an ONNX
+    graph runs its branches as one call, so they cannot be timed apart).
 
     Raises:
         MtregError: an input a task it asks cannot read (from ``encode``).
@@ -116,5 +120,6 @@ def forward_groups(bundle: Runnable, rows: Sequence[Row]) -> Iterator[Group]:
             batch.get("token_type_ids"),
             tasks=tasks,
             rows=wanted,
+            timings=timings,
         )
         yield Group(tasks, members, encoded, logits)

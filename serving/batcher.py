@@ -25,8 +25,9 @@ from mtreg.serving.metrics import ServeMetrics
 log = logging.getLogger("mtreg.serving")
 
 Results = list[dict[str, Any]]
-# Runs rows on a bundle: (bundle, rows) -> one result per row.
-Runner = Callable[[Any, Sequence[Row]], Results]
+# Runs rows on a bundle: (bundle, rows, timings) -> one result per row, storing each
+# branch's compute time in timings (``LoadedBundle.run``).
+Runner = Callable[[Any, Sequence[Row], dict[str, float]], Results]
 
 
 class QueueFull(Exception):
@@ -149,10 +150,12 @@ class Batcher:
         out: Results = []
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start : start + self.max_batch_size]
+            timings: dict[str, float] = {}
             began = time.perf_counter()
-            out.extend(self.run(bundle, chunk))
+            out.extend(self.run(bundle, chunk, timings))
             self.metrics.batch_seconds.observe(time.perf_counter() - began)
             self.metrics.batch_size.observe(len(chunk))
+            self.metrics.branches_ran(bundle.branches, chunk, timings)
         return out
 
     def _run(self, batch: list[Pending]) -> None:

@@ -3,11 +3,16 @@ one process, as in the tests)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mtreg.artifacts.manifest import TaskEntry
+from mtreg.runtime.inference import Row
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# A small branch on a small batch computes in well under a millisecond.
+BRANCH_BUCKETS = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFIX = "mtreg_serve_"
 
@@ -76,6 +81,16 @@ class ServeMetrics:
             "version and whether the answers agreed (true, false).",
             (*version, "agree"),
         )
+        self.branch_seconds = self._histogram(
+            "branch_seconds",
+            "Compute time of a task version's branch in one micro-batch (torch backend), "
+            "for stable and candidate versions alike.",
+            BRANCH_BUCKETS,
+            version,
+        )
+        self.branch_rows = self._counter(
+            "branch_rows", "Rows a task version's branch ran on (torch backend).", version
+        )
         self.access_dropped = self._counter(
             "access_log_dropped", "Access log lines dropped because the writer fell behind."
         )
@@ -99,6 +114,18 @@ class ServeMetrics:
         """Mark ``bundle_id`` as the bundle being served (and no other)."""
         self.bundle.clear()
         self.bundle.labels(bundle=bundle_id).set(1)
+
+    def branches_ran(
+        self, branches: Mapping[str, TaskEntry], rows: Sequence[Row], timings: Mapping[str, float]
+    ) -> None:
+        """Observe each branch's compute time in ``timings`` (branch name -> seconds, from
+        one micro-batch of ``rows``) and count the rows it ran on, labelled by the task and
+        version ``branches`` names for it."""
+        for name, seconds in timings.items():
+            entry = branches[name]
+            labels = {"task": entry.name, "version": entry.version}
+            self.branch_seconds.labels(**labels).observe(seconds)
+            self.branch_rows.labels(**labels).inc(sum(name in row.tasks for row in rows))
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition of every metric."""

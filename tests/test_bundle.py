@@ -165,7 +165,9 @@ def test_rows_asking_for_different_tasks_get_what_predict_gives_each(setup: Setu
         Row(TEXTS[2], ("score", "sentiment", "slots", "topics"), logits=True),
         Row({"text": TEXTS[1]}, ("score",)),
     ]
-    answers = bundle.run(rows)
+    answers, timings = bundle.run(rows), {}
+    assert bundle.run(rows, timings) == answers
+    assert set(timings) == {task for row in rows for task in row.tasks}
     for row, answer in zip(rows, answers, strict=True):
         assert list(answer) == sorted(row.tasks)
         expected = bundle.predict([row.item], tasks=row.tasks, with_logits=row.logits)[0]
@@ -229,6 +231,8 @@ def test_onnx_export_matches_torch(setup: Setup, tmp_path: Path) -> None:
     # The same folder serves through the onnx backend with the same answers.
     single = [t[0] for t in TASKS if t[0] != "paraphrase"]
     served = mtreg.load_bundle(tmp_path / "onnx", tasks=single, backend="onnx")
+    timings: dict[str, float] = {}  # one graph call: its branches cannot be timed apart
+    assert served.run([Row(TEXTS[0], tuple(single))], timings) and timings == {}
     for a, b in zip(served.predict(TEXTS), bundle.predict(TEXTS, tasks=single), strict=True):
         assert a["sentiment"]["label"] == b["sentiment"]["label"]
         assert a["score"]["value"] == pytest.approx(b["score"]["value"], abs=1e-4)

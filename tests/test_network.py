@@ -360,6 +360,32 @@ def test_merged_subset_returns_only_those_tasks(case: Case) -> None:
         model(*batch, tasks=["topic", "nope"])
 
 
+@pytest.mark.parametrize(
+    ("tasks", "rows"),
+    [
+        (None, None),
+        (["ner", "topic"], None),
+        (["intent", "score", "flags"], {"intent": [0, 2], "flags": [3]}),
+        (["style"], {"style": [1]}),
+    ],
+    ids=["all", "two-forks", "some-rows", "one-row"],
+)
+def test_branch_timings_name_the_branches_run_and_change_no_output(
+    case: Case, tasks: list[str] | None, rows: dict[str, list[int]] | None
+) -> None:
+    model = merged_model(case)
+    batch = (case.input_ids, case.mask, case.token_type_ids)
+    timings: dict[str, float] = {}
+    with torch.no_grad():
+        plain = model(*batch, tasks=tasks, rows=rows)
+        timed = model(*batch, tasks=tasks, rows=rows, timings=timings)
+    assert set(timings) == set(plain) == set(TASKS if tasks is None else tasks)
+    assert all(isinstance(s, float) and 0 < s < 60 for s in timings.values())
+    assert list(timed) == list(plain)
+    for task, logits in plain.items():
+        assert torch.equal(timed[task], logits), task
+
+
 def test_padding_does_not_change_a_sentence(case: Case) -> None:
     model = merged_model(case)
     row, n = 2, int(case.mask[2].sum())  # a 7-token sentence in a batch padded to 9

@@ -325,6 +325,44 @@ def test_shadow_runs_the_candidate_and_counts_agreement(world: World, tmp_path: 
     assert timed in text
 
 
+def _samples(text: str, name: str) -> dict[tuple[str, str], float]:
+    """Return (task, version) -> value of metric ``name``'s samples in a /metrics text."""
+    pattern = re.compile(rf'^{name}{{task="([^"]+)",version="([^"]+)"}} (\S+)$', re.M)
+    return {(task, version): float(value) for task, version, value in pattern.findall(text)}
+
+
+@pytest.mark.slow
+def test_a_served_shadow_reports_branch_time_per_version(world: World, tmp_path: Path) -> None:
+    with world.fresh(tmp_path) as registry:
+        registry.release("sentiment", "2.0.0", shadow=True)
+        bundle = load_bundle("latest", registry=registry)
+    app = create_app(ServeConfig(bundle=str(bundle.path)), Served(bundle, "x" * 64))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # One request at a time, so each runs as a micro-batch of its own.
+    requests = [(TEXTS, ["sentiment"])] * 3 + [(TEXTS[:2], ["sentiment", "topic"])]
+    with in_thread(server) as url:
+        for inputs, tasks in requests:
+            body = {"inputs": inputs, "tasks": tasks}
+            answer = httpx.post(f"{url}/v1/predict", json=body, timeout=30)
+            assert answer.status_code == 200, answer.text
+            assert {r["sentiment"]["version"] for r in answer.json()["results"]} == {"1.0.0"}
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    sentiment_rows = sum(len(inputs) for inputs, _ in requests)
+    rows = {("sentiment", "1.0.0"): sentiment_rows, ("sentiment", "2.0.0"): sentiment_rows}
+    rows[("topic", "1.0.0")] = 2
+    batches = {("sentiment", "1.0.0"): 4, ("sentiment", "2.0.0"): 4, ("topic", "1.0.0"): 1}
+    assert _samples(text, "mtreg_serve_branch_rows_total") == rows
+    assert _samples(text, "mtreg_serve_branch_seconds_count") == batches
+    seconds = _samples(text, "mtreg_serve_branch_seconds_sum")
+    assert set(seconds) == set(batches) and all(s > 0 for s in seconds.values())
+    shadowed = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mtreg_serve_shadow_rows_total{")
+    ]
+    assert sum(shadowed) == rows[("sentiment", "2.0.0")]
+
+
 def test_the_server_reloads_a_release_and_keeps_serving_when_it_fails_to_load(
     world: World, tmp_path: Path
 ) -> None:
