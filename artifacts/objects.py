@@ -149,6 +149,41 @@ class ObjectStore:
                 tmp.unlink(missing_ok=True)
         return target
 
+    def remote_problem(self, ident: str, published: bool = False) -> str | None:
+        """Return what is wrong with the remote store's copy of object ``ident`` (with
+        ``published``: bundle ``ident``'s published manifest): missing, or its bytes hash to
+        another name; None when it is intact or there is no remote store. The bytes are
+        streamed through the hash: a download, nothing cached."""
+        if self.remote is None:
+            return None
+        actual = self.remote.digest(_MANIFESTS if published else _OBJECTS, _checked(ident))
+        if actual is None:
+            return f"is missing from the store {self.remote.url}"
+        if actual != ident:
+            return f"is damaged in the store {self.remote.url}: its bytes hash to {actual[:12]}"
+        return None
+
+    def replace_remote(self, ident: str, source: Path, published: bool = False) -> None:
+        """Put file ``source`` in the remote store as object ``ident`` (with ``published``:
+        bundle ``ident``'s manifest), in place of a copy :meth:`remote_problem` found
+        missing or damaged there.
+
+        Raises:
+            Damaged: ``source`` does not hash to ``ident`` (nothing is changed).
+            MtregError: there is no remote store.
+        """
+        if self.remote is None:
+            raise MtregError("there is no remote store to restore an object in")
+        if not source.is_file() or sha256_file(source) != _checked(ident):
+            raise Damaged(f"the copy of {ident[:12]} at {source} is not intact")
+        # Writes are create-only, so a bad copy must be deleted first. That cannot lose a
+        # good one: this runs only after the remote bytes were hashed and found wrong
+        # (under the registry's write lock), and ``source`` was just hashed to the same
+        # name. A writer that puts it back in between wins the put, with the same bytes.
+        kind = _MANIFESTS if published else _OBJECTS
+        self.remote.delete(kind, ident)
+        self.remote.upload(kind, ident, source)
+
     def put(self, source: Path) -> tuple[str, bool]:
         """Copy ``source`` into the store (and into the remote one, create-only).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mtreg.artifacts.manifest import MANIFEST
 from mtreg.cli.context import Context, pass_context
 from mtreg.cli.output import echo_fields, echo_json, echo_table, json_option, listing, short
 from mtreg.cli.task import dry_run_option
@@ -44,16 +45,26 @@ def show(ctx: Context, ref: str, as_json: bool) -> None:
     registry = ctx.registry
     record = registry.bundle(ref)
     path = registry.home.bundle(record.id)
+    # Only what is on this machine is looked at: showing a bundle never reads the store.
+    fetched = (path / MANIFEST).is_file()
+    store = registry.objects.location
     if as_json:
-        echo_json({**record.to_dict(), "path": str(path)})
+        echo_json({**record.to_dict(), "path": str(path), "fetched": fetched, "store": store})
         return
+    if fetched:
+        where = str(path)
+    elif registry.objects.remote is not None:
+        where = f"not fetched on this machine (loading it, e.g. `mtreg predict`, writes {path})"
+    else:
+        where = f"missing from this machine ({path}): `mtreg verify --repair` rebuilds it"
     cost = record.manifest.cost
     echo_fields(
         [
             ("bundle", record.id),
             ("aliases", ", ".join(record.aliases) or "-"),
             ("trunk", f"{record.trunk} (cut at depth {record.manifest.trunk.depth})"),
-            ("path", path),
+            ("store", store),
+            ("path", where),
             (
                 "layer cost",
                 f"{cost.bundle_layers} layers for all tasks, "

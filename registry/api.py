@@ -431,17 +431,17 @@ class Registry(Releasing):
         deleted = delete_files(self.store, self.objects, self.home, doomed)
         return {"bundles": doomed, "objects": deleted}
 
-    def verify(self, *, repair: bool = False) -> VerifyReport:
-        """Check every object (its bytes hash to its name), every bundle directory (its
-        manifest hashes to the bundle id, every file to its recorded sha256) and every
-        ONNX export cached for serving; with ``repair``, restore what a good source allows
-        (see :mod:`mtreg.registry.integrity`).
+    def verify(self, *, repair: bool = False, remote: bool = False) -> VerifyReport:
+        """Check every object (its bytes hash to its name; with ``remote``, its copy in the
+        remote store too), every bundle directory (its manifest hashes to the bundle id,
+        every file to its recorded sha256) and every ONNX export cached for serving; with
+        ``repair``, restore what a good source allows (:mod:`mtreg.registry.integrity`).
 
         Returns:
             The report: items checked per kind, and each damaged one (repaired or not,
             with what to do).
         """
-        return verify_registry(self.store, self.objects, self.home, self.discover, repair)
+        return verify_registry(self.store, self.objects, self.home, self.discover, repair, remote)
 
     def events(self, limit: int = 50, subject: str | None = None) -> list[EventRecord]:
         """Return the audit log, newest first."""

@@ -9,6 +9,12 @@ object is replaced from the first good source (see :class:`_Sources`); then each
 bundle directory is rebuilt from its objects and the manifest the database recorded; a
 damaged ONNX cache entry is deleted (serving exports it again). What cannot be repaired
 is reported with what to do.
+
+With a remote store, only this machine's cached copies are read, unless ``remote`` is
+asked for: then the store's copy of every object the registry refers to, and every
+bundle's published manifest, is hashed too (streamed: as costly as downloading them all,
+hence not the default), and repair replaces a missing or damaged one by a good local copy
+(:meth:`ObjectStore.replace_remote`; a manifest from the database's record).
 """
 
 from __future__ import annotations
@@ -36,13 +42,14 @@ if TYPE_CHECKING:
     from mtreg.plugins.loader import Discovery
     from mtreg.registry.store import Store, Tx
 
-OBJECT, BUNDLE, ONNX = "object", "bundle", "onnx"
-_AGAIN = "then run `mtreg verify --repair` again"
+OBJECT, REMOTE, PUBLISHED, BUNDLE, ONNX = "object", "remote", "published", "bundle", "onnx"
+_REMOTE_REPAIR = "`mtreg verify --remote --repair`"
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One damaged item: its kind (``object``, ``bundle``, ``onnx``), its name (object
+    """One damaged item: its kind (``object``; ``remote``: an object's copy in the remote
+    store; ``published``: a bundle's manifest there; ``bundle``; ``onnx``), its name (object
     id, bundle id, ONNX cache folder), what is wrong, and whether ``--repair`` fixed it or,
     if not, what to do."""
 
@@ -55,11 +62,13 @@ class Finding:
 
 @dataclass(frozen=True)
 class Checked:
-    """How many items of each kind a verification read."""
+    """How many items of each kind a verification read (``remote``: objects and published
+    manifests hashed in the remote store)."""
 
     objects: int
     bundles: int
     onnx: int
+    remote: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,17 +107,25 @@ def verify_registry(
     home: Home,
     discover: Callable[[], Discovery],
     repair: bool = False,
+    remote: bool = False,
 ) -> VerifyReport:
-    """Check every object, bundle directory and ONNX cache entry; with ``repair``,
+    """Check every object, bundle directory and ONNX cache entry (with ``remote``, the
+    remote store's copies of the objects and published manifests too); with ``repair``,
     restore what a good source allows (under the write lock).
 
     Returns:
         The report.
 
     Raises:
-        DatabaseError: the database cannot be reached. StorageError: the home's disk is
-            full or read-only while repairing.
+        MtregError: ``remote`` without a remote store. DatabaseError: the database cannot
+            be reached. StorageError: the home's disk is full or read-only while
+            repairing, or the remote store cannot be used.
     """
+    if remote and objects.remote is None:
+        raise MtregError(
+            f"the registry's store {objects.location} is not remote: run `mtreg verify` "
+            "without --remote, or name the remote store (--store)"
+        )
     with ExitStack() as stack:
         if repair:
             tx = stack.enter_context(writing(store, objects, home)).tx
@@ -116,16 +133,21 @@ def verify_registry(
         else:
             tx, sources = stack.enter_context(store.transaction()), None
         owners = _owners(tx)
+        # The store first: its repair leaves a verified copy in this machine's cache.
+        findings = _check_remote(objects, owners, sources) if remote else []
         checked_objects = _object_ids(objects, owners)
-        findings = [
+        findings += [
             _check_object(objects, sha, owners.get(sha), sources) for sha in checked_objects
         ]
         bundles = tx.list_bundles()
+        if remote:
+            findings += [_check_published(objects, b, repair) for b in bundles]
         broken = {f.name for f in findings if f is not None and not f.repaired}
         findings += [_check_bundle(home, objects, b, broken, repair) for b in bundles]
         onnx = _onnx_entries(home)
         findings += [_check_onnx(entry, repair) for entry in onnx]
-    counts = Checked(len(checked_objects), len(bundles), len(onnx))
+    in_store = len(owners) + len(bundles) if remote else 0
+    counts = Checked(len(checked_objects), len(bundles), len(onnx), in_store)
     return VerifyReport(counts, [f for f in findings if f is not None])
 
 
@@ -186,21 +208,61 @@ def _check_object(
     return Finding(OBJECT, sha, problem, todo=_todo(owners))
 
 
-def _todo(owners: list[Owner]) -> str:
-    """What a user does to let ``--repair`` restore an object these own."""
+def _check_remote(
+    objects: ObjectStore, owners: dict[str, list[Owner]], sources: _Sources | None
+) -> list[Finding]:
+    """Hash the remote store's copy of every object the registry refers to; with
+    ``sources`` (repair), replace each missing or damaged one by a good local copy."""
+    findings = []
+    for sha in sorted(owners):
+        problem = objects.remote_problem(sha)
+        if problem is None:
+            continue
+        if sources is None:
+            findings.append(Finding(REMOTE, sha, problem, todo=f"run {_REMOTE_REPAIR}"))
+        elif sources.local_copy(sha, owners[sha]):
+            objects.replace_remote(sha, objects.path(sha))
+            findings.append(Finding(REMOTE, sha, problem, repaired=True))
+        else:
+            todo = _todo(owners[sha], _REMOTE_REPAIR)
+            findings.append(Finding(REMOTE, sha, problem, todo=todo))
+    return findings
+
+
+def _check_published(objects: ObjectStore, bundle: BundleRecord, repair: bool) -> Finding | None:
+    """Hash bundle ``bundle``'s manifest in the remote store; with ``repair``, publish it
+    again from the manifest the database recorded (when that hashes to the bundle id)."""
+    problem = objects.remote_problem(bundle.id, published=True)
+    if problem is None:
+        return None
+    if not repair:
+        return Finding(PUBLISHED, bundle.id, problem, todo=f"run {_REMOTE_REPAIR}")
+    raw = bundle.manifest.to_bytes()
+    if hashlib.sha256(raw).hexdigest() != bundle.id:
+        todo = "the registry's row does not match the bundle id: restore the database"
+        return Finding(PUBLISHED, bundle.id, problem, todo=todo)
+    with tempfile.TemporaryDirectory(prefix="mtreg-repair-") as scratch:
+        source = Path(scratch) / MANIFEST
+        source.write_bytes(raw)
+        objects.replace_remote(bundle.id, source, published=True)
+    return Finding(PUBLISHED, bundle.id, problem, repaired=True)
+
+
+def _todo(owners: list[Owner], command: str = "`mtreg verify --repair`") -> str:
+    """What a user does to let ``command`` restore an object these own."""
     trunks = [o for o in owners if isinstance(o, TrunkRecord)]
     if trunks:
         return (
             f"restore the folder {trunks[0].source} that trunk {trunks[0].name!r} was added "
-            f"from, {_AGAIN}"
+            f"from, then run {command} again"
         )
     versions = [o for o in owners if isinstance(o, TaskVersionRecord)]
     if versions:
         return (
             f"put the branch file of {versions[0].task} {versions[0].version} back where "
-            f"its plugin names it, {_AGAIN}"
+            f"its plugin names it, then run {command} again"
         )
-    return "run `mtreg verify --repair`"
+    return f"copy it from a machine's MTREG_HOME/objects, then run {command}"
 
 
 class _Sources:
@@ -232,6 +294,18 @@ class _Sources:
                 return True
             except MtregError:
                 pass
+        return self._from_candidates(sha, owners)
+
+    def local_copy(self, sha: str, owners: list[Owner]) -> bool:
+        """Make this machine's copy of object ``sha`` intact without reading the remote
+        store (the cached copy if it verifies, else the owners' sources); return False if
+        none has a good copy."""
+        if _hashes_to(self.objects.path(sha), sha):
+            return True
+        self.objects.path(sha).unlink(missing_ok=True)
+        return self._from_candidates(sha, owners)
+
+    def _from_candidates(self, sha: str, owners: list[Owner]) -> bool:
         for candidate in self._candidates(owners):
             if _hashes_to(candidate, sha):
                 stored, _ = self.objects.put(candidate)

@@ -20,6 +20,7 @@ from factories import Checkpoints, make_branch_file
 from harness import CliPool, Databases, Result
 from helpers import snapshot, task_spec, write_plugin
 
+from mtreg.artifacts.bundle_dir import remove_bundle_dir
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.core.spec import HeadSpec
 from mtreg.errors import Damaged
@@ -241,6 +242,21 @@ def test_an_object_without_a_good_source_is_reported_with_what_to_do(
         hidden.rename(weights)
     with world.registry() as registry:
         assert registry.verify(repair=True).ok
+    assert _predict(pool, world, "serving") == world.answers
+
+
+def test_bundle_show_says_when_a_bundle_folder_is_missing_and_repair_rebuilds_it(
+    pool: CliPool, world: World
+) -> None:
+    root = world.bundle_dir()
+    remove_bundle_dir(root)
+    shown = pool.run(world.env(), "bundle", "show", "serving")
+    assert shown.code == 0, shown.stderr
+    assert "missing from this machine" in shown.stdout and "mtreg verify --repair" in shown.stdout
+    assert not json.loads(pool.run(world.env(), "bundle", "show", "--json").stdout)["fetched"]
+    assert pool.run(world.env(), "verify", "--repair").code == 0
+    shown = pool.run(world.env(), "bundle", "show", "serving", "--json")
+    assert json.loads(shown.stdout)["fetched"] and (root / "manifest.json").is_file()
     assert _predict(pool, world, "serving") == world.answers
 
 

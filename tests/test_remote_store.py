@@ -260,6 +260,31 @@ def test_registering_publishes_objects_then_the_manifest_and_another_home_loads_
             assert load_bundle("serving", registry=b).predict([TEXT]) == outputs
 
 
+@pytest.mark.slow
+def test_bundle_show_says_whether_this_machine_fetched_the_bundle(
+    setup: Setup, pool: CliPool
+) -> None:
+    ident = setup.publish("a")
+    path = setup.home("b") / "bundles" / ident
+
+    def shown(home: str) -> tuple[dict[str, Any], str]:
+        as_json = pool.run(setup.env(home), "bundle", "show", "serving", "--json")
+        text = pool.run(setup.env(home), "bundle", "show", "serving")
+        assert as_json.code == 0 and text.code == 0, as_json.stderr + text.stderr
+        return json.loads(as_json.stdout), text.stdout
+
+    cold, text = shown("b")
+    assert (cold["fetched"], cold["store"], cold["path"]) == (False, setup.store, str(path))
+    assert "not fetched on this machine" in text and setup.store in text
+    assert not path.exists()  # showing it fetched nothing
+
+    assert pool.run(setup.env("b"), "predict", TEXT).code == 0
+    warm, text = shown("b")
+    assert warm["fetched"] and (path / "manifest.json").is_file()
+    assert "not fetched" not in text and str(path) in text
+    assert shown("a")[0]["fetched"]  # the publisher wrote it as it registered
+
+
 def test_create_only_writes_let_exactly_one_of_two_writers_create_an_object(
     setup: Setup, tmp_path: Path
 ) -> None:
@@ -439,6 +464,57 @@ def test_an_object_damaged_in_the_bucket_is_refused_cold_and_a_warm_cache_still_
         Bucket=BUCKET, Key=key, Body=(setup.home("warm") / "objects" / branch).read_bytes()
     )
     assert predicted(pool.run(setup.env("cold"), "predict", TEXT)) == warm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repairer", ["warm", "fresh"])
+def test_verify_remote_finds_objects_damaged_in_the_bucket_and_repair_restores_them(
+    setup: Setup, pool: CliPool, repairer: str
+) -> None:
+    """The bucket's copies are hashed only with --remote; --repair puts good bytes back
+    from a verified cached copy (``warm``) or, on a machine with no cache (``fresh``), from
+    the trunk's source folder and the plugin's weights file; a published manifest from
+    the database's record."""
+    ident = setup.publish("a")
+    warm = predicted(pool.run(setup.env("warm"), "predict", TEXT))
+    with setup.registry("a") as a:
+        branch = a.bundle(ident).manifest.tasks["sentiment"].sha256
+        layer = a.trunk("tiny").objects["layers"][0]
+    client = setup.s3.client()
+    keys = {sha: f"{setup.prefix}/objects/{sha}" for sha in (branch, layer)}
+    good = client.get_object(Bucket=BUCKET, Key=keys[branch])["Body"].read()
+    client.put_object(Bucket=BUCKET, Key=keys[branch], Body=good[:-1] + bytes([good[-1] ^ 1]))
+    client.delete_object(Bucket=BUCKET, Key=keys[layer])
+    client.put_object(Bucket=BUCKET, Key=f"{setup.prefix}/manifests/{ident}", Body=b"{}")
+    bucket = setup.s3.keys(setup.prefix)
+
+    # Without --remote only this machine's (intact) cache is read.
+    assert pool.run(setup.env(repairer), "verify").code == 0
+    found = pool.run(setup.env(repairer), "verify", "--remote", "--json")
+    one_line_error(found, "3 damaged item(s)", "mtreg verify --remote --repair")
+    report = json.loads(found.stdout)
+    problems = {(f["kind"], f["name"]): f["problem"] for f in report["findings"]}
+    assert set(problems) == {("remote", branch), ("remote", layer), ("published", ident)}
+    assert "damaged in the store" in problems["remote", branch]
+    assert "missing" in problems["remote", layer]
+    assert "damaged in the store" in problems["published", ident]
+    assert report["checked"]["remote"] >= 4 and setup.s3.keys(setup.prefix) == bucket
+
+    repaired = pool.run(setup.env(repairer), "verify", "--remote", "--repair")
+    assert repaired.code == 0, repaired.stderr + repaired.stdout
+    assert repaired.stdout.count("repaired") == 3 and "DAMAGED" not in repaired.stdout
+    fixed = setup.s3.keys(setup.prefix)
+    assert fixed[f"objects/{branch}"] == branch and fixed[f"objects/{layer}"] == layer
+    assert fixed[f"manifests/{ident}"] == ident
+    assert pool.run(setup.env("a"), "verify", "--remote").code == 0
+    assert predicted(pool.run(setup.env("cold"), "predict", TEXT)) == warm
+
+
+def test_verify_remote_without_a_remote_store_is_a_one_line_error(
+    setup: Setup, pool: CliPool
+) -> None:
+    local = setup.env("a", MTREG_STORE_URL=str(setup.tmp / "objects"))
+    one_line_error(pool.run(local, "verify", "--remote"), "is not remote", "--remote")
 
 
 def _namespace_unavailable() -> str | None:
