@@ -25,6 +25,8 @@ from mtreg.errors import DatabaseError, MtregError
 
 # The tokenizer fingerprint is a sha256; 32 hex digits name its cache folder unambiguously.
 _TOKENIZER_DIGITS = 32
+# A bundle's folder under bundles/ is named by its full id, a sha256.
+_BUNDLE_ID_DIGITS = 64
 # Demo exports are named by a bundle id prefix short enough to read and type.
 _EXPORT_DIGITS = 12
 
@@ -118,6 +120,17 @@ class Home:
     def trained(self, task: str, version: str) -> Path:
         """Return where onboarding writes ``task``'s branch file when its plugin names none."""
         return self.root / "trained" / task / f"{version}.safetensors"
+
+    @classmethod
+    def holding(cls, bundle: Path) -> Home | None:
+        """Return the home whose ``bundles/`` folder holds the bundle directory ``bundle``, or
+        None for a bundle elsewhere. Only a folder named by a full bundle id (64 hex digits)
+        counts, so a user's own ``bundles/`` folder is not taken for a home."""
+        path = Path(bundle).resolve()
+        named_by_id = len(path.name) == _BUNDLE_ID_DIGITS and all(
+            c in "0123456789abcdef" for c in path.name
+        )
+        return cls(path.parent.parent) if named_by_id and path.parent.name == "bundles" else None
 
     def check_output(self, path: Path) -> Path:
         """Return ``path`` if a command may write a folder of its own there.

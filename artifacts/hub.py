@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from mtreg.core.extras import require
 from mtreg.errors import MtregError
 
 # owner/name as the Hub spells repository ids (the owner is required: a bare word is far
@@ -45,6 +46,7 @@ def resolve(source: str | Path, what: str) -> Path:
     if path.exists() or not is_hub_id(text) or text.startswith((".", "/", "~")):
         return path
     repo, _, revision = text.partition("@")
+    require("huggingface_hub")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -99,6 +101,7 @@ def push_folder(folder: Path, repo: str) -> str:
         MtregError: see :func:`check_push`; not logged in, or the Hub refuses; one line.
     """
     check_push(repo)
+    require("huggingface_hub")
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 

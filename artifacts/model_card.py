@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mtreg.artifacts.manifest import Manifest
+from mtreg.core.extras import require
 
 # mtreg does not know a trunk's licence: "other" until the card is edited, as the Hub asks.
 LICENSE = "other"
@@ -18,6 +19,7 @@ def model_card(manifest: Manifest, task: str | None = None) -> str:
     """Return the model card of the bundle ``manifest`` describes, or, with ``task``, of
     that task exported alone as a transformers classifier."""
     # huggingface_hub is imported only when a card is written, never by `mtreg list`.
+    require("huggingface_hub")
     from huggingface_hub import ModelCard, ModelCardData
     from huggingface_hub.repocard_data import EvalResult
 

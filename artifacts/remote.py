@@ -21,14 +21,14 @@ does not load them. Credentials and endpoints come from each package's usual set
 from __future__ import annotations
 
 import errno
-import importlib
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from mtreg.core.env import STORE_ENV
-from mtreg.core.extras import missing_extra
+from mtreg.core.extras import require
 from mtreg.errors import MtregError, NotFound, StorageError
 
 # The package each URL scheme needs: imported by name first, so that a missing one is the
@@ -39,6 +39,7 @@ _SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": 
 _OPTIONS: dict[str, dict[str, Any]] = {
     "s3": {"config_kwargs": {"connect_timeout": 10, "retries": {"max_attempts": 3}}},
 }
+_CHUNK = 1 << 20
 _LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # Exceptions from these packages are the store's answers (refused, unreachable, denied).
 _CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "google", "azure", "gcsfs", "adlfs"}
@@ -86,12 +87,9 @@ class RemoteStore:
     def fs(self) -> Any:
         """The fsspec file system (imported and opened on first use)."""
         if self._fs is None:
-            try:
-                importlib.import_module(_SCHEMES[self.scheme])
-                # fsspec loads only for a remote store: local registries never import it.
-                import fsspec
-            except ImportError as exc:
-                raise (missing_extra(exc) or exc) from None
+            require(_SCHEMES[self.scheme])
+            # fsspec loads only for a remote store: local registries never import it.
+            fsspec = require("fsspec")
             options = {
                 **_OPTIONS.get(self.scheme, {}),
                 # Listings are read to decide what exists: a cached one goes stale as soon
@@ -163,6 +161,21 @@ class RemoteStore:
                     f"deleted there; put a good copy back as {kind}/{name} (from a machine's "
                     "MTREG_HOME/objects, or the file it was added from)"
                 ) from None
+
+    def digest(self, kind: str, name: str) -> str | None:
+        """Return the sha256 of ``kind/name``'s bytes, streamed (nothing is written on this
+        machine), or None when it is not in the store."""
+        digest = hashlib.sha256()
+        with self._errors():
+            try:
+                with self.fs.open(self._key(kind, name), "rb") as handle:
+                    while chunk := handle.read(_CHUNK):
+                        digest.update(chunk)
+            except FileNotFoundError as exc:
+                if _no_bucket(exc):
+                    raise
+                return None
+        return digest.hexdigest()
 
     def names(self, kind: str) -> list[str]:
         """Return the names under ``kind/``, sorted ([] when there are none)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,15 @@ def _input(value: Any) -> tuple[Any, str | None]:
     return (item, None) if problem is None else (None, f"has a bad text ({problem})")
 
 
-def _read_inputs(path: Path, skip_bad: bool) -> list[Any]:
+def _read_inputs(path: Path, skip_bad: bool, fits: Callable[[Any], str | None]) -> list[Any]:
     """Return the inputs of a JSON-lines file: a string, a ``[text, pair]`` list, or an
     object with ``text`` (and ``text_pair``) or with the tasks' own input field names.
+    ``fits`` returns why the tasks cannot read an input (a pair for a one-text task), or None.
 
     Raises:
         MtregError: a line that is not an input (bad UTF-8 or JSON, ``null``, a number, an
-            empty text, ...), naming it; with ``skip_bad`` each is reported on stderr instead.
+            empty text, ...) or one the tasks cannot read, naming it; with ``skip_bad`` each
+            is reported on stderr instead.
     """
 
     def bad(number: int, problem: str) -> None:
@@ -84,6 +87,7 @@ def _read_inputs(path: Path, skip_bad: bool) -> list[Any]:
     inputs = []
     for number, value in read_jsonl(path, on_error=bad):
         item, problem = _input(value)
+        problem = problem or fits(item)
         if problem is None:
             inputs.append(item)
         else:
@@ -132,14 +136,21 @@ def predict(
     """Predict TEXT (and TEXT_PAIR) or every line of --input with a bundle; print JSON lines."""
     if (text is None) == (input_file is None):
         raise click.UsageError("give either TEXT [TEXT_PAIR] or --input FILE.jsonl")
-    from mtreg.runtime.bundle import LoadedBundle
+    from mtreg.runtime.bundle import LoadedBundle, input_problem
 
     path, ident = _resolve(ctx, ref)
     bundle = LoadedBundle(path, _split(tasks), backend, expected_id=ident)
     if input_file is None:
         inputs: list[Any] = [text if text_pair is None else (text, text_pair)]
     else:
-        inputs = _read_inputs(input_file, skip_bad)
+        # Checked line by line here, so that an input no task reads is named by its line.
+        inputs = _read_inputs(
+            input_file,
+            skip_bad,
+            lambda item: next(
+                filter(None, (input_problem(item, bundle.info[t]) for t in bundle.tasks)), None
+            ),
+        )
     results = bundle.predict(inputs, batch_size=batch_size, with_logits=logits)
     for item, result in zip(inputs, results, strict=True):
         shown = list(item) if isinstance(item, tuple) else item
@@ -193,15 +204,21 @@ def export(
     (source, ident), names = _resolve(ctx, ref), _split(tasks)
     if (quantize or external_data) and fmt != "onnx":
         raise click.UsageError("--quantize and --external-data apply to --format onnx only")
-    Home.resolve(ctx.home).check_output(out)
+    homes = [Home.resolve(ctx.home)]  # the export functions refuse an out inside it
     if repo is not None:  # refused before anything is written
         hub.check_push(repo)
     if fmt == "dir":
-        exporting.export_dir(source, out, names, expected_id=ident)
+        exporting.export_dir(source, out, names, expected_id=ident, homes=homes)
         click.echo(f"exported {', '.join(names or ['all tasks'])} to {out}")
     elif fmt == "onnx":
         report = exporting.export_onnx(
-            source, out, names, quantize, expected_id=ident, external_data=external_data
+            source,
+            out,
+            names,
+            quantize,
+            expected_id=ident,
+            external_data=external_data,
+            homes=homes,
         )
         click.echo(
             f"exported {len(report['outputs'])} task(s) as one ONNX graph to {out} "
@@ -215,7 +232,7 @@ def export(
     else:
         if not names or len(names) != 1:
             raise click.UsageError("--format hf exports one task: pass --tasks NAME")
-        exporting.export_hf(source, out, names[0], expected_id=ident)
+        exporting.export_hf(source, out, names[0], expected_id=ident, homes=homes)
         click.echo(f"exported {names[0]} as a transformers folder to {out}")
     if repo is not None:
         click.echo(f"pushed {out} to the Hub: {hub.push_folder(out, repo)}")

@@ -7,7 +7,10 @@ Commands live in modules named for their topic; each one is a thin layer over
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -33,12 +36,50 @@ from mtreg.core.extras import missing_extra
 from mtreg.errors import MtregError
 
 
+class _UsageError(click.UsageError):
+    """A usage error (unknown option, missing argument, bad value) as one line naming the
+    command's ``--help``, rather than click's usage text above it; the exit code stays 2, so
+    that a script can tell a wrong call from a failing one (exit code 1)."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Print the one line to ``file`` (default stderr)."""
+        message = " ".join(self.format_message().split("\n")).removesuffix(".")
+        where = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+        click.echo(f"Error: {message}{where}", file=file, err=True)
+
+
+@contextmanager
+def _one_line_usage() -> Iterator[None]:
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a bare group: its help is the answer
+    except click.UsageError as exc:
+        if isinstance(exc, _UsageError):
+            raise
+        raise _UsageError(exc.format_message(), exc.ctx) from None
+
+
 class _Group(click.Group):
-    """Turns every :class:`MtregError` into one line on stderr and exit code 1."""
+    """Turns every :class:`MtregError` into one line on stderr and exit code 1, and every
+    usage error into one line and exit code 2."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        """Return the context of ``mtreg ARGS``; a usage error in the global options is one
+        line (:class:`_UsageError`)."""
+        with _one_line_usage():
+            return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _one_line_usage():
+                return super().invoke(ctx)
         except (MtregError, ImportError) as exc:
             # An ImportError is shown as one line only for an optional extra a command
             # imports when it runs (serve, onnx, report): anything else is a bug.

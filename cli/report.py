@@ -16,6 +16,7 @@ import click
 
 from mtreg.cli.context import Context, pass_context
 from mtreg.cli.output import echo_json, echo_table, json_option, terminal_width
+from mtreg.core.extras import require
 from mtreg.core.text import split_list
 
 # Written by bench/quality.py; present in a source checkout (and an editable install).
@@ -64,6 +65,7 @@ def report(
     }
     text = rp.markdown(rows, overall)
     if out is not None:
+        require("matplotlib")  # the figure's: checked before any file of OUT is written
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         (out / "report.md").write_text(text)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtreg.core.extras import require
 from mtreg.errors import MtregError
 
 
@@ -179,13 +180,10 @@ def figure(
     Raises:
         MtregError: matplotlib is missing (``pip install 'mtreg[report]'``).
     """
-    try:
-        import matplotlib
+    # The headless backend, chosen before pyplot loads: reports are drawn on servers too.
+    require("matplotlib").use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MtregError("the figure needs matplotlib: pip install 'mtreg[report]'") from None
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     _draw_tasks(left, rows, overall["num_layers"])
     _draw_bundles(right, overall, others)

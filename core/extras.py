@@ -3,6 +3,9 @@ optional module, and the one-line error when a command needs one that is missing
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from mtreg.errors import MtregError
 
 # The top-level modules each extra of pyproject.toml installs.
@@ -15,7 +18,12 @@ EXTRA_MODULES = {
     "gcs": ("gcsfs",),
     "azure": ("adlfs",),
 }
-_EXTRA_OF = {module: extra for extra, modules in EXTRA_MODULES.items() for module in modules}
+# What to install for each module: its extra, or, for a dependency of mtreg itself that
+# only some commands import (Hub ids, model cards, --push-to-hub), the dependency.
+_PIP = {
+    **{module: f"mtreg[{extra}]" for extra, modules in EXTRA_MODULES.items() for module in modules},
+    "huggingface_hub": "huggingface_hub>=1.0",
+}
 
 
 def missing_extra(exc: ImportError) -> MtregError | None:
@@ -27,7 +35,20 @@ def missing_extra(exc: ImportError) -> MtregError | None:
         or a broken installation, which keeps its traceback).
     """
     module = (exc.name or "").partition(".")[0]
-    extra = _EXTRA_OF.get(module)
-    if extra is None:
+    target = _PIP.get(module)
+    if target is None:
         return None
-    return MtregError(f"{module} is not installed: run pip install 'mtreg[{extra}]'")
+    return MtregError(f"{module} is not installed: run pip install '{target}'")
+
+
+def require(module: str) -> ModuleType:
+    """Import and return ``module``, one an optional extra installs (:data:`EXTRA_MODULES`).
+
+    Raises:
+        MtregError: it is not installed; one line naming its ``pip install`` command.
+        ImportError: it fails for another reason (a broken installation keeps its traceback).
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise (missing_extra(exc) or exc) from None

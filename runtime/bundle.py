@@ -12,7 +12,7 @@ is trusted before it is hashed: bundle files are hard links to the object store'
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from mtreg.artifacts.manifest import (
 from mtreg.artifacts.onnx_info import GRAPH, OnnxInfo, verify_onnx
 from mtreg.artifacts.release import candidate_key
 from mtreg.artifacts.tokenizer import load_tokenizer
+from mtreg.core.extras import require
 from mtreg.core.spec import find_version
 from mtreg.core.text import text_problem
 from mtreg.errors import MtregError, NotFound
@@ -68,14 +69,11 @@ class OnnxModel:
 
     The graph and its external data are verified against the folder's ``onnx.json``
     (``info``) before onnxruntime opens them. The graph computes every output on every
-    row, so ``rows`` is accepted and not used.
+    row in one call, so ``rows`` and ``timings`` (per-branch times) are accepted and not used.
     """
 
     def __init__(self, path: Path, bundle_id: str) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise MtregError("the onnx backend needs `pip install 'mtreg[onnx]'`") from None
+        onnxruntime = require("onnxruntime")
         self.info: OnnxInfo = verify_onnx(path, bundle_id)
         graph = Path(path) / GRAPH
         self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
@@ -84,7 +82,7 @@ class OnnxModel:
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def __call__(
-        self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None
+        self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None, timings=None
     ) -> dict:
         names = self.outputs if tasks is None else sorted(tasks)
         if token_type_ids is None:
@@ -131,10 +129,12 @@ class AutoModel:
         return self.choice[nearest]
 
     def __call__(
-        self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None
+        self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None, timings=None
     ) -> dict:
         model = self.backends[self.backend_for(input_ids.shape[0])]
-        return model(input_ids, attention_mask, token_type_ids, tasks=tasks, rows=rows)
+        return model(
+            input_ids, attention_mask, token_type_ids, tasks=tasks, rows=rows, timings=timings
+        )
 
 
 class LoadedBundle:
@@ -273,9 +273,12 @@ class LoadedBundle:
         return tuple(select_tasks(self.tasks, tasks))
 
     @torch.inference_mode()
-    def run(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
+    def run(
+        self, rows: Sequence[Row], timings: MutableMapping[str, float] | None = None
+    ) -> list[dict[str, Any]]:
         """Return, per row, ``{task: result}`` for the tasks that row asked for, in sorted
-        task order (see :meth:`predict` for the results).
+        task order (see :meth:`predict` for the results). With ``timings``, each branch's
+        compute time in seconds is stored under its name (torch backend only).
 
         Rows asking for different tasks share one forward pass per input kind
         (:func:`mtreg.runtime.inference.forward_groups`).
@@ -285,7 +288,7 @@ class LoadedBundle:
                 does not hold (rows are checked first: ``mtreg.serving.plan.plan_rows``).
         """
         results: list[dict[str, Any]] = [{} for _ in rows]
-        for group in forward_groups(self, rows):
+        for group in forward_groups(self, rows, timings):
             for position, i in enumerate(group.members):
                 row = rows[i]
                 for name in group.tasks:
@@ -341,6 +344,9 @@ class LoadedBundle:
         """
         names = self._asked(inputs, tasks)
         check_batch_size(batch_size)
+        for index, item in enumerate(inputs):  # numbered in the list, not in its batch
+            for name in names:
+                _fields(item, self.branches[name], index)
         results: list[dict[str, Any]] = []
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size]
@@ -366,17 +372,21 @@ def input_fields(item: Input, info: TaskEntry) -> list[str] | None:
     return values
 
 
-def _fields(item: Input, info: TaskEntry, index: int) -> list[str]:
+def input_problem(item: Input, info: TaskEntry) -> str | None:
+    """Return why task ``info`` cannot read ``item`` (a pair for a one-text task, a missing
+    field, an empty text: :func:`mtreg.core.text.text_problem`), or None when it can."""
     values = input_fields(item, info)
     if values is None:
         want = "one text" if len(info.inputs) == 1 else "a pair of texts"
-        fields = ", ".join(info.inputs)
-        raise MtregError(f"inputs[{index}]: task {info.name!r} reads {want} ({fields})")
-    for value in values:
-        problem = text_problem(value)
-        if problem is not None:
-            raise MtregError(f"inputs[{index}]: {problem}")
-    return values
+        return f"task {info.name!r} reads {want} ({', '.join(info.inputs)})"
+    return next(filter(None, map(text_problem, values)), None)
+
+
+def _fields(item: Input, info: TaskEntry, index: int) -> list[str]:
+    problem = input_problem(item, info)
+    if problem is not None:
+        raise MtregError(f"inputs[{index}]: {problem}")
+    return input_fields(item, info) or []
 
 
 def task_result(

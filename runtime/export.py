@@ -22,11 +22,13 @@ from torch import nn
 from mtreg import heads
 from mtreg.artifacts.bundle_dir import write_bundle_files
 from mtreg.artifacts.hf_model import classifier_config, classifier_state_dict, write_config
+from mtreg.artifacts.home import Home
 from mtreg.artifacts.manifest import MANIFEST, MODEL_CARD, Manifest
 from mtreg.artifacts.model_card import model_card
 from mtreg.artifacts.objects import sha256_file
 from mtreg.artifacts.onnx_info import GRAPH, ONNX_INFO, OnnxInfo
 from mtreg.core.disk import disk_errors
+from mtreg.core.extras import require
 from mtreg.errors import MtregError
 from mtreg.nn.network import MultiTaskModel
 from mtreg.runtime.bundle import LoadedBundle
@@ -36,9 +38,19 @@ OPSET = 17
 PARITY = 1e-4  # max abs logit difference an exported graph may have against torch
 
 
+def _check_out(out: Path, bundle: Path, homes: Sequence[Home] | None) -> None:
+    """Refuse ``out`` inside a registry home (:meth:`Home.check_output`): by default the
+    home of ``$MTREG_HOME`` and the home whose ``bundles/`` holds ``bundle``."""
+    if homes is None:
+        homes = [Home.resolve(), *filter(None, [Home.holding(bundle)])]
+    for home in homes:
+        home.check_output(out)
+
+
 @contextmanager
-def _atomic_folder(out: Path) -> Iterator[Path]:
+def _atomic_folder(out: Path, bundle: Path, homes: Sequence[Home] | None) -> Iterator[Path]:
     out = Path(out)
+    _check_out(out, bundle, homes)
     if out.exists():
         raise MtregError(f"{out} already exists: choose another --out or delete it first")
     with disk_errors(out):
@@ -57,19 +69,25 @@ def _copy_bundle(source: Path, manifest: Manifest, target: Path) -> None:
 
 
 def export_dir(
-    bundle: Path, out: Path, tasks: Sequence[str] | None = None, expected_id: str | None = None
+    bundle: Path,
+    out: Path,
+    tasks: Sequence[str] | None = None,
+    expected_id: str | None = None,
+    *,
+    homes: Sequence[Home] | None = None,
 ) -> Path:
     """Write a self-contained bundle folder holding only ``tasks`` (default: all), its trunk
     cut at their deepest fork. ``expected_id``: the id the registry recorded for ``bundle``
-    (see :class:`LoadedBundle`). Returns ``out``.
+    (see :class:`LoadedBundle`). ``homes``: the registry homes ``out`` must lie outside
+    (default: ``$MTREG_HOME``'s and the one holding ``bundle``). Returns ``out``.
 
     Raises:
-        NotFound: a task the bundle does not hold. MtregError: ``out`` exists. Damaged:
-            the source bundle differs from its manifest or id.
+        NotFound: a task the bundle does not hold. MtregError: ``out`` exists or lies in
+            a registry home. Damaged: the source bundle differs from its manifest or id.
     """
     loaded = LoadedBundle(bundle, tasks, expected_id=expected_id)  # checks every file
     manifest = loaded.manifest.subset(loaded.tasks)
-    with _atomic_folder(out) as scratch:
+    with _atomic_folder(out, bundle, homes) as scratch:
         _copy_bundle(loaded.path, manifest, scratch)
     return Path(out)
 
@@ -113,12 +131,15 @@ def export_onnx(
     quantize: str | None = None,
     expected_id: str | None = None,
     external_data: bool = False,
+    *,
+    homes: Sequence[Home] | None = None,
 ) -> dict[str, Any]:
     """Write one ONNX graph serving ``tasks``: inputs input_ids, attention_mask and
     token_type_ids (dynamic batch and sequence axes), one output per task, with the
     manifest and tokenizer beside it, and ``onnx.json`` hashing every graph file
     (:mod:`mtreg.artifacts.onnx_info`). ``external_data`` stores the weights beside the
-    graph in ``model.onnx.data`` (needed past protobuf's 2 GB limit).
+    graph in ``model.onnx.data`` (needed past protobuf's 2 GB limit). ``homes``: as
+    :func:`export_dir`.
 
     Returns:
         A report: the files, the outputs, and the max abs difference to torch on a probe
@@ -126,15 +147,13 @@ def export_onnx(
         agreement with fp32).
 
     Raises:
-        MtregError: ``out`` exists, an unknown quantisation, or onnx/onnxruntime missing.
+        MtregError: ``out`` exists or lies in a registry home, an unknown quantisation, or
+            onnx/onnxruntime missing.
         Damaged: the source bundle differs from its manifest or ``expected_id``.
     """
     if quantize not in (None, "int8"):
         raise MtregError(f"unknown quantisation {quantize!r}: use int8")
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MtregError("ONNX export needs `pip install 'mtreg[onnx]'`") from None
+    onnxruntime = require("onnxruntime")
     loaded = LoadedBundle(bundle, tasks, expected_id=expected_id)
     names = loaded.tasks
     manifest = loaded.manifest.subset(names)
@@ -142,28 +161,14 @@ def export_onnx(
     with torch.no_grad():
         expected = _Graph(loaded.model, names)(*probe.values())
     report: dict[str, Any] = {"outputs": names, "files": [GRAPH], "opset": OPSET}
-    with _atomic_folder(out) as scratch:
+    with _atomic_folder(out, bundle, homes) as scratch:
         _copy_bundle(loaded.path, manifest, scratch)
         graph = scratch / GRAPH
-        axes = {name: {0: "batch", 1: "sequence"} for name in ONNX_INPUTS}
-        for name in names:
-            per_token = loaded.info[name].head.per_token
-            axes[name] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
-        # The TorchScript exporter: on this model it gives onnxruntime's BERT fusions the
-        # graph they expect (measured faster than the dynamo exporter, see bench/serving.py).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            _export(loaded.model, names, probe, graph, axes)
+        _write_graph(loaded, names, probe, graph)
         if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            # Quantise the plain graph: the quantiser does not know the fused operators.
-            int8 = scratch / "model.int8.onnx"
-            quantize_dynamic(str(graph), str(int8), weight_type=QuantType.QInt8)
-            int8_out = _session(int8, onnxruntime)(probe)
-            report["files"].append(int8.name)
-            report["int8_max_abs_diff"] = _max_diff(int8_out, expected)
-            report["int8_argmax_agreement"] = _argmax_agreement(int8_out, expected)
+            int8, measured = _quantize_int8(graph, probe, expected, onnxruntime)
+            report["files"].append(int8)
+            report.update(measured)
         report["fused"] = _fuse(graph, loaded.config, probe, expected, onnxruntime)
         report["max_abs_diff"] = _max_diff(_session(graph, onnxruntime)(probe), expected)
         if external_data:
@@ -171,6 +176,43 @@ def export_onnx(
         files = _graph_files(scratch, manifest)
         OnnxInfo(manifest.bundle_id, loaded.bundle_id, files, report).write(scratch)
     return report
+
+
+def _write_graph(
+    loaded: LoadedBundle, names: list[str], probe: dict[str, torch.Tensor], graph: Path
+) -> None:
+    """Export ``loaded``'s model serving ``names`` to ``graph`` (dynamic batch and sequence
+    axes; a per-sequence task's output has no sequence axis)."""
+    axes = {name: {0: "batch", 1: "sequence"} for name in ONNX_INPUTS}
+    for name in names:
+        per_token = loaded.info[name].head.per_token
+        axes[name] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
+    # The TorchScript exporter: on this model it gives onnxruntime's BERT fusions the
+    # graph they expect (measured faster than the dynamo exporter, see bench/serving.py).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _export(loaded.model, names, probe, graph, axes)
+
+
+def _quantize_int8(
+    graph: Path, probe: dict[str, torch.Tensor], expected: Sequence[Any], onnxruntime: Any
+) -> tuple[str, dict[str, Any]]:
+    """Write ``graph``'s dynamic int8 quantisation beside it as ``model.int8.onnx``.
+
+    Returns:
+        Its file name, and its max abs difference and argmax agreement to ``expected``
+        (the torch outputs on ``probe``), as the report's ``int8_*`` entries.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Quantise the plain graph: the quantiser does not know the fused operators.
+    int8 = graph.with_name("model.int8.onnx")
+    quantize_dynamic(str(graph), str(int8), weight_type=QuantType.QInt8)
+    outputs = _session(int8, onnxruntime)(probe)
+    return int8.name, {
+        "int8_max_abs_diff": _max_diff(outputs, expected),
+        "int8_argmax_agreement": _argmax_agreement(outputs, expected),
+    }
 
 
 def _externalise(graph: Path) -> str:
@@ -268,16 +310,24 @@ def hf_state_dict(loaded: LoadedBundle, task: str) -> dict[str, torch.Tensor]:
     return classifier_state_dict(loaded.config, embeddings, layers, branch, info.head.per_token)
 
 
-def export_hf(bundle: Path, out: Path, task: str, expected_id: str | None = None) -> Path:
+def export_hf(
+    bundle: Path,
+    out: Path,
+    task: str,
+    expected_id: str | None = None,
+    *,
+    homes: Sequence[Home] | None = None,
+) -> Path:
     """Write one task as a transformers folder that ``AutoModelForSequenceClassification``
     (or ``AutoModelForTokenClassification`` for tagging) loads with the same logits.
+    ``homes``: as :func:`export_dir`.
 
     Returns:
         ``out``.
 
     Raises:
-        NotFound: an unknown task. MtregError: ``out`` exists. Damaged: the source bundle
-            differs from its manifest or ``expected_id``.
+        NotFound: an unknown task. MtregError: ``out`` exists or lies in a registry home.
+            Damaged: the source bundle differs from its manifest or ``expected_id``.
     """
     from safetensors.torch import save_file
 
@@ -289,7 +339,7 @@ def export_hf(bundle: Path, out: Path, task: str, expected_id: str | None = None
     hf_config = classifier_config(
         config, layers, info.head, f"For{kind.hf_architecture}", kind.hf_problem_type
     )
-    with _atomic_folder(out) as scratch:
+    with _atomic_folder(out, bundle, homes) as scratch:
         save_file(hf_state_dict(loaded, name), str(scratch / "model.safetensors"))
         write_config(scratch / "config.json", hf_config)
         (scratch / MODEL_CARD).write_text(model_card(loaded.manifest, name), encoding="utf-8")

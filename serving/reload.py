@@ -70,7 +70,8 @@ def _onnx_cached(
         log.warning("rebuilding the ONNX cache %s: %s", out, problem)
         remove_bundle_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(source, out, tasks=tasks, expected_id=record_id)
+    # The one export written inside a home on purpose: its ONNX cache, which verify checks.
+    export_onnx(source, out, tasks=tasks, expected_id=record_id, homes=())
     return LoadedBundle(out, tasks, backend)
 
 

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+from mtreg.core.extras import EXTRA_MODULES, require
 from mtreg.serving.access import check_target
 from mtreg.serving.config import ServeConfig
 from mtreg.serving.reload import RegistryFactory, Served, is_directory_ref, load_served
@@ -119,9 +120,12 @@ def serve(
     """Load the bundle and serve it until SIGTERM or SIGINT.
 
     Raises:
-        NotFound, InvalidWeights, MtregError: the bundle cannot be served, or the access
-            log cannot be written (nothing listens).
+        NotFound, InvalidWeights, MtregError: the bundle cannot be served, the access
+            log cannot be written, or the ``serve`` extra is missing (nothing listens).
     """
+    # The serve extra is checked before anything loads, so a missing one is a single line.
+    for module in EXTRA_MODULES["serve"]:
+        require(module)
     from mtreg.serving.app import create_app
 
     if not logging.getLogger().handlers:

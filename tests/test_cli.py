@@ -129,6 +129,38 @@ def test_usage_errors_exit_2(env: dict[str, str]) -> None:
     assert run(env, "register", "x", "--all", code=2).exit_code == 2
 
 
+# (argv, what the one line says, the command whose --help it names)
+USAGE_ERRORS = [
+    (["--bogus", "list"], "No such option '--bogus'", "mtreg"),
+    (["nosuch"], "No such command 'nosuch'", "mtreg"),
+    (["predict", "--nope", "x"], "No such option '--nope'", "mtreg predict"),
+    (["rollback", "sentiment"], "Missing option '--to'", "mtreg rollback"),
+    (["trunk", "add", "tiny"], "Missing argument 'PATH_OR_HUB_ID'", "mtreg trunk add"),
+    (["train", "toy", "--precision", "fp8"], "'fp8' is not one of 'fp32', 'bf16'", "mtreg train"),
+    (["predict"], "give either TEXT [TEXT_PAIR] or --input FILE.jsonl", "mtreg predict"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "command"), USAGE_ERRORS, ids=[" ".join(a) for a, _, _ in USAGE_ERRORS]
+)
+def test_a_usage_error_is_one_line_naming_the_help_and_exits_2(
+    tmp_path: Path, argv: list[str], message: str, command: str
+) -> None:
+    env = {"MTREG_HOME": str(tmp_path / "home"), "MTREG_DATABASE_URL": ""}
+    result = CliRunner().invoke(cli, argv, env=env, catch_exceptions=False, prog_name="mtreg")
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and message in line, line
+    assert line.endswith(f"(see `{command} --help`)"), line
+    assert result.stdout == "" and not (tmp_path / "home").exists()
+
+
+def test_a_bare_group_still_shows_its_help(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["trunk"], env={"MTREG_HOME": str(tmp_path)})
+    assert result.exit_code == 2 and "Commands:" in result.stderr
+
+
 def _subprocess(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mtreg", *args],
@@ -147,6 +179,8 @@ def test_real_subprocess_register_and_error(env: dict[str, str]) -> None:
     assert json.loads(done.stdout)["tasks"][0]["change"] == "added"
     failed = _subprocess(env, "register", "sentiment", "--all")
     assert failed.returncode == 2
+    # Through a real process too: one line on stderr, nothing on stdout.
+    assert failed.stderr.count("\n") == 1 and failed.stdout == "", failed.stderr
     failed = _subprocess(env, "rollback", "sentiment", "--to", "9.9.9")
     assert failed.returncode == 1
     assert failed.stderr.count("\n") == 1 and "has no version '9.9.9'" in failed.stderr

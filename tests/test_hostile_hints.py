@@ -102,22 +102,38 @@ _HIDDEN = textwrap.dedent(
 )
 
 
+# A trunk added to a remote store: the store's file system is opened (and needed).
+_TO_STORE = ["trunk", "add", "other", "CKPT"]
+
+
 @pytest.mark.parametrize(
-    ("hidden", "argv", "extra"),
+    ("hidden", "argv", "target"),
     [
-        (["fastapi"], ["serve", "--port", "0"], "serve"),
-        (["prometheus_client"], ["serve", "--port", "0"], "serve"),
-        (["onnx", "onnxruntime"], ["export", "--format", "onnx", "--out", "OUT"], "onnx"),
-        (["matplotlib"], ["report", "--out", "OUT"], "report"),
+        (["fastapi"], ["serve", "--port", "0"], "mtreg[serve]"),
+        (["uvicorn"], ["serve", "--port", "0"], "mtreg[serve]"),
+        (["prometheus_client"], ["serve", "--port", "0"], "mtreg[serve]"),
+        (["onnx", "onnxruntime"], ["export", "--format", "onnx", "--out", "OUT"], "mtreg[onnx]"),
+        (["matplotlib"], ["report", "--out", "OUT"], "mtreg[report]"),
+        (["s3fs"], ["--store", "s3://bucket/x", *_TO_STORE], "mtreg[s3]"),
+        (["gcsfs"], ["--store", "gs://bucket/x", *_TO_STORE], "mtreg[gcs]"),
+        (["adlfs"], ["--store", "az://bucket/x", *_TO_STORE], "mtreg[azure]"),
+        (
+            ["huggingface_hub"],
+            ["export", "--out", "OUT", "--push-to-hub", "owner/name"],
+            "huggingface_hub>=1.0",
+        ),
     ],
-    ids=["serve-fastapi", "serve-prometheus", "onnx", "report"],
+    ids=[
+        *("serve-fastapi", "serve-uvicorn", "serve-prometheus", "onnx", "report"),
+        *("s3", "gcs", "azure", "hub-push"),
+    ],
 )
 def test_a_missing_extra_is_one_line_naming_the_pip_command(
     toy_registry: OpenRegistry,
     tmp_path: Path,
     hidden: list[str],
     argv: list[str],
-    extra: str,
+    target: str,
 ) -> None:
     from factories import make_branch_file
 
@@ -131,17 +147,23 @@ def test_a_missing_extra_is_one_line_naming_the_pip_command(
     )
     registry.register(["toy"], weights={"toy": branch}, promote=True)
     registry.close()
-    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    places = {"OUT": str(tmp_path / "out"), "CKPT": str(tmp_path / "ckpt")}
+    argv = [places.get(a, a) for a in argv]
     code = f"HIDDEN = {hidden!r}\nARGV = {argv!r}\n" + _HIDDEN
+    url, home = f"sqlite:///{tmp_path / 'registry.db'}", str(tmp_path / "home")
     env = {
-        **os.environ,
-        "MTREG_HOME": str(tmp_path / "home"),
-        "MTREG_DATABASE_URL": f"sqlite:///{tmp_path / 'registry.db'}",
+        **{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"},
+        "MTREG_HOME": home,
+        "MTREG_DATABASE_URL": url,
     }
+    before = registry_state(url, home)
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert f"pip install 'mtreg[{extra}]'" in line, line
+    module, _, rest = line.removeprefix("Error: ").partition(" ")
+    assert module in hidden and rest == f"is not installed: run pip install '{target}'", line
+    assert not (tmp_path / "out").exists()
+    assert registry_state(url, home) == before

@@ -24,10 +24,12 @@ from harness import CliPool, Databases, Result, Step
 from helpers import snapshot, task_spec, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
+from mtreg.artifacts.home import Home
 from mtreg.core.spec import HeadSpec, find_version
 from mtreg.errors import MtregError, NotFound
 from mtreg.registry.api import Registry
 from mtreg.runtime.bundle import LoadedBundle, load_bundle
+from mtreg.runtime.export import export_dir, export_hf, export_onnx
 from mtreg.runtime.inference import CHARS_PER_TOKEN
 
 pytestmark = pytest.mark.slow
@@ -132,6 +134,8 @@ BAD_LINES = [
     ("number-in-pair", b'["a", 5]', "expected a string, got int"),
     ("three-item-list", b'["a", "b", "c"]', "is a list of 3 items"),
     ("empty-object", b"{}", "is an empty object"),
+    ("pair-for-one-text", b'["a", "b"]', "task 'sentiment' reads one text (text)"),
+    ("other-field", b'{"question": "a"}', "task 'sentiment' reads one text (text)"),
 ]
 
 
@@ -161,6 +165,13 @@ def test_skip_bad_reports_each_skipped_line_and_predicts_the_rest(
     skipped = [f"skipped {path}:{n}: " for n in range(2, 2 + len(BAD_LINES))]
     assert [line[: len(s)] for line, s in zip(report, skipped, strict=False)] == skipped
     assert report[-1] == f"skipped {len(BAD_LINES)} bad line(s), predicted 2"
+
+
+def test_the_python_api_numbers_a_bad_input_in_the_whole_list(world: World) -> None:
+    bundle = world.bundle()
+    # The sixth input, in the third batch of two: its place in the list, not in its batch.
+    with pytest.raises(MtregError, match=r"^inputs\[5\]: task 'sentiment' reads one text"):
+        bundle.predict(["fine"] * 5 + [("a", "b")], batch_size=2)
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\t\n"])
@@ -371,3 +382,39 @@ def test_export_into_the_registry_s_own_folders_is_refused(
     result = pool.run(world.env(), "export", "--out", str(out))
     _one_line_error(result, "is inside the registry home", "write exports outside it")
     assert world.snapshot() == before
+
+
+EXPORTERS = {
+    "dir": lambda source, out, **kw: export_dir(source, out, **kw),
+    "onnx": lambda source, out, **kw: export_onnx(source, out, **kw),
+    "hf": lambda source, out, **kw: export_hf(source, out, "sentiment", **kw),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(EXPORTERS))
+def test_the_python_export_functions_refuse_the_registry_s_folders(
+    world: World, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export = EXPORTERS[fmt]
+    with world.registry() as registry:
+        source = registry.bundle_path("serving")
+    before = world.snapshot()
+    # By default, the home holding the source bundle...
+    monkeypatch.delenv("MTREG_HOME", raising=False)
+    for inside in ("bundles/x", "cache/onnx/x", "objects"):
+        with pytest.raises(MtregError, match="is inside the registry home"):
+            export(source, world.home / inside / f"{fmt}-here")
+    # ...and $MTREG_HOME's, for a bundle folder copied elsewhere.
+    copy = world.tmp / f"copy-{fmt}"
+    if not copy.exists():
+        shutil.copytree(source, copy)
+    monkeypatch.setenv("MTREG_HOME", str(world.home))
+    with pytest.raises(MtregError, match="is inside the registry home"):
+        export(copy, world.home / f"{fmt}-here")
+    # Homes passed explicitly replace the defaults.
+    with pytest.raises(MtregError, match="is inside the registry home"):
+        export(copy, world.tmp / "other" / "x", homes=[Home(world.tmp / "other")])
+    assert world.snapshot() == before
+    assert not (world.tmp / "other").exists()
+    out = export(copy, world.tmp / f"exported-{fmt}", homes=[Home(world.home)])
+    assert (world.tmp / f"exported-{fmt}" / "README.md").is_file(), out
