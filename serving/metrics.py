@@ -60,6 +60,12 @@ class ServeMetrics:
             ("reason",),
         )
         self.queue_depth = self._gauge("queue_depth", "Inputs waiting for a batch.")
+        self.access_dropped = self._counter(
+            "access_log_dropped", "Access log lines dropped because the writer fell behind."
+        )
+        self._declare_per_version()
+
+    def _declare_per_version(self) -> None:
         # Task and version labels come from the served bundle only, never from a request,
         # so that a client naming made-up tasks cannot grow the number of series.
         version = ("task", "version")
@@ -90,9 +96,6 @@ class ServeMetrics:
         )
         self.branch_rows = self._counter(
             "branch_rows", "Rows a task version's branch ran on (torch backend).", version
-        )
-        self.access_dropped = self._counter(
-            "access_log_dropped", "Access log lines dropped because the writer fell behind."
         )
 
     def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
