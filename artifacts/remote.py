@@ -6,24 +6,29 @@ fsspec URL (``s3://bucket/prefix``, ``gs://``, ``az://``).
     <prefix>/objects/<sha256>          content-addressed objects, written create-only
     <prefix>/manifests/<bundle id>     a bundle's manifest.json, written after its objects
 
-Every write is create-only (S3 ``If-None-Match: *`` through s3fs's ``mode="create"``;
-other file systems check and write, which the registry's write lock serialises), so an
-object or manifest, once there, is never replaced. A bundle whose manifest is not in the
-store does not exist: its publisher died before the last write. Nothing here trusts what
-it reads: the caller hashes every byte (:class:`mtreg.artifacts.objects.ObjectStore`).
+Every write is create-only, conditional on the server: fsspec's ``mode="create"``, which
+s3fs sends as S3 ``If-None-Match: *``, gcsfs as GCS ``ifGenerationMatch=0`` and adlfs as
+Azure Blob ``If-None-Match: *`` (``overwrite=False``). Whichever of two writers comes
+second is refused by the store (``FileExistsError``): an object or manifest, once there,
+is never replaced, and the loser takes the winner's copy, which has the same bytes since
+names are content hashes. A bundle whose manifest is not in the store does not exist: its
+publisher died before the last write. Nothing here trusts what it reads: the caller hashes
+every byte (:class:`mtreg.artifacts.objects.ObjectStore`).
 
 fsspec and the file system's package (s3fs, gcsfs, adlfs: the ``s3``, ``gcs`` and
 ``azure`` extras) are imported on first use, so a command that never touches the store
 does not load them. Credentials and endpoints come from each package's usual settings
-(for S3: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``).
+(:data:`_SCHEMES` names them; fsspec's ``FSSPEC_<SCHEME>_<OPTION>`` variables also apply).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +36,50 @@ from mtreg.core.env import STORE_ENV
 from mtreg.core.extras import require
 from mtreg.errors import MtregError, NotFound, StorageError
 
-# The package each URL scheme needs: imported by name first, so that a missing one is the
-# one-line `pip install 'mtreg[EXTRA]'` hint rather than fsspec's own message.
-_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
-# botocore waits 60 s per connection attempt by default: an unreachable store would hang
-# a command for minutes before it could say so.
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "s3": {"config_kwargs": {"connect_timeout": 10, "retries": {"max_attempts": 3}}},
-}
+
+@dataclass(frozen=True)
+class _Scheme:
+    """What mtreg needs to know of one kind of store: the package that opens it (imported
+    by name first, so that a missing one is the one-line ``pip install 'mtreg[EXTRA]'``
+    hint rather than fsspec's own message), the settings its refusals point to, and the
+    options it is opened with."""
+
+    package: str
+    credentials: str
+    endpoint: str
+    # ``module:Class`` when fsspec's registered class for the scheme is not the one to use.
+    filesystem: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+_S3 = _Scheme(
+    "s3fs",
+    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and the bucket's policy",
+    "AWS_ENDPOINT_URL for S3-compatible stores",
+    # botocore waits 60 s per connection attempt by default: an unreachable store would
+    # hang a command for minutes before it could say so.
+    options={"config_kwargs": {"connect_timeout": 10, "retries": {"max_attempts": 3}}},
+)
+_GCS = _Scheme(
+    "gcsfs",
+    "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`, and the "
+    "bucket's IAM roles",
+    "STORAGE_EMULATOR_HOST for an emulator",
+    # gcsfs exports a class that first asks the Storage Control API (gRPC) for the bucket's
+    # layout, on every call while it cannot tell, and logs a warning each time. mtreg's
+    # keys are flat objects, which the JSON API class writes and reads on every bucket kind.
+    filesystem="gcsfs.core:GCSFileSystem",
+)
+_AZURE = _Scheme(
+    "adlfs",
+    "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with "
+    "AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, and the container's access",
+    "the connection string's BlobEndpoint",
+)
+_SCHEMES = {"s3": _S3, "gs": _GCS, "gcs": _GCS, "az": _AZURE, "abfs": _AZURE}
+# These libraries log the errors they raise (gcsfs with a traceback); with no logging set
+# up Python would print them to stderr beside mtreg's own one-line message.
+_QUIET_LOGGERS = ("gcsfs", "azure", "adlfs")
 _CHUNK = 1 << 20
 _LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # Exceptions from these packages are the store's answers (refused, unreachable, denied).
@@ -87,17 +128,26 @@ class RemoteStore:
     def fs(self) -> Any:
         """The fsspec file system (imported and opened on first use)."""
         if self._fs is None:
-            require(_SCHEMES[self.scheme])
+            scheme = _SCHEMES[self.scheme]
+            require(scheme.package)
             # fsspec loads only for a remote store: local registries never import it.
             fsspec = require("fsspec")
-            options = {
-                **_OPTIONS.get(self.scheme, {}),
+            if scheme.filesystem is None:
+                cls = fsspec.get_filesystem_class(self.scheme)
+            else:
+                module, _, name = scheme.filesystem.partition(":")
+                cls = getattr(require(module), name)
+            for name in _QUIET_LOGGERS:
+                logger = logging.getLogger(name)
+                if not logger.handlers:
+                    logger.addHandler(logging.NullHandler())
+            self._fs = cls(
+                **scheme.options,
                 # Listings are read to decide what exists: a cached one goes stale as soon
                 # as another machine writes.
-                "use_listings_cache": False,
-                "skip_instance_cache": True,
-            }
-            self._fs = fsspec.filesystem(self.scheme, **options)
+                use_listings_cache=False,
+                skip_instance_cache=True,
+            )
         return self._fs
 
     def _key(self, kind: str, name: str) -> str:
@@ -110,8 +160,8 @@ class RemoteStore:
             yield
         except (FileExistsError, MtregError):
             raise
-        except FileNotFoundError as exc:
-            if not _no_bucket(exc):
+        except FileNotFoundError:
+            if not self._no_bucket():
                 raise
             raise StorageError(
                 f"the bucket of store {self.url} does not exist: create it, or fix --store "
@@ -123,7 +173,7 @@ class RemoteStore:
             local = isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS
             if local or (not isinstance(exc, OSError) and _package(exc) not in _CLIENT_PACKAGES):
                 raise
-            raise StorageError(_failure(self.url, exc)) from None
+            raise StorageError(_failure(self.url, _SCHEMES[self.scheme], exc)) from None
 
     def has(self, kind: str, name: str) -> bool:
         """Return True if ``kind/name`` (``objects/<sha>``, ``manifests/<id>``) is there."""
@@ -153,8 +203,8 @@ class RemoteStore:
         with self._errors():
             try:
                 self.fs.get_file(self._key(kind, name), str(target))
-            except FileNotFoundError as exc:
-                if _no_bucket(exc):
+            except FileNotFoundError:
+                if self._no_bucket():
                     raise
                 raise NotFound(
                     f"{kind[:-1]} {name[:12]} is missing from the store {self.url}: it was "
@@ -171,8 +221,8 @@ class RemoteStore:
                 with self.fs.open(self._key(kind, name), "rb") as handle:
                     while chunk := handle.read(_CHUNK):
                         digest.update(chunk)
-            except FileNotFoundError as exc:
-                if _no_bucket(exc):
+            except FileNotFoundError:
+                if self._no_bucket():
                     raise
                 return None
         return digest.hexdigest()
@@ -182,8 +232,8 @@ class RemoteStore:
         with self._errors():
             try:
                 entries = self.fs.ls(f"{self._root}/{kind}", detail=False)
-            except FileNotFoundError as exc:
-                if _no_bucket(exc):
+            except FileNotFoundError:
+                if self._no_bucket():
                     raise
                 return []
         return sorted(str(entry).rstrip("/").rpartition("/")[2] for entry in entries)
@@ -193,28 +243,32 @@ class RemoteStore:
         with self._errors(), suppress(FileNotFoundError):
             self.fs.rm_file(self._key(kind, name))
 
-
-def _no_bucket(exc: FileNotFoundError) -> bool:
-    """Return True if ``exc`` says the bucket (not a key in it) does not exist."""
-    return "bucket" in str(exc).lower()
+    def _no_bucket(self) -> bool:
+        """Return True if the bucket (container) itself does not exist, asked after the
+        store answered "not found": the libraries word a missing bucket and a missing key
+        alike, or not at all. False when the store cannot tell, so that the first answer
+        stands."""
+        try:
+            return not self.fs.exists(self._root.partition("/")[0])
+        except Exception:
+            return False
 
 
 def _package(exc: BaseException) -> str:
     return type(exc).__module__.partition(".")[0]
 
 
-def _failure(url: str, exc: BaseException) -> str:
+def _failure(url: str, scheme: _Scheme, exc: BaseException) -> str:
     """Return the one-line message for a store that refused or could not be reached."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     lowered = f"{type(exc).__name__} {text}".lower()
     if isinstance(exc, PermissionError) or any(
-        word in lowered for word in ("credential", "accessdenied", "access denied", "signature")
+        word in lowered
+        # S3 and Azure name the signature or the credentials; GCS answers 403 "Forbidden".
+        for word in ("credential", "accessdenied", "access denied", "signature", "forbidden")
     ):
-        return (
-            f"store {url} refused the credentials ({text}): check them (for S3: "
-            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's policy"
-        )
+        return f"store {url} refused the credentials ({text}): check {scheme.credentials}"
     return (
-        f"store {url} cannot be reached ({text}): check the network and the endpoint (for "
-        "S3-compatible stores: AWS_ENDPOINT_URL), then retry"
+        f"store {url} cannot be reached ({text}): check the network and the endpoint "
+        f"({scheme.endpoint}), then retry"
     )

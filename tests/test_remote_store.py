@@ -1,17 +1,18 @@
-"""Artifacts on object storage: a registry whose store is ``s3://`` (an S3 server the tests
-start on 127.0.0.1: moto's ThreadedMotoServer, with IAM signatures checked), and machines
-(homes) that share it, each with its own verified cache.
+"""Artifacts on object storage: a registry whose store is ``s3://``, ``gs://`` or ``az://``
+(servers the tests start on 127.0.0.1: moto's S3 with IAM signatures checked,
+fake-gcs-server, Azurite; tests/object_stores.py), and machines (homes) that share it,
+each with its own verified cache.
 
 Registering publishes objects, then the bundle's manifest; another home materialises the
 bundle from verified objects; two homes on one PostgreSQL registry register and serve with
 hot reload. Faults (store unreachable, wrong credentials, missing bucket, a full cache disk,
 an object deleted or altered in the bucket, two publishers at once, a publisher killed
 mid-publish) each end in a one-line error or a correct result, never serve anything
-half-published, and a rerun completes.
+half-published, and a rerun completes. Create-only writes are refused by each server
+itself (S3 and Azure ``If-None-Match: *``, GCS ``ifGenerationMatch=0``).
 
-moto emulates S3: create-only writes (``If-None-Match: *``) and read-after-write consistency
-are what it implements, and must be checked against the real store too (README, "Team
-setup").
+The servers emulate the stores: consistency, IAM policies and the real services' retries
+must be checked against the real stores too (README, "Team setup").
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import pytest
 from factories import Checkpoints
 from harness import CliPool, Databases, Result, Step, free_socket, start_serve
 from helpers import publish_tasks, snapshot
+from object_stores import STORE_VARIABLES as VARIABLES
+from object_stores import ObjectServer, object_server
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.artifacts.home import Home
@@ -48,87 +51,23 @@ from mtreg.registry.api import Registry
 from mtreg.runtime.bundle import load_bundle
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BUCKET = "team"
 TASK = [("sentiment", ("classification", ("neg", "pos")), 2, 1, ("text",))]
 TEXT = "the movie was great"
 
 
-@dataclass(frozen=True)
-class S3:
-    """The S3 server: its endpoint and the credentials of a user allowed everything."""
-
-    endpoint: str
-    key: str
-    secret: str
-
-    def env(self, **overrides: str) -> dict[str, str]:
-        """The AWS variables an mtreg process reads (the endpoint: ``AWS_ENDPOINT_URL``)."""
-        return {
-            "AWS_ACCESS_KEY_ID": self.key,
-            "AWS_SECRET_ACCESS_KEY": self.secret,
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            **overrides,
-        }
-
-    def client(self) -> Any:
-        """A boto3 S3 client, to look at and tamper with the bucket as an operator would."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.key,
-            aws_secret_access_key=self.secret,
-            region_name="us-east-1",
-        )
-
-    def keys(self, prefix: str) -> dict[str, str]:
-        """Return every key under ``prefix`` with the sha256 of its bytes."""
-        client, found = self.client(), {}
-        listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
-        for item in listing.get("Contents", []):
-            body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
-            found[item["Key"].removeprefix(prefix + "/")] = hashlib.sha256(body).hexdigest()
-        return found
+# The tests whose behaviour is the same on every kind of store run on all three servers; the
+# others (settings, the local disk, killed processes, the README's S3 setup) on S3 only.
+SCHEMES = ["s3", "gs", "az"]
+S3_ONLY = pytest.mark.parametrize("server", ["s3"], indirect=True)
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    """Start moto's S3 server on a free loopback port, with request signatures checked
-    against an IAM user it creates, and the bucket ``team``."""
-    import boto3
-    from moto import settings
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    iam = boto3.client(
-        "iam",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="setup",
-        aws_secret_access_key="setup",
-    )
-    iam.create_user(UserName="mtreg")
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
-    }
-    iam.put_user_policy(UserName="mtreg", PolicyName="all", PolicyDocument=json.dumps(policy))
-    created = iam.create_access_key(UserName="mtreg")["AccessKey"]
-    # From here on moto checks every request's signature (wrong credentials are refused).
-    unchecked, settings.INITIAL_NO_AUTH_ACTION_COUNT = settings.INITIAL_NO_AUTH_ACTION_COUNT, 0
-    bucket = S3(endpoint, created["AccessKeyId"], created["SecretAccessKey"])
-    bucket.client().create_bucket(Bucket=BUCKET)
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in bucket.env().items():
-            patch.setenv(name, value)
-        yield bucket
-    settings.INITIAL_NO_AUTH_ACTION_COUNT = unchecked
-    server.stop()
+@pytest.fixture(scope="module", params=SCHEMES)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ObjectServer]:
+    """The object-storage server of one scheme, on 127.0.0.1 (tests/object_stores.py)."""
+    with object_server(request.param, tmp_path_factory.mktemp(request.param)) as started:
+        yield started
 
 
 class Team:
@@ -153,7 +92,7 @@ def team(tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoints) -> 
 class Setup:
     """One registry of a test: its database, its store prefix, and machine homes."""
 
-    s3: S3
+    server: ObjectServer
     team: Team
     tmp: Path
     db: str
@@ -161,17 +100,17 @@ class Setup:
 
     @property
     def store(self) -> str:
-        return f"s3://{BUCKET}/{self.prefix}"
+        return self.server.url(self.prefix)
 
     def home(self, name: str) -> Path:
         return self.tmp / name
 
     def env(self, home: str, version: str = "1.0.0", **overrides: str) -> dict[str, str]:
         """The environment of an mtreg command on machine ``home``."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("MTREG_", "AWS_"))}
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("MTREG_", *VARIABLES))}
         return {
             **base,
-            **self.s3.env(),
+            **self.server.env(),
             "MTREG_HOME": str(self.home(home)),
             "MTREG_DATABASE_URL": self.db,
             "MTREG_STORE_URL": self.store,
@@ -192,8 +131,8 @@ class Setup:
 
 
 @pytest.fixture
-def setup(s3: S3, team: Team, tmp_path: Path) -> Setup:
-    return Setup(s3, team, tmp_path, f"sqlite:///{tmp_path / 'shared.db'}", uuid.uuid4().hex)
+def setup(server: ObjectServer, team: Team, tmp_path: Path) -> Setup:
+    return Setup(server, team, tmp_path, f"sqlite:///{tmp_path / 'shared.db'}", uuid.uuid4().hex)
 
 
 def one_line_error(result: Result, *words: str) -> None:
@@ -233,7 +172,7 @@ def test_registering_publishes_objects_then_the_manifest_and_another_home_loads_
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ident = setup.publish("a")
-    keys = setup.s3.keys(setup.prefix)
+    keys = setup.server.keys(setup.prefix)
     with setup.registry("a") as a:
         bundle = a.bundle("serving")
         expected = a.bundle_path("serving")
@@ -255,12 +194,14 @@ def test_registering_publishes_objects_then_the_manifest_and_another_home_loads_
 
     # A warm start reads nothing from the store: it works with the store unreachable.
     with free_socket() as closed:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        for name, value in setup.server.faults["unreachable"][0].items():
+            monkeypatch.setenv(name, value.format(port=closed.getsockname()[1]))
         with setup.registry("b") as b:
             assert load_bundle("serving", registry=b).predict([TEXT]) == outputs
 
 
 @pytest.mark.slow
+@S3_ONLY
 def test_bundle_show_says_whether_this_machine_fetched_the_bundle(
     setup: Setup, pool: CliPool
 ) -> None:
@@ -301,7 +242,12 @@ def test_create_only_writes_let_exactly_one_of_two_writers_create_an_object(
     for thread in threads:
         thread.join()
     assert sorted(created) == [False] * 7 + [True]
-    assert setup.s3.keys(setup.prefix) == {
+    # The server refuses (s3fs, gcsfs and adlfs do not look first): a later write, even of
+    # other bytes, changes nothing.
+    other = tmp_path / "other"
+    other.write_bytes(b"other bytes")
+    assert RemoteStore(setup.store).upload("objects", "x" * 64, other) is False
+    assert setup.server.keys(setup.prefix) == {
         "objects/" + "x" * 64: hashlib.sha256(b"same bytes").hexdigest()
     }
 
@@ -392,46 +338,44 @@ def closed_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-FAULTS = {
-    "unreachable": ({"AWS_ENDPOINT_URL": "http://127.0.0.1:{port}"}, "cannot be reached"),
-    "credentials": ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "refused the credentials"),
-    "bucket": ({"MTREG_STORE_URL": "s3://no-such-bucket/x"}, "does not exist"),
-}
+# fake-gcs-server checks no credentials: a wrong one cannot be tried on gs://.
+FAULTS = [(s, f) for s in SCHEMES for f in ("unreachable", "credentials", "bucket")]
+FAULTS.remove(("gs", "credentials"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize(("server", "fault"), FAULTS, indirect=["server"])
 def test_a_store_that_cannot_be_used_is_a_one_line_error_and_changes_nothing(
     setup: Setup, pool: CliPool, fault: str, closed_port: int
 ) -> None:
     setup.publish("a")
-    overrides, words = FAULTS[fault]
+    overrides, words = setup.server.faults[fault]
     bad = {k: v.format(port=closed_port) for k, v in overrides.items()}
-    before = snapshot(setup.db, setup.home("a")), setup.s3.keys(setup.prefix)
-    writing = pool.run(setup.env("a", "2.0.0", **bad), "register", "sentiment")
-    reading = pool.run(setup.env("cold", **bad), "predict", TEXT)
+    before = snapshot(setup.db, setup.home("a")), setup.server.keys(setup.prefix)
+    # Both at once: gcsfs retries an unreachable endpoint 6 times with backoff (~40 s).
+    writing, reading = (
+        job[0]
+        for job in pool.jobs(
+            [
+                [Step(setup.env("a", "2.0.0", **bad), ("register", "sentiment"))],
+                [Step(setup.env("cold", **bad), ("predict", TEXT))],
+            ],
+            timeout=600,
+        )
+    )
     for result in (writing, reading):
         one_line_error(result, words)
-    assert (snapshot(setup.db, setup.home("a")), setup.s3.keys(setup.prefix)) == before
+    assert (snapshot(setup.db, setup.home("a")), setup.server.keys(setup.prefix)) == before
     assert cache_state(setup.home("cold"))["leftovers"] == []
     # The same commands with the store back complete.
     assert pool.run(setup.env("cold"), "predict", TEXT).code == 0
     assert pool.run(setup.env("a", "2.0.0"), "register", "sentiment").code == 0
 
 
-def test_an_unknown_scheme_or_a_missing_extra_is_a_one_line_error(
-    setup: Setup, pool: CliPool
-) -> None:
+@S3_ONLY
+def test_an_unknown_scheme_is_a_one_line_error(setup: Setup, pool: CliPool) -> None:
+    # A missing gcsfs or adlfs (its `pip install 'mtreg[EXTRA]'` line): tests/test_extras.py.
     one_line_error(pool.run(setup.env("a", MTREG_STORE_URL="ftp://host/x"), "list"), "ftp://")
-    env = setup.env("a", MTREG_STORE_URL="gs://bucket/x")
-    assert pool.run(env, "init").code == 0
-    result = pool.run(env, "trunk", "add", "tiny", str(setup.team.trunk))
-    try:
-        import gcsfs  # noqa: F401
-    except ImportError:
-        one_line_error(result, "pip install 'mtreg[gcs]'")
-    else:
-        assert result.code == 1
 
 
 # -- objects damaged in the bucket, and a full cache disk -------------------------------------
@@ -446,12 +390,12 @@ def test_an_object_damaged_in_the_bucket_is_refused_cold_and_a_warm_cache_still_
     warm = predicted(pool.run(setup.env("warm"), "predict", TEXT))
     with setup.registry("a") as a:
         branch = a.bundle(ident).manifest.tasks["sentiment"].sha256
-    key, client = f"{setup.prefix}/objects/{branch}", setup.s3.client()
-    good = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    key, bucket = f"{setup.prefix}/objects/{branch}", setup.server
+    good = bucket.read(key)
     if damage == "deleted":
-        client.delete_object(Bucket=BUCKET, Key=key)
+        bucket.delete(key)
     else:
-        client.put_object(Bucket=BUCKET, Key=key, Body=good[:-1] + bytes([good[-1] ^ 1]))
+        bucket.write(key, good[:-1] + bytes([good[-1] ^ 1]))
 
     cold = pool.run(setup.env("cold"), "predict", TEXT)
     one_line_error(cold, branch[:12], "missing" if damage == "deleted" else "damaged")
@@ -460,9 +404,7 @@ def test_an_object_damaged_in_the_bucket_is_refused_cold_and_a_warm_cache_still_
     assert predicted(pool.run(setup.env("warm"), "predict", TEXT)) == warm
 
     # Put back from the warm machine's verified copy, the cold machine's rerun completes.
-    client.put_object(
-        Bucket=BUCKET, Key=key, Body=(setup.home("warm") / "objects" / branch).read_bytes()
-    )
+    bucket.write(key, (setup.home("warm") / "objects" / branch).read_bytes())
     assert predicted(pool.run(setup.env("cold"), "predict", TEXT)) == warm
 
 
@@ -480,13 +422,13 @@ def test_verify_remote_finds_objects_damaged_in_the_bucket_and_repair_restores_t
     with setup.registry("a") as a:
         branch = a.bundle(ident).manifest.tasks["sentiment"].sha256
         layer = a.trunk("tiny").objects["layers"][0]
-    client = setup.s3.client()
+    server = setup.server
     keys = {sha: f"{setup.prefix}/objects/{sha}" for sha in (branch, layer)}
-    good = client.get_object(Bucket=BUCKET, Key=keys[branch])["Body"].read()
-    client.put_object(Bucket=BUCKET, Key=keys[branch], Body=good[:-1] + bytes([good[-1] ^ 1]))
-    client.delete_object(Bucket=BUCKET, Key=keys[layer])
-    client.put_object(Bucket=BUCKET, Key=f"{setup.prefix}/manifests/{ident}", Body=b"{}")
-    bucket = setup.s3.keys(setup.prefix)
+    good = server.read(keys[branch])
+    server.write(keys[branch], good[:-1] + bytes([good[-1] ^ 1]))
+    server.delete(keys[layer])
+    server.write(f"{setup.prefix}/manifests/{ident}", b"{}")
+    bucket = server.keys(setup.prefix)
 
     # Without --remote only this machine's (intact) cache is read.
     assert pool.run(setup.env(repairer), "verify").code == 0
@@ -498,18 +440,19 @@ def test_verify_remote_finds_objects_damaged_in_the_bucket_and_repair_restores_t
     assert "damaged in the store" in problems["remote", branch]
     assert "missing" in problems["remote", layer]
     assert "damaged in the store" in problems["published", ident]
-    assert report["checked"]["remote"] >= 4 and setup.s3.keys(setup.prefix) == bucket
+    assert report["checked"]["remote"] >= 4 and setup.server.keys(setup.prefix) == bucket
 
     repaired = pool.run(setup.env(repairer), "verify", "--remote", "--repair")
     assert repaired.code == 0, repaired.stderr + repaired.stdout
     assert repaired.stdout.count("repaired") == 3 and "DAMAGED" not in repaired.stdout
-    fixed = setup.s3.keys(setup.prefix)
+    fixed = setup.server.keys(setup.prefix)
     assert fixed[f"objects/{branch}"] == branch and fixed[f"objects/{layer}"] == layer
     assert fixed[f"manifests/{ident}"] == ident
     assert pool.run(setup.env("a"), "verify", "--remote").code == 0
     assert predicted(pool.run(setup.env("cold"), "predict", TEXT)) == warm
 
 
+@S3_ONLY
 def test_verify_remote_without_a_remote_store_is_a_one_line_error(
     setup: Setup, pool: CliPool
 ) -> None:
@@ -526,6 +469,7 @@ def _namespace_unavailable() -> str | None:
 
 
 @pytest.mark.slow
+@S3_ONLY
 def test_a_full_cache_disk_is_a_one_line_error_and_a_rerun_with_room_completes(
     setup: Setup, pool: CliPool
 ) -> None:
@@ -579,13 +523,14 @@ def test_two_machines_publishing_the_same_bundle_at_once_end_with_one_good_bundl
     with setup.registry("a") as a:
         serving = a.bundle("serving")
         assert [b.id for b in a.bundles()] == [serving.id]
-    assert setup.s3.keys(setup.prefix)[f"manifests/{serving.id}"] == serving.id
+    assert setup.server.keys(setup.prefix)[f"manifests/{serving.id}"] == serving.id
     cold = predicted(pool.run(setup.env("cold"), "predict", TEXT))
     assert cold == predicted(pool.run(setup.env("a"), "predict", TEXT))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["objects.stored", "bundle.renamed", "write.before_commit"])
+@S3_ONLY
 def test_a_publisher_killed_mid_publish_serves_nothing_new_and_a_rerun_completes(
     setup: Setup, pool: CliPool, point: str
 ) -> None:
@@ -610,7 +555,7 @@ def test_a_publisher_killed_mid_publish_serves_nothing_new_and_a_rerun_completes
     assert after != before
     # gc withdraws the old bundle's manifest, and leaves nothing more to collect.
     assert pool.run(setup.env("a"), "gc").code == 0
-    manifests = [k for k in setup.s3.keys(setup.prefix) if k.startswith("manifests/")]
+    manifests = [k for k in setup.server.keys(setup.prefix) if k.startswith("manifests/")]
     assert manifests == [f"manifests/{new.id}"]
     with setup.registry("a") as a:
         assert a.gc(dry_run=True) == {"bundles": [], "objects": []}
@@ -623,11 +568,14 @@ def _team_setup_script(setup: Setup) -> str:
     """The README's team setup block, made to run here: the settings point at this test's
     database, bucket and server; machine b serves from its own home; no pip, no serve."""
     (block,) = re.findall(r"^```bash\n(# Team setup.*?)^```", README.read_text(), re.M | re.S)
+    aws = setup.server.variables
     values = {
         "MTREG_DATABASE_URL": setup.db,
         "MTREG_STORE_URL": setup.store,
-        "AWS_ACCESS_KEY_ID": f"{setup.s3.key} AWS_SECRET_ACCESS_KEY={setup.s3.secret}",
-        "AWS_ENDPOINT_URL": setup.s3.endpoint,
+        "AWS_ACCESS_KEY_ID": (
+            f"{aws['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={aws['AWS_SECRET_ACCESS_KEY']}"
+        ),
+        "AWS_ENDPOINT_URL": aws["AWS_ENDPOINT_URL"],
     }
     lines = [f"set -e; export MTREG_HOME={setup.home('a')} MINILM={setup.team.trunk}"]
     for line in block.splitlines():
@@ -643,6 +591,7 @@ def _team_setup_script(setup: Setup) -> str:
 
 
 @pytest.mark.slow
+@S3_ONLY
 def test_the_readme_team_setup_runs_as_written(setup: Setup) -> None:
     env = setup.env("unused")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -650,7 +599,7 @@ def test_the_readme_team_setup_runs_as_written(setup: Setup) -> None:
         env.pop(name)
     done = subprocess.run(
         ["bash", "-c", _team_setup_script(setup)],
-        env={k: v for k, v in env.items() if not k.startswith("AWS_")},
+        env={k: v for k, v in env.items() if not k.startswith(VARIABLES)},
         capture_output=True,
         text=True,
         timeout=300,
