@@ -98,14 +98,14 @@ def branch_shapes(
     """Return every tensor a branch forking at ``fork_depth`` must hold: name -> shape
     (its layers, the family's extras: DeBERTa's relative-position ``context.*`` copy,
     ModernBERT's ``final_norm.*``; its pooler unless the head is per token; its head)."""
-    family, fields = config.family, config.to_dict()
+    family = config.family
     shapes = {
         f"layers.{j}.{name}": shape
         for j in range(num_layers)
         for name, shape in layer_shapes(config, fork_depth + j).items()
     }
-    shapes |= {k: v for k, v in family.embeddings(fields).items() if k.startswith("context.")}
-    shapes |= {f"final_norm.{k}": v for k, v in family.final_norm_shapes(fields).items()}
+    shapes |= {k: v for k, v in family.embeddings(config).items() if k.startswith("context.")}
+    shapes |= {f"final_norm.{k}": v for k, v in family.final_norm_shapes(config).items()}
     if not head.per_token or family.token_pooler:
         shapes |= {f"pooler.{name}": shape for name, shape in pooler_shapes(config).items()}
     return shapes | {

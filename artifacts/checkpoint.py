@@ -40,25 +40,25 @@ Tensors = dict[str, torch.Tensor]
 
 def embedding_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
     """Return the expected embeddings component tensors: name -> shape."""
-    return config.family.embeddings(config.to_dict())
+    return config.family.embeddings(config)
 
 
 def layer_shapes(config: TrunkConfig, index: int = 0) -> dict[str, tuple[int, ...]]:
     """Return the expected tensors of encoder layer ``index``: name -> shape (ModernBERT's
     layer 0 has no attention norm; every other family's layers are alike)."""
-    return config.family.layer(config.to_dict(), index)
+    return config.family.layer(config, index)
 
 
 def pooler_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
     """Return the expected tensors of a branch's pooler: name -> shape."""
-    return config.family.pooler_shapes(config.to_dict())
+    return config.family.pooler_shapes(config)
 
 
 def top_shapes(config: TrunkConfig) -> dict[str, tuple[int, ...]]:
     """Return the expected tensors of the trunk's top component (what follows its last
     layer: BERT's pooler, ModernBERT's final norm): name -> shape."""
     if config.family.final_norm:
-        return config.family.final_norm_shapes(config.to_dict())
+        return config.family.final_norm_shapes(config)
     return pooler_shapes(config)
 
 

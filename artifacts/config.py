@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mtreg.artifacts.families import MODEL_TYPES, Family, family_of
+from mtreg.artifacts.families import MODEL_TYPES, Family, Options, family_of
+from mtreg.artifacts.hub import is_hub_id
 from mtreg.errors import InvalidCheckpoint
 
 SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES)
@@ -38,7 +39,12 @@ class TrunkConfig:
     The common fields carry transformers' BERT names whatever the family calls them
     (DistilBERT's ``dim`` is ``hidden_size`` here); ``options`` holds the family's own
     fields that shape the network (DeBERTa's relative attention, ModernBERT's rotary and
-    local attention, ...), each with its default filled in.
+    local attention, ...), each with its default filled in. Given as a dict (a manifest's
+    or a registry row's ``config``, ``TrunkConfig(**d)``), they are read into
+    :class:`~mtreg.artifacts.families.Options`. ``base_model`` is where the weights came
+    from on the Hub (the id a trunk was added by, else the checkpoint's ``_name_or_path``
+    when it is a Hub id): it is provenance, for model cards, not architecture, so it takes
+    no part in equality, the architecture hash or ``to_hf``.
     """
 
     model_type: str
@@ -52,7 +58,13 @@ class TrunkConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     pad_token_id: int = 0
-    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    options: Options = field(default_factory=Options)
+    base_model: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options, dict):
+            # The one place the stored form of the options is read.
+            object.__setattr__(self, "options", Options.of(self.options))
 
     @property
     def family(self) -> Family:
@@ -93,7 +105,11 @@ class TrunkConfig:
             values["pad_token_id"] = 1 if family.name == "roberta" else 0
         options = {k: data.get(k, default) for k, default in family.options.items()}
         options = _normalise(family, data, options)
-        config = cls(model_type, **values, **family.fixed, options=options)
+        named = data.get("_name_or_path")
+        base_model = named if isinstance(named, str) and is_hub_id(named) else None
+        config = cls(
+            model_type, **values, **family.fixed, options=Options.of(options), base_model=base_model
+        )
         if config.hidden_size % config.num_attention_heads:
             raise InvalidCheckpoint(
                 f"hidden_size {config.hidden_size} is not a multiple of "
@@ -102,37 +118,45 @@ class TrunkConfig:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the fields as a JSON-ready dict (``TrunkConfig(**d)`` reverses it)."""
-        return asdict(self)
+        """Return the fields as a JSON-ready dict (``TrunkConfig(**d)`` reverses it); the
+        options are the family's own, by name."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.base_model is None:
+            # Left out rather than null: configs stored before it existed read the same.
+            values.pop("base_model")
+        return values | {"options": self.options.to_dict(self.family.options)}
 
     def to_hf(self) -> dict[str, Any]:
         """Return this architecture as a transformers config dict of its family (the
         family's own field names, its options, no dropout): what ``AutoConfig.for_model``
         and an exported ``config.json`` take."""
         family = self.family
-        fields = {k: v for k, v in self.to_dict().items() if k not in family.fixed}
-        fields.pop("options")
-        hf = {family.aliases.get(k, k): v for k, v in fields.items()}
-        return hf | {k: v for k, v in self.options.items() if v is not None}
+        common = {k: v for k, v in self.to_dict().items() if k not in family.fixed}
+        options = common.pop("options")
+        common.pop("base_model", None)
+        hf = {family.aliases.get(k, k): v for k, v in common.items()}
+        return hf | {k: v for k, v in options.items() if v is not None}
 
     def architecture_hash(self) -> str:
-        """sha256 of every field but the layer count.
+        """sha256 of every field but the layer count (and ``base_model``).
 
         The layer count is left out on purpose: by the compatibility rule a branch at depth k
         depends only on layers below k, which the per-layer fingerprints already cover.
         ``options`` joins the hash only when the family has any, so that BERT and RoBERTa
         trunks keep the hashes they were registered with.
         """
-        fields = self.to_dict()
-        fields.pop("num_hidden_layers")
-        if not fields["options"]:
-            fields.pop("options")
-        text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        hashed = self.to_dict()
+        hashed.pop("num_hidden_layers")
+        hashed.pop("base_model", None)
+        if not hashed["options"]:
+            hashed.pop("options")
+        text = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _common(family: Family, data: dict[str, Any]) -> list[str]:
-    names = [f for f in TrunkConfig.__dataclass_fields__ if f not in ("model_type", "options")]
+    own = ("model_type", "options", "base_model")
+    names = [f for f in TrunkConfig.__dataclass_fields__ if f not in own]
     return [n for n in names if n not in family.fixed and family.aliases.get(n, n) in data]
 
 

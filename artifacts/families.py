@@ -14,12 +14,78 @@ reads, as ``context.*``; for ELECTRA its projection, as ``project.*``), layer i 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 Shapes = dict[str, tuple[int, ...]]
-Fields = Mapping[str, Any]  # a TrunkConfig's fields: the common ones plus ``options``
+
+
+@dataclass(frozen=True)
+class Options:
+    """A trunk's family-specific config fields that shape the network, typed: the one
+    reader of them. :attr:`Family.options` names a family's fields and their defaults;
+    the fields of other families are None (``to_dict`` leaves them out)."""
+
+    # DistilBERT
+    sinusoidal_pos_embds: bool | None = None
+    # ELECTRA and DeBERTa (None for DeBERTa: the hidden size)
+    embedding_size: int | None = None
+    # DeBERTa-v2/v3
+    relative_attention: bool | None = None
+    max_relative_positions: int | None = None
+    position_buckets: int | None = None
+    norm_rel_ebd: str | None = None
+    pos_att_type: tuple[str, ...] | None = None
+    share_att_key: bool | None = None
+    position_biased_input: bool | None = None
+    pooler_hidden_act: str | None = None
+    # ModernBERT
+    norm_bias: bool | None = None
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
+    local_attention: int | None = None
+    global_attn_every_n_layers: int | None = None
+    global_rope_theta: float | None = None
+    local_rope_theta: float | None = None
+    classifier_pooling: str | None = None
+    classifier_activation: str | None = None
+    classifier_bias: bool | None = None
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> Options:
+        """Return the options in ``values`` (a family's fields, as :meth:`to_dict` gives
+        them and a manifest holds them).
+
+        Raises:
+            TypeError: a name no family has.
+        """
+        kinds = values.get("pos_att_type")
+        fixed = {**values, "pos_att_type": tuple(kinds)} if kinds is not None else values
+        return cls(**fixed)
+
+    def to_dict(self, names: Iterable[str]) -> dict[str, Any]:
+        """Return the fields ``names`` (a family's) as a JSON-ready dict: exactly what the
+        architecture hash and a manifest have always held."""
+        values = {name: getattr(self, name) for name in names}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+class Architecture(Protocol):
+    """What the shape functions read of a trunk config (``TrunkConfig`` has it)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def intermediate_size(self) -> int: ...
+    @property
+    def max_position_embeddings(self) -> int: ...
+    @property
+    def type_vocab_size(self) -> int: ...
+    @property
+    def options(self) -> Options: ...
 
 
 def _linear(name: str, out: int, inp: int, bias: bool = True) -> Shapes:
@@ -30,10 +96,10 @@ def _norm(name: str, h: int, bias: bool = True) -> Shapes:
     return {f"{name}.weight": (h,)} | ({f"{name}.bias": (h,)} if bias else {})
 
 
-def _post_ln(c: Fields, projections: tuple[str, ...]) -> Shapes:
+def _post_ln(c: Architecture, projections: tuple[str, ...]) -> Shapes:
     """A BERT-style post-LN layer: the attention projections named ``projections`` (under
     ``attention.self.``), then the output dense and norm, intermediate, output and norm."""
-    h, i = c["hidden_size"], c["intermediate_size"]
+    h, i = c.hidden_size, c.intermediate_size
     shapes: Shapes = {}
     for name in projections:
         shapes |= _linear(f"attention.self.{name}", h, h)
@@ -47,12 +113,12 @@ def _post_ln(c: Fields, projections: tuple[str, ...]) -> Shapes:
     )
 
 
-def _bert_layer(c: Fields, index: int) -> Shapes:
+def _bert_layer(c: Architecture, index: int) -> Shapes:
     return _post_ln(c, ("query", "key", "value"))
 
 
-def _distilbert_layer(c: Fields, index: int) -> Shapes:
-    h, i = c["hidden_size"], c["intermediate_size"]
+def _distilbert_layer(c: Architecture, index: int) -> Shapes:
+    h, i = c.hidden_size, c.intermediate_size
     shapes: Shapes = {}
     for name in ("q_lin", "k_lin", "v_lin", "out_lin"):
         shapes |= _linear(f"attention.{name}", h, h)
@@ -65,19 +131,19 @@ def _distilbert_layer(c: Fields, index: int) -> Shapes:
     )
 
 
-def _deberta_layer(c: Fields, index: int) -> Shapes:
-    o = c["options"]
+def _deberta_layer(c: Architecture, index: int) -> Shapes:
+    o = c.options
     projections = ("query_proj", "key_proj", "value_proj")
-    if o["relative_attention"] and not o["share_att_key"]:
+    if o.relative_attention and not o.share_att_key:
         for kind, name in (("c2p", "pos_key_proj"), ("p2c", "pos_query_proj")):
-            if kind in o["pos_att_type"]:
+            if kind in o.pos_att_type:
                 projections += (name,)
     return _post_ln(c, projections)
 
 
-def _modernbert_layer(c: Fields, index: int) -> Shapes:
-    h, i, o = c["hidden_size"], c["intermediate_size"], c["options"]
-    nb, ab, mb = o["norm_bias"], o["attention_bias"], o["mlp_bias"]
+def _modernbert_layer(c: Architecture, index: int) -> Shapes:
+    h, i, o = c.hidden_size, c.intermediate_size, c.options
+    nb, ab, mb = o.norm_bias, o.attention_bias, o.mlp_bias
     # Layer 0 reads the embeddings' own norm: transformers gives it no attention norm.
     shapes = _norm("attn_norm", h, nb) if index > 0 else {}
     return (
@@ -90,50 +156,50 @@ def _modernbert_layer(c: Fields, index: int) -> Shapes:
     )
 
 
-def _bert_embeddings(c: Fields) -> Shapes:
-    e = c["options"].get("embedding_size") or c["hidden_size"]
+def _bert_embeddings(c: Architecture) -> Shapes:
+    e = c.options.embedding_size or c.hidden_size
     shapes = {
-        "word_embeddings.weight": (c["vocab_size"], e),
-        "position_embeddings.weight": (c["max_position_embeddings"], e),
+        "word_embeddings.weight": (c.vocab_size, e),
+        "position_embeddings.weight": (c.max_position_embeddings, e),
     }
-    if c["type_vocab_size"] > 0:
-        shapes["token_type_embeddings.weight"] = (c["type_vocab_size"], e)
+    if c.type_vocab_size > 0:
+        shapes["token_type_embeddings.weight"] = (c.type_vocab_size, e)
     shapes |= _norm("LayerNorm", e)
-    if e != c["hidden_size"]:  # ELECTRA's small generator-sized embeddings
-        shapes |= _linear("project", c["hidden_size"], e)
+    if e != c.hidden_size:  # ELECTRA's small generator-sized embeddings
+        shapes |= _linear("project", c.hidden_size, e)
     return shapes
 
 
-def _deberta_embeddings(c: Fields) -> Shapes:
-    h, o = c["hidden_size"], c["options"]
-    e = o["embedding_size"] or h
-    shapes = {"word_embeddings.weight": (c["vocab_size"], e)}
-    if o["position_biased_input"]:
-        shapes["position_embeddings.weight"] = (c["max_position_embeddings"], e)
-    if c["type_vocab_size"] > 0:
-        shapes["token_type_embeddings.weight"] = (c["type_vocab_size"], e)
+def _deberta_embeddings(c: Architecture) -> Shapes:
+    h, o = c.hidden_size, c.options
+    e = o.embedding_size or h
+    shapes = {"word_embeddings.weight": (c.vocab_size, e)}
+    if o.position_biased_input:
+        shapes["position_embeddings.weight"] = (c.max_position_embeddings, e)
+    if c.type_vocab_size > 0:
+        shapes["token_type_embeddings.weight"] = (c.type_vocab_size, e)
     if e != h:
         shapes |= _linear("embed_proj", h, e, bias=False)
     return shapes | _norm("LayerNorm", h) | deberta_context(c)
 
 
-def deberta_context(c: Fields) -> Shapes:
+def deberta_context(c: Architecture) -> Shapes:
     """Return DeBERTa's relative-position tensors (``context.*``): every layer reads them."""
-    o = c["options"]
-    if not o["relative_attention"]:
+    o = c.options
+    if not o.relative_attention:
         return {}
-    span = o["max_relative_positions"]
-    span = o["position_buckets"] if o["position_buckets"] > 0 else span
-    span = span if span >= 1 else c["max_position_embeddings"]
-    shapes = {"context.rel_embeddings.weight": (2 * span, c["hidden_size"])}
-    if "layer_norm" in o["norm_rel_ebd"]:
-        shapes |= _norm("context.LayerNorm", c["hidden_size"])
+    span = o.max_relative_positions
+    span = o.position_buckets if o.position_buckets > 0 else span
+    span = span if span >= 1 else c.max_position_embeddings
+    shapes = {"context.rel_embeddings.weight": (2 * span, c.hidden_size)}
+    if "layer_norm" in o.norm_rel_ebd:
+        shapes |= _norm("context.LayerNorm", c.hidden_size)
     return shapes
 
 
-def _modernbert_embeddings(c: Fields) -> Shapes:
-    return {"tok_embeddings.weight": (c["vocab_size"], c["hidden_size"])} | _norm(
-        "norm", c["hidden_size"], c["options"]["norm_bias"]
+def _modernbert_embeddings(c: Architecture) -> Shapes:
+    return {"tok_embeddings.weight": (c.vocab_size, c.hidden_size)} | _norm(
+        "norm", c.hidden_size, c.options.norm_bias
     )
 
 
@@ -164,8 +230,8 @@ class Family:
     hf_class: dict[str, str]
     base: str
     layer_prefix: str
-    embeddings: Callable[[Fields], Shapes]
-    layer: Callable[[Fields, int], Shapes]
+    embeddings: Callable[[Architecture], Shapes]
+    layer: Callable[[Architecture, int], Shapes]
     embedding_groups: dict[str, str] = field(default_factory=lambda: {"embeddings.": ""})
     top_prefix: str | None = None
     top_target: str = "pooler."
@@ -178,19 +244,19 @@ class Family:
     token_pooler: bool = False
     onnx_fusion: str | None = "bert"
 
-    def pooler_shapes(self, c: Fields) -> Shapes:
+    def pooler_shapes(self, c: Architecture) -> Shapes:
         """Return the branch pooler's tensors (relative to ``pooler.``)."""
-        h, o = c["hidden_size"], c["options"]
+        h, o = c.hidden_size, c.options
         if self.name == "modernbert":
-            return _linear("dense", h, h, o["classifier_bias"]) | _norm("norm", h, o["norm_bias"])
+            return _linear("dense", h, h, o.classifier_bias) | _norm("norm", h, o.norm_bias)
         return _linear("dense", h, h)
 
-    def final_norm_shapes(self, c: Fields) -> Shapes:
+    def final_norm_shapes(self, c: Architecture) -> Shapes:
         """Return the tensors of a branch's own final norm (relative to ``final_norm.``)."""
         if not self.final_norm:
             return {}
-        bias = c["options"]["norm_bias"]
-        return {"weight": (c["hidden_size"],)} | ({"bias": (c["hidden_size"],)} if bias else {})
+        bias = c.options.norm_bias
+        return {"weight": (c.hidden_size,)} | ({"bias": (c.hidden_size,)} if bias else {})
 
 
 _BERT_CLASSIFIER = {"bert.pooler.": "pooler.", "classifier.": "head."}

@@ -48,6 +48,8 @@ def model_card(manifest: Manifest, task: str | None = None) -> str:
         if task
         else None,
         model_name=task or f"mtreg-{manifest.trunk.name}",
+        # The trunk's Hub id when it is known (``TrunkConfig.base_model``); else none.
+        base_model=manifest.trunk.config.get("base_model"),
         eval_results=results or None,
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(manifest, tasks, task)}"))

@@ -17,6 +17,7 @@ import click
 
 from mtreg.artifacts.home import Home
 from mtreg.cli.output import echo_table
+from mtreg.core.disk import disk_errors
 from mtreg.errors import MtregError
 
 DEMO_TASKS = ("demo-sentiment", "demo-intent")
@@ -65,8 +66,12 @@ def demo(directory: Path) -> None:
     started = time.perf_counter()
     home = Home(directory.resolve())
     click.echo(f"demo registry: {home.root} (delete it to start over)")
+    # Every write of the demo lands in its folder: a disk fault anywhere is one line, and
+    # one that stops the folder itself is found before anything else runs.
+    with disk_errors(home.root, "--dir"):
+        home.root.mkdir(parents=True, exist_ok=True)
     # SQLite in the demo folder, whatever $MTREG_DATABASE_URL says: the demo is throw-away.
-    with Registry(home=home.root, url=home.sqlite_url) as registry:
+    with disk_errors(home.root, "--dir"), Registry(home=home.root, url=home.sqlite_url) as registry:
         registry.plugins_dirs = (Path(demo_plugin.__file__),)
         _step("1. register the trunk: all-MiniLM-L6-v2 (6 layers, hidden 384)")
         if not any(t.name == "minilm" for t in registry.trunks()):

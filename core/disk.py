@@ -13,21 +13,22 @@ from mtreg.errors import StorageError
 _HINTS = {
     errno.ENOSPC: "free space on that disk and retry",
     errno.EDQUOT: "free space within your disk quota and retry",
-    errno.EROFS: "use a writable --home or --out (commands that only read work as they are)",
-    errno.EACCES: "check the permissions, or use another --home or --out",
-    errno.EPERM: "check the permissions, or use another --home or --out",
-    errno.ENOTDIR: "a part of that path is a regular file: use another --home or --out",
+    errno.EROFS: "use a writable {place} (commands that only read work as they are)",
+    errno.EACCES: "check the permissions, or use another {place}",
+    errno.EPERM: "check the permissions, or use another {place}",
+    errno.ENOTDIR: "a part of that path is a regular file: use another {place}",
     # mkdir of a folder where a regular file already is.
-    errno.EEXIST: "a regular file is in the way: use another --home or --out",
+    errno.EEXIST: "a regular file is in the way: use another {place}",
 }
 
 
 @contextmanager
-def disk_errors(where: str | Path) -> Iterator[None]:
+def disk_errors(where: str | Path, place: str = "--home or --out") -> Iterator[None]:
     """Run the block, turning a disk fault in it into a :class:`StorageError`.
 
-    ``where`` names the folder being written, for a fault that names no file. Other
-    ``OSError`` s (a missing source file, for one) pass through unchanged.
+    ``where`` names the folder being written, for a fault that names no file; ``place``
+    names the option that moves it, in the hint. Other ``OSError`` s (a missing source
+    file, for one) pass through unchanged.
 
     Raises:
         StorageError: the disk is full or read-only, or the path cannot be written or created.
@@ -39,4 +40,6 @@ def disk_errors(where: str | Path) -> Iterator[None]:
         if hint is None:
             raise
         path = exc.filename or where
-        raise StorageError(f"cannot write {path}: {exc.strerror}: {hint}") from None
+        raise StorageError(
+            f"cannot write {path}: {exc.strerror}: {hint.format(place=place)}"
+        ) from None

@@ -193,16 +193,16 @@ class Pooler(nn.Module):
     def __init__(self, config: TrunkConfig, per_token: bool) -> None:
         super().__init__()
         h, options, family = config.hidden_size, config.options, config.family.name
-        self.pooling = "token" if per_token else options.get("classifier_pooling", "cls")
+        self.pooling = "token" if per_token else options.classifier_pooling or "cls"
         self.norm: nn.Module | None = None
         if family == "modernbert":
-            self.dense = nn.Linear(h, h, bias=options["classifier_bias"])
-            self.act = ACT2FN[options["classifier_activation"]]
-            self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps, bias=options["norm_bias"])
+            self.dense = nn.Linear(h, h, bias=bool(options.classifier_bias))
+            self.act = ACT2FN[options.classifier_activation]
+            self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps, bias=bool(options.norm_bias))
         else:
             self.dense = nn.Linear(h, h)
             act = {"distilbert": "relu", "electra": "gelu"}.get(family, "tanh")
-            self.act = ACT2FN[options.get("pooler_hidden_act", act)]
+            self.act = ACT2FN[options.pooler_hidden_act or act]
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """Return the pooled representation [B, H] ([B, T, H] per token)."""
@@ -243,7 +243,7 @@ class Branch(nn.Module):
         self.layers = nn.ModuleList(adapter.layer(hf, fork_depth + j) for j in range(num_layers))
         self.final_norm: nn.Module | None = None
         if family.final_norm:
-            bias = config.options["norm_bias"]
+            bias = bool(config.options.norm_bias)
             self.final_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, bias=bias)
         pooled = not head.per_token or family.token_pooler
         self.pooler = Pooler(config, head.per_token) if pooled else None

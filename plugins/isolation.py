@@ -13,8 +13,11 @@ import, its hook) runs through :func:`guarded`:
 - catching every exception, ``SystemExit`` and ``KeyboardInterrupt`` included, as a one-line
   reason, so a plugin can neither end the command nor change its exit code.
 
-What in-process isolation cannot stop: ``os._exit``, a crash in native code, or a thread the
-plugin itself starts.
+What in-process isolation cannot stop: ``os._exit``, a crash in native code, a hang holding
+the interpreter lock, or a thread the plugin itself starts. The loader therefore tries every
+plugin in a subprocess first (:mod:`mtreg.plugins.probe`) and imports only those that came
+through. :func:`within` is the time limit alone, for plugin code whose output and exceptions
+are the caller's to handle (a task's ``load_dataset``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mtreg.core.env import PLUGIN_TIMEOUT_ENV
 from mtreg.core.text import printable
@@ -58,6 +61,40 @@ class _Abandoned(BaseException):
     """Raised in the thread of a call that overran its time limit, to end it."""
 
 
+class Overran(Exception):
+    """A call given to :func:`within` was still running when its time limit ran out."""
+
+
+def within(function: Callable[[], T], limit: float) -> T:
+    """Run ``function()`` in a daemon thread and wait for it at most ``limit`` seconds.
+
+    Returns:
+        What ``function`` returned.
+
+    Raises:
+        Overran: it was still running after ``limit`` seconds; its thread is asked to stop
+            (an exception raised in it at its next Python instruction) and abandoned.
+        BaseException: whatever ``function`` raised, re-raised here.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = function()
+        except BaseException as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="mtreg-plugin", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        _stop(worker)
+        raise Overran(f"still running after {limit:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def guarded(function: Callable[[], T], doing: str, limit: float) -> Guarded[T]:
     """Run ``function()`` as plugin code: in a thread, for at most ``limit`` seconds, with
     its output captured. ``doing`` names what it does in messages ("importing it").
@@ -66,40 +103,32 @@ def guarded(function: Callable[[], T], doing: str, limit: float) -> Guarded[T]:
         The :class:`Guarded` outcome. Never raises for anything ``function`` does; a real
         Ctrl-C in the waiting thread still propagates.
     """
-    outcome: Guarded[T] = Guarded()
 
-    def target() -> None:
+    def attempt() -> Guarded[T]:
         try:
-            outcome.value = function()
+            return Guarded(value=function())
         except BaseException as exc:
-            # Exits and interrupts too: they belong to the plugin, not to the command.
+            # Exits and interrupts too: they belong to the plugin, not to the command. The
+            # reason is read here, under the time limit: ``str(exc)`` is plugin code too.
             try:
-                outcome.error = _reason(exc, doing)
+                return Guarded(error=_reason(exc, doing))
             except BaseException:
-                outcome.error = f"{type(exc).__name__} (raised while {doing})"
+                return Guarded(error=f"{type(exc).__name__} (raised while {doing})")
 
-    worker = threading.Thread(target=target, name="mtreg-plugin", daemon=True)
     with _captured() as sink:
-        worker.start()
-        worker.join(limit)
-        hung = worker.is_alive()
-        if hung:
-            _stop(worker)
-    if hung:
-        # The abandoned thread may still set a value or an error: report neither.
-        outcome = Guarded(
-            error=f"hung: {doing} took longer than {limit:g} s (the limit, "
-            f"{PLUGIN_TIMEOUT_ENV}); fix the plugin or raise the limit"
-        )
+        try:
+            outcome = within(attempt, limit)
+        except Overran:
+            outcome = Guarded(
+                error=f"hung: {doing} took longer than {limit:g} s (the limit, "
+                f"{PLUGIN_TIMEOUT_ENV}); fix the plugin or raise the limit"
+            )
     outcome.output, outcome.written = sink.text(), sink.size
     return outcome
 
 
 def _reason(exc: BaseException, doing: str) -> str:
-    """Return the one-line reason for ``exc``, which plugin code raised while ``doing``.
-
-    Runs in the plugin's thread, under its time limit: ``str(exc)`` is plugin code too.
-    """
+    """Return the one-line reason for ``exc``, which plugin code raised while ``doing``."""
     if isinstance(exc, SystemExit):
         code = printable(repr(exc.code), 40)
         return (

@@ -12,17 +12,13 @@ keeps working; one that prints is reported in the warnings.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.machinery
-import importlib.metadata
-import importlib.util
-import re
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import CodeType, ModuleType
 from typing import Any
 
 import pluggy
@@ -32,10 +28,12 @@ from mtreg.core.env import LOAD_PLUGINS_ENV
 from mtreg.core.spec import TaskSpec
 from mtreg.core.text import printable
 from mtreg.errors import NotFound, PluginError
-from mtreg.plugins import hookspecs
+from mtreg.plugins import hookspecs, sources
 from mtreg.plugins.isolation import Guarded, guarded
+from mtreg.plugins.probe import USER_CACHE, probe
+from mtreg.plugins.sources import Source
 
-ENTRY_POINT_GROUP = "mtreg"
+HOOK_DOING = "running its register_tasks hook"
 
 
 @dataclass(frozen=True)
@@ -136,27 +134,12 @@ class Discovery:
         }
 
 
-@dataclass(frozen=True)
-class _Loaded:
-    """An imported plugin: the object to register, where relative weights live, its version."""
-
-    plugin: object
-    base: Path | None
-    version: str | None
-
-
-@dataclass(frozen=True)
-class _Source:
-    """A plugin found but not imported yet (importing is what may fail)."""
-
-    name: str
-    where: str
-    version: str | None
-    load: Callable[[], _Loaded]
-
-
-def discover(paths: Sequence[str | Path] = ()) -> Discovery:
+def discover(paths: Sequence[str | Path] = (), cache: Path | None = USER_CACHE) -> Discovery:
     """Find, load and collect every plugin: entry points, ``paths``, ``$MTREG_PLUGINS_PATH``.
+
+    Every plugin is first tried in a probe subprocess (:mod:`mtreg.plugins.probe`, its
+    outcomes kept in the file ``cache``, by default the user's; None: probe every time); one
+    that crashed, hung or failed there is reported and never imported here.
 
     Returns:
         The :class:`Discovery`. Never raises for a broken plugin, a missing path or a clash:
@@ -167,21 +150,28 @@ def discover(paths: Sequence[str | Path] = ()) -> Discovery:
     """
     limit = env.plugin_timeout()
     warnings: list[str] = []
-    sources = _entry_point_sources() + _path_sources([*paths, *env.plugins_path()], warnings)
+    searched = [*paths, *env.plugins_path()]
+    found = sources.entry_point_sources() + sources.path_sources(searched, warnings)
     allowed = env.load_plugins()
     if allowed is not None:
-        found = {s.name for s in sources}
+        names = {s.name for s in found}
         warnings += [
             f"{LOAD_PLUGINS_ENV} names plugin {name!r}, which was not found"
             for name in allowed
-            if name not in found
+            if name not in names
         ]
-        sources = [s for s in sources if s.name in allowed]
+        found = [s for s in found if s.name in allowed]
+    broken, trouble = probe(found, searched, limit, cache)
+    warnings += trouble
 
     plugins: list[PluginInfo] = []
     claims: dict[str, list[tuple[TaskSpec, PluginInfo]]] = {}
-    for source in sources:
-        info, specs = _load(source, limit, warnings)
+    for source in found:
+        if source.key in broken:
+            info, specs = PluginInfo(source.name, source.version, [], None, source.where), []
+            info.error = broken[source.key]
+        else:
+            info, specs = _load(source, limit, warnings)
         plugins.append(info)
         for spec in specs:
             claims.setdefault(spec.name, []).append((spec, info))
@@ -198,9 +188,16 @@ def discover(paths: Sequence[str | Path] = ()) -> Discovery:
     return Discovery(plugins, tasks, list(conflicted.values()), warnings, conflicted)
 
 
-def _load(source: _Source, limit: float, warnings: list[str]) -> tuple[PluginInfo, list[TaskSpec]]:
-    """Import one plugin and call its hook, each guarded; a failure becomes its error."""
+def _load(
+    source: Source,
+    limit: float,
+    warnings: list[str],
+    note: Callable[[str], None] = lambda doing: None,
+) -> tuple[PluginInfo, list[TaskSpec]]:
+    """Import one plugin and call its hook, each guarded; a failure becomes its error.
+    ``note`` is told what is about to run ("importing it"), for the probe's report."""
     info = PluginInfo(source.name, source.version, [], None, source.where)
+    note("importing it")
     imported = guarded(source.load, "importing it", limit)
     _warn_output(source, imported, "importing it", warnings)
     if imported.value is None:
@@ -215,9 +212,8 @@ def _load(source: _Source, limit: float, warnings: list[str]) -> tuple[PluginInf
             raise TypeError(f"register() takes a mtreg.TaskSpec, got {type(spec).__name__}")
         specs.append(_resolve_weights(spec, loaded.base))
 
-    called = guarded(
-        partial(_call_hook, loaded.plugin, register), "running its register_tasks hook", limit
-    )
+    note(HOOK_DOING)
+    called = guarded(partial(_call_hook, loaded.plugin, register), HOOK_DOING, limit)
     _warn_output(source, called, "running its hook", warnings)
     if called.error is not None:
         # A half-run hook contributes nothing: its tasks might depend on the part that failed.
@@ -248,7 +244,7 @@ def _call_hook(plugin: object, register: Callable[[TaskSpec], None]) -> bool:
     return True
 
 
-def _warn_output(source: _Source, call: Guarded[Any], doing: str, warnings: list[str]) -> None:
+def _warn_output(source: Source, call: Guarded[Any], doing: str, warnings: list[str]) -> None:
     """Record that the plugin printed while ``doing`` (its output is kept out of mtreg's)."""
     if call.written:
         warnings.append(
@@ -284,110 +280,31 @@ def _conflict_message(task: str, owners: list[PluginInfo]) -> str:
     return f"{message}: uninstall or rename one"
 
 
-# -- entry points -------------------------------------------------------------------------
+# -- the probe's child process ---------------------------------------------------------------
 
 
-def _entry_point_sources() -> list[_Source]:
-    sources = []
-    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=_ep_key):
-        dist = getattr(ep, "dist", None)
-        version = getattr(dist, "version", None) if dist is not None else None
-        sources.append(
-            _Source(ep.name, f"entry point {ep.value}", version, partial(_load_entry_point, ep))
-        )
-    return sources
-
-
-def _ep_key(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
-    return ep.name, ep.value
-
-
-def _load_entry_point(ep: importlib.metadata.EntryPoint) -> _Loaded:
-    plugin = ep.load()
-    module = plugin if isinstance(plugin, ModuleType) else sys.modules.get(ep.module)
-    file = getattr(module, "__file__", None)
-    return _Loaded(plugin, Path(file).parent if file else None, None)
-
-
-# -- path plugins -------------------------------------------------------------------------
-
-
-def _path_sources(paths: Sequence[str | Path], warnings: list[str]) -> list[_Source]:
-    """Return a source per plugin file or package under ``paths``, each path once."""
-    sources: list[_Source] = []
-    seen: set[Path] = set()
-    for entry in paths:
-        path = Path(entry).expanduser()
-        if path.is_dir():
-            found = [
-                child
-                for child in sorted(path.iterdir(), key=lambda p: p.name)
-                if not child.name.startswith(("_", "."))
-                and (
-                    (child.is_file() and child.suffix == ".py")
-                    or (child.is_dir() and (child / "__init__.py").is_file())
-                )
-            ]
-        elif path.is_file() and path.suffix == ".py":
-            found = [path]
-        elif path.exists():
-            warnings.append(f"plugin path {path} is neither a .py file nor a directory: skipped")
+def probe_main() -> None:
+    """The probe subprocess (:mod:`mtreg.plugins.probe`): read ``{"keys", "paths", "limit"}``
+    as JSON on stdin, load each plugin named by a key in turn as :func:`discover` would, and
+    write one JSON line before each step (``{"key", "doing"}``) and after each plugin
+    (``{"key", "error"}``) to the stdout it started with; then end at once, whatever threads
+    or exit handlers the plugins left behind. Returns nothing: it never returns."""
+    report = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    # Whatever a plugin writes outside its guarded calls must not garble the report.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    request = json.loads(sys.stdin.read())
+    found = sources.entry_point_sources() + sources.path_sources(request["paths"], [])
+    by_key = {s.key: s for s in found}
+    for key in request["keys"]:
+        if key not in by_key:
             continue
-        else:
-            warnings.append(f"plugin path {path} does not exist: skipped")
-            continue
-        for location in found:
-            if location.resolve() in seen:
-                continue
-            seen.add(location.resolve())
-            name = location.name if location.is_dir() else location.stem
-            sources.append(_Source(name, str(location), None, partial(_import_path, location)))
-    return sources
 
+        def note(doing: str, key: str = key) -> None:
+            report.write(json.dumps({"key": key, "doing": doing}) + "\n")
 
-class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
-    """A source loader that always compiles the file as it is now.
-
-    A plugin rewritten within the same second at the same size (a version bump from 1.0.0 to
-    1.1.0) would otherwise run from its stale ``__pycache__`` entry.
-    """
-
-    def get_code(self, fullname: str) -> CodeType:
-        path = self.get_filename(fullname)
-        return self.source_to_code(self.get_data(path), path)
-
-
-def _import_path(location: Path) -> _Loaded:
-    """Import a plugin file or package directory under a private module name."""
-    package = location.is_dir()
-    file = location / "__init__.py" if package else location
-    digest = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:10]
-    stem = re.sub(r"\W", "_", location.name if package else location.stem)
-    # Unique per file, so two plugins with one stem in different directories do not collide.
-    name = f"mtreg_plugin_{stem}_{digest}"
-    _forget(name)
-    spec = importlib.util.spec_from_file_location(
-        name,
-        file,
-        loader=_FreshSourceLoader(name, str(file)),
-        submodule_search_locations=[str(location)] if package else None,
-    )
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {file}")
-    module = importlib.util.module_from_spec(spec)
-    # Registered before running: dataclasses and relative imports look the module up here.
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        _forget(name)
-        raise
-    version = getattr(module, "__version__", None)
-    shown = printable(version, 64) if isinstance(version, str) else None
-    return _Loaded(module, file.parent, shown)
-
-
-def _forget(name: str) -> None:
-    """Drop ``name`` and its submodules from ``sys.modules`` so the next import re-runs them."""
-    for key in [k for k in sys.modules if k == name or k.startswith(f"{name}.")]:
-        del sys.modules[key]
+        info, _ = _load(by_key[key], float(request["limit"]), [], note)
+        report.write(json.dumps({"key": key, "error": info.error}) + "\n")
+    report.flush()
+    os._exit(0)

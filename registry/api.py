@@ -163,7 +163,7 @@ class Registry(Releasing):
         checkpoint = read_checkpoint(folder)
         with self._writing() as write:
             refuse_taken_trunk(write.tx, name)
-            store_trunk(write, name, checkpoint, folder)
+            store_trunk(write, name, checkpoint, folder, path)
         return self.trunk(name)
 
     def trunks(self) -> list[TrunkRecord]:

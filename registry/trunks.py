@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtreg.artifacts.hub import is_hub_id
 from mtreg.errors import AlreadyExists
 from mtreg.registry.records import TrunkRecord
 
@@ -53,9 +55,12 @@ def component_files(checkpoint: Checkpoint, scratch: Path) -> dict[str, Any]:
     }
 
 
-def store_trunk(write: Write, name: str, checkpoint: Checkpoint, source: Path) -> None:
+def store_trunk(
+    write: Write, name: str, checkpoint: Checkpoint, source: Path, given: str | Path = ""
+) -> None:
     """Copy the embeddings, layers, pooler and tokenizer files of ``checkpoint`` into the
-    object store and add the trunk ``name`` (read from folder ``source``) in ``write``.
+    object store and add the trunk ``name`` (read from folder ``source``, which the user
+    gave as ``given``: a Hub id becomes the trunk's ``base_model``) in ``write``.
 
     Returns:
         None; the trunk row and its ``trunk.add`` event are added to the transaction.
@@ -70,11 +75,15 @@ def store_trunk(write: Write, name: str, checkpoint: Checkpoint, source: Path) -
                 name: write.put_object(file) for name, file in files["tokenizer"].items()
             },
         }
+    config = checkpoint.config
+    if str(given) != str(source) and is_hub_id(str(given)):
+        # Added by its Hub id (resolved to a cached snapshot): that id, without a revision.
+        config = replace(config, base_model=str(given).partition("@")[0])
     record = TrunkRecord(
         name=name,
-        model_type=checkpoint.config.model_type,
-        num_layers=checkpoint.config.num_hidden_layers,
-        config=checkpoint.config.to_dict(),
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        config=config.to_dict(),
         fingerprint=checkpoint.fingerprint.to_dict(),
         objects=objects,
         source=str(source.resolve()),

@@ -26,15 +26,32 @@ from mtreg.serving.app import ServerState, problem
 ANSWERING = (h11.SEND_RESPONSE, h11.SEND_BODY)
 
 
-def _timeout_response(seconds: float) -> bytes:
-    """Return a complete 408 response, written raw: h11 has no request to answer yet."""
-    detail = f"request headers not complete after {seconds:g} s; send them without pausing"
+# h11's own bound on a request head (uvicorn's h11_max_incomplete_event_size unset).
+HEAD_LIMIT_BYTES = 16 * 1024
+
+
+def _raw_response(status: str, detail: str) -> bytes:
+    """Return a complete JSON problem response that closes the connection, written raw:
+    h11 has no request to answer (none came whole, or it could not be parsed)."""
     body = json.dumps({"detail": detail}).encode()
     head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _head_size(buffered: bytes) -> int:
+    """Return the size of the request head at the start of ``buffered`` (all of it, when
+    its end has not arrived yet)."""
+    end = buffered.find(b"\r\n\r\n")
+    return len(buffered) if end < 0 else end + 4
+
+
+def _timeout_response(seconds: float) -> bytes:
+    """Return the 408 for a request head not complete after ``seconds``."""
+    detail = f"request headers not complete after {seconds:g} s; send them without pausing"
+    return _raw_response("408 Request Timeout", detail)
 
 
 class GuardedH11(H11Protocol):
@@ -56,6 +73,13 @@ class GuardedH11(H11Protocol):
         self.await_head()
 
     def data_received(self, data: bytes) -> None:
+        # h11 bounds only a head still incomplete after a read: one that arrives whole in a
+        # single read passes at any size. The bound is kept here whatever the reads.
+        if self.conn.their_state is h11.IDLE:
+            head = _head_size(self.conn.trailing_data[0] + data)
+            if head > self.head_limit:
+                self.refuse_head(too_large=True)
+                return
         super().data_received(data)
         if self.conn.our_state in ANSWERING:
             self.cancel_head_timer()  # the head is in; the body's deadline is the app's
@@ -100,6 +124,38 @@ class GuardedH11(H11Protocol):
         if partial and self.conn.our_state is h11.IDLE:
             self.transport.write(_timeout_response(self.state.config.header_timeout_s))
         self.transport.close()
+
+    @property
+    def head_limit(self) -> int:
+        """The most bytes a request line and its headers may take."""
+        return self.config.h11_max_incomplete_event_size or HEAD_LIMIT_BYTES
+
+    def send_400_response(self, msg: str) -> None:
+        """Answer a request h11 could not parse (uvicorn's plain-text 400) with a JSON
+        problem instead; then close."""
+        buffered, _ = self.conn.trailing_data
+        self.refuse_head(_head_size(buffered) > self.head_limit)
+
+    def refuse_head(self, too_large: bool) -> None:
+        """Answer 431 (the head outgrew :attr:`head_limit`) or 400 (it is not HTTP/1.1) as a
+        JSON problem, and close the connection."""
+        if too_large:
+            self.state.metrics.dropped.labels(reason="header_too_large").inc()
+            answer = _raw_response(
+                "431 Request Header Fields Too Large",
+                f"the request line and headers exceed {self.head_limit // 1024} KB, the "
+                "server's limit: send fewer or shorter headers (a large cookie or token?)",
+            )
+        else:
+            answer = _raw_response(
+                "400 Bad Request",
+                "the request is not valid HTTP/1.1 (its request line or a header is "
+                "malformed): fix the client",
+            )
+        self.cancel_head_timer()
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.transport.close()
 
     async def refuse(self, scope: dict, receive: Any, send: Any) -> None:
         """The ASGI app of a connection past the limit: a 503 problem, then close."""

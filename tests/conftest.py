@@ -51,12 +51,12 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_builtin_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hide mtreg's own entry points (glue, intent): tests see only the plugins they write."""
-    from mtreg.plugins import loader
+    from mtreg.plugins import sources
 
-    real = loader._entry_point_sources
+    real = sources.entry_point_sources
     monkeypatch.setattr(
-        loader,
-        "_entry_point_sources",
+        sources,
+        "entry_point_sources",
         lambda: [s for s in real() if not s.where.startswith("entry point mtreg.")],
     )
 

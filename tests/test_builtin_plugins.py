@@ -16,7 +16,7 @@ import pytest
 
 from mtreg.core.env import DATA_DIR_ENV, using_data_dir
 from mtreg.errors import MtregError
-from mtreg.plugins import glue, intent, loader, readers
+from mtreg.plugins import glue, intent, readers, sources
 from mtreg.plugins.loader import discover
 from mtreg.plugins.readers import MissingSplit
 from mtreg.training.metrics import METRICS
@@ -87,7 +87,7 @@ def test_label_lists_are_fixed_with_the_positive_class_second() -> None:
 
 def test_plugins_load_through_the_plugin_loader(monkeypatch: pytest.MonkeyPatch) -> None:
     # Loaded from their files only: installed as entry points too, they would clash here.
-    monkeypatch.setattr(loader, "_entry_point_sources", list)
+    monkeypatch.setattr(sources, "entry_point_sources", list)
     found = discover([glue.__file__, intent.__file__])
     assert [p.error for p in found.plugins] == [None, None]
     assert set(ALL_TASKS) <= set(found.tasks)

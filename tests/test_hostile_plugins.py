@@ -1,6 +1,7 @@
 """Plugins are isolated for real: a plugin that exits, raises ``KeyboardInterrupt`` or another
-``BaseException``, prints (ANSI escapes included) or never returns, at import or in its hook,
-is reported by ``mtreg plugins`` while the command, its exit code, its ``--json`` output and
+``BaseException``, prints (ANSI escapes included), never returns (holding the interpreter
+lock included), calls ``os._exit`` or crashes in native code, at import or in its hook, is
+reported by ``mtreg plugins`` while the command, its exit code, its ``--json`` output and
 every other plugin carry on. Run through the real ``mtreg`` command (``harness.CliPool``)
 with plugins the tests write into a plugin path, on SQLite and on PostgreSQL.
 """
@@ -58,6 +59,26 @@ HOSTILE: dict[str, tuple[str, str | None]] = {
     "sleeps_in_hook": (
         "import time\n\n" + HOOK + "    time.sleep(3600)\n",
         "hung: running its register_tasks hook took longer than 1 s",
+    ),
+    # Past what a thread can contain: the probe subprocess meets these first.
+    "os_exit_at_import": (
+        "import os\nos._exit(0)\n",
+        "crashed: it ended the process (exit code 0, os._exit?) while importing it",
+    ),
+    "os_exit_in_hook": (
+        HOOK + "    import os\n\n    os._exit(7)\n",
+        "crashed: it ended the process (exit code 7, os._exit?) while running its "
+        "register_tasks hook",
+    ),
+    "segfaults_in_hook": (
+        HOOK + "    import ctypes\n\n    ctypes.string_at(0)\n",
+        "crashed: the process was killed by SIGSEGV while running its register_tasks hook",
+    ),
+    "hangs_holding_the_gil": (
+        # PyDLL keeps the interpreter lock through the call: no thread of mtreg's would run.
+        "import ctypes\nctypes.PyDLL(None).sleep(3600)\n",
+        f"hung: importing it took longer than {LIMIT} s in the plugin probe (the limit, "
+        "MTREG_PLUGIN_TIMEOUT)",
     ),
     "prints": (
         textwrap.dedent(

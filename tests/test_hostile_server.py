@@ -9,6 +9,7 @@ Every server listens on 127.0.0.1 only, and every slow client is bounded in numb
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -283,6 +284,41 @@ def test_idle_keep_alive_and_a_slow_second_request_are_closed(hosted: Hosted) ->
             answer = read_response(slow)
             assert answer.startswith(b"HTTP/1.1 408 ") and b"headers not complete" in answer
             assert time.monotonic() - began < 2.5
+
+
+BIG_HEAD = b"POST /v1/predict HTTP/1.1\r\nhost: x\r\ncookie: " + b"a" * 20_000 + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "piece", "status", "says"),
+    [
+        # A 20 KB head, past the 16 KB bound: whole in one read, and in pieces (where h11
+        # itself notices, and uvicorn would answer a plain-text 400).
+        (BIG_HEAD, len(BIG_HEAD), b"HTTP/1.1 431 ", "headers exceed 16 KB, the server's limit"),
+        (BIG_HEAD, 4096, b"HTTP/1.1 431 ", "headers exceed 16 KB, the server's limit"),
+        (b"GET /healthz HTTP/1.1\r\nno colon\r\n\r\n", 1024, b"HTTP/1.1 400 ", "not valid HTTP"),
+    ],
+    ids=["header-too-large", "header-too-large-in-pieces", "malformed-header"],
+)
+def test_a_request_head_h11_refuses_gets_a_json_problem(
+    hosted: Hosted, head: bytes, piece: int, status: bytes, says: str
+) -> None:
+    with hosting(hosted) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(head), piece):
+                sock.sendall(head[start : start + piece])
+                time.sleep(0.02)  # each piece its own read
+            answer = read_response(sock)
+            assert sock.recv(65536) == b""  # and the connection is closed
+        assert answer.startswith(status), answer[:200]
+        top, _, body = answer.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in top.lower()
+        assert says in json.loads(body)["detail"]
+        assert httpx.get(f"{url}/healthz").status_code == 200  # the server carries on
+        too_large = metric(url, 'mtreg_serve_dropped_total{reason="header_too_large"}')
+        assert too_large == (1 if b"431" in status else 0)
 
 
 def test_a_failed_reload_stops_showing_once_the_alias_moves_back(hosted: Hosted) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from mtreg.core.disk import disk_errors
 from mtreg.core.env import cache_max_bytes
 
 DEFAULT_MAX_BYTES = 4 << 30
@@ -69,18 +70,26 @@ class ActivationCache:
         return list(torch.split(data["values"], lengths))
 
     def put(self, key: str, tensors: Sequence[torch.Tensor]) -> None:
-        """Store ``tensors`` under ``key`` atomically, then evict beyond the size bound."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Store ``tensors`` under ``key`` atomically, then evict beyond the size bound.
+
+        Raises:
+            StorageError: the disk is full or read-only, or a file is in the cache's way.
+        """
         values = torch.cat([t.contiguous() for t in tensors]) if tensors else torch.empty(0)
         lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
-        os.close(fd)
-        try:
-            save_file({"values": values, "lengths": lengths}, tmp)
-            os.replace(tmp, self._path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Serialised here and written by Python: safetensors' save_file can miss a write
+        # error (it reported nothing writing to /dev/full), and a short entry is a lost cache.
+        data = save({"values": values, "lengths": lengths})
+        with disk_errors(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(tmp, self._path(key))
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         self._evict(keep=self._path(key))
 
     def _evict(self, keep: Path) -> None:

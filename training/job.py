@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +25,13 @@ from mtreg.artifacts.checkpoint import load_component
 from mtreg.artifacts.config import TrunkConfig
 from mtreg.artifacts.fingerprint import TrunkFingerprint
 from mtreg.artifacts.tokenizer import load_tokenizer
+from mtreg.core import env
+from mtreg.core.disk import disk_errors
 from mtreg.core.env import using_data_dir
 from mtreg.errors import MtregError
 from mtreg.nn.layers import Branch
 from mtreg.nn.network import Trunk
+from mtreg.plugins.isolation import Overran, within
 from mtreg.training.cache import ActivationCache, cache_key
 from mtreg.training.data import Encoded, check_example, collate, data_hash, encode
 from mtreg.training.loop import Recipe
@@ -148,16 +152,30 @@ class Job:
         )
 
 
-def load_split(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
+def load_split(spec: TaskSpec, split: str, plugin: str | None = None) -> list[dict[str, Any]]:
     """Return the examples of ``split``, each checked by :func:`check_example`, before
-    anything is tokenised, cached or trained.
+    anything is tokenised, cached or trained. ``plugin`` (the task's) is named in messages.
 
     Raises:
-        MtregError: the loader fails, at once or halfway through, whatever it raises; the
-            split is empty; an example is malformed. The message names the task, the split
-            and the row (counted from 1).
+        MtregError: the loader fails, at once or halfway through, whatever it raises, or
+            takes longer than ``$MTREG_LOADER_TIMEOUT``; the split is empty; an example is
+            malformed. The message names the task, the split and the row (counted from 1).
     """
     where = f"task {spec.name!r}, {split} split"
+    limit = env.loader_timeout()
+    try:
+        # A loader is plugin code: one that never returns must not hang onboarding.
+        return within(partial(_checked, spec, split, where), limit)
+    except Overran:
+        owner = f"plugin {plugin!r}'s " if plugin else "its plugin's "
+        raise MtregError(
+            f"{where}: {owner}load_dataset hook gave no complete split within {limit:g} s "
+            f"(the limit, {env.LOADER_TIMEOUT_ENV}); fix the loader or raise the limit"
+        ) from None
+
+
+def _checked(spec: TaskSpec, split: str, where: str) -> list[dict[str, Any]]:
+    """Return the examples of ``split``, read and checked (see :func:`load_split`)."""
     examples = []
     for number, example in enumerate(_read(spec, split, where), 1):
         try:
@@ -201,7 +219,9 @@ def _materialise_tokenizer(registry: Registry, trunk: TrunkRecord) -> Path:
     """Return a folder holding the trunk's tokenizer files under their real names (hard
     links to the object store, kept under MTREG_HOME/cache/tokenizers for reuse)."""
     folder = registry.home.tokenizer(trunk.fingerprint["tokenizer"])
-    if not (folder / ".complete").is_file():
+    if (folder / ".complete").is_file():
+        return folder
+    with disk_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
         for name, sha in trunk.objects["tokenizer"].items():
             target = folder / name
@@ -234,7 +254,8 @@ def prepare(
     """
     settings = settings or Settings()
     settings.check()
-    spec = registry.discover().task(task).spec
+    offered = registry.discover().task(task)
+    spec = offered.spec
     if spec.load_dataset is None:
         raise MtregError(
             f"task {task!r} has no dataset loader: its plugin must pass "
@@ -246,7 +267,8 @@ def prepare(
     check_names(metrics)
     trunk = registry.trunk(spec.trunk)
     with using_data_dir(data_dir):
-        train, dev = load_split(spec, "train"), load_split(spec, "dev")
+        train = load_split(spec, "train", offered.plugin)
+        dev = load_split(spec, "dev", offered.plugin)
     tokenizer = load_tokenizer(_materialise_tokenizer(registry, trunk))
     max_length = settings.max_length or spec.max_length
     return Job(
