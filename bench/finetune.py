@@ -6,8 +6,8 @@ network (nothing is cached; the trunk runs on every step). The model is a
 and a branch of all N layers copied from the trunk, i.e. a teacher with L = N built by
 :func:`mtreg.training.stages.teacher_branch`. Initialisation (trunk pooler, seeded fresh head),
 dropout, recipe (:meth:`mtreg.training.job.Job.recipe`: AdamW without decay on LayerNorm and
-biases, clip 1.0, warm-up over 10% of one epoch then linear decay), epochs
-(:func:`~mtreg.training.settings.auto_epochs` unless set), the shuffling order, the selection rule
+biases, clip 1.0, warm-up over 10% of one epoch then linear decay), epochs (up to
+:func:`~mtreg.training.settings.epoch_cap`, early stopping), the shuffling order, the selection rule
 (best epoch by the first dev metric, a tie is not an improvement, stop after ``patience``
 epochs without one) and the learning-rate choice (highest score, a tie goes to the lower
 rate) are therefore exactly those of the partial runs of ``mtreg onboard``.
@@ -40,7 +40,7 @@ from mtreg.training.data import Encoded, collate
 from mtreg.training.job import Job, prepare
 from mtreg.training.loop import Recipe, train_loop
 from mtreg.training.progress import Progress, prefixed
-from mtreg.training.settings import Settings, auto_epochs, with_overrides
+from mtreg.training.settings import Settings, epoch_cap, with_overrides
 from mtreg.training.stages import teacher_branch
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ def fit_live(
     best, epoch, dev_metrics, history, seconds = train_loop(
         model,
         head,
-        len(train),
+        [len(ids) for ids in train.input_ids],
         dev.labels,
         metrics,
         recipe,
@@ -226,9 +226,10 @@ def fit_live(
 
 
 def job_epochs(job: Job, epochs: int | None = None) -> int:
-    """Return the epoch budget a teacher of ``job`` gets: ``epochs``, else the settings',
-    else :func:`~mtreg.training.settings.auto_epochs` of the training set."""
-    return epochs or job.settings.epochs or auto_epochs(len(job.train), job.settings.batch_size)
+    """Return the most epochs a full fine-tuning of ``job`` trains: ``epochs``, else the
+    cap of :func:`~mtreg.training.settings.epoch_cap`, the teachers' own (early stopping on
+    dev after ``patience`` decides how many it trains, as for the teachers)."""
+    return epochs or epoch_cap(job.settings, "full")
 
 
 def pad_id(job: Job) -> int:

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from mtreg.training.job import prepare
-    from mtreg.training.settings import PATIENCE, Settings, auto_epochs
+    from mtreg.training.settings import PATIENCE, Settings, epoch_cap
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with benchtasks.open_registry(work / "full", config) as registry:
         job = prepare(registry, args.task, Settings(epochs=args.epochs))
         metric, dev_size, train_size = job.metrics[0], len(job.dev), len(job.train)
-        epochs = args.epochs or auto_epochs(train_size, job.settings.batch_size)
+        epochs = epoch_cap(job.settings)
     result = {
         "task": args.task,
         "train_size": train_size,

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 PLUGIN = textwrap.dedent(
     """
     import sys
+    import time
 
     import mtreg
     from mtreg.errors import MtregError
@@ -73,6 +74,15 @@ PLUGIN = textwrap.dedent(
             for i, example in enumerate(valid("classification", split), 1):
                 if i == number:
                     raise error
+                yield example
+        return load
+
+
+    def hangs_after(number):
+        def load(split):
+            for i, example in enumerate(valid("classification", split), 1):
+                if i == number:
+                    time.sleep(3600)
                 yield example
         return load
 
@@ -124,6 +134,7 @@ PLUGIN = textwrap.dedent(
         register(task("mtreg-error", "classification", fails_at(5, MtregError("data.tsv:5: bad"))))
         register(task("exit-halfway", "classification", fails_at(9, SystemExit(0))))
         register(task("huge-targets", "regression", huge_targets))
+        register(task("hangs-halfway", "classification", hangs_after(5)))
     """
 )
 
@@ -297,6 +308,21 @@ def test_a_failing_or_empty_loader_is_one_line_before_any_training(
     assert world.snapshot() == before
 
 
+@pytest.mark.parametrize("command", ["onboard", "train"])
+def test_a_loader_that_never_returns_is_stopped_at_its_limit(
+    pool: CliPool, world: World, command: str
+) -> None:
+    before = world.snapshot()
+    values = {**world.env(), "MTREG_LOADER_TIMEOUT": "1"}
+    line = _one_line_error(pool.run(values, command, "hangs-halfway", *TRAIN))
+    assert line == (
+        "Error: task 'hangs-halfway', train split: plugin 'hostile''s load_dataset hook gave "
+        "no complete split within 1 s (the limit, MTREG_LOADER_TIMEOUT); fix the loader or "
+        "raise the limit"
+    )
+    assert world.snapshot() == before
+
+
 def _saved_runs(world: World, task: str) -> list[str]:
     folder = world.home / "onboarding" / task
     return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
@@ -349,7 +375,7 @@ def test_weights_that_turn_nan_under_a_finite_loss_stop_the_run() -> None:
         train_loop(
             module,
             HeadSpec("regression"),
-            4,
+            [1] * 4,  # four training examples of one token
             [[0.0]],
             ["pearson"],
             Recipe(epochs=2, batch_size=4),

@@ -18,7 +18,7 @@ from mtreg.errors import MtregError, NotFound
 from mtreg.registry.api import Registry
 from mtreg.training import stages
 from mtreg.training.onboard import distill_task, onboard
-from mtreg.training.settings import Settings, auto_epochs, default_teacher_layers, parse_range
+from mtreg.training.settings import Settings, default_teacher_layers, parse_range
 from mtreg.training.stages import threshold
 
 
@@ -147,7 +147,6 @@ def test_a_home_without_the_trunk_objects_is_a_one_line_error(
 def test_settings_helpers() -> None:
     assert parse_range("1..3") == (1, 2, 3) and parse_range("2") == (2,)
     assert default_teacher_layers(6) == (2, 3) and default_teacher_layers(12) == (4, 5, 6)
-    assert auto_epochs(48, 32) == 10 and auto_epochs(10_000, 32) == 3
     assert threshold(0.9, 0.99) == pytest.approx(0.891)
     assert threshold(-0.5, 0.99) == pytest.approx(-0.505)
     with pytest.raises(MtregError, match="tolerance"):

@@ -53,6 +53,33 @@ class Recipe:
     # Stop after this many epochs without a better dev score (None: run every epoch).
     patience: int | None = None
     precision: str = "fp32"  # or "bf16": training steps under bfloat16 autocast
+    # Batches of similar lengths (see :func:`batch_order`): less padding, same examples.
+    length_buckets: bool = True
+
+
+# Examples are sorted by length within chunks of this many batches: enough to make batches
+# of similar lengths, few enough that an epoch's order stays random at a larger scale. A
+# training set of fewer than two chunks is not bucketed: there a batch of one length can be
+# a batch of one label (the toy multilabel task's longer texts carry more topics, and its
+# branch stopped learning), and padding a small set costs little anyway.
+BUCKET_BATCHES = 50
+
+
+def batch_order(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator, bucketed: bool = True
+) -> list[torch.Tensor]:
+    """Return one epoch's batches of example indices: a random permutation cut into
+    batches; with ``bucketed`` (and at least two chunks of examples), each chunk of
+    :data:`BUCKET_BATCHES` batches is first sorted by length and the batches are then
+    shuffled, so a batch pads to similar lengths."""
+    order = torch.randperm(len(lengths), generator=generator)
+    if not bucketed or len(lengths) < 2 * batch_size * BUCKET_BATCHES:
+        return list(order.split(batch_size))
+    batches: list[torch.Tensor] = []
+    for chunk in order.split(batch_size * BUCKET_BATCHES):
+        by_length = sorted(chunk.tolist(), key=lambda i: lengths[i])
+        batches += torch.tensor(by_length, dtype=torch.long).split(batch_size)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
 def autocast(precision: str, device: str) -> contextlib.AbstractContextManager[Any]:
@@ -206,7 +233,7 @@ def fit(
         *train_loop(
             branch,
             head,
-            len(train),
+            [h.shape[0] for h in train.hidden],
             dev.labels,
             metrics,
             recipe,
@@ -221,7 +248,7 @@ def fit(
 def train_loop(
     module: nn.Module,
     head: HeadSpec,
-    num_train: int,
+    lengths: Sequence[int],
     dev_labels: Sequence[Any],
     metrics: Sequence[str],
     recipe: Recipe,
@@ -234,7 +261,9 @@ def train_loop(
 ) -> tuple[nn.Module, int, dict[str, float], list[dict[str, Any]], float]:
     """The one training loop of mtreg, for branches on cached states and whole models alike.
 
-    ``loss_for(indices)`` returns a batch's loss, ``predict()`` the dev logits;
+    ``lengths`` are the training examples' lengths in tokens (batches are cut by
+    :func:`batch_order`), ``loss_for(indices)`` returns a batch's loss, ``predict()`` the
+    dev logits;
     ``train_mode()`` (default ``module.train()``) prepares an epoch. AdamW without decay on
     LayerNorm and biases, gradient clipping, warm-up then linear decay, the best epoch by
     the first metric (a tie is no improvement), early stopping after ``recipe.patience``;
@@ -255,12 +284,13 @@ def train_loop(
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     module.to(device)
+    num_train = len(lengths)
     steps = _Steps.start(module, recipe, num_train, forward_context)
     best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
     history = []
     for epoch in range(1, recipe.epochs + 1):
         (train_mode or module.train)()
-        order = torch.randperm(num_train, generator=generator).split(recipe.batch_size)
+        order = batch_order(lengths, recipe.batch_size, generator, recipe.length_buckets)
         on_batch = batch_reporter(progress, steps.batches, epoch=epoch, epochs=recipe.epochs)
         train_loss = steps.epoch(epoch, order, loss_for, on_batch) / num_train
         dev_metrics = score(head, predict(), dev_labels, metrics)

@@ -18,7 +18,7 @@ from mtreg.artifacts.branch_file import BranchMeta, write_branch
 from mtreg.errors import MtregError
 from mtreg.training.job import Job, prepare
 from mtreg.training.progress import Progress
-from mtreg.training.settings import Settings, with_overrides
+from mtreg.training.settings import Settings, epoch_cap, with_overrides
 from mtreg.training.stages import (
     Run,
     StageResult,
@@ -279,7 +279,7 @@ def _search(
     chosen = choose(students.runs, best, job.metrics[0], job.settings.tolerance)
     if chosen is best:  # an outside teacher is no branch to keep: the best student is
         chosen = students.best
-    epochs = students.settings["student_epochs"] // 2
+    epochs = epoch_cap(job.settings, "full")
     return students.runs, best, chosen, epochs, students.settings
 
 

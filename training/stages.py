@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 from mtreg.artifacts.fingerprint import tensor_group_hash
 from mtreg.errors import MtregError
 from mtreg.nn.layers import Branch
+from mtreg.training import checkpoints
 from mtreg.training.cache import cache_key
 from mtreg.training.job import Job, hidden_states
-from mtreg.training.loop import Split, fit, nonfinite_weight, predict_logits
+from mtreg.training.loop import Diverged, Split, fit, nonfinite_weight, predict_logits
 from mtreg.training.progress import prefixed
-from mtreg.training.settings import auto_epochs, default_teacher_layers
+from mtreg.training.settings import default_teacher_layers, epoch_cap
 
 # Students are searched at l = 1..min(MAX_STUDENT_LAYERS, L-1) unless Settings say otherwise.
 MAX_STUDENT_LAYERS = 3
@@ -82,6 +83,8 @@ class StageResult:
     runs: list[Run]
     best: Run
     settings: dict[str, Any]
+    # "<run name>: <why>" of each candidate whose training diverged (nothing of it kept)
+    diverged: list[str] = field(default_factory=list)
 
 
 # -- branches -----------------------------------------------------------------------------
@@ -155,12 +158,14 @@ def save_run(job: Job, run: Run, branch: Branch) -> None:
     _atomic_write(weights_path, lambda tmp: save_file(state, tmp))
     payload = json.dumps({**run.to_dict(), "resumed": False}, indent=2, sort_keys=True)
     _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(payload))
+    checkpoints.push(job, run.key, meta_path, weights_path)  # for other machines (#18)
 
 
 def load_run(job: Job, run_name: str, key: str, layers: int) -> tuple[Run, Branch] | None:
     """Return a saved run and its branch if one exists for exactly ``key`` and its weights
     are finite numbers."""
     meta_path, weights_path = _saved_run_paths(job, run_name)
+    checkpoints.pull(job, key, meta_path, weights_path)  # saved on another machine (#18)
     try:
         data = json.loads(meta_path.read_text())
         if data.get("key") != key:
@@ -211,19 +216,22 @@ def _train_run(
     make_branch: Callable[[], Branch],
     train: Split,
     dev: Split,
-) -> tuple[Run, Branch]:
+    diverged: list[str],
+) -> Run | None:
     """Train one candidate, or take its saved run when one matches ``key``; a run is saved
-    only once it has finished with finite weights.
+    only once it has finished with finite weights. A run that diverges (see
+    :func:`mtreg.training.loop.train_loop`) is said, added to ``diverged`` as "<name>:
+    <why>" and nothing of it is saved: returns None, and the search goes on without it.
+    Returns the run (its branch is saved).
 
     Raises:
-        MtregError: the run diverged (see :func:`mtreg.training.loop.train_loop`); nothing
-            of it is saved.
+        MtregError: the run could not train (named with the task and run).
     """
     name = run_name(stage, layers, lr)
     found = load_run(job, name, key, layers)
     if found is not None:
         job.say(f"{name}: done before, resumed from its saved run")
-        return found
+        return found[0]
 
     try:
         result = fit(
@@ -236,6 +244,10 @@ def _train_run(
             device=job.device,
             progress=prefixed(job.progress, name),
         )
+    except Diverged as exc:
+        diverged.append(f"{name}: {exc}")
+        job.say(f"{name} diverged, the search goes on without it: {exc}")
+        return None
     except MtregError as exc:
         raise MtregError(f"task {job.spec.name!r}, run {name}: {exc}") from None
     run = Run(
@@ -251,30 +263,32 @@ def _train_run(
         epochs_run=len(result.history),
     )
     save_run(job, run, result.branch)
-    return run, result.branch
+    return run
 
 
 def train_teachers(job: Job) -> StageResult:
     """Train a teacher for every L and learning rate of the search; keep the best on dev.
 
     Each finished run is saved; a rerun with the same data, trunk and recipe takes it from
-    there. Writes ``teacher.json`` naming the best one.
+    there. A run that diverges is recorded and the search goes on. Writes ``teacher.json``
+    naming the best one.
 
     Returns:
-        Every run, the best, and the settings used.
+        Every finished run, the best, the settings used and the diverged runs.
 
     Raises:
-        MtregError: an L outside 1..N.
+        MtregError: an L outside 1..N, or every run diverged (nothing is written).
     """
     s, n = job.settings, job.config.num_hidden_layers
     candidates = s.teacher_layers or default_teacher_layers(n)
     if max(candidates) > n:
         raise MtregError(f"teacher layers must be in 1..{n} for trunk {job.trunk.name!r}")
-    epochs = s.epochs or auto_epochs(len(job.train), s.batch_size)
+    epochs = epoch_cap(s, "teacher")
     depths = sorted({n - layers for layers in candidates})
     train_hidden = hidden_states(job, "train", depths)  # one trunk pass for all depths
     dev_hidden = hidden_states(job, "dev", depths)
     runs: list[Run] = []
+    diverged: list[str] = []
     best: Run | None = None
     for layers in sorted(candidates):
         k = n - layers
@@ -284,7 +298,7 @@ def train_teachers(job: Job) -> StageResult:
             key = cache_key(
                 data=job.data_key, stage="teacher", layers=layers, recipe=job.recipe(lr, epochs)
             )
-            run, _ = _train_run(
+            run = _train_run(
                 job,
                 "teacher",
                 layers,
@@ -295,15 +309,21 @@ def train_teachers(job: Job) -> StageResult:
                 lambda layers=layers: teacher_branch(job, layers, s.seed),
                 train,
                 dev,
+                diverged,
             )
+            if run is None:
+                continue
             runs.append(run)
             if _better(run, best, job.metrics[0]):
                 best = run
-    assert best is not None
+    if best is None:  # one line: the first run's reason
+        every = f"all {len(diverged)} teacher runs diverged; " if len(diverged) > 1 else ""
+        raise MtregError(f"task {job.spec.name!r}, {every}run {diverged[0]}")
     used = {"teacher_layers": list(candidates), "teacher_lrs": list(s.teacher_lrs)}
     used |= {"epochs": epochs, "batch_size": s.batch_size, "seed": s.seed, "patience": s.patience}
+    used["diverged_teachers"] = diverged
     _write_marker(job, "teacher", {"data_key": job.data_key, "run": best.to_dict(), **used})
-    return StageResult(runs, best, used)
+    return StageResult(runs, best, used, diverged)
 
 
 def chosen_teacher(job: Job) -> tuple[Run, Branch]:
@@ -376,16 +396,18 @@ def student_search(
     ``logits``, smallest l first, stopping after the first l where a run reaches the
     settings' tolerance of the teacher's dev score: the smallest good-enough branch is the
     one kept (:func:`mtreg.training.onboard.choose`), so larger students would be trained
-    for nothing. ``make_student(l)`` returns a fresh student.
+    for nothing. ``make_student(l)`` returns a fresh student. A student that diverges is
+    recorded and the search goes on; if every one does, the teacher is kept.
     """
     s = job.settings
     candidates = s.student_layers or tuple(range(1, min(MAX_STUDENT_LAYERS, most) + 1))
     k = teacher_run.fork_depth
-    epochs = s.student_epochs or 2 * (s.epochs or auto_epochs(len(job.train), s.batch_size))
+    epochs = epoch_cap(s, "student")
     dev = Split(hidden_states(job, "dev", [k])[k], job.dev.labels)
     train = Split(hidden_states(job, "train", [k])[k], job.train.labels, logits)
     enough = threshold(teacher_run.dev_metrics[job.metrics[0]], s.tolerance)
     runs: list[Run] = []
+    diverged: list[str] = []
     best: Run | None = None
     for layers in sorted(candidates):
         for lr in s.student_lrs:
@@ -396,7 +418,7 @@ def student_search(
                 layers=layers,
                 recipe=job.recipe(lr, epochs),
             )
-            run, _ = _train_run(
+            run = _train_run(
                 job,
                 "student",
                 layers,
@@ -407,7 +429,10 @@ def student_search(
                 lambda layers=layers: make_student(layers),
                 train,
                 dev,
+                diverged,
             )
+            if run is None:
+                continue
             runs.append(run)
             if _better(run, best, job.metrics[0]):
                 best = run
@@ -418,4 +443,5 @@ def student_search(
             break
     used = {"student_layers": list(candidates), "student_lrs": list(s.student_lrs)}
     used |= {"student_epochs": epochs, "teacher": teacher_run.to_dict()}
-    return StageResult(runs, best or teacher_run, used)
+    used["diverged_students"] = diverged
+    return StageResult(runs, best or teacher_run, used, diverged)

@@ -1,0 +1,113 @@
+"""The quality protocol (bench/protocol.py): choosing and judging tasks never overlap, units
+resume (a finished unit is skipped, a half-written one is run again), and the choice is
+composed from the units by ``mtreg onboard``'s own rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import protocol as p
+import protocol_report as pr
+
+from mtreg.training.settings import MAX_EPOCHS
+
+
+def test_no_task_both_chooses_and_judges_in_a_fold() -> None:
+    for fold in p.FOLDS:
+        assert not set(fold["choose"]) & set(fold["judge"])
+        assert set(fold["choose"]) | set(fold["judge"]) <= set(p.TASKS)
+    units = p.choosing_units()
+    assert {u.task for u in units} == set(p.CHOOSING)
+    assert not {u.task for u in p.judging_units(5e-5, 2e-4, (2, 3))} & set(p.CHOOSING)
+
+
+def test_every_candidate_runs_on_every_seed_with_the_same_number_of_rates() -> None:
+    units = p.choosing_units(["mrpc"])
+    full = [u for u in units if u.method == "full"]
+    branch = [u for u in units if u.method == "branch"]
+    assert len(p.SEEDS) >= 2 and len(p.FULL_LRS) == len(p.TEACHER_LRS)
+    assert len(full) == len(p.FULL_LRS) * len(p.SEEDS)
+    assert len(branch) == len(p.TEACHER_LRS) * len(p.SEEDS) * 3  # L in 2..4
+    assert len({u.path() for u in units}) == len(units)  # one file each
+
+
+def _compute(calls: list[str]):
+    def compute(unit: p.Unit) -> dict[str, Any]:
+        calls.append(unit.name)
+        return {"metric": "accuracy", "runs": []}
+
+    return compute
+
+
+def test_a_finished_unit_is_skipped_and_a_half_written_one_runs_again(tmp_path: Path) -> None:
+    units = [p.Unit("mrpc", "full", lr, 0) for lr in p.FULL_LRS]
+    calls: list[str] = []
+    assert set(p.run_units(units, _compute(calls), tmp_path)) == set(units)
+    assert sorted(calls) == sorted(u.name for u in units)
+    written = json.loads(units[0].path(tmp_path).read_text())
+    assert written["finished"] and written["hours"] >= 0 and written["unit"]["lr"] == units[0].lr
+
+    calls.clear()
+    assert p.run_units(units, _compute(calls), tmp_path) == [] and calls == []
+
+    text = units[1].path(tmp_path).read_text()
+    units[1].path(tmp_path).write_text(text[: len(text) // 2])  # killed mid-write
+    units[2].path(tmp_path).write_text(json.dumps({"runs": []}))  # no "finished" mark
+    assert p.read_unit(units[1].path(tmp_path)) is None
+    assert set(p.run_units(units, _compute(calls), tmp_path)) == {units[1], units[2]}
+    assert sorted(calls) == sorted([units[1].name, units[2].name])
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temporaries left behind
+
+
+def test_units_stop_before_the_stop_time(tmp_path: Path) -> None:
+    calls: list[str] = []
+    units = [p.Unit("cola", "full", 2e-5, 0)]
+    assert p.run_units(units, _compute(calls), tmp_path, until=0.0) == [] and calls == []
+    assert units[0].estimate() > 0 and MAX_EPOCHS >= 1
+
+
+def _branch_unit(root: Path, task: str, seed: int, layers: int, rows: list[dict]) -> None:
+    unit = p.Unit(task, "branch", 2e-4, seed, layers)
+    p.write_unit(unit.path(root), {"metric": "accuracy", "runs": rows, "hours": 0.1})
+
+
+def _row(stage: str, layers: int, depth: int, dev: float, reported: float) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "layers": layers,
+        "fork_depth": depth,
+        "lr": 2e-4 if stage == "teacher" else 5e-4,
+        "epochs": 10,
+        "best_epoch": 3,
+        "dev_metrics": {"accuracy": dev},
+        "seconds": 1.0,
+        "key": f"{stage}{layers}{depth}",
+        "reported": {"metrics": {"accuracy": reported}},
+        "layers_per_request": depth + layers,
+    }
+
+
+def test_the_served_branch_follows_onboards_choice(tmp_path: Path) -> None:
+    # L=2 teacher (k=4) 0.80; L=3 teacher (k=3) 0.90 is best; its students l=1 0.88, l=2 0.895
+    _branch_unit(
+        tmp_path,
+        "mrpc",
+        0,
+        2,
+        [_row("teacher", 2, 4, 0.80, 0.79), _row("student", 1, 4, 0.80, 0.8)],
+    )
+    rows = [_row("teacher", 3, 3, 0.90, 0.91), _row("student", 1, 3, 0.88, 0.87)]
+    rows.append(_row("student", 2, 3, 0.895, 0.9))
+    _branch_unit(tmp_path, "mrpc", 0, 3, rows)
+    units = pr.load(tmp_path)
+    loose = pr.served(units, "mrpc", 0, (2, 3), 2e-4, 0.97)
+    strict = pr.served(units, "mrpc", 0, (2, 3), 2e-4, 0.99)
+    assert (loose["stage"], loose["layers"]) == ("student", 1)  # 0.88 >= 0.873
+    assert (strict["stage"], strict["layers"]) == ("student", 2)  # 0.895 >= 0.891
+    assert pr.served(units, "mrpc", 0, (2, 3, 4), 2e-4, 0.99) is None  # L=4 unit missing
+    assert pr.served(units, "mrpc", 1, (2, 3), 2e-4, 0.99) is None  # seed 1 not run
+    _branch_unit(tmp_path, "cola", 0, 2, [])  # every teacher diverged
+    _branch_unit(tmp_path, "cola", 0, 3, [])
+    assert pr.served(pr.load(tmp_path), "cola", 0, (2, 3), 2e-4, 0.99) == {"collapsed": True}
