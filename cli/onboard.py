@@ -18,7 +18,7 @@ from mtreg.cli.defaults import default_option, given
 from mtreg.cli.output import echo_json, echo_table, json_option
 from mtreg.core.env import DATA_DIR_ENV
 from mtreg.errors import MtregError
-from mtreg.training.settings import MAX_EPOCHS, MIN_EPOCHS, PRECISIONS, Settings, parse_range
+from mtreg.training.settings import MAX_EPOCHS, PRECISIONS, Settings, parse_range
 
 if TYPE_CHECKING:
     from mtreg.cli.progress import Renderer
@@ -58,7 +58,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--epochs",
             type=int,
-            help=f"Epochs per run [default: auto, {MIN_EPOCHS}..{MAX_EPOCHS}].",
+            help=f"Most epochs per run [default: {MAX_EPOCHS}, stopped early on dev].",
         ),
         _setting("--batch-size", type=int),
         click.option("--max-length", type=int, help="Token limit [default: the task's]."),
@@ -234,7 +234,7 @@ def distill(
 
 
 @click.command("onboard")
-@click.argument("task")
+@click.argument("tasks", nargs=-1, metavar="TASK...")
 @_setting(
     "--tolerance",
     type=float,
@@ -272,11 +272,36 @@ def distill(
     help="Distil this fine-tuned classifier (a transformers folder or Hub id, on the same "
     "trunk) instead of training teachers; students fork at N - max L.",
 )
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Onboard every task a plugin offers with data whose version is not registered yet.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: one task after another here; ray: one Ray task per task, side by side.",
+)
+@click.option(
+    "--address",
+    metavar="HOST:PORT",
+    help="With --engine ray: the cluster [default: $RAY_ADDRESS, else a Ray started here].",
+)
+@click.option(
+    "--cpus-per-task",
+    type=float,
+    default=1,
+    show_default=True,
+    help="With --engine ray: CPUs (and torch threads) each task's worker gets.",
+)
 @_common
 @pass_context
 def onboard(
     ctx: Context,
-    task: str,
+    tasks: tuple[str, ...],
     tolerance: float | None,
     layers,
     search,
@@ -286,6 +311,10 @@ def onboard(
     out,
     promote: bool,
     teacher: str | None,
+    every: bool,
+    engine: str,
+    address: str | None,
+    cpus_per_task: float,
     **opts,
 ) -> None:
     """Train, distil, keep the smallest good branch, register TASK and rebuild the bundle.
@@ -293,7 +322,7 @@ def onboard(
     Students are tried from the smallest up; the first one within the tolerance of the
     teacher ends the search. With --teacher, the team's own fine-tuned model is the
     teacher (no teacher training). A killed onboarding, run again, resumes after its last
-    finished training run.
+    finished training run. Several tasks (or --all): a line each; --engine ray: side by side.
     """
     from mtreg.training.onboard import onboard as run_onboard
 
@@ -306,6 +335,14 @@ def onboard(
         tolerance=tolerance,
         **opts,
     )
+    if every or len(tasks) != 1 or engine != "local":
+        from mtreg.cli.fleet import onboard_fleet
+
+        fleet = {"engine": engine, "address": address, "cpus": cpus_per_task, "out": out}
+        fleet |= {"teacher": teacher, "data_dir": data_dir, "promote": promote, "as_json": as_json}
+        onboard_fleet(ctx, tasks, every, settings, **fleet)
+        return
+    (task,) = tasks
     with _progress() as progress:
         report = run_onboard(
             ctx.registry,

@@ -17,6 +17,7 @@ EXTRA_MODULES = {
     "s3": ("s3fs",),
     "gcs": ("gcsfs",),
     "azure": ("adlfs",),
+    "ray": ("ray",),
 }
 # What to install for each module: its extra, or, for a dependency of mtreg itself that
 # only some commands import (Hub ids, model cards, --push-to-hub), the dependency.

@@ -8,6 +8,7 @@ import pty
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,10 @@ def on_terminal(argv: list[str], env: dict[str, str], columns: int = 80) -> tupl
     os.close(main)
     code = process.wait(timeout=300)
     return code, b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def ray_tmpdir() -> str:
+    """Return a new short folder for a Ray's sessions and sockets (``RAY_TMPDIR``): Ray
+    otherwise shares ``/tmp/ray`` with every other Ray on the machine (tests on other
+    workers included), and a socket path must stay under 107 characters."""
+    return tempfile.mkdtemp(prefix="ray", dir="/tmp")

@@ -1,0 +1,390 @@
+"""Replicas on Ray Serve (#18): ``mtreg serve --engine ray`` against ``mtreg serve`` on the
+same load, and two replicas on a two-node local cluster through a hot reload.
+
+The bundle and the load are bench/serve_load.py's (imported, not copied): the packaged
+MiniLM trunk with 8 random-weight tasks forking at depth 4, SST-2 dev sentences, a closed
+loop of ``--concurrency`` clients. Ray rewrites 127.0.0.1 to the host's address, so the
+whole benchmark re-runs itself inside private network and PID namespaces (``unshare``, as
+root; loopback only), where every server below runs, one after the other:
+
+* ``uvicorn``: ``mtreg serve --bundle DIR --threads CPUS`` (one process);
+* ``ray_1_replica``: ``mtreg serve --engine ray --replicas 1 --replica-cpus CPUS
+  --threads CPUS`` on a local Ray it starts; the ratio to ``uvicorn`` is the goal
+  (within 15%);
+* ``ray_2_nodes``: two ``ray start`` nodes of ``--num-cpus 1`` (head + worker), then
+  ``mtreg serve --engine ray --address HEAD --replicas 2 --replica-cpus 1 --threads 1``
+  following the alias ``serving``; while the load runs the alias moves to a bundle with a
+  new version of task0. Counted: requests lost (errors), and which bundle each replica
+  answers with afterwards.
+
+Then, when ``bench/fleet_onboard.py`` exists, its ``run`` (four tasks onboarded on two Ray
+nodes against one after another) is called and its result shown under ``onboard``.
+
+    python bench/fleet.py [--seconds 10] [--concurrency 32] [--workloads all_tasks,one_task]
+                          [--no-onboard]
+
+writes bench/results/fleet.json and bench/results/fleet.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# bench/ is the script's folder, hence on sys.path.
+import serve_load
+
+from mtreg.core.text import split_list
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PORT, HEAD_PORT = 8765, 6390
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    # Serve's proxies on the nodes started here resend requests lost with a replica.
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mtreg.serving.ray_proxy.middlewares",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """Return the benchmark's argument parser."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=10, help="time limit per measurement")
+    p.add_argument("--requests", type=int, default=4000, help="sentences per measurement")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=64)
+    p.add_argument("--workloads", default="all_tasks,one_task")
+    p.add_argument("--reload-after", type=float, default=4, help="seconds into the 2-node load")
+    p.add_argument("--no-onboard", action="store_true", help="skip bench/fleet_onboard.py")
+    p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def new_version(work: Path) -> str:
+    """Register task0 1.0.1 (new random weights) in serve_load's registry under ``work``;
+    return the new bundle's id (``latest`` moves, ``serving`` does not)."""
+    import torch
+
+    from mtreg.artifacts.branch_file import BranchMeta, branch_shapes, write_branch
+    from mtreg.artifacts.checkpoint import read_checkpoint
+    from mtreg.core.spec import HeadSpec
+
+    checkpoint = read_checkpoint(serve_load.minilm_folder())
+    head = HeadSpec("classification", serve_load.LABELS)
+    shapes = branch_shapes(checkpoint.config, serve_load.LAYERS, head)
+    generator = torch.Generator().manual_seed(1)
+    tensors = {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
+    prefix = checkpoint.fingerprint.prefix(serve_load.DEPTH)
+    meta = BranchMeta("task0", "1.0.1", serve_load.DEPTH, serve_load.LAYERS, head, 128, prefix)
+    weights = write_branch(work / "weights" / "task0-1.0.1.safetensors", tensors, meta)
+    plugin = work / "plugins" / "bench_tasks.py"
+    old = str(work / "weights" / "task0.safetensors")
+    text = plugin.read_text().replace(
+        f"name='task0', version='1.0.0', trunk='minilm', weights={old!r}",
+        f"name='task0', version='1.0.1', trunk='minilm', weights={str(weights)!r}",
+    )
+    if text == plugin.read_text():
+        raise RuntimeError(f"task0 1.0.0 not found in {plugin}: serve_load's plugin changed")
+    plugin.write_text(text)
+    with registry(work) as reg:
+        reg.discover(refresh=True)
+        reg.register(["task0"])
+        return reg.bundle("latest").id
+
+
+@contextmanager
+def registry(work: Path) -> Iterator[Any]:
+    """serve_load's registry under ``work``, with its plugin."""
+    from mtreg.registry.api import Registry
+
+    reg = Registry(url=f"sqlite:///{work / 'registry.db'}", home=work / "home")
+    reg.plugins_dirs = (work / "plugins" / "bench_tasks.py",)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+def mtreg_cli(work: Path) -> list[str]:
+    """The ``mtreg`` command on serve_load's registry under ``work``."""
+    plugin = str(work / "plugins" / "bench_tasks.py")
+    db = f"sqlite:///{work / 'registry.db'}"
+    home = str(work / "home")
+    return [sys.executable, "-m", "mtreg", "--db", db, "--home", home, "--plugins-dir", plugin]
+
+
+@contextmanager
+def server(command: list[str], log: Path) -> Iterator[str]:
+    """Run ``command`` (a server on :data:`PORT`) until ready; yield its URL; SIGTERM it."""
+    with log.open("w") as err:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{PORT}"
+    try:
+        try:
+            serve_load.wait_ready(url, process, timeout=300)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; its log ends: {log.read_text()[-2000:]}") from None
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def drive(url: str, texts: list[str], workload: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run serve_load's closed loop against ``url`` (every task there)."""
+    targets = {task: url for task in serve_load.TASKS}
+    return asyncio.run(
+        serve_load.load(
+            targets,
+            texts,
+            workload,
+            args.requests,
+            args.seconds,
+            args.concurrency,
+            args.warmup,
+        )
+    )
+
+
+def replicas_answering(url: str, want: int, seconds: float = 20) -> dict[str, str]:
+    """Return replica -> the bundle id it answers with, once ``want`` have answered."""
+    import httpx
+
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + seconds
+    while len(found) < want and time.monotonic() < deadline:
+        response = httpx.post(f"{url}/v1/predict", json={"inputs": ["fine"]}, timeout=60)
+        if response.status_code == 200:
+            found[response.headers["x-mtreg-replica"]] = response.json()["bundle"]
+    return found
+
+
+@contextmanager
+def two_nodes() -> Iterator[str]:
+    """Start a head and a worker node of one CPU each; yield the head's address; stop both
+    by their PIDs."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    address = f"127.0.0.1:{HEAD_PORT}"
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    head = [ray_cli, "start", "--head", "--port", str(HEAD_PORT), "--include-dashboard", "false"]
+    nodes = [subprocess.Popen([*head, *common], **quiet)]
+    try:
+        import ray
+
+        for _ in range(600):
+            try:
+                ray.init(address=address, logging_level="ERROR")
+                break
+            except Exception:
+                time.sleep(0.5)
+        nodes.append(subprocess.Popen([ray_cli, "start", "--address", address, *common], **quiet))
+        while sum(node["Alive"] for node in ray.nodes()) < 2:
+            time.sleep(0.5)
+        ray.shutdown()
+        yield address
+    finally:
+        for node in reversed(nodes):
+            node.terminate()
+            node.wait(timeout=120)
+
+
+def single_machine(work: Path, bundle: Path, texts: list[str], args: argparse.Namespace) -> dict:
+    """uvicorn vs one Ray Serve replica on the same bundle: workload -> setting -> result."""
+    cpus = str(len(os.sched_getaffinity(0)))
+    common = ["--bundle", str(bundle), "--port", str(PORT), "--poll-seconds", "0"]
+    common += ["--queue-size", "4096", "--threads", cpus, "--log-level", "warning"]
+    settings = {
+        "uvicorn": [],
+        "ray_1_replica": ["--engine", "ray", "--replicas", "1", "--replica-cpus", cpus],
+    }
+    results: dict[str, dict[str, Any]] = {w: {} for w in split_list(args.workloads)}
+    for name, extra in settings.items():
+        command = [*mtreg_cli(work), "serve", *common, *extra]
+        with server(command, work / f"{name}.log") as url:
+            for workload in results:
+                results[workload][name] = drive(url, texts, workload, args)
+                print(name, workload, results[workload][name], file=sys.stderr, flush=True)
+    return results
+
+
+def through_reload(work: Path, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Two replicas on two nodes answering the load while the alias moves."""
+    with registry(work) as reg:
+        reg.set_alias("serving", reg.bundle("latest").id)
+        old = reg.bundle("serving").id
+    new = new_version(work)
+    began = time.perf_counter()
+    with two_nodes() as address:
+        cluster_s = time.perf_counter() - began
+        command = [*mtreg_cli(work), "serve", "--engine", "ray", "--address", address]
+        command += ["--replicas", "2", "--replica-cpus", "1", "--threads", "1"]
+        command += ["--bundle", "serving", "--port", str(PORT), "--poll-seconds", "0.5"]
+        command += ["--queue-size", "4096", "--log-level", "warning"]
+        began = time.perf_counter()
+        with server(command, work / "ray_2_nodes.log") as url:
+            deploy_s = time.perf_counter() - began
+            before = replicas_answering(url, 2)
+
+            def move() -> None:
+                time.sleep(args.reload_after)
+                with registry(work) as reg:
+                    reg.set_alias("serving", new)
+
+            mover = threading.Thread(target=move)
+            mover.start()
+            result = drive(url, texts, "one_task", args)
+            mover.join()
+            after = replicas_answering(url, 2)
+    return {
+        **result,
+        "cluster_start_s": round(cluster_s, 1),
+        "deploy_s": round(deploy_s, 1),
+        "bundle_before": old,
+        "bundle_after": new,
+        "replicas_before": before,
+        "replicas_after": after,
+        "every_replica_reloaded": len(after) == 2 and set(after.values()) == {new},
+    }
+
+
+def onboard(args: argparse.Namespace) -> dict[str, Any] | str:
+    """Run bench/fleet_onboard.py's ``run`` when it exists; else say so."""
+    path = HERE / "fleet_onboard.py"
+    if args.no_onboard:
+        return "skipped (--no-onboard)"
+    if not path.exists():
+        return "bench/fleet_onboard.py does not exist yet"
+    spec = importlib.util.spec_from_file_location("fleet_onboard", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.run(module.parser().parse_args([]))
+
+
+def inside(args: argparse.Namespace) -> dict[str, Any]:
+    """The serving measurements (in the namespaces); return the report."""
+    texts = serve_load.sentences()
+    with tempfile.TemporaryDirectory(prefix="mtreg-fleet-") as tmp:
+        work = Path(tmp)
+        bundle = serve_load.build_bundle(work)
+        single = single_machine(work, bundle, texts, args)
+        reload = through_reload(work, texts, args)
+    ratios = {
+        w: round(r["ray_1_replica"]["throughput_per_s"] / r["uvicorn"]["throughput_per_s"], 3)
+        for w, r in single.items()
+    }
+    return {
+        "benchmark": "fleet",
+        "cpus": len(os.sched_getaffinity(0)),
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "load_before": os.getloadavg()[0],
+        "concurrency": args.concurrency,
+        "seconds_limit": args.seconds,
+        "single_machine": single,
+        "ratio_ray_vs_uvicorn": ratios,
+        "two_nodes_through_reload": reload,
+        "command": "python bench/fleet.py " + " ".join(a for a in sys.argv[1:] if a != "--inside"),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Return the report as markdown tables."""
+    out = [
+        "# Replicas on Ray Serve",
+        "",
+        f"bench/serve_load.py's bundle and load (MiniLM, {len(serve_load.TASKS)} tasks), "
+        f"{report['concurrency']} clients, {report['seconds_limit']} s per measurement, "
+        f"{report['cpus']} CPUs, in private network and PID namespaces.",
+        "",
+        "| workload | setting | sentences/s | vs uvicorn | p50 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for workload, settings in report["single_machine"].items():
+        base = settings["uvicorn"]["throughput_per_s"] or 1
+        for name, r in settings.items():
+            out.append(
+                f"| {workload} | {name} | {r['throughput_per_s']} | "
+                f"{r['throughput_per_s'] / base:.2f}x | {r['p50_ms']} | {r['p99_ms']} | "
+                f"{r['errors'] or '-'} |"
+            )
+    r = report["two_nodes_through_reload"]
+    out += [
+        "",
+        "## Two replicas on two nodes (1 CPU each), alias moved under load (one_task)",
+        "",
+        f"{r['sentences']} sentences in {r['seconds']} s ({r['throughput_per_s']}/s), "
+        f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors: {r['errors'] or 'none'}; "
+        f"every replica on the new bundle afterwards: {r['every_replica_reloaded']} "
+        f"({len(r['replicas_after'])} replicas answered). Cluster start {r['cluster_start_s']} s, "
+        f"deployment {r['deploy_s']} s (not counted).",
+        "",
+        "## Onboarding four tasks on two Ray nodes",
+        "",
+    ]
+    onboarded = report["onboard"]
+    if isinstance(onboarded, dict):
+        out.append(
+            f"Sequential {onboarded['sequential_s']} s, Ray {onboarded['ray_s']} s (ratio "
+            f"{onboarded['ratio_ray_vs_sequential']}); same choices: "
+            f"{onboarded['same_choices']} (bench/results/fleet_onboard.md has the details)."
+        )
+    else:
+        out.append(str(onboarded))
+    out += ["", f"Command: `{report['command']}`", ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.inside:
+        print("FLEET " + json.dumps(inside(args)), flush=True)
+        return
+    script = 'ip link set lo up && exec "$@"'
+    namespaces = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c", script, "-"]
+    ran = subprocess.run(
+        [*namespaces, sys.executable, __file__, *sys.argv[1:], "--inside"],
+        env={**os.environ, **RAY_ENV},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines = [line for line in ran.stdout.splitlines() if line.startswith("FLEET ")]
+    if ran.returncode or not lines:
+        sys.exit(f"the benchmark failed inside the namespaces (exit {ran.returncode})")
+    report = json.loads(lines[-1].removeprefix("FLEET "))
+    report["onboard"] = "not run yet (bench/fleet_onboard.py is running)"
+    write(report)  # the serving half is kept if the onboarding half fails or is stopped
+    # Outside the namespaces: fleet_onboard makes its own.
+    report["onboard"] = onboard(args)
+    write(report)
+    print(markdown(report))
+
+
+def write(report: dict[str, Any]) -> None:
+    """Write bench/results/fleet.json and fleet.md."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fleet.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "fleet.md").write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

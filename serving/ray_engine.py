@@ -1,0 +1,266 @@
+"""``mtreg serve --engine ray``: the bundle as a Ray Serve deployment of N replicas.
+
+Each replica is the single-process server's app (:func:`mtreg.serving.app.create_app`:
+the same ``/v1`` and ``/v2`` routers, middleware and lifespan) behind Serve's HTTP proxy,
+so each replica batches requests of every task together with mtreg's own
+:class:`~mtreg.serving.batcher.Batcher`. Hot reload: every replica runs the same reload
+watcher as ``mtreg serve`` (its lifespan starts it), polling the registry every
+``poll_seconds``; replicas on other machines read the same registry database and object
+store, so each swaps on its own within one poll of the alias moving, with no broadcast
+to lose. A request whose replica dies under it is sent again by Serve's proxy
+(:mod:`mtreg.serving.ray_proxy`). Drain: Serve stops routing to a replica it stops, waits
+for its requests up to ``graceful_shutdown_s``, then runs the app's lifespan shutdown
+(queue drained, new work 503 + Retry-After); past ``max_queued`` requests waiting, Serve's
+proxy answers 503 + Retry-After itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from mtreg.artifacts.manifest import bundle_directory
+from mtreg.core.cluster import connect
+from mtreg.core.extras import EXTRA_MODULES, require
+from mtreg.errors import MtregError
+from mtreg.serving.config import ServeConfig
+from mtreg.serving.ray_proxy import CALLBACK, CALLBACK_ENV
+
+if TYPE_CHECKING:
+    from mtreg.registry.api import Registry
+
+log = logging.getLogger("mtreg.serving")
+
+APP_NAME = "mtreg"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the deployment runs.
+
+    Attributes:
+        address: the cluster to join (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``), or
+            None to start a local Ray for this command and stop it on exit.
+        replicas: fixed replica count (ignored with ``autoscale``).
+        autoscale: (min, max) replicas for Serve's autoscaling, or None.
+        replica_cpus: CPUs Ray reserves per replica; torch threads follow it.
+        max_ongoing_requests: requests a replica holds at once (Serve's default of 5
+            would cap mtreg's micro-batches at 5 requests).
+        target_ongoing_requests: what autoscaling aims at per replica: a full micro-batch.
+        max_queued: requests waiting at the proxy past the replicas' limit before Serve
+            answers 503 with Retry-After.
+        graceful_shutdown_s: how long a stopping replica waits for its requests.
+        log_level: the replicas' log level.
+    """
+
+    address: str | None = None
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    replica_cpus: float = 1.0
+    max_ongoing_requests: int = 256
+    target_ongoing_requests: int = 32
+    max_queued: int = 1024
+    graceful_shutdown_s: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.replica_cpus <= 0 or self.max_ongoing_requests < 1:
+            raise ValueError("replicas, replica CPUs and max ongoing requests must be positive")
+        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1]:
+            raise ValueError(f"autoscale needs MIN <= MAX, got {self.autoscale}")
+
+    def deployment_settings(self) -> dict[str, Any]:
+        """Return the ``serve.deployment`` keyword arguments of these options."""
+        settings: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_s,
+            "ray_actor_options": {"num_cpus": self.replica_cpus},
+            # mtreg's own access log (--access-log) records requests; Serve's would repeat it.
+            "logging_config": {"log_level": self.log_level.upper(), "enable_access_log": False},
+        }
+        if self.autoscale is None:
+            settings["num_replicas"] = self.replicas
+        else:
+            low, high = self.autoscale
+            settings["autoscaling_config"] = {
+                "min_replicas": low,
+                "max_replicas": high,
+                "initial_replicas": max(low, 1),
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        return settings
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """Return (min, max) of ``MIN:MAX``.
+
+    Raises:
+        MtregError: not two integers with 0 <= MIN <= MAX and MAX >= 1.
+    """
+    low, sep, high = text.partition(":")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = (-1, -1)
+    if not sep or bounds[0] < 0 or bounds[1] < max(1, bounds[0]):
+        raise MtregError(f"--autoscale takes MIN:MAX replicas (0 <= MIN <= MAX), got {text!r}")
+    return bounds
+
+
+@dataclass(frozen=True)
+class RegistryOpener:
+    """Opens the registry in a replica: picklable, so it travels to other machines, which
+    read the same database and object store."""
+
+    url: str | None
+    home: str | None
+    plugins_dirs: tuple[str, ...] = ()
+    store: str | None = None
+
+    def __call__(self) -> Registry:
+        """Return a new Registry (one per thread, as the reloader wants)."""
+        from mtreg.registry.api import Registry
+
+        return Registry(self.url, self.home, self.plugins_dirs, create=False, store=self.store)
+
+
+REPLICA_HEADER = "x-mtreg-replica"
+
+
+def _replica_id() -> str:
+    """Return Serve's id of the replica running this code."""
+    from ray import serve
+
+    return serve.get_replica_context().replica_id.unique_id
+
+
+class NameReplica:
+    """ASGI middleware: names the replica that answered (its Serve id and process id) in
+    the ``x-mtreg-replica`` header, so that an operator can tell replicas apart."""
+
+    def __init__(self, app: Any, name: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.encode(), name.encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        async def named(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named if scope["type"] == "http" else send)
+
+
+class Replica:
+    """One replica: loads the bundle, then hands Serve the app that serves it."""
+
+    def __init__(self, config: ServeConfig, opener: RegistryOpener | None, threads: int) -> None:
+        from mtreg.serving.app import create_app
+        from mtreg.serving.server import load_first, set_threads
+
+        set_threads(threads)
+        served = load_first(config, opener)
+        log.info("replica loaded bundle %s", served.id[:12])
+        self.asgi = create_app(config, served, opener)
+        self.asgi.add_middleware(NameReplica, name=f"{_replica_id()} {os.getpid()}")
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """Return the app Serve's proxy sends this replica's requests to."""
+        return self.asgi
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose app is draining is restarted elsewhere.
+
+        Raises:
+            RuntimeError: the app has stopped taking requests.
+        """
+        if self.asgi.state.server.draining:
+            raise RuntimeError("replica is draining")
+
+
+def application(
+    config: ServeConfig, options: RayOptions, opener: RegistryOpener | None, threads: int
+) -> Any:
+    """Return the Serve application (bound deployment) serving ``config.bundle``."""
+    from ray import serve
+
+    ingress = serve.ingress()(Replica)
+    deployment = serve.deployment(name="bundle", **options.deployment_settings())(ingress)
+    return deployment.bind(config, opener, threads)
+
+
+def _checked(config: ServeConfig, opener: RegistryOpener | None) -> ServeConfig:
+    """Return ``config`` with a bundle directory made absolute (replicas do not share this
+    command's working directory), once the bundle it names is known to exist: a typo is
+    one line here rather than replicas failing one after another.
+
+    Raises:
+        NotFound: no such bundle directory, alias or id.
+    """
+    directory = bundle_directory(config.bundle)
+    if directory is not None:
+        return replace(config, bundle=str(directory.resolve()))
+    if opener is not None:
+        with opener() as registry:
+            registry.bundle(config.bundle)
+    return config
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1):
+        pass
+
+
+def serve_on_ray(
+    config: ServeConfig,
+    options: RayOptions,
+    opener: RegistryOpener | None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    threads: int | None = None,
+) -> None:
+    """Deploy the bundle on Ray Serve, answer on ``host:port`` until SIGTERM or SIGINT,
+    then delete the deployment (draining its replicas) and stop the Ray this started.
+
+    Raises:
+        MtregError: Ray or the serve extra is missing, the cluster is unreachable, or the
+            bundle cannot be loaded (replicas failing to start); one line each.
+    """
+    for module in (*EXTRA_MODULES["ray"], *EXTRA_MODULES["serve"]):
+        require(module)
+    import ray
+    from ray import serve
+
+    config = _checked(config, opener)
+    # Read by Serve's proxies in the Ray started here; a cluster's nodes set it themselves.
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+    # A Ray started here (no address, no $RAY_ADDRESS) is this command's own: it forwards its
+    # replicas' lines, and Serve and Ray stop with the command.
+    local = options.address is None and not os.environ.get("RAY_ADDRESS")
+    started = connect(ray, options.address, logging_level=logging.WARNING, log_to_driver=local)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        used = threads or max(1, math.floor(options.replica_cpus))
+        try:
+            serve.run(application(config, options, opener, used), name=APP_NAME, route_prefix="/")
+        except Exception as exc:  # a replica that cannot load the bundle fails deploying
+            lines = [line for line in str(exc).splitlines() if "Error" in line] or [str(exc)]
+            raise MtregError(f"the deployment failed: {lines[-1].strip()}") from None
+        log.info("serving on http://%s:%d through Ray Serve", host, port)
+        _wait_for_signal()
+        serve.delete(APP_NAME)
+    finally:
+        if local:
+            serve.shutdown()
+        if started:
+            ray.shutdown()

@@ -1,0 +1,304 @@
+"""``mtreg serve --engine ray``: the bundle on Ray Serve, through the real CLI and a real
+local Ray (issue 18, part 1).
+
+Ray rewrites 127.0.0.1 to the host's address, so the Ray work runs in a private network
+namespace (``unshare -n``, loopback only): this module runs itself as a script there
+(:func:`scenario`), which starts ``mtreg serve --engine ray --replicas 2``, drives it and
+writes what it saw as JSON; the tests compare that with the single-process server on the
+same registry. One Ray start for the whole module: it is slow on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from factories import Checkpoints
+from helpers import ray_tmpdir
+from test_serve import TEXTS, Registered, close, serving
+
+from mtreg.errors import MtregError
+
+pytestmark = pytest.mark.slow
+
+V1 = [
+    {"inputs": TEXTS[:3]},
+    {"inputs": [TEXTS[3]], "tasks": ["sentiment", "slots"], "logits": True},
+    {"inputs": [{"text_a": "a b", "text_b": "c d"}], "tasks": ["paraphrase"]},
+]
+V2 = {
+    "inputs": [
+        {"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS[4:6]},
+    ]
+}
+HEADER = "x-mtreg-replica"
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def _namespace_tools() -> None:
+    """Fail (in CI) or skip when the namespace cannot be made."""
+    missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
+    if missing or os.geteuid() != 0:
+        why = f"missing {missing}" if missing else "not root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Ray tests need unshare and ip as root ({why}): see .ci/run")
+        pytest.skip(f"Ray tests need unshare and ip as root ({why})")
+
+
+def in_namespace(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a new network namespace with loopback up (and Ray's test env)."""
+    script = "ip link set lo up && exec " + " ".join(f"'{a}'" for a in argv)
+    return subprocess.run(
+        ["unshare", "-n", "sh", "-c", script],
+        env={**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmpdir(), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def seen(
+    tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoints
+) -> Iterator[tuple[Registered, dict[str, Any], dict[str, Any]]]:
+    """Run the scenario once; yield the registry, its plan and what the scenario saw."""
+    _namespace_tools()
+    reg = Registered(tmp_path_factory.mktemp("ray"), checkpoints)
+    old = reg.registry.bundle("serving").id
+    new = reg.upgrade("sentiment", "1.1.0", seed=7)  # `latest` moves, `serving` stays
+    plan = {"url": reg.url, "home": str(reg.home), "old": old, "new": new, "out": ""}
+    plan["plugins"] = str(reg.tmp / "plugins")
+    plan["out"] = str(reg.tmp / "seen.json")
+    Path(reg.tmp / "plan.json").write_text(json.dumps(plan))
+    result = in_namespace([sys.executable, __file__, str(reg.tmp / "plan.json")], timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    yield reg, plan, json.loads(Path(plan["out"]).read_text())
+    reg.registry.close()
+
+
+def test_answers_equal_the_single_process_server(seen: Any) -> None:
+    reg, plan, got = seen
+    import httpx
+
+    reg.registry.set_alias("serving", plan["old"])
+    with serving(reg) as url:
+        v1 = [httpx.post(f"{url}/v1/predict", json=body, timeout=60).json() for body in V1]
+        v2 = httpx.post(f"{url}/v2/models/sentiment/infer", json=V2, timeout=60).json()
+    # Replicas run other torch thread counts: the last float bits may differ.
+    assert close(got["v1"], v1)
+    assert close(got["v2"], v2)
+
+
+def test_two_replicas_answer(seen: Any) -> None:
+    _, _, got = seen
+    assert len(got["replicas"]) == 2, got["replicas"]
+
+
+def test_a_hot_reload_reaches_every_replica(seen: Any) -> None:
+    _, plan, got = seen
+    assert got["reloaded"] == {name: plan["new"] for name in got["replicas"]}
+
+
+def test_a_replica_killed_under_load_loses_no_request(seen: Any) -> None:
+    _, _, got = seen
+    statuses = got["killed_under_load"]
+    assert statuses.get("200", 0) > 0
+    refused = {code: n for code, n in statuses.items() if code != "200"}
+    assert set(refused) <= {"503"}, statuses  # refusals, if any, say when to come back
+    assert got["retry_after_on_503"]
+
+
+def test_sigterm_stops_the_server_and_the_ray_it_started(seen: Any) -> None:
+    _, _, got = seen
+    assert got["exit_code"] == 0, got["stderr_tail"]
+    assert got["ray_left"] == [], got["ray_left"]
+
+
+def test_an_unreachable_cluster_is_one_line(seen: Any) -> None:
+    _, _, got = seen
+    code, stderr = got["unreachable"]
+    assert code == 1
+    assert stderr.strip().count("\n") == 0, stderr
+    assert "cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused)" in stderr
+
+
+def test_without_ray_a_one_line_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mtreg.serving.config import ServeConfig
+    from mtreg.serving.ray_engine import RayOptions, serve_on_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MtregError, match=r"ray is not installed: run pip install 'mtreg\[ray\]'"):
+        serve_on_ray(ServeConfig(bundle=str(tmp_path)), RayOptions(), None)
+    hide = "import sys; sys.modules['ray'] = None; from mtreg.cli.main import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", hide, "serve", "--engine", "ray", "--bundle", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: ray is not installed: run pip install 'mtreg[ray]'"
+
+
+def test_ray_options_become_serve_settings() -> None:
+    from mtreg.serving.ray_engine import RayOptions, parse_autoscale
+
+    fixed = RayOptions(replicas=3, replica_cpus=0.5).deployment_settings()
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 0.5}
+    assert fixed["max_ongoing_requests"] == 256  # Serve's default (5) would cap batches
+    scaled = RayOptions(autoscale=parse_autoscale("0:4")).deployment_settings()
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"]["min_replicas"] == 0
+    assert scaled["autoscaling_config"]["max_replicas"] == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--engine", "ray", "--autoscale", "4:2"], "--autoscale takes MIN:MAX replicas"),
+        (["--engine", "ray", "--autoscale", "x"], "--autoscale takes MIN:MAX replicas"),
+        (["--replicas", "2"], "--address, --replicas and --autoscale need --engine ray"),
+    ],
+)
+def test_bad_ray_options_are_one_line(options: list[str], message: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mtreg", "serve", "--bundle", str(tmp_path), *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+
+
+# -- the scenario, run by `seen` inside the network namespace ----------------------------
+
+
+def _post(client: Any, url: str, body: Any) -> Any:
+    return client.post(url, json=body, timeout=60)
+
+
+def _replicas(
+    client: Any, base: str, want: int, server: subprocess.Popen, seconds: float = 240
+) -> dict[str, str]:
+    """Return replica name -> bundle id answered, once ``want`` replicas have answered (or
+    ``seconds`` passed).
+
+    Raises:
+        RuntimeError: the server exited.
+    """
+    import httpx
+
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + seconds
+    while len(found) < want and time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mtreg serve exited with {server.returncode}")
+        try:
+            response = _post(client, f"{base}/v1/predict", {"inputs": ["hello"]})
+        except httpx.TransportError:
+            time.sleep(0.5)  # the proxy is not listening yet
+            continue
+        if response.status_code == 200:
+            found[response.headers[HEADER]] = response.json()["bundle"]
+        else:
+            time.sleep(0.2)
+    return found
+
+
+def _under_load(client: Any, base: str, during: Any) -> tuple[dict[str, int], bool]:
+    """Send requests from 8 threads while ``during()`` runs; return statuses and whether
+    every 503 carried Retry-After."""
+    statuses: dict[str, int] = {}
+    retry = [True]
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                response = _post(client, f"{base}/v1/predict", {"inputs": TEXTS})
+                code = str(response.status_code)
+                if code == "503" and "retry-after" not in response.headers:
+                    retry[0] = False
+            except Exception as exc:  # a dropped connection is a lost request too
+                code = type(exc).__name__
+            statuses[code] = statuses.get(code, 0) + 1
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    during()
+    time.sleep(3)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return statuses, retry[0]
+
+
+def scenario(plan: dict[str, Any]) -> dict[str, Any]:
+    """Start ``mtreg serve --engine ray --replicas 2``; drive it; return what it saw."""
+    import httpx
+
+    from mtreg.registry.api import Registry
+
+    base = "http://127.0.0.1:8765"
+    env = {**os.environ, "MTREG_HOME": plan["home"]}
+    cli = [sys.executable, "-m", "mtreg", "--db", plan["url"], "--plugins-dir", plan["plugins"]]
+    command = [*cli, "serve", "--engine", "ray", "--replicas", "2", "--replica-cpus", "0.5"]
+    command += ["--port", "8765", "--poll-seconds", "0.2", "--log-level", "warning"]
+    log = Path(plan["out"]).with_suffix(".log")
+    with log.open("w") as stderr:
+        server = subprocess.Popen(command, env=env, stderr=stderr)
+    got: dict[str, Any] = {}
+    try:
+        with httpx.Client() as client:
+            got["replicas"] = _replicas(client, base, 2, server)
+            got["v1"] = [_post(client, f"{base}/v1/predict", body).json() for body in V1]
+            v2_url = f"{base}/v2/models/sentiment/infer"
+            got["v2"] = _post(client, v2_url, V2).json()
+            with Registry(url=plan["url"], home=plan["home"]) as registry:
+                registry.set_alias("serving", plan["new"])
+            time.sleep(3)  # 15 polls
+            got["reloaded"] = _replicas(client, base, len(got["replicas"]), server, 10)
+            victim = int(next(iter(got["replicas"])).split()[-1])
+            statuses, retry = _under_load(client, base, lambda: os.kill(victim, signal.SIGKILL))
+            got["killed_under_load"], got["retry_after_on_503"] = statuses, retry
+    except Exception:
+        print(log.read_text()[-3000:], file=sys.stderr)  # the server's side of it
+        raise
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    got["exit_code"], got["stderr_tail"] = server.returncode, log.read_text()[-3000:]
+    # The namespace has its own loopback: whatever still listens there, the server left.
+    left = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True)
+    got["ray_left"] = left.stdout.splitlines()
+    unreachable = subprocess.run(
+        [*cli, "serve", "--engine", "ray", "--address", "127.0.0.1:1", "--bundle", "serving"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    got["unreachable"] = [unreachable.returncode, unreachable.stderr]
+    return got
+
+
+if __name__ == "__main__":
+    PLAN = json.loads(Path(sys.argv[1]).read_text())
+    Path(PLAN["out"]).write_text(json.dumps(scenario(PLAN)))
