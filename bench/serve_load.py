@@ -8,7 +8,14 @@ one after the other in one run:
 * ``b_merged_unbatched``: the same bundle with ``--max-batch-size 1``;
 * ``c_process_per_task``: 8 servers, each a standalone single-task bundle
   (``export_dir(..., tasks=[t])``: trunk to depth 4 + its branch), batching on,
-  ``--threads 1`` each so that 8 processes do not oversubscribe the cores.
+  ``--threads 1`` each so that 8 processes do not oversubscribe the cores;
+* ``d_before_fp32``: a's server as it was before issue #21: torch fp32, each batch padded
+  to its longest input and tokenised on the inference thread
+  (``--backend torch --no-length-buckets --no-tokenizer-thread``);
+* ``e_fp32_new``: torch fp32 with length buckets and the tokeniser thread
+  (``--backend torch``): e against d is what the request path alone gives, a against d
+  adds the default backend (the fastest one the bundle's quality gate allows; torch fp32
+  when the bundle has no gate, as these random-weight tasks have no dev data to gate on).
 
 Workloads (closed loop, ``--concurrency`` clients, each sending the next sentence when its
 answer came back):
@@ -54,6 +61,10 @@ SST2_DEV = HERE.parent.parent / "shared" / "data" / "glue" / "SST-2" / "dev.tsv"
 TASKS = [f"task{i}" for i in range(8)]
 DEPTH, LAYERS = 4, 1
 LABELS = ("negative", "positive")
+# The request path before issue #21: torch fp32, no length buckets, tokenised inline.
+BEFORE = ["--backend", "torch", "--no-length-buckets", "--no-tokenizer-thread"]
+# The settings throughput is compared with: one process per task, and the path before #21.
+BASES = ("c_process_per_task", "d_before_fp32")
 
 
 def minilm_folder() -> Path:
@@ -111,7 +122,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
     """Wait until ``url``/readyz answers 200.
 
     Raises:
@@ -240,6 +251,13 @@ async def load(
     }
 
 
+def _ratio(result: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """Return ``result``'s throughput over ``base``'s, as ``1.23x`` (``-`` without a base)."""
+    if not base or not base["throughput_per_s"]:
+        return "-"
+    return f"{result['throughput_per_s'] / base['throughput_per_s']:.2f}x"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Return the report as a markdown table per workload."""
     out = [
@@ -248,21 +266,22 @@ def markdown(report: dict[str, Any]) -> str:
         f"MiniLM trunk, {len(TASKS)} tasks forking at depth {DEPTH} with {LAYERS} layer each, "
         f"{report['concurrency']} concurrent clients, SST-2 dev sentences, "
         f"{report['cpus']} CPUs. Throughput: sentences answered per second (all their tasks).",
+        f"Load average at the end of the run (1, 5, 15 min): {report['load_average']}. "
+        f"Command: `{report['command']}`.",
         "",
     ]
     for workload, settings in report["workloads"].items():
-        base = settings["c_process_per_task"]["throughput_per_s"] or 1
         out += [
             f"## {workload}",
             "",
-            "| setting | sentences | sentences/s | vs c | p50 ms | p99 ms | errors |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| setting | sentences | sentences/s | vs c | vs d | p50 ms | p99 ms | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for name, r in settings.items():
-            ratio = r["throughput_per_s"] / base
+            ratios = [_ratio(r, settings.get(base)) for base in BASES]
             out.append(
-                f"| {name} | {r['sentences']} | {r['throughput_per_s']} | {ratio:.2f}x | "
-                f"{r['p50_ms']} | {r['p99_ms']} | {r['errors'] or '-'} |"
+                f"| {name} | {r['sentences']} | {r['throughput_per_s']} | {ratios[0]} | "
+                f"{ratios[1]} | {r['p50_ms']} | {r['p99_ms']} | {r['errors'] or '-'} |"
             )
         out.append("")
     return "\n".join(out)
@@ -277,6 +296,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="all_tasks,one_task")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5)
+    parser.add_argument("--settings", default="abcde", help="letters of the settings to run")
     args = parser.parse_args()
 
     from mtreg.runtime.export import export_dir
@@ -296,14 +316,18 @@ def main() -> None:
         bundle = build_bundle(work)
         singles = [export_dir(bundle, work / "single" / t, tasks=[t]) for t in TASKS]
         print(f"built bundles in {time.perf_counter() - started:.0f} s", flush=True)
+        threads = ["--threads", str(cpus)]
         settings = {
-            "a_merged_batched": ([bundle], [*batching, *queue, "--threads", str(cpus)]),
+            "a_merged_batched": ([bundle], [*batching, *queue, *threads]),
             "b_merged_unbatched": (
                 [bundle],
                 ["--max-batch-size", "1", "--max-wait-ms", "0", *queue, "--threads", str(cpus)],
             ),
             "c_process_per_task": (singles, [*batching, *queue, "--threads", "1"]),
+            "d_before_fp32": ([bundle], [*batching, *queue, *threads, *BEFORE]),
+            "e_fp32_new": ([bundle], [*batching, *queue, *threads, "--backend", "torch"]),
         }
+        settings = {k: v for k, v in settings.items() if k[0] in args.settings}
         workloads = split_list(args.workloads)
         results: dict[str, dict[str, Any]] = {w: {} for w in workloads}
         for name, (bundles, options) in settings.items():
@@ -326,6 +350,7 @@ def main() -> None:
                     print(name, workload, result, flush=True)
     report = {
         "machine": platform.platform(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpus": cpus,
         "python": platform.python_version(),
         "concurrency": args.concurrency,
@@ -333,14 +358,17 @@ def main() -> None:
         "seconds_limit": args.seconds,
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
+        "command": "python " + " ".join(sys.argv),
         "tasks": len(TASKS),
         "fork_depth": DEPTH,
         "branch_layers": LAYERS,
         "workloads": results,
     }
+    # A subset of the settings writes files of its own, so the full run's stay whole.
+    name = "serve_load" if args.settings == "abcde" else f"serve_load-{args.settings}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "serve_load.md").write_text(markdown(report))
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
 
 

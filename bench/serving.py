@@ -8,7 +8,11 @@ For N = 1, 2, 4, 8 tasks, in one run and on the same 512 SST-2 dev sentences:
 * two bundle geometries: forks at depth 4 with one layer per task, and depth 3 with two;
 * one task of the bundle against a plain transformers ``BertModel`` forward over the same
   layers (is mtreg's own network as fast as transformers?);
-* the 8-task bundle through torch, ONNX fp32 and ONNX int8 (onnxruntime);
+* the 8-task bundle through torch fp32, torch bf16 autocast, ONNX fp32 and ONNX int8
+  (onnxruntime), and its achieved GFLOP/s against this machine's matmul peak for each
+  precision, measured in the same run (bench/limits.py);
+* the 8-task bundle at batch 32 padded to each batch's longest against length buckets
+  (bench/buckets.py);
 * peak RSS of a process holding the 8-task bundle against one holding 8 full models.
 
 Branch weights are random (timing does not depend on them). Tokenisation is done once up
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -34,6 +39,10 @@ import time
 from pathlib import Path
 
 import torch
+from buckets import bucketing
+from buckets import markdown as buckets_markdown
+from limits import achieved, matmul_peaks
+from limits import markdown as limit_markdown
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -53,7 +62,7 @@ def sentences(n: int) -> list[str]:
     return [line.split("\t")[0] for line in lines][:n]
 
 
-def build_bundles(work: Path) -> dict[str, Path]:
+def build_bundles(work: Path, geometries: tuple[str, ...] = tuple(GEOMETRIES)) -> dict[str, Path]:
     """Register MiniLM and 8 random-weight tasks per geometry; return bundle directories."""
     from mtreg.artifacts.branch_file import BranchMeta, branch_shapes, write_branch
     from mtreg.artifacts.checkpoint import read_checkpoint
@@ -63,7 +72,8 @@ def build_bundles(work: Path) -> dict[str, Path]:
     checkpoint = read_checkpoint(minilm_folder())
     head = HeadSpec("classification", ("negative", "positive"))
     paths = {}
-    for geometry, (depth, layers) in GEOMETRIES.items():
+    for geometry in geometries:
+        depth, layers = GEOMETRIES[geometry]
         registry = Registry(url=f"sqlite:///{work / geometry}.db", home=work / geometry)
         registry.add_trunk("minilm", minilm_folder())
         generator = torch.Generator().manual_seed(0)
@@ -165,7 +175,7 @@ def task_scaling(bundles: dict[str, Path], texts, batch1_texts, repeats: int) ->
     models = full_models(max(TASK_COUNTS))
     for geometry, path in bundles.items():
         depth, layers = GEOMETRIES[geometry]
-        bundle = load_bundle(path)
+        bundle = load_bundle(path, backend="torch")
         for size, sample in ((32, texts), (1, batch1_texts)):
             data = batches(bundle.tokenizer, sample, size)
             for n in TASK_COUNTS:
@@ -211,7 +221,7 @@ def against_transformers(bundle_dir: Path, texts, repeats: int) -> dict:
 
     from mtreg.runtime.bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir, tasks=["task0"])
+    bundle = load_bundle(bundle_dir, tasks=["task0"], backend="torch")
     hf = BertModel.from_pretrained(minilm_folder(), num_hidden_layers=5).eval()
     results = {}
     for size in (32, 1):
@@ -233,15 +243,17 @@ def against_transformers(bundle_dir: Path, texts, repeats: int) -> dict:
     return results
 
 
-def backends(bundle_dir: Path, work: Path, texts, repeats: int) -> dict:
-    """The 8-task bundle through torch, ONNX fp32 and ONNX int8."""
+def backends(bundle_dir: Path, work: Path, texts, repeats: int, peaks: dict) -> dict:
+    """The 8-task bundle through torch fp32, torch bf16 autocast, ONNX fp32 and ONNX int8:
+    time, speed-up over torch, and achieved GFLOP/s against the matmul peak of its
+    precision (``peaks``, :func:`limits.matmul_peaks`)."""
     import onnxruntime
 
     from mtreg.runtime.bundle import load_bundle
     from mtreg.runtime.export import export_onnx
 
     report = export_onnx(bundle_dir, work / "onnx", quantize="int8")
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, backend="torch")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch
     sessions = {
@@ -254,12 +266,15 @@ def backends(bundle_dir: Path, work: Path, texts, repeats: int) -> dict:
     def onnx_fn(session):
         return lambda b: session.run(None, {k: v.numpy() for k, v in b.items()})
 
-    results = {"export": report}
+    results, tasks = {"export": report}, bundle.tasks
+    # bf16 GEMM under half fp32's: emulated, hours for this run; then not run.
+    native_bf16, bf16 = peaks["bf16"] >= peaks["fp32"] / 2, torch.autocast("cpu", torch.bfloat16)
     for size in (32, 1):
         data = batches(bundle.tokenizer, texts if size == 32 else texts[:128], size)
         seconds = interleaved(
             {
-                "torch": merged_fn(bundle.model, bundle.tasks),
+                "torch": merged_fn(bundle.model, tasks),
+                **({"torch_bf16": bf16(merged_fn(bundle.model, tasks))} if native_bf16 else {}),
                 **{name: onnx_fn(s) for name, s in sessions.items()},
             },
             data,
@@ -267,8 +282,8 @@ def backends(bundle_dir: Path, work: Path, texts, repeats: int) -> dict:
         )
         results[f"batch_{size}"] = {
             **{f"{k}_s": v for k, v in seconds.items()},
-            "onnx_fp32_speedup": seconds["torch"] / seconds["onnx_fp32"],
-            "onnx_int8_speedup": seconds["torch"] / seconds["onnx_int8"],
+            **{f"{k}_speedup": seconds["torch"] / v for k, v in seconds.items() if k != "torch"},
+            **achieved(bundle, data, seconds, peaks),
         }
         print(f"backends, batch {size}: {results[f'batch_{size}']}", flush=True)
     return results
@@ -283,7 +298,7 @@ def _rss_child(kind: str, bundle_dir: str, queue) -> None:
     types = torch.zeros_like(ids)
     with torch.inference_mode():
         if kind == "bundle":
-            load_bundle(bundle_dir).model(ids, mask, types)
+            load_bundle(bundle_dir, backend="torch").model(ids, mask, types)
         elif kind == "standalone":
             for model in full_models(8):
                 model(ids, mask, types)
@@ -313,11 +328,9 @@ def peak_rss(bundle_dir: Path) -> dict[str, float]:
     return out
 
 
-def markdown(results: dict) -> str:
+def scaling_markdown(results: dict) -> list[str]:
+    """Return the markdown of the task-scaling and against-transformers sections."""
     lines = [
-        "# Serving benchmark (bench/serving.py)",
-        "",
-        f"Machine: {results['machine']}. Command: `{results['command']}`.",
         "",
         "## Merged bundle against one full MiniLM per task",
         "",
@@ -331,7 +344,6 @@ def markdown(results: dict) -> str:
             f"| {r['bundle_sentences_per_s']:.1f} | {r['standalone_sentences_per_s']:.1f} "
             f"| {r['throughput_ratio']:.2f}x | {r['layer_ratio']:.2f}x |"
         )
-    t = results["against_transformers"]
     lines += [
         "",
         "## One task against a plain transformers forward over the same 5 layers",
@@ -339,11 +351,22 @@ def markdown(results: dict) -> str:
         "| batch | mtreg s | transformers s | mtreg / transformers |",
         "|---|---|---|---|",
     ]
-    for key, v in t.items():
+    for key, v in results["against_transformers"].items():
         lines.append(
             f"| {key.removeprefix('batch_')} | {v['mtreg_s']:.3f} | {v['transformers_s']:.3f} "
             f"| {v['mtreg_over_transformers']:.3f} |"
         )
+    return lines
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# Serving benchmark (bench/serving.py)",
+        "",
+        f"Machine: {results['machine']}. Command: `{results['command']}`. Load average at "
+        f"the end (1, 5, 15 min): {results['load_average']}.",
+    ]
+    lines += scaling_markdown(results) if "task_scaling" in results else []
     b = results["backends"]
     lines += [
         "",
@@ -352,25 +375,30 @@ def markdown(results: dict) -> str:
         f"ONNX export parity: max abs diff {b['export']['max_abs_diff']:.2e}; int8 argmax "
         f"agreement with fp32 {b['export']['int8_argmax_agreement']:.1%}.",
         "",
-        "| batch | torch s | ONNX fp32 s | ONNX int8 s | fp32 speed-up | int8 speed-up |",
-        "|---|---|---|---|---|---|",
+        "| batch | torch s | torch bf16 s | ONNX fp32 s | ONNX int8 s | bf16 speed-up "
+        "| fp32 speed-up | int8 speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for size in (32, 1):
         v = b[f"batch_{size}"]
+        bf16 = [f"{v[k]:.2f}" if k in v else "-" for k in ("torch_bf16_s", "torch_bf16_speedup")]
         lines.append(
-            f"| {size} | {v['torch_s']:.3f} | {v['onnx_fp32_s']:.3f} | {v['onnx_int8_s']:.3f} "
+            f"| {size} | {v['torch_s']:.3f} | {bf16[0]} | {v['onnx_fp32_s']:.3f} "
+            f"| {v['onnx_int8_s']:.3f} | {bf16[1]}x "
             f"| {v['onnx_fp32_speedup']:.2f}x | {v['onnx_int8_speedup']:.2f}x |"
         )
-    m = results["peak_rss"]
-    lines += [
-        "",
-        "## Peak RSS of a fresh process (MiB)",
-        "",
-        f"Python + torch + mtreg alone: {m['baseline_mib']:.0f}; 8-task bundle: "
-        f"{m['bundle_mib']:.0f}; 8 full models: {m['standalone_mib']:.0f}.",
-        "",
-    ]
-    return "\n".join(lines)
+    lines += limit_markdown(b, results["peaks"])
+    lines += buckets_markdown(results["bucketing"], results["sentences"])
+    m = results.get("peak_rss")
+    if m:
+        lines += [
+            "",
+            "## Peak RSS of a fresh process (MiB)",
+            "",
+            f"Python + torch + mtreg alone: {m['baseline_mib']:.0f}; 8-task bundle: "
+            f"{m['bundle_mib']:.0f}; 8 full models: {m['standalone_mib']:.0f}.",
+        ]
+    return "\n".join([*lines, ""])
 
 
 def main() -> None:
@@ -379,29 +407,42 @@ def main() -> None:
     parser.add_argument("--batch1-sentences", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only-limit",
+        action="store_true",
+        help="only the peaks, backends and buckets (to serving-limit.json/.md)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     texts = sentences(args.sentences)
+    print(f"matmul peaks: {(peaks := matmul_peaks())}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        bundles = build_bundles(work)
-        results = {
+        bundles = build_bundles(work, ("depth4_l1",) if args.only_limit else tuple(GEOMETRIES))
+        main_bundle = bundles["depth4_l1"]
+        results: dict = {
             "command": "python " + " ".join(sys.argv),
             "machine": f"{platform.processor() or platform.machine()}, "
             f"{args.threads} torch threads, torch {torch.__version__}",
             "sentences": len(texts),
             "batch1_sentences": args.batch1_sentences,
             "repeats": args.repeats,
-            "task_scaling": task_scaling(
-                bundles, texts, texts[: args.batch1_sentences], args.repeats
-            ),
-            "against_transformers": against_transformers(bundles["depth4_l1"], texts, args.repeats),
-            "backends": backends(bundles["depth4_l1"], work, texts, args.repeats),
-            "peak_rss": peak_rss(bundles["depth4_l1"]),
         }
+        if not args.only_limit:
+            results["task_scaling"] = task_scaling(
+                bundles, texts, texts[: args.batch1_sentences], args.repeats
+            )
+            results["against_transformers"] = against_transformers(main_bundle, texts, args.repeats)
+        results["peaks"] = peaks
+        results["backends"] = backends(main_bundle, work, texts, args.repeats, peaks)
+        results["bucketing"] = bucketing(main_bundle, texts, args.repeats, interleaved)
+        if not args.only_limit:
+            results["peak_rss"] = peak_rss(main_bundle)
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    name = "serving-limit" if args.only_limit else "serving"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "serving.md").write_text(markdown(results))
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(results))
     print(markdown(results))
 
 

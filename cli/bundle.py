@@ -1,4 +1,4 @@
-"""Bundle commands: ``bundle list | show | diff``, ``alias set | list``, ``gc``."""
+"""Bundle commands: ``bundle list | show | diff | gate``, ``alias set | list``, ``gc``."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import click
 
 from mtreg.artifacts.manifest import MANIFEST
 from mtreg.cli.context import Context, pass_context
+from mtreg.cli.gate import gate
 from mtreg.cli.output import echo_fields, echo_json, echo_table, json_option, listing, short
 from mtreg.cli.task import dry_run_option
 
 
 @click.group()
 def bundle() -> None:
-    """Inspect merged bundles."""
+    """Inspect merged bundles, and gate their reduced-precision backends."""
+
+
+bundle.add_command(gate)
 
 
 @bundle.command("list")

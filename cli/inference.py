@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from mtreg.artifacts.gate_file import BACKENDS, FASTEST
 from mtreg.artifacts.home import Home
 from mtreg.artifacts.manifest import bundle_directory
 from mtreg.cli.context import Context, pass_context
@@ -31,7 +32,7 @@ def _split(tasks: str | None) -> list[str] | None:
     return split_list(tasks) if tasks else None
 
 
-def _resolve(ctx: Context, ref: str) -> tuple[Path, str | None]:
+def resolve_bundle(ctx: Context, ref: str) -> tuple[Path, str | None]:
     """Return the bundle directory ``ref`` names and the id the registry recorded for it
     (None for a directory written as a path, which needs no database)."""
     directory = bundle_directory(ref)
@@ -113,10 +114,19 @@ def _read_inputs(path: Path, skip_bad: bool, fits: Callable[[Any], str | None]) 
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option(
     "--backend",
-    type=click.Choice(["torch", "onnx", "auto"]),
-    default="torch",
+    type=click.Choice(BACKENDS),
+    default=FASTEST,
     show_default=True,
-    help="onnx/auto need an `export --format onnx` folder; auto picks per batch size.",
+    help="fastest: per batch size, the fastest backend the bundle's quality gate (`mtreg "
+    "bundle gate`) finds eligible for every task (torch without a gate); onnx/auto need an "
+    "`export --format onnx` folder.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    metavar="cpu|cuda[:N]",
+    help="Run the torch network on this device (a GPU under bf16/fp16 autocast).",
 )
 @click.argument("text", required=False)
 @click.argument("text_pair", required=False)
@@ -130,6 +140,7 @@ def predict(
     logits: bool,
     batch_size: int,
     backend: str,
+    device: str,
     text: str | None,
     text_pair: str | None,
 ) -> None:
@@ -138,8 +149,10 @@ def predict(
         raise click.UsageError("give either TEXT [TEXT_PAIR] or --input FILE.jsonl")
     from mtreg.runtime.bundle import LoadedBundle, input_problem
 
-    path, ident = _resolve(ctx, ref)
-    bundle = LoadedBundle(path, _split(tasks), backend, expected_id=ident)
+    path, ident = resolve_bundle(ctx, ref)
+    bundle = LoadedBundle(
+        path, _split(tasks), backend, ident, Home.resolve(ctx.home), device=device
+    )
     if input_file is None:
         inputs: list[Any] = [text if text_pair is None else (text, text_pair)]
     else:
@@ -152,6 +165,8 @@ def predict(
             ),
         )
     results = bundle.predict(inputs, batch_size=batch_size, with_logits=logits)
+    if bundle.choice is not None:  # once the inputs passed: an error stays one line
+        click.echo(bundle.choice.line(), err=True)
     for item, result in zip(inputs, results, strict=True):
         shown = list(item) if isinstance(item, tuple) else item
         click.echo(json.dumps({"input": shown, "predictions": result}, sort_keys=True))
@@ -201,7 +216,7 @@ def export(
     from mtreg.artifacts import hub
     from mtreg.runtime import export as exporting
 
-    (source, ident), names = _resolve(ctx, ref), _split(tasks)
+    (source, ident), names = resolve_bundle(ctx, ref), _split(tasks)
     if (quantize or external_data) and fmt != "onnx":
         raise click.UsageError("--quantize and --external-data apply to --format onnx only")
     homes = [Home.resolve(ctx.home)]  # the export functions refuse an out inside it

@@ -147,7 +147,7 @@ class MultiTaskModel(nn.Module):
         """Run ``task``'s branch on ``rows`` of the batch (all when None), zeros elsewhere."""
         if rows is None or len(rows) == hidden.shape[0]:
             return self.branches[task](hidden, mask)
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
         some = self.branches[task](hidden.index_select(0, index), mask.index_select(0, index))
         full = some.new_zeros((hidden.shape[0], *some.shape[1:]))
         full[index] = some

@@ -11,7 +11,6 @@ is trusted before it is hashed: bundle files are hard links to the object store'
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from mtreg import heads
 from mtreg.artifacts.branch_file import check_against_entry, read_branch
 from mtreg.artifacts.checkpoint import load_component
 from mtreg.artifacts.config import TrunkConfig
+from mtreg.artifacts.gate_file import BACKENDS, FASTEST
+from mtreg.artifacts.home import Home
 from mtreg.artifacts.integrity import check_tokenizer, checked_file
 from mtreg.artifacts.manifest import (
     EMBEDDINGS,
@@ -31,18 +32,31 @@ from mtreg.artifacts.manifest import (
     layer_path,
     read_bundle_manifest,
 )
-from mtreg.artifacts.onnx_info import GRAPH, OnnxInfo, verify_onnx
+from mtreg.artifacts.onnx_info import OnnxInfo
 from mtreg.artifacts.release import candidate_key
 from mtreg.artifacts.tokenizer import load_tokenizer
-from mtreg.core.extras import require
 from mtreg.core.spec import find_version
 from mtreg.core.text import text_problem
 from mtreg.errors import MtregError, NotFound
 from mtreg.nn.layers import Branch
 from mtreg.nn.network import MultiTaskModel, Trunk
-from mtreg.runtime.inference import Input, Row, check_batch_size, cut_text, forward_groups
-
-BACKENDS = ("torch", "onnx", "auto")
+from mtreg.runtime.backends import (
+    GATED,
+    TORCH_BACKENDS,
+    Choice,
+    OnnxModel,
+    gated_model,
+    measured_faster,
+)
+from mtreg.runtime.device import CPU, check_device, gpu_backend, place
+from mtreg.runtime.inference import (
+    Encoded,
+    Input,
+    Row,
+    check_batch_size,
+    cut_text,
+    forward_groups,
+)
 
 
 def select_tasks(held: Iterable[str], tasks: Iterable[str] | None) -> list[str]:
@@ -63,80 +77,6 @@ def select_tasks(held: Iterable[str], tasks: Iterable[str] | None) -> list[str]:
     return wanted
 
 
-class OnnxModel:
-    """The ONNX graph of an ``mtreg export --format onnx`` folder, called like
-    :class:`MultiTaskModel`: ``model(input_ids, attention_mask, token_type_ids, tasks, rows)``.
-
-    The graph and its external data are verified against the folder's ``onnx.json``
-    (``info``) before onnxruntime opens them. The graph computes every output on every
-    row in one call, so ``rows`` and ``timings`` (per-branch times) are accepted and not used.
-    """
-
-    def __init__(self, path: Path, bundle_id: str) -> None:
-        onnxruntime = require("onnxruntime")
-        self.info: OnnxInfo = verify_onnx(path, bundle_id)
-        graph = Path(path) / GRAPH
-        self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        # A family without token types (DistilBERT, ModernBERT) has no token_type_ids input.
-        self.inputs = {i.name for i in self.session.get_inputs()}
-
-    def __call__(
-        self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None, timings=None
-    ) -> dict:
-        names = self.outputs if tasks is None else sorted(tasks)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        feeds = {
-            "input_ids": input_ids.numpy(),
-            "attention_mask": attention_mask.numpy(),
-            "token_type_ids": token_type_ids.numpy(),
-        }
-        feeds = {k: v for k, v in feeds.items() if k in self.inputs}
-        values = self.session.run(names, feeds)
-        return {name: torch.from_numpy(v) for name, v in zip(names, values, strict=True)}
-
-
-class AutoModel:
-    """Both backends, each serving the batch sizes where it measured faster on this machine.
-
-    onnxruntime tends to win at small batches and torch at large ones, but where the
-    crossover lies depends on the CPU, so it is measured once, when the bundle loads.
-    """
-
-    PROBE_SIZES = (1, 8, 32)
-
-    def __init__(self, torch_model: MultiTaskModel, onnx_model: OnnxModel, tokenizer) -> None:
-        self.backends = {"torch": torch_model, "onnx": onnx_model}
-        self.choice = {size: self._faster(size, tokenizer) for size in self.PROBE_SIZES}
-
-    def _faster(self, size: int, tokenizer) -> str:
-        batch = tokenizer(["a probe sentence of ordinary length for timing"] * size)
-        args = [torch.tensor(batch[key]) for key in ("input_ids", "attention_mask")]
-        seconds = {}
-        with torch.inference_mode():
-            for name, model in self.backends.items():
-                model(*args)  # warm-up
-                started = time.perf_counter()
-                for _ in range(3):
-                    model(*args)
-                seconds[name] = time.perf_counter() - started
-        return min(seconds, key=seconds.__getitem__)
-
-    def backend_for(self, size: int) -> str:
-        """Return the backend measured faster at the probe size nearest ``size``."""
-        nearest = min(self.PROBE_SIZES, key=lambda probe: abs(probe - size))
-        return self.choice[nearest]
-
-    def __call__(
-        self, input_ids, attention_mask, token_type_ids=None, tasks=None, rows=None, timings=None
-    ) -> dict:
-        model = self.backends[self.backend_for(input_ids.shape[0])]
-        return model(
-            input_ids, attention_mask, token_type_ids, tasks=tasks, rows=rows, timings=timings
-        )
-
-
 class LoadedBundle:
     """A bundle loaded for inference.
 
@@ -150,8 +90,14 @@ class LoadedBundle:
             stable versions). branches: every branch a :class:`Row` can name (its
             ``tasks``) -> entry: the tasks, and each candidate under ``candidate_key``.
         model: the :class:`MultiTaskModel` (eval mode); with ``backend="onnx"`` an
-            :class:`OnnxModel`, with ``"auto"`` an :class:`AutoModel`, both called the same
-            way. tokenizer: the trunk's tokenizer.
+            :class:`OnnxModel`, with ``"auto"``, ``"fastest"`` or a gated backend a
+            :class:`~mtreg.runtime.backends.PerSizeModel`, all called the same way.
+            tokenizer: the trunk's tokenizer.
+        choice: with ``"fastest"`` or a gated backend, the backend serving each batch
+            size and its speed-up (:class:`~mtreg.runtime.backends.Choice`), else None.
+
+    ``home``: where the quality gate is looked up (default ``$MTREG_HOME``). ``device``:
+    where the torch network runs (:mod:`mtreg.runtime.device`).
     """
 
     def __init__(
@@ -160,7 +106,11 @@ class LoadedBundle:
         tasks: Iterable[str] | None = None,
         backend: str = "torch",
         expected_id: str | None = None,
+        home: Home | None = None,
+        device: str = CPU,
     ) -> None:
+        if check_device(device).type != CPU:
+            backend = gpu_backend(backend)
         self.path = Path(path)
         self.manifest, self.bundle_id = read_bundle_manifest(self.path, expected_id)
         self.tasks = select_tasks(self.manifest.tasks, tasks)
@@ -168,7 +118,7 @@ class LoadedBundle:
         self.config = TrunkConfig(**self.manifest.trunk.config)
         if backend not in BACKENDS:
             raise MtregError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
-        held = self.manifest.releases.items() if backend == "torch" else ()
+        held = self.manifest.releases.items() if backend in (*TORCH_BACKENDS, FASTEST) else ()
         self.releases = {name: r for name, r in held if name in self.info}
         candidates = {candidate_key(name): r.candidate for name, r in self.releases.items()}
         self.branches: dict[str, TaskEntry] = {**self.info, **candidates}
@@ -176,15 +126,19 @@ class LoadedBundle:
         check_tokenizer(self.path, self.manifest)
         self.tokenizer = load_tokenizer(self.path / TOKENIZER_DIR)
         self.onnx_info: OnnxInfo | None = None
+        self.choice: Choice | None = None
         if backend == "torch":
-            self.model = self._torch_model()
-            return
-        onnx = OnnxModel(self.path, self.bundle_id)
-        self.onnx_info = onnx.info
-        if backend == "onnx":
-            self.model = onnx
+            self.model = place(self._torch_model(), device)
+        elif backend in (FASTEST, *GATED):
+            # A release's candidate is a torch branch: then only torch backends may serve.
+            self.model, self.choice = gated_model(
+                backend, self.bundle_id, self.tasks, self._torch_model, bool(self.releases), home
+            )
         else:
-            self.model = AutoModel(self._torch_model(), onnx, self.tokenizer)
+            onnx = OnnxModel(self.path, self.bundle_id)
+            self.onnx_info = onnx.info
+            both = {"torch": self._torch_model(), "onnx": onnx}
+            self.model = onnx if backend == "onnx" else measured_faster(both, self.tokenizer)
 
     def _torch_model(self) -> MultiTaskModel:
         depth = max((i.fork_depth for i in self.branches.values()), default=0)
@@ -274,11 +228,15 @@ class LoadedBundle:
 
     @torch.inference_mode()
     def run(
-        self, rows: Sequence[Row], timings: MutableMapping[str, float] | None = None
+        self,
+        rows: Sequence[Row],
+        timings: MutableMapping[str, float] | None = None,
+        encoded: Sequence[Encoded] | None = None,
     ) -> list[dict[str, Any]]:
         """Return, per row, ``{task: result}`` for the tasks that row asked for, in sorted
         task order (see :meth:`predict` for the results). With ``timings``, each branch's
-        compute time in seconds is stored under its name (torch backend only).
+        compute time in seconds is stored under its name (torch backend only). ``encoded``:
+        ``rows`` tokenised already (:func:`mtreg.runtime.inference.encode_rows`).
 
         Rows asking for different tasks share one forward pass per input kind
         (:func:`mtreg.runtime.inference.forward_groups`).
@@ -288,7 +246,7 @@ class LoadedBundle:
                 does not hold (rows are checked first: ``mtreg.serving.plan.plan_rows``).
         """
         results: list[dict[str, Any]] = [{} for _ in rows]
-        for group in forward_groups(self, rows, timings):
+        for group in forward_groups(self, rows, timings, encoded):
             for position, i in enumerate(group.members):
                 row = rows[i]
                 for name in group.tasks:
@@ -407,8 +365,9 @@ def task_result(
 def load_bundle(
     ref: str | Path = "serving",
     tasks: Iterable[str] | None = None,
-    backend: str = "torch",
+    backend: str = FASTEST,
     registry: Any = None,
+    device: str = CPU,
 ) -> LoadedBundle:
     """Load a bundle for inference: a bundle directory, or an alias / id of the registry.
 
@@ -416,9 +375,13 @@ def load_bundle(
         ref: a directory holding ``manifest.json`` (a :class:`~pathlib.Path`, or a string
             with a ``/`` such as ``./serving``), or an alias or bundle id (prefix).
         tasks: load only these tasks (and the trunk up to their deepest fork).
-        backend: ``torch``; ``onnx`` or ``auto`` (per batch size, whichever measured faster)
-            for a folder written by ``mtreg export --format onnx``.
+        backend: ``fastest`` (per batch size, the fastest backend the bundle's quality
+            gate finds eligible for every task; torch fp32 without a gate); ``torch``; a
+            gated backend by name (``torch-bf16``, ``onnx-int8``, ...); ``onnx`` or ``auto``
+            (whichever measured faster) for a folder written by ``mtreg export --format onnx``.
         registry: the :class:`mtreg.Registry` resolving aliases (default: ``Registry()``).
+        device: ``cpu``, or ``cuda[:N]`` for the torch network on a GPU under bf16/fp16
+            autocast (:mod:`mtreg.runtime.device`).
 
     Raises:
         NotFound: no such directory, alias, bundle or task. Damaged: a file that differs
@@ -428,7 +391,7 @@ def load_bundle(
     """
     path = bundle_directory(ref)
     if path is not None:
-        return LoadedBundle(path, tasks, backend)
+        return LoadedBundle(path, tasks, backend, device=device)
     if registry is None:
         # A bundle directory loads without the database: SQLAlchemy only for a reference.
         from mtreg.registry.api import Registry
@@ -439,4 +402,6 @@ def load_bundle(
     else:
         record = registry.bundle(str(ref))
         path = registry.bundle_dir(record)
-    return LoadedBundle(path, tasks, backend, expected_id=record.id)
+    return LoadedBundle(
+        path, tasks, backend, expected_id=record.id, home=registry.home, device=device
+    )

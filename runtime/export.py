@@ -104,7 +104,9 @@ class _Graph(nn.Module):
         return tuple(out[task] for task in self.tasks)
 
 
-def _probe_batch(loaded: LoadedBundle) -> dict[str, torch.Tensor]:
+def probe_batch(loaded: LoadedBundle) -> dict[str, torch.Tensor]:
+    """Return a small fixed batch of the graph's inputs: what exports are traced on and
+    checked against torch with."""
     texts = [
         "the service was great and fast",
         "i want a refund for my order",
@@ -157,14 +159,14 @@ def export_onnx(
     loaded = LoadedBundle(bundle, tasks, expected_id=expected_id)
     names = loaded.tasks
     manifest = loaded.manifest.subset(names)
-    probe = _probe_batch(loaded)
+    probe = probe_batch(loaded)
     with torch.no_grad():
         expected = _Graph(loaded.model, names)(*probe.values())
     report: dict[str, Any] = {"outputs": names, "files": [GRAPH], "opset": OPSET}
     with _atomic_folder(out, bundle, homes) as scratch:
         _copy_bundle(loaded.path, manifest, scratch)
         graph = scratch / GRAPH
-        _write_graph(loaded, names, probe, graph)
+        write_graph(loaded, names, probe, graph)
         if quantize == "int8":
             int8, measured = _quantize_int8(graph, probe, expected, onnxruntime)
             report["files"].append(int8)
@@ -178,7 +180,7 @@ def export_onnx(
     return report
 
 
-def _write_graph(
+def write_graph(
     loaded: LoadedBundle, names: list[str], probe: dict[str, torch.Tensor], graph: Path
 ) -> None:
     """Export ``loaded``'s model serving ``names`` to ``graph`` (dynamic batch and sequence

@@ -1,9 +1,11 @@
 """The one forward pass of a loaded bundle: rows that may each ask for different tasks.
 
 Tasks that read their input the same way (one text or a pair, tagged words or not, same
-max length) form a group: one tokenisation and one trunk pass over every row that needs
-any of its tasks, up to the deepest fork among them; each branch runs only on the rows
-that asked for it (the torch backend; ONNX runs its graph's outputs on every row).
+max length) form a group: one tokenisation of every row that needs any of its tasks,
+padded to the longest of them, then the group's rows run in sub-batches of similar token
+length (each cut to its own longest row), the trunk once per sub-batch up to the deepest
+fork among its tasks; each branch runs only on the rows that asked for it (the torch
+backend; ONNX runs its graph's outputs on every row).
 :meth:`mtreg.runtime.bundle.LoadedBundle.run` turns these logits into answers, and
 ``predict``, ``logits``, ``mtreg predict`` and the server all go through it.
 """
@@ -28,6 +30,13 @@ MAX_BATCH_SIZE = 4096
 # still splits (longer ones become one [UNK]) and its spaces, so a text cut at this many
 # characters per token of max_length tokenises the same: a 10 MB line costs what 16 kB do.
 CHARS_PER_TOKEN = 128
+# What a forward pass costs besides its tokens, in tokens (Python and kernel launches per
+# layer, small matrix products running below peak): the price of one more sub-batch when
+# rows are split by length. A round guess: bench/serving.py times 0, 16, 64 and 256 side by
+# side (bench/results/serving-limit.md).
+BUCKET_OVERHEAD = 64
+# The tokenised tensors a model takes, in the order it takes them.
+TENSORS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def cut_text(text: str, max_length: int) -> str:
@@ -69,6 +78,26 @@ class Runnable(Protocol):
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """One group's tokenised input, ready for its forward pass (:func:`encode_rows` makes
+    it; the server does so on its tokeniser thread while the previous batch runs).
+
+    Attributes:
+        tasks: the group's tasks, sorted. members: the indices of the rows that asked for
+            any of them, in order. encoded: what ``encode`` returned for those rows.
+        wanted: task -> the positions among ``members`` of the rows that asked for it.
+        buckets: positions among ``members``, split into the sub-batches that run
+            together (:func:`length_buckets`).
+    """
+
+    tasks: list[str]
+    members: list[int]
+    encoded: dict[str, Any]
+    wanted: dict[str, list[int]]
+    buckets: list[list[int]]
+
+
+@dataclass(frozen=True)
 class Group:
     """One group's forward pass.
 
@@ -96,30 +125,121 @@ def group_tasks(info: Mapping[str, TaskEntry], names: Iterable[str]) -> dict[Gro
     return groups
 
 
-def forward_groups(
-    bundle: Runnable, rows: Sequence[Row], timings: MutableMapping[str, float] | None = None
-) -> Iterator[Group]:
-    """Yield the forward pass of each group of the tasks ``rows`` ask for; with ``timings``,
-    store each branch's compute time in seconds under its name (torch backend only: an ONNX
-    graph runs its branches as one call, so they cannot be timed apart).
+def encode_rows(bundle: Runnable, rows: Sequence[Row], buckets: bool = True) -> list[Encoded]:
+    """Return the tokenised input of each group of the tasks ``rows`` ask for, padded to
+    the longest input of the group (never to ``max_length``), its rows split into
+    sub-batches of similar token length (with ``buckets``; else one sub-batch).
 
     Raises:
         MtregError: an input a task it asks cannot read (from ``encode``).
     """
     names = {name for row in rows for name in row.tasks}
+    out = []
     for tasks in group_tasks(bundle.branches, names).values():
         members = [i for i, row in enumerate(rows) if any(t in row.tasks for t in tasks)]
         encoded = bundle.encode([rows[i].item for i in members], bundle.branches[tasks[0]])
         wanted = {
             name: [at for at, i in enumerate(members) if name in rows[i].tasks] for name in tasks
         }
-        batch = encoded["batch"]
-        logits = bundle.model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("token_type_ids"),
+        lengths = encoded["batch"]["attention_mask"].sum(1).tolist()
+        split = length_buckets(lengths) if buckets else [list(range(len(lengths)))]
+        out.append(Encoded(tasks, members, encoded, wanted, split))
+    return out
+
+
+def forward_groups(
+    bundle: Runnable,
+    rows: Sequence[Row],
+    timings: MutableMapping[str, float] | None = None,
+    encoded: Sequence[Encoded] | None = None,
+) -> Iterator[Group]:
+    """Yield the forward pass of each group of the tasks ``rows`` ask for, its rows run in
+    sub-batches of similar length (:func:`length_buckets`); with ``timings``, store each
+    branch's compute time in seconds under its name (torch backend only: an ONNX graph
+    runs its branches as one call, so they cannot be timed apart). ``encoded``: what
+    :func:`encode_rows` returned for ``rows``, when they were tokenised already.
+
+    Raises:
+        MtregError: an input a task it asks cannot read (from ``encode``).
+    """
+    for prepared in encode_rows(bundle, rows) if encoded is None else encoded:
+        logits = _bucketed(bundle.model, prepared, timings)
+        yield Group(prepared.tasks, prepared.members, prepared.encoded, logits)
+
+
+def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD) -> list[list[int]]:
+    """Split rows of token ``lengths`` into sub-batches of similar length.
+
+    Each sub-batch is padded to its longest row, and a forward pass costs about
+    ``overhead`` tokens besides its padded tokens, so the split minimises the sum over
+    sub-batches of ``overhead + rows * longest`` (dynamic programming over the rows sorted
+    by length, cut only where the length changes).
+
+    Returns:
+        The sub-batches (row indices, each sorted by length), shortest first.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    count = len(order)
+    ends = [e for e in range(1, count) if lengths[order[e]] != lengths[order[e - 1]]]
+    ends += [count] if count else []
+    best = {0: (0, 0)}  # rows taken -> (least cost, where its last sub-batch starts)
+    for end in ends:
+        longest = lengths[order[end - 1]]
+        best[end] = min(
+            (cost + overhead + (end - start) * longest, start) for start, (cost, _) in best.items()
+        )
+    buckets: list[list[int]] = []
+    end = count
+    while end:
+        start = best[end][1]
+        buckets.append(order[start:end])
+        end = start
+    return buckets[::-1]
+
+
+def _bucketed(
+    model: Callable[..., dict[str, torch.Tensor]],
+    prepared: Encoded,
+    timings: MutableMapping[str, float] | None,
+) -> dict[str, torch.Tensor]:
+    """Run one group's rows through ``model`` in length buckets; return task -> logits
+    with one row per member, in the members' order, as one call on the whole batch would."""
+    batch = prepared.encoded["batch"]
+    mask = batch["attention_mask"]
+    per_token = "words" in prepared.encoded  # encode adds the words for per-token heads
+    out: dict[str, torch.Tensor] = {}
+    for bucket in prepared.buckets:
+        rows = torch.tensor(bucket, dtype=torch.long)
+        # The columns some row of the bucket uses (its padding to the group's longest is cut).
+        columns = mask.index_select(0, rows).any(0).nonzero().squeeze(1)
+        where = {row: at for at, row in enumerate(bucket)}
+        wanted = {t: [where[r] for r in rs if r in where] for t, rs in prepared.wanted.items()}
+        tasks = [task for task in prepared.tasks if wanted[task]]
+        spent: dict[str, float] = {}
+        logits = model(
+            *(_cut(batch.get(key), rows, columns) for key in TENSORS),
             tasks=tasks,
             rows=wanted,
-            timings=timings,
+            timings=spent if timings is not None else None,
         )
-        yield Group(tasks, members, encoded, logits)
+        for task in tasks:
+            if timings is not None and task in spent:
+                timings[task] = timings.get(task, 0.0) + spent[task]
+            part = logits[task]
+            if task not in out:
+                lead = tuple(mask.shape) if per_token else (mask.shape[0],)
+                out[task] = part.new_zeros((*lead, *part.shape[len(lead) :]))
+            if per_token:
+                out[task][rows.unsqueeze(1), columns.unsqueeze(0)] = part
+            else:
+                out[task][rows] = part
+    return out
+
+
+def _cut(
+    tensor: torch.Tensor | None, rows: torch.Tensor, columns: torch.Tensor
+) -> torch.Tensor | None:
+    """Return ``tensor``'s ``rows``, keeping only ``columns`` (None stays None)."""
+    if tensor is None:
+        return None
+    return tensor.index_select(0, rows).index_select(1, columns)

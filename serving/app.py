@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtreg import __version__
 from mtreg.runtime.bundle import LoadedBundle
+from mtreg.runtime.inference import encode_rows
 from mtreg.serving import v2
 from mtreg.serving.access import NOTE, AccessLog, RequestNote
 from mtreg.serving.batcher import Batcher
@@ -69,6 +71,8 @@ class ServerState:
             config.max_batch_size,
             config.max_wait_ms,
             config.queue_size,
+            prepare=partial(encode_rows, buckets=config.length_buckets),
+            pipeline=config.tokenizer_thread,
         )
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self.metrics.serving(served.id)
@@ -95,6 +99,7 @@ class ServerState:
                 self.swap,
                 self.metrics,
                 config.poll_seconds,
+                config.device,
             )
             self.reloader.start()
         self.started = True

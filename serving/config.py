@@ -12,7 +12,9 @@ class ServeConfig:
     Attributes:
         bundle: a bundle directory, or an alias / bundle id of the registry.
         tasks: serve only these tasks (default: all the bundle holds).
-        backend: ``torch``, ``onnx`` or ``auto`` (per batch size, the faster of the two).
+        backend: ``fastest`` (per batch size, the fastest backend the bundle's quality
+            gate allows; torch without a gate), ``torch``, a gated backend by name
+            (``torch-bf16``, ``onnx-int8``, ...), ``onnx`` or ``auto`` (the faster of the two).
         max_batch_size: most inputs one forward pass takes.
         max_wait_ms: how long the first queued input waits for others to fill a batch.
         queue_size: most inputs waiting (over all requests); past it a request gets 503.
@@ -31,11 +33,15 @@ class ServeConfig:
         max_connections: most open connections; a request on one past it gets 503.
         access_log: where to write one JSON line per request: a file (appended to), ``-``
             for standard error, or None for no access log.
+        length_buckets: run a batch's rows in sub-batches of similar token length.
+        tokenizer_thread: tokenise the next batch on a thread of its own while one runs.
+        device: where the torch network runs: ``cpu``, or ``cuda[:N]`` (a GPU, under
+            bf16/fp16 autocast; :mod:`mtreg.runtime.device`).
     """
 
     bundle: str = "serving"
     tasks: tuple[str, ...] | None = None
-    backend: str = "torch"
+    backend: str = "fastest"
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     queue_size: int = 512
@@ -52,6 +58,9 @@ class ServeConfig:
     keep_alive_s: float = 5.0
     max_connections: int = 1000
     access_log: str | None = None
+    length_buckets: bool = True
+    tokenizer_thread: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.max_inputs < 1:

@@ -56,7 +56,7 @@ class ServeMetrics:
         self.dropped = self._counter(
             "dropped",
             "Requests refused or connections closed by the server's limits, by reason "
-            "(header_timeout, body_timeout, connection_limit, draining).",
+            "(header_timeout, header_too_large, body_timeout, connection_limit, draining).",
             ("reason",),
         )
         self.queue_depth = self._gauge("queue_depth", "Inputs waiting for a batch.")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from mtreg.artifacts.bundle_dir import remove_bundle_dir
 from mtreg.artifacts.manifest import bundle_directory
+from mtreg.core.disk import disk_errors
 from mtreg.errors import MtregError
 from mtreg.runtime.bundle import LoadedBundle
 from mtreg.serving.metrics import ServeMetrics
@@ -69,7 +70,8 @@ def _onnx_cached(
             problem = str(exc)
         log.warning("rebuilding the ONNX cache %s: %s", out, problem)
         remove_bundle_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with disk_errors(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
     # The one export written inside a home on purpose: its ONNX cache, which verify checks.
     export_onnx(source, out, tasks=tasks, expected_id=record_id, homes=())
     return LoadedBundle(out, tasks, backend)
@@ -80,6 +82,7 @@ def load_served(
     tasks: tuple[str, ...] | None,
     backend: str,
     registry: Registry | None = None,
+    device: str = "cpu",
 ) -> Served:
     """Load the bundle ``ref`` names: a directory, or an alias / id looked up in ``registry``.
 
@@ -88,17 +91,20 @@ def load_served(
     """
     directory = bundle_directory(ref)
     if directory is not None:
-        loaded = LoadedBundle(directory, tasks, backend)
+        loaded = LoadedBundle(directory, tasks, backend, device=device)
         return Served(loaded, loaded.bundle_id)
     if registry is None:
         raise ValueError(f"{ref!r} is not a bundle directory and no registry was given")
     record = registry.bundle(ref)
     path = registry.bundle_dir(record)
-    if backend in ("onnx", "auto"):
+    if backend in ("onnx", "auto") and device == "cpu":  # LoadedBundle refuses them on a GPU
         # The cached export's own manifest is a subset when tasks are chosen; its
         # onnx.json ties it to this bundle, whose id is the one served.
         return Served(_onnx_cached(registry, path, record.id, tasks, backend), record.id)
-    return Served(LoadedBundle(path, tasks, backend, expected_id=record.id), record.id)
+    loaded = LoadedBundle(
+        path, tasks, backend, expected_id=record.id, home=registry.home, device=device
+    )
+    return Served(loaded, record.id)
 
 
 class Reloader:
@@ -118,10 +124,12 @@ class Reloader:
         swap: Callable[[Served], None],
         metrics: ServeMetrics,
         interval: float = 2.0,
+        device: str = "cpu",
     ) -> None:
         self.alias = alias
         self.tasks = tasks
         self.backend = backend
+        self.device = device
         self.registry_factory = registry_factory
         self.current = current
         self.swap = swap
@@ -166,7 +174,7 @@ class Reloader:
             return False
         log.info("alias %r moved to %s: loading it", self.alias, target[:12])
         try:
-            served = load_served(target, self.tasks, self.backend, registry)
+            served = load_served(target, self.tasks, self.backend, registry, self.device)
         except Exception as exc:
             self.failed_id = target
             self.metrics.reloads.labels(result="failed").inc()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from mtreg.core.extras import EXTRA_MODULES, require
@@ -31,19 +33,46 @@ log = logging.getLogger("mtreg.serving")
 
 # A draining server stops listening once no request came or ran for this long.
 QUIET_SECONDS = 0.25
+# Where this process's cgroup (its CPU quota) is mounted, in a container.
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpus(root: Path = CGROUP) -> float | None:
+    """Return the CPUs the cgroup quota under ``root`` allows (cgroup v2 ``cpu.max``, else
+    v1 ``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us``), or None where none is set."""
+    try:
+        if (root / "cpu.max").is_file():
+            quota, _, period = (root / "cpu.max").read_text().strip().partition(" ")
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period or "100000")
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores(root: Path = CGROUP) -> int:
+    """Return how many cores this process may use: its CPU affinity (what ``taskset`` and
+    container cpusets set), capped by the cgroup CPU quota rounded up (``docker --cpus``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpus(root)
+    if quota is not None:
+        cores = min(cores or 1, math.ceil(quota))
+    return max(1, cores or 1)
 
 
 def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (default: every core this process may use); return it.
+    """Set torch's intra-op threads (default: :func:`usable_cores`); return it. ONNX
+    sessions opened afterwards take the same number (``runtime/backends.py``).
 
     One inference thread runs at a time, so it may use all cores; inter-op parallelism only
     adds contention for these small graphs, so it is set to 1.
     """
     import torch
 
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(max(1, threads or usable_cores()))
     # RuntimeError: already set, or parallel work already started; keep it then.
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
@@ -57,10 +86,10 @@ def load_first(config: ServeConfig, registry_factory: RegistryFactory | None) ->
         NotFound, InvalidWeights, MtregError: the bundle cannot be served.
     """
     if is_directory_ref(config.bundle) or registry_factory is None:
-        return load_served(config.bundle, config.tasks, config.backend)
+        return load_served(config.bundle, config.tasks, config.backend, device=config.device)
     registry = registry_factory()
     try:
-        return load_served(config.bundle, config.tasks, config.backend, registry)
+        return load_served(config.bundle, config.tasks, config.backend, registry, config.device)
     finally:
         registry.close()
 
@@ -134,6 +163,11 @@ def serve(
     if config.access_log is not None:
         check_target(config.access_log)
     used = set_threads(threads)
+    log.info(
+        "%d inference threads (%s)",
+        used,
+        "--threads" if threads else f"the cores this process may use, of {os.cpu_count()}",
+    )
     served = load_first(config, registry_factory)
     log.info("loaded bundle %s (%s backend, %d torch threads)", served.id, config.backend, used)
     server = build_server(create_app(config, served, registry_factory), host, port, log_level)
