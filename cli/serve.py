@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
+from mtreg.artifacts.gate_file import BACKENDS
 from mtreg.cli.context import Context, pass_context
 from mtreg.cli.defaults import default_option, field_default, given
 from mtreg.core.text import split_list
@@ -48,9 +50,10 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @_config_option(
     "--backend",
-    type=click.Choice(["torch", "onnx", "auto"]),
-    help="onnx/auto export a registry bundle to ONNX once (cached); auto measures both "
-    "backends at load and uses the faster one for each batch size.",
+    type=click.Choice(BACKENDS),
+    help="fastest: per batch size, the fastest backend the bundle's quality gate (`mtreg "
+    "bundle gate`) finds eligible for every task (torch without a gate); onnx/auto export "
+    "a registry bundle to ONNX once (cached); auto measures torch and onnx at load.",
 )
 @_config_option("--max-batch-size", type=click.IntRange(1), help="Inputs per batch.")
 @_config_option(
@@ -102,7 +105,54 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
     "--threads",
     default=None,
     type=click.IntRange(1),
-    help="Torch threads [default: the cores this process may use].",
+    help="Inference threads, torch's and onnxruntime's [default: the cores this process may "
+    "use: its CPU affinity, capped by a cgroup CPU quota].",
+)
+@_config_option(
+    "--length-buckets/--no-length-buckets",
+    help="Run a batch's inputs in sub-batches of similar token length.",
+)
+@_config_option(
+    "--tokenizer-thread/--no-tokenizer-thread",
+    help="Tokenise the next batch on a thread of its own while one runs.",
+)
+@_config_option(
+    "--device",
+    metavar="cpu|cuda[:N]",
+    help="Run the torch network on this device (a GPU under bf16/fp16 autocast).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["uvicorn", "ray"]),
+    default="uvicorn",
+    show_default=True,
+    help="uvicorn: one process; ray: replicas on Ray Serve (the ray extra).",
+)
+@click.option(
+    "--address",
+    default=None,
+    metavar="auto|HOST:PORT|ray://HOST:PORT",
+    help="With --engine ray: the cluster to join [default: start a local Ray, stopped on exit].",
+)
+@click.option(
+    "--replicas",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="With --engine ray: replicas of the bundle.",
+)
+@click.option(
+    "--autoscale",
+    default=None,
+    metavar="MIN:MAX",
+    help="With --engine ray: autoscale between MIN and MAX replicas (replaces --replicas).",
+)
+@click.option(
+    "--replica-cpus",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="With --engine ray: CPUs per replica (its torch threads, unless --threads).",
 )
 @click.option(
     "--log-level",
@@ -129,16 +179,20 @@ def serve(
     max_connections: int | None,
     access_log: str | None,
     threads: int | None,
+    length_buckets: bool | None,
+    tokenizer_thread: bool | None,
+    device: str | None,
     log_level: str,
+    **ray_options: Any,  # --engine and the options of --engine ray (:func:`_serve_on_ray`)
 ) -> None:
     """Serve a bundle over HTTP: POST /v1/predict, GET /v1/tasks, /healthz, /readyz,
     /metrics, the Open Inference Protocol (v2) under /v2, and the OpenAPI spec at
     /openapi.json (docs at /docs).
 
     Requests for different tasks share micro-batches. Stops on SIGTERM after draining.
+    With --engine ray, each replica batches on its own behind Ray Serve's HTTP proxy and
+    follows the alias by itself.
     """
-    from mtreg.serving.server import serve as run
-
     config = _config(
         bundle=bundle,
         tasks=tuple(split_list(tasks)) if tasks else None,
@@ -153,7 +207,17 @@ def serve(
         keep_alive_s=keep_alive_s,
         max_connections=max_connections,
         access_log=access_log,
+        length_buckets=length_buckets,
+        tokenizer_thread=tokenizer_thread,
+        device=device,
     )
+    if ray_options.pop("engine") == "ray":
+        _serve_on_ray(ctx, config, host, port, threads, log_level=log_level, **ray_options)
+        return
+    if ray_options["address"] or ray_options["autoscale"] or ray_options["replicas"] != 1:
+        raise MtregError("--address, --replicas and --autoscale need --engine ray")
+    from mtreg.serving.server import serve as run
+
     run(
         config,
         host=host,
@@ -162,6 +226,42 @@ def serve(
         threads=threads,
         log_level=log_level,
     )
+
+
+def _serve_on_ray(
+    ctx: Context,
+    config: ServeConfig,
+    host: str,
+    port: int,
+    threads: int | None,
+    *,
+    address: str | None,
+    replicas: int,
+    autoscale: str | None,
+    replica_cpus: float,
+    log_level: str,
+) -> None:
+    """Run ``mtreg serve --engine ray`` (see :mod:`mtreg.serving.ray_engine`).
+
+    Raises:
+        MtregError: bad --autoscale, Ray missing, the cluster unreachable.
+    """
+    from mtreg.serving.ray_engine import RayOptions, RegistryOpener, parse_autoscale, serve_on_ray
+
+    options = RayOptions(
+        address=address,
+        replicas=replicas,
+        autoscale=parse_autoscale(autoscale) if autoscale else None,
+        replica_cpus=replica_cpus,
+        target_ongoing_requests=config.max_batch_size,
+        max_queued=config.queue_size,
+        graceful_shutdown_s=config.drain_seconds,
+        log_level=log_level,
+    )
+    home = str(ctx.home.resolve()) if ctx.home else None
+    dirs = tuple(str(Path(d).resolve()) for d in ctx.plugins_dirs)
+    opener = RegistryOpener(ctx.url, home, dirs, ctx.store)
+    serve_on_ray(config, options, opener, host, port, threads)
 
 
 COMMANDS = [serve]

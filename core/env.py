@@ -24,11 +24,14 @@ DATA_DIR_ENV = "MTREG_DATA_DIR"
 PLUGINS_PATH_ENV = "MTREG_PLUGINS_PATH"
 LOAD_PLUGINS_ENV = "MTREG_LOAD_PLUGINS"
 PLUGIN_TIMEOUT_ENV = "MTREG_PLUGIN_TIMEOUT"
+LOADER_TIMEOUT_ENV = "MTREG_LOADER_TIMEOUT"
 CACHE_MAX_BYTES_ENV = "MTREG_CACHE_MAX_BYTES"
 FAULT_ENV = "MTREG_FAULT"
 
 # Long enough for a plugin that imports torch and transformers from a cold disk.
 DEFAULT_PLUGIN_TIMEOUT = 60.0
+# A task's load_dataset may download and parse a real data set: an hour, not a minute.
+DEFAULT_LOADER_TIMEOUT = 3600.0
 
 
 def resolve_home(home: str | Path | None = None, env: Mapping[str, str] = os.environ) -> Path:
@@ -98,17 +101,30 @@ def plugin_timeout(env: Mapping[str, str] = os.environ) -> float:
     Raises:
         MtregError: the value is not a number of seconds greater than 0.
     """
-    raw = env.get(PLUGIN_TIMEOUT_ENV, "").strip()
+    return _seconds(PLUGIN_TIMEOUT_ENV, DEFAULT_PLUGIN_TIMEOUT, env)
+
+
+def loader_timeout(env: Mapping[str, str] = os.environ) -> float:
+    """Return ``$MTREG_LOADER_TIMEOUT``: the seconds a task's ``load_dataset`` may take to
+    give a whole split before training stops with an error; 3600 when unset or empty.
+
+    Raises:
+        MtregError: the value is not a number of seconds greater than 0.
+    """
+    return _seconds(LOADER_TIMEOUT_ENV, DEFAULT_LOADER_TIMEOUT, env)
+
+
+def _seconds(name: str, default: float, env: Mapping[str, str]) -> float:
+    raw = env.get(name, "").strip()
     if not raw:
-        return DEFAULT_PLUGIN_TIMEOUT
+        return default
     try:
         seconds = float(raw)
     except ValueError:
         seconds = math.nan
     if not (0 < seconds < math.inf):
         raise MtregError(
-            f"{PLUGIN_TIMEOUT_ENV} must be a number of seconds greater than 0, got {raw!r}: "
-            "fix or unset it"
+            f"{name} must be a number of seconds greater than 0, got {raw!r}: fix or unset it"
         )
     return seconds
 

@@ -46,6 +46,10 @@ PLAN = {
     "test_readme_release_commands_run_as_written, against `mtreg serve`",
     ("bash", "# Team setup"): "run: tests/test_remote_store.py, "
     "test_the_readme_team_setup_runs_as_written, on a moto S3 server",
+    ("bash", "# Onboarding many tasks at once"): "skipped: it starts Ray clusters; "
+    "tests/test_ray_onboard.py runs `onboard --all --engine ray` in a private network namespace",
+    ("bash", "# Replicas on Ray Serve"): "skipped: it starts Ray clusters; "
+    "tests/test_ray_serve.py runs `serve --engine ray` in a private network namespace",
     ("python", "# my_plugins/sentiment.py"): "run: the plugin of the Python API example",
     ("toml", "[project.entry-points.mtreg]"): "run: test_entry_point_table_is_mtregs_group",
     ("", "cli/"): "not code: the source layout",
