@@ -110,10 +110,12 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
 )
 @_config_option(
     "--length-buckets/--no-length-buckets",
+    default=None,  # a flag is False when left out; None keeps ServeConfig's default
     help="Run a batch's inputs in sub-batches of similar token length.",
 )
 @_config_option(
     "--tokenizer-thread/--no-tokenizer-thread",
+    default=None,  # a flag is False when left out; None keeps ServeConfig's default
     help="Tokenise the next batch on a thread of its own while one runs.",
 )
 @_config_option(

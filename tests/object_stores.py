@@ -149,6 +149,10 @@ def moto_s3(root: Path) -> Iterator[ObjectServer]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto keeps its users and buckets in module state shared by every server in this
+    # process: a second server of the module (pytest re-creates a parametrised fixture)
+    # starts from nothing only after a reset.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
     iam = boto3.client(
         "iam",
         endpoint_url=endpoint,

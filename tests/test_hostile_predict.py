@@ -164,7 +164,8 @@ def test_skip_bad_reports_each_skipped_line_and_predicts_the_rest(
     report = result.stderr.strip().splitlines()
     skipped = [f"skipped {path}:{n}: " for n in range(2, 2 + len(BAD_LINES))]
     assert [line[: len(s)] for line, s in zip(report, skipped, strict=False)] == skipped
-    assert report[-1] == f"skipped {len(BAD_LINES)} bad line(s), predicted 2"
+    assert report[-2] == f"skipped {len(BAD_LINES)} bad line(s), predicted 2"
+    assert report[-1].startswith("backend: ")  # what ran, once the inputs were read
 
 
 def test_the_python_api_numbers_a_bad_input_in_the_whole_list(world: World) -> None:

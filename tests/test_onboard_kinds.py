@@ -297,7 +297,7 @@ def test_onboard_trains_registers_and_serves_each_head_kind(
         argv = [*options, "predict", "--bundle", "latest", "--logits", kind.text]
         printed = CliRunner().invoke(cli, argv)
         assert printed.exit_code == 0, printed.output
-        answer = json.loads(printed.output)["predictions"][kind.task]
+        answer = json.loads(printed.stdout)["predictions"][kind.task]  # stderr: the backend
         raw = torch.tensor(answer.pop("logits"))
         assert answer == bundle.predict([kind.text])[0][kind.task]
         assert {key: answer[key] for key in kind.expected} == kind.expected
