@@ -220,3 +220,18 @@ def ray_tmpdir() -> str:
     otherwise shares ``/tmp/ray`` with every other Ray on the machine (tests on other
     workers included), and a socket path must stay under 107 characters."""
     return tempfile.mkdtemp(prefix="ray", dir="/tmp")
+
+
+def registered_bundle(tmp: Path, trunk: Path, tasks: list[tuple]) -> Path:
+    """Publish ``tasks`` (as :func:`publish_tasks` takes them, all at 1.0.0) as plugins under
+    ``tmp`` for the trunk checkpoint folder ``trunk``, register them in a SQLite registry
+    there, and return the latest bundle's folder."""
+    from mtreg.artifacts.checkpoint import read_checkpoint
+    from mtreg.registry.api import Registry
+
+    publish_tasks(tmp, read_checkpoint(trunk), tasks, {t[0]: "1.0.0" for t in tasks})
+    with Registry(url=f"sqlite:///{tmp / 'r.db'}", home=tmp / "home") as registry:
+        registry.plugins_dirs = (tmp / "plugins",)
+        registry.add_trunk("tiny", trunk)
+        registry.register(all=True)
+        return registry.bundle_path("latest")

@@ -20,10 +20,8 @@ import pytest
 import uvicorn
 from factories import Checkpoints
 from harness import in_thread
-from helpers import publish_tasks
+from helpers import registered_bundle
 
-from mtreg.artifacts.checkpoint import read_checkpoint
-from mtreg.registry.api import Registry
 from mtreg.runtime.bundle import LoadedBundle, load_bundle
 from mtreg.runtime.inference import Row, encode_rows, length_buckets
 from mtreg.serving.app import create_app
@@ -58,13 +56,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoints) -> Path:
     tmp = tmp_path_factory.mktemp("buckets")
-    folder = checkpoints.copy(tmp / "trunk", num_layers=4)
-    publish_tasks(tmp, read_checkpoint(folder), TASKS, {t[0]: "1.0.0" for t in TASKS})
-    with Registry(url=f"sqlite:///{tmp / 'r.db'}", home=tmp / "home") as registry:
-        registry.plugins_dirs = (tmp / "plugins",)
-        registry.add_trunk("tiny", folder)
-        registry.register(all=True)
-        return registry.bundle_path("latest")
+    return registered_bundle(tmp, checkpoints.copy(tmp / "trunk", num_layers=4), TASKS)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from factories import Checkpoints
-from helpers import publish_tasks
+from helpers import registered_bundle
 
-from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.errors import MtregError
-from mtreg.registry.api import Registry
 from mtreg.runtime.bundle import load_bundle
 from mtreg.runtime.device import check_device, gpu_backend
 
@@ -32,13 +30,7 @@ NO_GPU = "no CUDA GPU here (torch.cuda.is_available() is False): the GPU path ru
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoints) -> Path:
     tmp = tmp_path_factory.mktemp("device")
-    folder = checkpoints.copy(tmp / "trunk", num_layers=4)
-    publish_tasks(tmp, read_checkpoint(folder), TASKS, {t[0]: "1.0.0" for t in TASKS})
-    with Registry(url=f"sqlite:///{tmp / 'r.db'}", home=tmp / "home") as registry:
-        registry.plugins_dirs = (tmp / "plugins",)
-        registry.add_trunk("tiny", folder)
-        registry.register(all=True)
-        return registry.bundle_path("latest")
+    return registered_bundle(tmp, checkpoints.copy(tmp / "trunk", num_layers=4), TASKS)
 
 
 @pytest.mark.skipif(not GPU, reason=NO_GPU)
