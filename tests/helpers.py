@@ -235,3 +235,16 @@ def registered_bundle(tmp: Path, trunk: Path, tasks: list[tuple]) -> Path:
         registry.add_trunk("tiny", trunk)
         registry.register(all=True)
         return registry.bundle_path("latest")
+
+
+# Tasks as publish_tasks takes them, (task, head, fork depth, branch layers, inputs): every
+# head kind and a pair task, forking at 0, 2, 3 and 4 (the last layer of a 4-layer trunk);
+# the serving tests' bundle. ONE_TEXT_TASKS: those that read one text.
+SERVING_TASKS = [
+    ("sentiment", ("classification", ("neg", "pos")), 2, 1, ("text",)),
+    ("topics", ("multilabel", ("a", "b", "c")), 0, 1, ("text",)),
+    ("score", ("regression", ()), 4, 0, ("text",)),
+    ("slots", ("tagging", ("O", "B-x", "I-x")), 2, 1, ("text",)),
+    ("paraphrase", ("classification", ("no", "yes")), 3, 1, ("text_a", "text_b")),
+]
+ONE_TEXT_TASKS = ["sentiment", "topics", "score", "slots"]

@@ -25,7 +25,7 @@ import schemathesis
 import uvicorn
 from factories import Checkpoints
 from harness import in_thread, start_serve
-from helpers import publish_tasks
+from helpers import ONE_TEXT_TASKS, SERVING_TASKS, publish_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,15 +37,7 @@ from mtreg.serving.config import ServeConfig
 from mtreg.serving.plan import plan_rows
 from mtreg.serving.reload import Served, load_served
 
-# (task, head, fork depth, branch layers, inputs): forks at 0, 2, 3 and 4 (the last layer).
-TASKS = [
-    ("sentiment", ("classification", ("neg", "pos")), 2, 1, ("text",)),
-    ("topics", ("multilabel", ("a", "b", "c")), 0, 1, ("text",)),
-    ("score", ("regression", ()), 4, 0, ("text",)),
-    ("slots", ("tagging", ("O", "B-x", "I-x")), 2, 1, ("text",)),
-    ("paraphrase", ("classification", ("no", "yes")), 3, 1, ("text_a", "text_b")),
-]
-ONE_TEXT = ["sentiment", "topics", "score", "slots"]
+TASKS, ONE_TEXT = SERVING_TASKS, ONE_TEXT_TASKS
 TEXTS = [
     "the movie was great",
     "i want a refund for my order now",

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 from factories import Checkpoints
 from harness import in_thread
-from helpers import registered_bundle
+from helpers import ONE_TEXT_TASKS, SERVING_TASKS, registered_bundle
 
 from mtreg.runtime.bundle import LoadedBundle, load_bundle
 from mtreg.runtime.inference import Row, encode_rows, length_buckets
@@ -31,15 +31,7 @@ from mtreg.serving.metrics import ServeMetrics
 from mtreg.serving.reload import load_served
 from mtreg.serving.server import cgroup_cpus, usable_cores
 
-# (task, head, fork depth, branch layers, inputs): every head kind, a pair task, forks 0..4.
-TASKS = [
-    ("sentiment", ("classification", ("neg", "pos")), 2, 1, ("text",)),
-    ("topics", ("multilabel", ("a", "b", "c")), 0, 1, ("text",)),
-    ("score", ("regression", ()), 4, 0, ("text",)),
-    ("slots", ("tagging", ("O", "B-x", "I-x")), 2, 1, ("text",)),
-    ("paraphrase", ("classification", ("no", "yes")), 3, 1, ("text_a", "text_b")),
-]
-ONE_TEXT = ["sentiment", "topics", "score", "slots"]
+TASKS, ONE_TEXT = SERVING_TASKS, ONE_TEXT_TASKS
 # Lengths from 1 word to past the tasks' max_length (32 tokens), so buckets form.
 TEXTS = [
     "what",

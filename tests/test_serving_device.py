@@ -10,18 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from factories import Checkpoints
-from helpers import registered_bundle
+from helpers import SERVING_TASKS, registered_bundle
 
 from mtreg.errors import MtregError
 from mtreg.runtime.bundle import load_bundle
 from mtreg.runtime.device import check_device, gpu_backend
 
-TASKS = [
-    ("sentiment", ("classification", ("neg", "pos")), 2, 1, ("text",)),
-    ("topics", ("multilabel", ("a", "b", "c")), 0, 1, ("text",)),
-    ("score", ("regression", ()), 4, 0, ("text",)),
-    ("slots", ("tagging", ("O", "B-x", "I-x")), 2, 1, ("text",)),
-]
+TASKS = SERVING_TASKS[:4]  # the one-text tasks: every head kind
 TEXTS = ["what", "the movie was great", "i want a refund for my order now, it never came"]
 GPU = torch.cuda.is_available()
 NO_GPU = "no CUDA GPU here (torch.cuda.is_available() is False): the GPU path runs where one is"
