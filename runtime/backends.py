@@ -53,13 +53,17 @@ class OnnxModel:
 
     The folder's graph files are verified against its ``onnx.json`` (``info``), which
     must name ``bundle_id`` (the sha256 of the folder's manifest), before onnxruntime
-    opens them. The graph computes every output in one call, so ``rows`` and ``timings``
-    (per-branch times) are accepted and not used.
+    opens them; a caller opening several graphs of one folder verifies it once and passes
+    the ``verified`` record (hashing every graph per graph opened cost seconds per load).
+    The graph computes every output in one call, so ``rows`` and ``timings`` (per-branch
+    times) are accepted and not used.
     """
 
-    def __init__(self, path: Path, bundle_id: str, graph: str = GRAPH) -> None:
+    def __init__(
+        self, path: Path, bundle_id: str, graph: str = GRAPH, verified: OnnxInfo | None = None
+    ) -> None:
         onnxruntime = require("onnxruntime")
-        self.info: OnnxInfo = verify_onnx(path, bundle_id)
+        self.info: OnnxInfo = verified or verify_onnx(path, bundle_id)
         options = onnxruntime.SessionOptions()
         # As many threads as torch uses, so the backends compare (and share a CPU) fairly.
         options.intra_op_num_threads = torch.get_num_threads()
@@ -175,8 +179,26 @@ def gate_folder(bundle_id: str, home: Home | None = None) -> Path:
     return (home or Home.resolve()).onnx(bundle_id)
 
 
-def load_gate(bundle_id: str, home: Home | None = None) -> Gate | None:
-    """Return bundle ``bundle_id``'s gate once its folder verifies, or None when it has none.
+@dataclass(frozen=True)
+class GateFolder:
+    """A bundle's gate folder, verified once: its ``path``, the id of the export in it
+    (``folder_id``), its ``onnx.json`` (``info``) and the ``gate`` it lists."""
+
+    path: Path
+    folder_id: str
+    info: OnnxInfo
+    gate: Gate
+
+    def model(self, name: str) -> OnnxModel:
+        """Return gated ONNX backend ``name`` on this folder's graph (not hashed again)."""
+        graph = BACKEND_FILES[name]
+        assert graph is not None
+        return OnnxModel(self.path, self.folder_id, graph, verified=self.info)
+
+
+def load_gate(bundle_id: str, home: Home | None = None) -> GateFolder | None:
+    """Return bundle ``bundle_id``'s gate folder once its files verify (every file hashed
+    once), or None when it has no gate.
 
     Raises:
         Damaged: a gate or graph file that differs from the folder's ``onnx.json``, or a
@@ -192,7 +214,7 @@ def load_gate(bundle_id: str, home: Home | None = None) -> Gate | None:
         return None
     if gate.bundle != bundle_id or info.source != bundle_id:
         raise MtregError(f"{folder} holds the gate of bundle {gate.bundle[:12]}: {GATE_HINT}")
-    return gate
+    return GateFolder(folder, folder_id, info, gate)
 
 
 def choose(gate: Gate, tasks: list[str], allowed: tuple[str, ...]) -> dict[int, str]:
@@ -226,7 +248,8 @@ def gated_model(
         NotFound: an ONNX backend asked by name for a bundle without a gate folder.
         Damaged: a gate folder whose files differ from its ``onnx.json``.
     """
-    gate = load_gate(bundle_id, home)
+    folder = load_gate(bundle_id, home)
+    gate = folder.gate if folder else None
     torch_model = functools.cache(torch_model)  # one copy of the weights for both torch backends
     note = ""
     if backend == FASTEST:
@@ -245,7 +268,7 @@ def gated_model(
             )
         if gate is not None and not gate.backends[backend].eligible(tasks):
             note = f"{backend} is not within the quality gate for every task (asked for anyway)"
-    models = {name: _build(name, bundle_id, torch_model, home) for name in set(choice.values())}
+    models = {name: _build(name, torch_model, folder) for name in set(choice.values())}
     base = gate.backends[REFERENCE].seconds if gate else {}
     speedup = {
         size: _ratio(base.get(size), gate.backends[name].seconds.get(size) if gate else None)
@@ -264,14 +287,11 @@ def _ratio(reference: float | None, seconds: float | None) -> float:
 
 
 def _build(
-    name: str, bundle_id: str, torch_model: Callable[[], MultiTaskModel], home: Home | None
+    name: str, torch_model: Callable[[], MultiTaskModel], folder: GateFolder | None
 ) -> Callable:
     if name == REFERENCE:
         return torch_model()
     if name == "torch-bf16":
         return Bf16Model(torch_model())
-    folder = gate_folder(bundle_id, home)
-    _, folder_id = read_bundle_manifest(folder)
-    graph = BACKEND_FILES[name]
-    assert graph is not None
-    return OnnxModel(folder, folder_id, graph)
+    assert folder is not None  # an ONNX backend without a gate was refused before
+    return folder.model(name)

@@ -41,6 +41,7 @@ from mtreg.artifacts.onnx_info import OnnxInfo, read_onnx_info
 from mtreg.runtime.backends import Bf16Model, OnnxModel, gate_folder
 from mtreg.runtime.bundle import LoadedBundle, input_fields, input_problem
 from mtreg.runtime.export import export_onnx
+from mtreg.runtime.inference import Row, forward_groups
 from mtreg.runtime.quantize import write_variants
 
 # Train examples per task the static quantisation calibrates on.
@@ -52,6 +53,12 @@ REGRESSION_SLACK = 0.01
 LOWER_IS_BETTER = frozenset({"mse"})
 # Timing: at least this many calls per backend and size, and until this many seconds.
 _MIN_CALLS, _MIN_SECONDS = 3, 0.5
+# A backend whose first timed call takes this many times torch fp32's median stops there:
+# fp32 is always eligible, so it cannot be chosen at that size, and such backends (bf16,
+# emulated on CPUs without AVX-512 BF16 or AMX) took most of the gate's timing on MiniLM.
+_CLEARLY_SLOWER = 2.0
+# Rows per forward pass when scoring the dev splits.
+_DEV_BATCH = 32
 
 Score = Callable[[Sequence[str], Sequence[Any], Sequence[Any]], Mapping[str, float]]
 
@@ -105,7 +112,7 @@ def compute_gate(
     _, folder_id = read_bundle_manifest(folder)
     info = _list_files(folder, read_onnx_info(folder), [])
     reference = loaded.model
-    models = _models(folder, folder_id, reference, failed)
+    models = _models(folder, folder_id, info, reference, failed)
     probe = _timing_batch(loaded, data)
     outputs = {name: _dev_outputs(loaded, model, data) for name, model in models.items()}
     backends = {}
@@ -113,7 +120,11 @@ def compute_gate(
         if name in failed:
             backends[name] = BackendGate(reason=failed[name])
             continue
-        seconds = {size: _seconds(models[name], batch, loaded.tasks) for size, batch in probe}
+        fp32 = backends[REFERENCE].seconds if name != REFERENCE else {}
+        seconds = {
+            size: _seconds(models[name], batch, loaded.tasks, fp32.get(size))
+            for size, batch in probe
+        }
         tasks = {
             task: _task_score(loaded, task, data[task], outputs[REFERENCE][task], out, score)
             for task, out in outputs[name].items()
@@ -139,12 +150,14 @@ def _list_files(folder: Path, info: OnnxInfo, more: list[str]) -> OnnxInfo:
 
 
 def _models(
-    folder: Path, folder_id: str, reference: Any, failed: Mapping[str, str]
+    folder: Path, folder_id: str, info: OnnxInfo, reference: Any, failed: Mapping[str, str]
 ) -> dict[str, Callable]:
+    """Return every backend that could be made, by name; the graphs' hashes were just
+    computed (``info``), so they are not hashed again per graph."""
     models: dict[str, Callable] = {REFERENCE: reference, "torch-bf16": Bf16Model(reference)}
     for name, graph in BACKEND_FILES.items():
         if graph is not None and name not in failed:
-            models[name] = OnnxModel(folder, folder_id, graph)
+            models[name] = OnnxModel(folder, folder_id, graph, verified=info)
     return models
 
 
@@ -170,8 +183,12 @@ def _timing_batch(
 
 
 @torch.inference_mode()
-def _seconds(model: Callable, batch: dict[str, torch.Tensor], tasks: list[str]) -> float:
-    """Return the median seconds of one call of ``model`` on ``batch`` for ``tasks``."""
+def _seconds(
+    model: Callable, batch: dict[str, torch.Tensor], tasks: list[str], reference: float | None
+) -> float:
+    """Return the median seconds of one call of ``model`` on ``batch`` for ``tasks``, or the
+    first call's seconds when that took :data:`_CLEARLY_SLOWER` times ``reference`` (torch
+    fp32's median; None for fp32 itself)."""
     call = lambda: model(  # noqa: E731
         batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), tasks=tasks
     )
@@ -181,7 +198,29 @@ def _seconds(model: Callable, batch: dict[str, torch.Tensor], tasks: list[str]) 
         started = time.perf_counter()
         call()
         times.append(time.perf_counter() - started)
+        if reference and times[0] > _CLEARLY_SLOWER * reference:
+            break
     return statistics.median(times)
+
+
+def _dev_rows(
+    loaded: LoadedBundle, data: Mapping[str, TaskData]
+) -> tuple[list[Row], dict[str, list[int]]]:
+    """Return one :class:`Row` per distinct dev input, asking for every task whose dev
+    split holds it, and per task the row of each of its dev examples."""
+    rows: list[Row] = []
+    index: dict[str, int] = {}  # an input's repr -> its row
+    where: dict[str, list[int]] = {}
+    for task, task_data in data.items():
+        where[task] = []
+        for item in _inputs(task_data.dev, loaded, task):
+            at = index.setdefault(repr(item), len(rows))
+            if at == len(rows):
+                rows.append(Row(item, ()))
+            if task not in rows[at].tasks:
+                rows[at] = Row(item, (*rows[at].tasks, task))
+            where[task].append(at)
+    return rows, where
 
 
 @torch.inference_mode()
@@ -189,22 +228,34 @@ def _dev_outputs(
     loaded: LoadedBundle, model: Callable, data: Mapping[str, TaskData]
 ) -> dict[str, tuple[list[torch.Tensor], list[Any]]]:
     """Return per task its dev examples' logits (one tensor each) through ``model`` and
-    their labels encoded as the head encodes them."""
+    their labels encoded as the head encodes them.
+
+    The dev inputs run as serving's rows do (:func:`forward_groups`): an input that several
+    tasks' dev splits hold goes through the trunk once for all of them, and each torch
+    branch runs on its own rows only. Scoring task by task ran an ONNX graph, which
+    computes every output per call, once per task.
+    """
     loaded.model = model
+    rows, where = _dev_rows(loaded, data)
+    logits: dict[tuple[int, str], torch.Tensor] = {}
+    word_ids: dict[tuple[int, str], Any] = {}
+    for start in range(0, len(rows), _DEV_BATCH):
+        chunk = rows[start : start + _DEV_BATCH]
+        for group in forward_groups(loaded, chunk):
+            for at, member in enumerate(group.members):
+                for task in set(group.tasks) & set(chunk[member].tasks):
+                    logits[start + member, task] = group.logits[task][at].float()
+                    if "word_ids" in group.encoded:
+                        word_ids[start + member, task] = group.encoded["word_ids"][at]
     out = {}
     for task, task_data in data.items():
         info = loaded.info[task]
         kind = heads.get(info.head.kind)
-        logits, labels = [], []
-        inputs = _inputs(task_data.dev, loaded, task)
-        for start in range(0, len(inputs), 32):
-            chunk = task_data.dev[start : start + 32]
-            z, encoded = loaded.logits(inputs[start : start + 32], [task])[task]
-            for row, example in enumerate(chunk):
-                word_ids = encoded["word_ids"][row] if info.head.per_token else None
-                labels.append(kind.encode_label(info.head, example["label"], word_ids))
-                logits.append(z[row].float())
-        out[task] = (logits, labels)
+        labels = [
+            kind.encode_label(info.head, example["label"], word_ids.get((row, task)))
+            for example, row in zip(task_data.dev, where[task], strict=True)
+        ]
+        out[task] = ([logits[row, task] for row in where[task]], labels)
     return out
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +315,52 @@ def test_gate_refuses_a_task_without_dev_data_in_one_line(
     assert not (tmp_path / "home" / "cache" / "onnx").exists()
     missing = pool.run(env, "bundle", "gate", "nosuch")
     assert missing.code == 1 and "nosuch" in missing.stderr
+
+
+def test_tasks_sharing_dev_inputs_are_scored_in_one_pass_as_if_alone(world: World) -> None:
+    from mtreg.runtime.gate import _dev_outputs
+    from mtreg.runtime.quantize import calibration_feeds
+
+    loaded = LoadedBundle(
+        world.registry.bundle_dir(world.registry.bundle("latest")),
+        expected_id=world.bundle_id,
+    )
+    data = _task_data(world.registry)
+    # "fine" reads the same texts as "sent" (with its own regression labels).
+    texts = [
+        {**f, "text": s["text"]} for s, f in zip(data["sent"].dev, data["fine"].dev, strict=True)
+    ]
+    shared = {"sent": data["sent"], "fine": dataclasses.replace(data["fine"], dev=texts)}
+    together = _dev_outputs(loaded, loaded.model, {**shared, "sim": data["sim"]})
+    for task, task_data in shared.items():
+        (alone,) = _dev_outputs(loaded, loaded.model, {task: task_data}).values()
+        assert len(together[task][0]) == len(task_data.dev)
+        for a, b in zip(alone[0], together[task][0], strict=True):
+            assert (a - b).abs().max() <= 1e-5
+    # Calibration feeds an input two tasks reading it the same way hold once.
+    examples = data["sent"].calibration
+    one = calibration_feeds(loaded, {"sent": examples})
+    both = calibration_feeds(loaded, {"sent": examples, "fine": examples})
+    assert len(both) == len(one) and all(
+        (a["input_ids"] == b["input_ids"]).all() for a, b in zip(one, both, strict=True)
+    )
+
+
+def test_timing_stops_at_one_call_for_a_backend_clearly_slower_than_fp32() -> None:
+    import torch
+
+    from mtreg.runtime.gate import _seconds
+
+    calls: list[int] = []
+
+    def model(input_ids, attention_mask, token_type_ids=None, tasks=None):
+        calls.append(len(tasks))
+        time.sleep(0.02)  # a call's cost: fp32 is timed for at least half a second
+        return {}
+
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4)}
+    _seconds(model, batch, ["sent"], reference=1e-12)
+    assert len(calls) == 2  # the warm-up and one timed call
+    calls.clear()
+    _seconds(model, batch, ["sent"], reference=None)
+    assert len(calls) >= 4  # fp32 itself: the warm-up and at least three timed calls
