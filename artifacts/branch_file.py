@@ -10,7 +10,6 @@ way a file can be wrong ends in an :class:`InvalidWeights` naming the problem.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from mtreg.artifacts.checkpoint import check_shapes, layer_shapes, pooler_shapes
 from mtreg.artifacts.config import TrunkConfig
 from mtreg.artifacts.integrity import REPAIR_HINT
 from mtreg.artifacts.manifest import TaskEntry
+from mtreg.core.disk import write_atomically
 from mtreg.core.spec import HeadSpec, parse_version, validate_name
 from mtreg.errors import Damaged, InvalidWeights, MtregError
 
@@ -121,12 +121,9 @@ def write_branch(path: Path, tensors: Mapping[str, torch.Tensor], meta: BranchMe
     but identical branch is a no-op rather than a "different weights" refusal.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ordered = {name: tensors[name].detach().float().contiguous() for name in sorted(tensors)}
-    data = _sorted_header(save(ordered, metadata=meta.to_metadata()))
-    scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_bytes(data)
-    os.replace(scratch, path)
+    # Not write_safetensors: the header is reordered before the bytes are written.
+    write_atomically(path, _sorted_header(save(ordered, metadata=meta.to_metadata())))
     return path
 
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mtreg.artifacts.config import TrunkConfig
 from mtreg.artifacts.fingerprint import TrunkFingerprint, tensor_group_hash, tokenizer_hash
+from mtreg.artifacts.tensor_file import write_safetensors
 from mtreg.errors import InvalidCheckpoint
 
 TOKENIZER_FILES = (
@@ -227,7 +227,7 @@ def read_model(folder: Path) -> tuple[Checkpoint, dict[str, Any], Tensors]:
 
 def save_component(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     """Write one component's tensors to a safetensors file (same tensors, same bytes)."""
-    save_file({name: tensors[name].contiguous() for name in sorted(tensors)}, str(path))
+    write_safetensors(path, {name: tensors[name].contiguous() for name in sorted(tensors)})
 
 
 def load_component(path: Path) -> Tensors:

@@ -270,7 +270,8 @@ def distill(
     "--teacher",
     metavar="PATH_OR_HUB_ID",
     help="Distil this fine-tuned classifier (a transformers folder or Hub id, on the same "
-    "trunk) instead of training teachers; students fork at N - max L.",
+    "trunk) instead of training teachers; students are searched at each depth N - L of "
+    "--search.",
 )
 @click.option(
     "--all",

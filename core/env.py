@@ -26,6 +26,7 @@ LOAD_PLUGINS_ENV = "MTREG_LOAD_PLUGINS"
 PLUGIN_TIMEOUT_ENV = "MTREG_PLUGIN_TIMEOUT"
 LOADER_TIMEOUT_ENV = "MTREG_LOADER_TIMEOUT"
 CACHE_MAX_BYTES_ENV = "MTREG_CACHE_MAX_BYTES"
+CACHE_DIR_ENV = "MTREG_CACHE_DIR"
 FAULT_ENV = "MTREG_FAULT"
 
 # Long enough for a plugin that imports torch and transformers from a cold disk.
@@ -38,6 +39,14 @@ def resolve_home(home: str | Path | None = None, env: Mapping[str, str] = os.env
     """Return the registry home: ``home``, else ``$MTREG_HOME``, else the user data dir."""
     chosen = home or env.get(HOME_ENV) or platformdirs.user_data_dir("mtreg", appauthor=False)
     return Path(chosen).expanduser().resolve()
+
+
+def user_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Return the user's cache folder, for what mtreg learns about this machine's plugins
+    (the plugin probe's outcomes): ``$MTREG_CACHE_DIR``, else the platform's user cache dir
+    (``~/.cache/mtreg`` on Linux). A registry's own caches stay under ``MTREG_HOME/cache``."""
+    chosen = env.get(CACHE_DIR_ENV, "").strip()
+    return Path(chosen or platformdirs.user_cache_dir("mtreg", appauthor=False)).expanduser()
 
 
 def database_url(env: Mapping[str, str] = os.environ) -> str | None:

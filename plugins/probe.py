@@ -10,17 +10,18 @@ about to do and how each plugin ended. A child that dies names the plugin it was
 is reported as hung; a fresh child goes on with the plugins left. Only plugins the probe
 found healthy are then imported in-process.
 
-The outcome is cached per plugin in the user's cache folder (:data:`USER_CACHE`: it is a
-fact about the plugin's files, not about a registry, and a registry home must not change
-when a command only reads it), keyed by the identity of its files (path, size, mtime; an
-entry point's distribution version), the time limit and the interpreter, so a command pays
-for the subprocess only when a plugin changed.
+The outcome is cached per plugin in the user's cache folder (:data:`USER_CACHE`, under
+``$MTREG_CACHE_DIR`` when set: it is a fact about the plugin's files, not about a registry,
+and a registry home must not change when a command only reads it), keyed by the identity of
+its files (path, size, mtime; an entry point's distribution version), the time limit and the
+interpreter, so a command pays for the subprocess only when a plugin changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import signal
@@ -31,17 +32,18 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-import platformdirs
-
-from mtreg.core.env import PLUGIN_TIMEOUT_ENV
+from mtreg.core.env import PLUGIN_TIMEOUT_ENV, user_cache_dir
 from mtreg.plugins.sources import Source
 
 CACHE_FORMAT = 1
 CACHE_ENTRIES = 512  # the most recently probed plugins kept (plugin paths come and go)
-USER_CACHE = Path(platformdirs.user_cache_dir("mtreg", appauthor=False)) / "plugin-probes.json"
+# Read once per process, when the loader is imported ($MTREG_CACHE_DIR moves it).
+USER_CACHE = user_cache_dir() / "plugin-probes.json"
 STARTUP_SECONDS = 60.0  # for the child to import mtreg and report in, on a busy machine
 GRACE_SECONDS = 10.0  # past the limit, for the child's own guard to report a hang first
 CHILD = "from mtreg.plugins.loader import probe_main; probe_main()"
+
+log = logging.getLogger(__name__)
 
 
 def probe(
@@ -52,8 +54,9 @@ def probe(
 
     Returns:
         ``(broken, warnings)``: source key -> the one-line reason it may not be imported
-        (crashed, hung, or failed in the probe), and warnings about the probe itself (it
-        could not run: every plugin is then loaded in-process, as without a probe).
+        (crashed, hung, or failed in the probe), and warnings about the probe itself, also
+        logged: it could not start, or ended before it tried some plugins; those are then
+        loaded in-process, as without a probe.
     """
     identities = {s.key: f"{s.identity()} limit={limit:g}" for s in sources}
     stamp = f"{sys.executable} {sys.version}"
@@ -65,43 +68,57 @@ def probe(
     warnings: list[str] = []
     if todo:
         try:
-            outcome.update(_run(todo, [str(p) for p in paths], limit))
+            found, ended = _run(todo, [str(p) for p in paths], limit)
         except OSError as exc:
             warnings.append(
                 f"the plugin probe could not start ({exc}); plugins were loaded without it"
             )
+            log.warning("%s", warnings[-1])
             return {}, warnings
+        outcome.update(found)
+        if unknown := [key for key in todo if key not in found]:
+            # Nothing is known against them: they load in-process, as without a probe, and
+            # stay out of the cache so that the next command probes them again. Logged too:
+            # only `mtreg plugins` shows a discovery's warnings, and every command loads.
+            they = "it was" if len(unknown) == 1 else "they were"
+            warnings.append(
+                f"the plugin probe {ended} before it tried {', '.join(unknown)}, so {they} "
+                f"loaded unprobed: check that `{sys.executable} -c 'import mtreg'` runs"
+            )
+            log.warning("%s", warnings[-1])
         if cache is not None:
             kept = {k: list(v) for k, v in cached.items() if k not in identities}
-            entries = kept | {key: [identities[key], outcome[key]] for key in identities}
+            entries = kept | {key: [identities[key], outcome[key]] for key in outcome}
             _write_cache(cache, stamp, dict(list(entries.items())[-CACHE_ENTRIES:]))
     broken = {key: error for key, error in outcome.items() if error is not None}
     return broken, warnings
 
 
-def _run(keys: list[str], paths: list[str], limit: float) -> dict[str, str | None]:
-    """Probe ``keys`` until each has an outcome, starting a fresh child after each death."""
+def _run(keys: list[str], paths: list[str], limit: float) -> tuple[dict[str, str | None], str]:
+    """Probe ``keys``, starting a fresh child after each death in a plugin.
+
+    Returns:
+        The outcome of each plugin a child tried, and how the last child ended (for the
+        plugins it never tried, when it ended outside any plugin).
+    """
     outcome: dict[str, str | None] = {}
+    ended = "ended"
     while left := [k for k in keys if k not in outcome]:
-        ended = _child(left, paths, limit, outcome)
-        if ended is None:
+        key, ended = _child(left, paths, limit, outcome)
+        if key is None:
             break
-        key, reason = ended
-        outcome[key] = reason
-    for key in keys:
-        # A child that died before naming a plugin: nothing is known against any of them.
-        outcome.setdefault(key, None)
-    return outcome
+        outcome[key] = ended
+    return outcome, ended
 
 
 def _child(
     keys: list[str], paths: list[str], limit: float, outcome: dict[str, str | None]
-) -> tuple[str, str] | None:
+) -> tuple[str | None, str]:
     """Run one child over ``keys``, recording each plugin it finishes in ``outcome``.
 
     Returns:
-        None when the child finished (or died before starting any plugin); else the plugin
-        it was running when it died or was killed, and the reason.
+        The plugin it was running when it died or was killed, and the reason; or None and
+        how it ended (``exited with code 0`` when it finished) when it ended between plugins.
     """
     process = subprocess.Popen(
         [sys.executable, "-c", CHILD],
@@ -124,7 +141,7 @@ def _child(
         except queue.Empty:
             _kill(process)
             if running is None:
-                return None
+                return None, f"was silent for {wait:g} s and was stopped"
             return running[0], (
                 f"hung: {running[1]} took longer than {limit:g} s in the plugin probe (the "
                 f"limit, {PLUGIN_TIMEOUT_ENV}); fix the plugin or raise the limit"
@@ -132,7 +149,7 @@ def _child(
         if not line:  # the child's stdout closed: it ended
             code = process.wait()
             if running is None:
-                return None
+                return None, _ending(code)
             return running[0], _death(code, running[1])
         try:
             report = json.loads(line)
@@ -155,15 +172,20 @@ def _pump(process: subprocess.Popen[bytes], lines: queue.Queue[bytes]) -> None:
     lines.put(b"")
 
 
+def _ending(code: int) -> str:
+    """Return how a child that ended with ``code`` ended, e.g. ``exited with code 1``."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def _death(code: int, doing: str) -> str:
     """Return the one-line reason for a child that ended with ``code`` while ``doing``."""
     if code < 0:
-        try:
-            how = f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            how = f"was killed by signal {-code}"
         return (
-            f"crashed: the process {how} while {doing} (a crash in native code?); "
+            f"crashed: the process {_ending(code)} while {doing} (a crash in native code?); "
             "mtreg ran it in a probe process and left it out"
         )
     return (

@@ -27,6 +27,7 @@ from mtreg.artifacts.manifest import MANIFEST, MODEL_CARD, Manifest
 from mtreg.artifacts.model_card import model_card
 from mtreg.artifacts.objects import sha256_file
 from mtreg.artifacts.onnx_info import GRAPH, ONNX_INFO, OnnxInfo
+from mtreg.artifacts.tensor_file import write_safetensors
 from mtreg.core.disk import disk_errors
 from mtreg.core.extras import require
 from mtreg.errors import MtregError
@@ -331,8 +332,6 @@ def export_hf(
         NotFound: an unknown task. MtregError: ``out`` exists or lies in a registry home.
             Damaged: the source bundle differs from its manifest or ``expected_id``.
     """
-    from safetensors.torch import save_file
-
     loaded = LoadedBundle(bundle, [task], expected_id=expected_id)
     name = loaded.tasks[0]
     info, config = loaded.info[name], loaded.config
@@ -342,7 +341,7 @@ def export_hf(
         config, layers, info.head, f"For{kind.hf_architecture}", kind.hf_problem_type
     )
     with _atomic_folder(out, bundle, homes) as scratch:
-        save_file(hf_state_dict(loaded, name), str(scratch / "model.safetensors"))
+        write_safetensors(scratch / "model.safetensors", hf_state_dict(loaded, name))
         write_config(scratch / "config.json", hf_config)
         (scratch / MODEL_CARD).write_text(model_card(loaded.manifest, name), encoding="utf-8")
         for relative in loaded.manifest.tokenizer_files:

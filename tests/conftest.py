@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from harness import BACKENDS, CliPool, Databases, stop_embedded_postgres
+
+from mtreg.core.env import CACHE_DIR_ENV
 
 if TYPE_CHECKING:
     # torch, transformers and mtreg load when a test first asks for these fixtures, so
@@ -33,10 +37,18 @@ if TYPE_CHECKING:
 # before torch is imported, and inherited by the CLI subprocesses the tests start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The plugin probe caches its outcomes in the user's cache folder: a session-wide temporary
+# one keeps the tests out of ~/.cache/mtreg. Set before the plugin loader is imported (it reads
+# it at import), and inherited by the CLI process pool and the commands tests start.
+_USER_CACHE = tempfile.mkdtemp(prefix="mtreg-test-cache-")
+os.environ[CACHE_DIR_ENV] = _USER_CACHE
+
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop the embedded PostgreSQL server the session started, if any."""
+    """Stop the embedded PostgreSQL server the session started, if any; remove the
+    session's user cache folder."""
     stop_embedded_postgres()
+    shutil.rmtree(_USER_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

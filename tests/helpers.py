@@ -6,6 +6,7 @@ import hashlib
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -248,3 +249,33 @@ SERVING_TASKS = [
     ("paraphrase", ("classification", ("no", "yes")), 3, 1, ("text_a", "text_b")),
 ]
 ONE_TEXT_TASKS = ["sentiment", "topics", "score", "slots"]
+
+
+def namespace_unavailable() -> str | None:
+    """Return why this machine cannot mount a tmpfs in a private mount namespace
+    (``unshare -m``: root or CAP_SYS_ADMIN), or None when it can (the full-disk and
+    read-only tests make their disks that way)."""
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d && rmdir $d"
+    if shutil.which("unshare") is None:
+        return "no `unshare` command here"
+    try:
+        done = subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`unshare -m` failed: {exc}"
+    if done.returncode != 0:
+        reason = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        return f"cannot mount in a private namespace (needs root or CAP_SYS_ADMIN): {reason[0]}"
+    return None
+
+
+HUB_COMMIT = "a" * 40  # the revision hub_cache lays a download out at
+
+
+def hub_cache(root: Path, repo: str, folder: Path) -> Path:
+    """Lay ``folder`` out in ``root`` as huggingface_hub's cache holds a download of
+    ``repo`` at ``main`` (revision :data:`HUB_COMMIT`); return ``root``."""
+    entry = root / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / HUB_COMMIT)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(HUB_COMMIT)
+    return root

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from factories import Checkpoints
-from helpers import publish_tasks
-from test_hub import hub_cache
+from helpers import hub_cache, publish_tasks
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.registry.api import Registry

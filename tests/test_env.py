@@ -57,6 +57,8 @@ def test_each_variable_has_its_reader() -> None:
     assert env.cache_max_bytes(unset) is None and env.fault(unset) is None
     assert env.load_plugins({env.LOAD_PLUGINS_ENV: ""}) == []
     assert env.resolve_home(None, {env.HOME_ENV: "/somewhere"}) == Path("/somewhere").resolve()
+    assert env.user_cache_dir({env.CACHE_DIR_ENV: " /c "}) == Path("/c")
+    assert env.user_cache_dir({}).name == "mtreg"  # the platform's user cache dir
 
 
 def test_using_data_dir_sets_and_restores(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -107,12 +107,12 @@ def test_a_diverging_candidate_is_recorded_and_the_search_goes_on(
     settings = replace(FAST, epochs=3, teacher_lrs=(1e30, 3e-3), student_lrs=(1e30, 3e-3))
     with toy_registry(tmp_path) as registry:
         report = onboard(registry, "toy", settings, register=False)
-    assert [r.name for r in report.runs] == ["teacher-L2-lr0.003", "student-l1-lr0.003"]
+    assert [r.name for r in report.runs] == ["teacher-L2-lr0.003", "student-k1-l1-lr0.003"]
     (teacher,) = report.settings["diverged_teachers"]
     assert teacher.startswith("teacher-L2-lr1e+30: training diverged in epoch 1")
     (student,) = report.settings["diverged_students"]
-    assert student.startswith("student-l1-lr1e+30: training diverged in epoch 1")
-    assert report.chosen.name in {"teacher-L2-lr0.003", "student-l1-lr0.003"}
+    assert student.startswith("student-k1-l1-lr1e+30: training diverged in epoch 1")
+    assert report.chosen.name in {"teacher-L2-lr0.003", "student-k1-l1-lr0.003"}
 
 
 @pytest.mark.slow

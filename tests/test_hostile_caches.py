@@ -1,9 +1,10 @@
 """Disk faults in what mtreg writes beside the registry: the activation cache training fills,
-the ONNX cache the server exports into, and the ``mtreg demo`` folder. Each is one line
-(``core/disk.py``) saying what to do, exit code 1, no traceback and no half-written file.
+the ONNX cache the server exports into, the ``mtreg demo`` folder, and every safetensors
+writer. Each is one line (``core/disk.py``) saying what to do, exit code 1, no traceback and
+no half-written file.
 
 A file in the way is made with plain files; the full disk is a real small tmpfs in a private
-mount namespace (``unshare -m``, root only), as ``test_hostile_home.py`` makes it.
+mount namespace (``unshare -m``, root only; ``helpers.namespace_unavailable``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import pytest
 import torch
 from factories import Checkpoints
 from harness import CliPool
-from helpers import publish_tasks
-from test_hostile_home import _namespace_unavailable
+from helpers import namespace_unavailable, publish_tasks
 from toy import FLAGS, open_toy_registry
 
 from mtreg.artifacts.checkpoint import read_checkpoint
@@ -78,29 +78,73 @@ FULL = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_a_full_disk_under_the_activation_cache_is_one_line(tmp_path: Path) -> None:
-    reason = _namespace_unavailable()
+def on_a_full_disk(mnt: Path, code: str, folder: Path) -> str:
+    """Run ``code`` (argv[1]: ``folder``) with ``mnt`` a 256 KB tmpfs in a private mount
+    namespace, then list ``folder``; return what both printed (skip where mounts are not
+    allowed)."""
+    reason = namespace_unavailable()
     if reason:
         pytest.skip(reason)
-    mnt = tmp_path / "mnt"
     mnt.mkdir()
     script = (
         f'mount -t tmpfs -o size=256k tmpfs "{mnt}" && '
-        f'{sys.executable} -c "$FULL" "{mnt}/activations" && ls -A "{mnt}/activations"'
+        f'{sys.executable} -c "$CODE" "{folder}" && ls -A "{folder}"'
     )
     done = subprocess.run(
         ["unshare", "-m", "bash", "-c", script],
-        env={**os.environ, "FULL": FULL},
+        env={**os.environ, "CODE": code},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    message, *left = done.stdout.splitlines()
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_activation_cache_is_one_line(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    message, *left = on_a_full_disk(mnt, FULL, mnt / "activations").splitlines()
     assert message.startswith(f"cannot write {mnt}/activations")
     assert message.endswith("No space left on device: free space on that disk and retry")
     assert left == []  # the half-written entry is gone
+
+
+# -- every safetensors writer, on a real full disk ---------------------------------------------
+
+WRITERS = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from mtreg.artifacts.checkpoint import save_component
+    from mtreg.artifacts.tensor_file import write_safetensors
+
+    big = {"w": torch.ones(64 * 1024, 8)}  # 2 MB
+    writers = {
+        "write_safetensors": lambda path: write_safetensors(path, big),
+        "save_component": lambda path: save_component(big, path),
+    }
+    for name, write in writers.items():
+        try:
+            write(Path(sys.argv[1]) / f"{name}.safetensors")
+            print(name, "wrote")
+        except OSError as exc:
+            print(name, exc.strerror)
+    """
+)
+
+
+@pytest.mark.slow
+def test_safetensors_writers_report_a_full_disk_and_leave_nothing(tmp_path: Path) -> None:
+    """``safetensors.torch.save_file`` reported nothing writing to ``/dev/full`` and raised a
+    ``SafetensorError`` (no ``OSError``) on a full tmpfs; every tensor file (trunk components,
+    saved training runs, the HF export, the activation cache) goes through
+    ``write_safetensors``, which raises ``OSError`` and leaves no file behind."""
+    mnt = tmp_path / "mnt"
+    assert on_a_full_disk(mnt, WRITERS, mnt).splitlines() == [
+        "write_safetensors No space left on device",
+        "save_component No space left on device",
+    ]  # and `ls -A` printed nothing: no file, no temporary left
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from factories import Checkpoints, make_branch_file
 from harness import CliPool, Databases, Result
-from helpers import snapshot, task_spec, write_plugin
+from helpers import namespace_unavailable, snapshot, task_spec, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.artifacts.home import Home
@@ -284,24 +283,10 @@ def test_a_postgres_role_without_rights_is_a_one_line_error() -> None:
 # -- a read-only home and a full disk, in a private mount namespace ---------------------------
 
 
-def _namespace_unavailable() -> str | None:
-    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d && rmdir $d"
-    if shutil.which("unshare") is None:
-        return "no `unshare` command here"
-    try:
-        done = subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"`unshare -m` failed: {exc}"
-    if done.returncode != 0:
-        reason = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        return f"cannot mount in a private namespace (needs root or CAP_SYS_ADMIN): {reason[0]}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def namespace() -> None:
     """Skip (with the reason) where the tests cannot make mounts of their own."""
-    reason = _namespace_unavailable()
+    reason = namespace_unavailable()
     if reason:
         pytest.skip(reason)
 
@@ -375,8 +360,11 @@ PY"""
         (["register", "probe"], 0),
         # Room for part of the copy: the half-written export folder is removed.
         (["export", "--out", "{MNT}/export"], 48 * 1024),
+        # The weights are the first file written: safetensors' own writer raised a
+        # SafetensorError here (a traceback), now write_safetensors' OSError.
+        (["export", "--format", "hf", "--tasks", "sentiment", "--out", "{MNT}/hf"], 0),
     ],
-    ids=["trunk-add", "register", "export"],
+    ids=["trunk-add", "register", "export", "export-hf"],
 )
 def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(
     namespace: None, world: World, tmp_path: Path, argv: list[str], leave: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 import threading
 import time
@@ -275,6 +276,48 @@ def test_list_never_runs_plugin_code(
     _clean(result)
     assert json.loads(result.stdout) == []
     assert snapshot(registry_url, tmp_path / "home") == before
+
+
+# -- the probe itself dies ---------------------------------------------------------------------
+
+# A sitecustomize (on PYTHONPATH) that ends the probe's child as it starts, before its first
+# report, as a broken interpreter or an out-of-memory kill would; the command itself is a
+# fork of the pool's process and never reads it.
+PROBE_DIES = "import os, sys\n\nif 'probe_main' in ' '.join(sys.orig_argv):\n    os._exit(3)\n"
+
+
+@pytest.mark.slow
+def test_a_probe_that_dies_before_its_first_report_is_a_one_line_warning(
+    pool: CliPool, good: Path, tmp_path: Path, registry_url: str
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PROBE_DIES)
+    # A plugin of its own: one the session's probe cache already knows is not probed at all.
+    spec = {"name": "probe", "version": "1.0.0", "head": HEAD, "trunk": "tiny"}
+    plugin = write_plugin(
+        tmp_path / "fresh", "fresh", [{**spec, "weights": str(good.parent / "probe.safetensors")}]
+    )
+    values = {
+        **_env(tmp_path, good, tmp_path / "fresh", registry_url),
+        "MTREG_PLUGINS_PATH": str(tmp_path / "fresh"),
+        "MTREG_LOAD_PLUGINS": "fresh",  # not mtreg's own (glue, intent)
+        "PYTHONPATH": str(site),
+    }
+    warning = (
+        f"the plugin probe exited with code 3 before it tried {plugin.resolve()}, so it was "
+        f"loaded unprobed: check that `{sys.executable} -c 'import mtreg'` runs"
+    )
+    listed = pool.run(values, "plugins", "--json")
+    assert listed.code == 0, listed.stderr
+    assert _plugins(listed.stdout)["fresh"]["tasks"] == ["probe"]
+    assert json.loads(listed.stdout)["warnings"] == [warning]
+    assert listed.stderr.splitlines() == [warning]
+    # Not cached as healthy: the next command probes again, and says so again.
+    synced = pool.run(values, "sync", "--json")
+    assert synced.code == 0, synced.stderr
+    assert synced.stderr.splitlines() == [warning]
+    assert [t["task"] for t in json.loads(synced.stdout)["tasks"]] == ["probe"]
 
 
 # -- in process: what the CLI relies on ---------------------------------------------------------

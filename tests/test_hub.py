@@ -6,33 +6,21 @@ before anything is written. No test here touches the network."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from factories import Checkpoints
 from harness import CliPool, registry_state
-from helpers import publish_tasks
+from helpers import HUB_COMMIT, hub_cache, publish_tasks
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.artifacts.hub import resolve
 from mtreg.errors import MtregError
 
-COMMIT = "a" * 40
 TASKS = [
     ("sentiment", ("classification", ("neg", "pos")), 1, 1, ("text",)),
     ("slots", ("tagging", ("O", "B-x", "I-x")), 0, 1, ("text",)),
 ]
-
-
-def hub_cache(root: Path, repo: str, folder: Path) -> Path:
-    """Lay ``folder`` out in ``root`` as huggingface_hub's cache holds a download of
-    ``repo`` at ``main``; return ``root``."""
-    entry = root / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, entry / "snapshots" / COMMIT)
-    (entry / "refs").mkdir(parents=True)
-    (entry / "refs" / "main").write_text(COMMIT)
-    return root
 
 
 @pytest.fixture
@@ -59,7 +47,7 @@ def test_a_trunk_is_added_from_the_hub_cache_offline(
     shown = pool.run(offline, "trunk", "show", "tiny", "--json")
     expected = read_checkpoint(checkpoints.shared(2)).fingerprint.to_dict()
     assert '"embeddings": "' + expected["embeddings"] + '"' in shown.stdout
-    assert COMMIT in shown.stdout  # the source is the cached snapshot
+    assert HUB_COMMIT in shown.stdout  # the source is the cached snapshot
 
 
 @pytest.mark.slow
@@ -97,7 +85,7 @@ def test_a_teacher_id_resolves_to_the_cached_snapshot(
     for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE"):
         monkeypatch.setenv(key, offline[key])
     folder = resolve("acme/tiny-bert", "teacher")
-    assert folder == tmp_path / "hub" / "models--acme--tiny-bert" / "snapshots" / COMMIT
+    assert folder == tmp_path / "hub" / "models--acme--tiny-bert" / "snapshots" / HUB_COMMIT
     assert resolve("acme/tiny-bert@main", "teacher") == folder
     assert resolve(tmp_path, "teacher") == tmp_path  # a folder is used as it is
     with pytest.raises(MtregError, match="not in the Hugging Face cache"):

@@ -132,7 +132,7 @@ def test_onboarding_steps_every_batch_of_every_epoch_run(registry: Registry) -> 
     settings = replace(FAST, epochs=1, student_epochs=2, patience=1)
     report = onboard(registry, "toy", settings, register=False, progress=recorder)
     batches = math.ceil(TRAIN_EXAMPLES / settings.batch_size)
-    assert [r.name for r in report.runs] == ["teacher-L2-lr0.003", "student-l1-lr0.003"]
+    assert [r.name for r in report.runs] == ["teacher-L2-lr0.003", "student-k1-l1-lr0.003"]
     for run in report.runs:
         steps = [s for s in recorder.steps if s.run == run.name]
         assert len(steps) == batches * run.epochs_run

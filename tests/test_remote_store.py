@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -37,7 +36,7 @@ import httpx
 import pytest
 from factories import Checkpoints
 from harness import CliPool, Databases, Result, Step, free_socket, start_serve
-from helpers import publish_tasks, snapshot
+from helpers import namespace_unavailable, publish_tasks, snapshot
 from object_stores import STORE_VARIABLES as VARIABLES
 from object_stores import ObjectServer, object_server
 
@@ -460,20 +459,12 @@ def test_verify_remote_without_a_remote_store_is_a_one_line_error(
     one_line_error(pool.run(local, "verify", "--remote"), "is not remote", "--remote")
 
 
-def _namespace_unavailable() -> str | None:
-    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d && rmdir $d"
-    if shutil.which("unshare") is None:
-        return "no `unshare` command here"
-    done = subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True, timeout=30)
-    return None if done.returncode == 0 else "cannot mount a tmpfs in a private namespace"
-
-
 @pytest.mark.slow
 @S3_ONLY
 def test_a_full_cache_disk_is_a_one_line_error_and_a_rerun_with_room_completes(
     setup: Setup, pool: CliPool
 ) -> None:
-    reason = _namespace_unavailable()
+    reason = namespace_unavailable()
     if reason:
         pytest.skip(reason)
     setup.publish("a")

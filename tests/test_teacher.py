@@ -18,7 +18,7 @@ from toy import FAST, PLUGIN
 
 from mtreg.artifacts.hf_model import read_classifier
 from mtreg.cli.main import cli
-from mtreg.training.onboard import onboard
+from mtreg.training.onboard import OnboardReport, onboard
 
 LABELS = ("negative", "positive")
 
@@ -86,17 +86,46 @@ def _dev_accuracy(folder: Path, tmp: Path) -> float:
     return float((predicted == gold).float().mean())
 
 
+def _searched_every_depth(report: OnboardReport, home: Path, depths: set[int]) -> None:
+    """Assert that the student search tried its smallest students at every fork depth of
+    ``depths`` (in its settings and in the runs it saved) and that the branch it chose
+    follows the rule of onboarding from data: the smallest l within the tolerance of the
+    teacher, the best of that l, no larger student trained; else the best student."""
+    assert set(report.settings["student_depths"]) == depths
+    smallest = min(r.layers for r in report.runs)
+    assert {r.fork_depth for r in report.runs if r.layers == smallest} == depths
+    saved = {p.stem for p in home.glob("onboarding/toy/1.0.0/student-*.json")}
+    assert saved >= {f"student-k{k}-l{smallest}-lr0.003" for k in depths}
+    score = {r.name: r.dev_metrics[report.metric] for r in report.runs}
+    chosen = score[report.chosen.name]
+    assert report.chosen.stage == "student"
+    good = [r for r in report.runs if score[r.name] >= report.threshold]
+    if not good:
+        assert chosen == max(score.values())
+        return
+    least = min(r.layers for r in good)
+    assert report.chosen.layers == least and chosen >= report.threshold
+    assert chosen == max(score[r.name] for r in good if r.layers == least)
+    assert max(r.layers for r in report.runs) == least  # the search stopped there
+
+
 @pytest.mark.slow
 def test_an_outside_teacher_is_distilled_into_a_branch(
     toy_registry, teacher: Path, tmp_path: Path
 ) -> None:
     registry = toy_registry(tmp_path)
-    report = onboard(registry, "toy", FAST, teacher=teacher)
+    # Teacher sizes L 1 and 2 of the trunk's 3 layers: students fork at depths 2 and 1.
+    settings = replace(FAST, teacher_layers=(1, 2))
+    report = onboard(registry, "toy", settings, teacher=teacher)
+    # Each depth's students are saved runs of their own: run again, every one resumes.
+    again = onboard(registry, "toy", settings, teacher=teacher, register=False)
+    assert [r.name for r in again.runs] == [r.name for r in report.runs]
+    assert all(r.resumed for r in again.runs) and again.chosen.name == report.chosen.name
     # The teacher ran whole, on its own weights: its dev score is transformers' own.
     assert report.teacher.dev_metrics["accuracy"] == pytest.approx(_dev_accuracy(teacher, tmp_path))
     assert report.teacher.dev_metrics["accuracy"] >= 0.9
     assert [r.stage for r in report.runs] == ["student"] * len(report.runs)
-    assert report.chosen.stage == "student" and report.chosen.fork_depth == 1  # N 3 - L 2
+    _searched_every_depth(report, tmp_path / "home", {1, 2})
     assert report.chosen.dev_metrics["accuracy"] >= 0.9 * report.teacher.dev_metrics["accuracy"]
     assert report.settings["teacher"]["source"] == str(teacher)
     assert registry.task("toy").active_version == "1.0.0"
@@ -151,11 +180,27 @@ def test_a_teacher_that_cannot_teach_the_task_is_one_line(
     toy_registry, checkpoints: Checkpoints, tmp_path: Path, make, message: str
 ) -> None:
     toy_registry(tmp_path).close()
-    folder = make(checkpoints, tmp_path)
+    _refused(tmp_path, make(checkpoints, tmp_path), [], message)
+
+
+def test_students_larger_than_any_depth_allows_are_one_line(
+    toy_registry, checkpoints: Checkpoints, tmp_path: Path
+) -> None:
+    toy_registry(tmp_path).close()
+    folder = _classifier(checkpoints.shared(3), tmp_path / "t")
+    # Depths 2 and 1 of 3 layers: at most 2 student layers, above depth 1.
+    flags = ["--search", "1..2", "--student-search", "3..3"]
+    _refused(tmp_path, folder, flags, "student layers must be in 1..2")
+
+
+def _refused(tmp_path: Path, folder: Path, flags: list[str], message: str) -> None:
+    """Assert that onboarding the toy task with the teacher in ``folder`` fails in one line
+    saying ``message``, the registry unchanged."""
     url, home = f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "home"
     before = registry_state(url, str(home))
     base = ["--db", url, "--home", str(home), "--plugins-dir", str(tmp_path / "plugins")]
-    result = CliRunner().invoke(cli, [*base, "onboard", "toy", "--teacher", str(folder)])
+    args = [*base, "onboard", "toy", "--teacher", str(folder), *flags]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -187,10 +232,12 @@ def test_teachers_of_other_families_run_as_transformers_runs_them(
         f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "home", [tmp_path / "plugins"]
     ) as reg:
         reg.add_trunk("tiny", folder)
-        settings = replace(FAST, epochs=1, student_layers=(1,))
+        settings = replace(FAST, epochs=1, student_layers=(1,), teacher_layers=(1, 2))
         report = onboard(reg, "toy", settings, teacher=teacher)
         assert report.teacher.dev_metrics["accuracy"] == pytest.approx(
             _dev_accuracy(teacher, tmp_path)
         )
-        assert report.chosen.fork_depth == 1 and report.chosen.layers == 1
+        # Students at depths 2 and 1 (ModernBERT's layers differ by their index there).
+        _searched_every_depth(report, tmp_path / "home", {1, 2})
+        assert report.chosen.layers == 1
         assert reg.bundle("latest").members == {"toy": "1.0.0"}

@@ -195,7 +195,7 @@ def test_onboard_into_a_log_writes_a_timestamped_line_per_stage_and_epoch(
     assert "\r" not in done.stderr and "\x1b" not in done.stderr
     assert all(re.match(f"{STAMP} ", line) for line in lines), lines
     texts = [line.split(" ", 1)[1] for line in lines]
-    for run in ("teacher-L2-lr0.003", "student-l1-lr0.003"):
+    for run in ("teacher-L2-lr0.003", "student-k1-l1-lr0.003"):
         epochs = [t.split(":")[0] for t in texts if t.startswith(f"{run} epoch")]
         budget = len(epochs)  # students train twice the teacher's epochs
         assert budget >= 2 and epochs == [f"{run} epoch {e}/{budget}" for e in range(1, budget + 1)]

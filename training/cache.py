@@ -13,15 +13,15 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
+from mtreg.artifacts.tensor_file import write_safetensors
 from mtreg.core.disk import disk_errors
 from mtreg.core.env import cache_max_bytes
 
@@ -77,19 +77,8 @@ class ActivationCache:
         """
         values = torch.cat([t.contiguous() for t in tensors]) if tensors else torch.empty(0)
         lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
-        # Serialised here and written by Python: safetensors' save_file can miss a write
-        # error (it reported nothing writing to /dev/full), and a short entry is a lost cache.
-        data = save({"values": values, "lengths": lengths})
         with disk_errors(self.root):
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                os.replace(tmp, self._path(key))
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_safetensors(self._path(key), {"values": values, "lengths": lengths})
         self._evict(keep=self._path(key))
 
     def _evict(self, keep: Path) -> None:

@@ -15,18 +15,19 @@ resumes at the run it reached.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mtreg.artifacts.fingerprint import tensor_group_hash
+from mtreg.artifacts.tensor_file import write_safetensors
+from mtreg.core.disk import disk_errors, write_atomically
 from mtreg.errors import MtregError
 from mtreg.nn.layers import Branch
 from mtreg.training import checkpoints
@@ -34,7 +35,7 @@ from mtreg.training.cache import cache_key
 from mtreg.training.job import Job, hidden_states
 from mtreg.training.loop import Diverged, Split, fit, nonfinite_weight, predict_logits
 from mtreg.training.progress import prefixed
-from mtreg.training.settings import default_teacher_layers, epoch_cap
+from mtreg.training.settings import Settings, default_teacher_layers, epoch_cap
 
 # Students are searched at l = 1..min(MAX_STUDENT_LAYERS, L-1) unless Settings say otherwise.
 MAX_STUDENT_LAYERS = 3
@@ -43,11 +44,13 @@ MAX_STUDENT_LAYERS = 3
 # -- results ------------------------------------------------------------------------------
 
 
-def run_name(stage: str, layers: int, lr: float) -> str:
-    """Return the label of a run (its saved files' name), e.g. ``teacher-L3-lr0.0002``:
-    L counts a teacher's layers, l a student's."""
-    letter = "L" if stage == "teacher" else "l"
-    return f"{stage}-{letter}{layers}-lr{lr:g}"
+def run_name(stage: str, layers: int, lr: float, depth: int) -> str:
+    """Return the label of a run (its saved files' name), e.g. ``teacher-L3-lr0.0002`` or
+    ``student-k3-l1-lr0.0005``: L counts a teacher's layers (its fork depth is N − L), l a
+    student's, and k is a student's fork depth (one search may train students at several)."""
+    if stage == "teacher":
+        return f"teacher-L{layers}-lr{lr:g}"
+    return f"{stage}-k{depth}-l{layers}-lr{lr:g}"
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Run:
     @property
     def name(self) -> str:
         """A file-name-safe label, e.g. ``teacher-L3-lr0.0002``."""
-        return run_name(self.stage, self.layers, self.lr)
+        return run_name(self.stage, self.layers, self.lr, self.fork_depth)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -135,29 +138,22 @@ def _state_hash(branch: Branch) -> str:
 # -- saved runs ---------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _saved_run_paths(job: Job, run_name: str) -> tuple[Path, Path]:
     return job.stage_dir / f"{run_name}.json", job.stage_dir / f"{run_name}.safetensors"
 
 
 def save_run(job: Job, run: Run, branch: Branch) -> None:
-    """Save a finished run: weights first, then the JSON that marks it complete."""
+    """Save a finished run: weights first, then the JSON that marks it complete.
+
+    Raises:
+        StorageError: the disk is full or read-only (nothing half-written is left).
+    """
     meta_path, weights_path = _saved_run_paths(job, run.name)
     state = {k: v.detach().cpu().contiguous() for k, v in branch.state_dict().items()}
-    _atomic_write(weights_path, lambda tmp: save_file(state, tmp))
     payload = json.dumps({**run.to_dict(), "resumed": False}, indent=2, sort_keys=True)
-    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(payload))
+    with disk_errors(job.stage_dir):
+        write_safetensors(weights_path, state)
+        write_atomically(meta_path, payload.encode())
     checkpoints.push(job, run.key, meta_path, weights_path)  # for other machines (#18)
 
 
@@ -184,7 +180,8 @@ def load_run(job: Job, run_name: str, key: str, layers: int) -> tuple[Run, Branc
 
 def _write_marker(job: Job, name: str, payload: Mapping[str, Any]) -> None:
     text = json.dumps(payload, indent=2, sort_keys=True)
-    _atomic_write(job.stage_dir / f"{name}.json", lambda tmp: Path(tmp).write_text(text))
+    with disk_errors(job.stage_dir):
+        write_atomically(job.stage_dir / f"{name}.json", text.encode())
 
 
 def _read_marker(job: Job, name: str) -> dict[str, Any] | None:
@@ -197,12 +194,10 @@ def _read_marker(job: Job, name: str) -> dict[str, Any] | None:
 # -- the two stages -----------------------------------------------------------------------
 
 
-def _better(run: Run, other: Run | None, metric: str) -> bool:
-    """Higher score wins; on a tie the smaller branch, then the lower learning rate."""
-    if other is None:
-        return True
-    a, b = run.dev_metrics[metric], other.dev_metrics[metric]
-    return (a, -run.layers, -run.lr) > (b, -other.layers, -other.lr)
+def _best(runs: list[Run], metric: str) -> Run | None:
+    """Return the best run (None for none): higher score wins; on a tie the smaller
+    branch, then the lower learning rate, then the earlier run."""
+    return max(runs, key=lambda r: (r.dev_metrics[metric], -r.layers, -r.lr), default=None)
 
 
 def _train_run(
@@ -227,7 +222,7 @@ def _train_run(
     Raises:
         MtregError: the run could not train (named with the task and run).
     """
-    name = run_name(stage, layers, lr)
+    name = run_name(stage, layers, lr, depth)
     found = load_run(job, name, key, layers)
     if found is not None:
         job.say(f"{name}: done before, resumed from its saved run")
@@ -266,6 +261,21 @@ def _train_run(
     return run
 
 
+def teacher_sizes(job: Job) -> tuple[int, ...]:
+    """Return the teacher sizes L to search (the settings', else
+    :func:`~mtreg.training.settings.default_teacher_layers`): their fork depths N − L are
+    the teachers' here and an outside teacher's students' (:mod:`mtreg.training.teacher`).
+
+    Raises:
+        MtregError: an L above N.
+    """
+    n = job.config.num_hidden_layers
+    sizes = job.settings.teacher_layers or default_teacher_layers(n)
+    if max(sizes) > n:
+        raise MtregError(f"teacher layers must be in 1..{n} for trunk {job.trunk.name!r}")
+    return tuple(sizes)
+
+
 def train_teachers(job: Job) -> StageResult:
     """Train a teacher for every L and learning rate of the search; keep the best on dev.
 
@@ -280,16 +290,13 @@ def train_teachers(job: Job) -> StageResult:
         MtregError: an L outside 1..N, or every run diverged (nothing is written).
     """
     s, n = job.settings, job.config.num_hidden_layers
-    candidates = s.teacher_layers or default_teacher_layers(n)
-    if max(candidates) > n:
-        raise MtregError(f"teacher layers must be in 1..{n} for trunk {job.trunk.name!r}")
+    candidates = teacher_sizes(job)
     epochs = epoch_cap(s, "teacher")
     depths = sorted({n - layers for layers in candidates})
     train_hidden = hidden_states(job, "train", depths)  # one trunk pass for all depths
     dev_hidden = hidden_states(job, "dev", depths)
     runs: list[Run] = []
     diverged: list[str] = []
-    best: Run | None = None
     for layers in sorted(candidates):
         k = n - layers
         train = Split(train_hidden[k], job.train.labels)
@@ -298,24 +305,10 @@ def train_teachers(job: Job) -> StageResult:
             key = cache_key(
                 data=job.data_key, stage="teacher", layers=layers, recipe=job.recipe(lr, epochs)
             )
-            run = _train_run(
-                job,
-                "teacher",
-                layers,
-                k,
-                lr,
-                epochs,
-                key,
-                lambda layers=layers: teacher_branch(job, layers, s.seed),
-                train,
-                dev,
-                diverged,
-            )
-            if run is None:
-                continue
-            runs.append(run)
-            if _better(run, best, job.metrics[0]):
-                best = run
+            make = partial(teacher_branch, job, layers, s.seed)
+            run = _train_run(job, "teacher", layers, k, lr, epochs, key, make, train, dev, diverged)
+            runs += [run] if run is not None else []
+    best = _best(runs, job.metrics[0])
     if best is None:  # one line: the first run's reason
         every = f"all {len(diverged)} teacher runs diverged; " if len(diverged) > 1 else ""
         raise MtregError(f"task {job.spec.name!r}, {every}run {diverged[0]}")
@@ -368,7 +361,8 @@ def threshold(reference: float, tolerance: float) -> float:
 
 def distill(job: Job) -> StageResult:
     """Distil the chosen teacher into students of each l and learning rate of the search
-    (see :func:`student_search`), each initialised from the teacher's bottom l layers.
+    (see :func:`student_search`) at its fork depth, each initialised from the teacher's
+    bottom l layers.
 
     Raises:
         MtregError: no usable teacher (see :func:`chosen_teacher`), or an l not below L.
@@ -380,68 +374,73 @@ def distill(job: Job) -> StageResult:
     train_hidden = hidden_states(job, "train", [k])[k]
     logits = teacher_logits(job, teacher, teacher_run, train_hidden)
     return student_search(
-        job, teacher_run, big - 1, logits, lambda layers: student_branch(job, teacher, layers)
+        job, teacher_run, logits, {k: big - 1}, lambda _k, size: student_branch(job, teacher, size)
     )
+
+
+def student_sizes(settings: Settings, most: int) -> tuple[int, ...]:
+    """Return the student sizes l to search where a student can have up to ``most`` layers:
+    the settings', else 1..min(:data:`MAX_STUDENT_LAYERS`, ``most``).
+
+    Raises:
+        MtregError: a size of the settings above ``most``.
+    """
+    if settings.student_layers and max(settings.student_layers) > most:
+        raise MtregError(f"student layers must be in 1..{most} (the most above any fork here)")
+    return settings.student_layers or tuple(range(1, min(MAX_STUDENT_LAYERS, most) + 1))
 
 
 def student_search(
     job: Job,
     teacher_run: Run,
-    most: int,
     logits: list[torch.Tensor],
-    make_student: Callable[[int], Branch],
+    depths: Mapping[int, int],
+    make_student: Callable[[int, int], Branch],
 ) -> StageResult:
-    """Train students of each l (1..min(MAX_STUDENT_LAYERS, ``most``) unless the settings
-    say) and learning rate at the teacher's fork depth on the training split's teacher
-    ``logits``, smallest l first, stopping after the first l where a run reaches the
-    settings' tolerance of the teacher's dev score: the smallest good-enough branch is the
+    """Train students on the training split's teacher ``logits`` at each fork depth k of
+    ``depths`` (k → the most layers a student there can have), of each l (1..
+    :data:`MAX_STUDENT_LAYERS` unless the settings say) and learning rate: smallest l
+    first, every depth at that l, stopping after the first l where a run reaches the
+    settings' tolerance of the teacher's dev score. The smallest good-enough branch is the
     one kept (:func:`mtreg.training.onboard.choose`), so larger students would be trained
-    for nothing. ``make_student(l)`` returns a fresh student. A student that diverges is
-    recorded and the search goes on; if every one does, the teacher is kept.
+    for nothing. ``make_student(k, l)`` returns a fresh student. A student that diverges
+    is recorded and the search goes on; if every one does, the teacher is kept.
+
+    Raises:
+        MtregError: a student size of the settings that no depth has room for
+            (:func:`student_sizes`).
     """
-    s = job.settings
-    candidates = s.student_layers or tuple(range(1, min(MAX_STUDENT_LAYERS, most) + 1))
-    k = teacher_run.fork_depth
+    s, metric = job.settings, job.metrics[0]
+    candidates = student_sizes(s, max(depths.values()))
     epochs = epoch_cap(s, "student")
-    dev = Split(hidden_states(job, "dev", [k])[k], job.dev.labels)
-    train = Split(hidden_states(job, "train", [k])[k], job.train.labels, logits)
-    enough = threshold(teacher_run.dev_metrics[job.metrics[0]], s.tolerance)
+    train_hidden = hidden_states(job, "train", list(depths))  # one trunk pass for all
+    dev_hidden = hidden_states(job, "dev", list(depths))
+    enough = threshold(teacher_run.dev_metrics[metric], s.tolerance)
     runs: list[Run] = []
     diverged: list[str] = []
-    best: Run | None = None
     for layers in sorted(candidates):
-        for lr in s.student_lrs:
-            key = cache_key(
-                data=job.data_key,
-                stage="student",
-                teacher=teacher_run.key,
-                layers=layers,
-                recipe=job.recipe(lr, epochs),
-            )
-            run = _train_run(
-                job,
-                "student",
-                layers,
-                k,
-                lr,
-                epochs,
-                key,
-                lambda layers=layers: make_student(layers),
-                train,
-                dev,
-                diverged,
-            )
-            if run is None:
-                continue
-            runs.append(run)
-            if _better(run, best, job.metrics[0]):
-                best = run
-        reached = [r for r in runs if r.layers == layers]
-        if any(r.dev_metrics[job.metrics[0]] >= enough for r in reached):
+        for k in sorted(d for d, most in depths.items() if layers <= most):
+            train = Split(train_hidden[k], job.train.labels, logits)
+            dev = Split(dev_hidden[k], job.dev.labels)
+            for lr in s.student_lrs:
+                key = cache_key(
+                    data=job.data_key,
+                    stage="student",
+                    teacher=teacher_run.key,
+                    fork_depth=k,
+                    layers=layers,
+                    recipe=job.recipe(lr, epochs),
+                )
+                make = partial(make_student, k, layers)
+                run = _train_run(
+                    job, "student", layers, k, lr, epochs, key, make, train, dev, diverged
+                )
+                runs += [run] if run is not None else []
+        if any(r.layers == layers and r.dev_metrics[metric] >= enough for r in runs):
             if layers < max(candidates):
                 job.say(f"l={layers} is good enough: larger students not trained")
             break
     used = {"student_layers": list(candidates), "student_lrs": list(s.student_lrs)}
-    used |= {"student_epochs": epochs, "teacher": teacher_run.to_dict()}
-    used["diverged_students"] = diverged
-    return StageResult(runs, best or teacher_run, used, diverged)
+    used |= {"student_depths": sorted(depths), "student_epochs": epochs}
+    used |= {"teacher": teacher_run.to_dict(), "diverged_students": diverged}
+    return StageResult(runs, _best(runs, metric) or teacher_run, used, diverged)

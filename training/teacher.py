@@ -2,11 +2,27 @@
 id resolved offline-aware through huggingface_hub's cache) distilled into a branch.
 
 The teacher replaces the teacher search: it runs whole, on its own weights (fully or
-partly fine-tuned), to give the training split's soft targets and its dev score; students
-fork from the trunk at depth N − L (L the largest teacher size of the settings) and start
-from the teacher's own layers there and its classifier. The teacher must speak the trunk's
-language: the same tokenizer and architecture (refused otherwise, with the reason), and
-the task's head kind and labels in the task's order.
+partly fine-tuned), to give the training split's soft targets and its dev score; then the
+same student search as onboarding from data (:func:`~mtreg.training.stages.student_search`:
+the same rule, tolerance and sizes) distils it, at every fork depth N − L a teacher search
+would try (L in :func:`~mtreg.training.stages.teacher_sizes`), with up to L student layers
+at depth N − L. The teacher must speak the trunk's language: the same tokenizer and
+architecture (refused otherwise, with the reason), and the task's head kind and labels in
+the task's order.
+
+Why every depth, and what is cached. A teacher searched from data forks at its own depth
+and leaves the trunk below it untouched, so its students fork there too. A fully
+fine-tuned teacher has no fork: it changed its embeddings and every layer. A student,
+though, is a branch of the bundle, and a branch reads the shared frozen trunk's hidden
+state at its depth, never the teacher's; so the cached activations are the trunk's at each
+candidate depth (the entries onboarding from data caches, one trunk pass for all), while
+the teacher runs whole once for its soft targets, which do not depend on the depth. A
+student at depth k starts from the teacher's layers k.. and classifier, which were tuned
+on the teacher's own state at k and now read the trunk's. A shallow fork reads a state
+closer to the one they were tuned on (fewer fine-tuned layers below it) but must compress
+more of the teacher's layers into l; a deep one compresses fewer, from a state further
+off. Which wins differs by task and teacher, so no depth is chosen in advance: the search
+tries each one at each l, smallest students first.
 """
 
 from __future__ import annotations
@@ -26,8 +42,13 @@ from mtreg.training.cache import cache_key
 from mtreg.training.data import Encoded, collate
 from mtreg.training.job import Job
 from mtreg.training.loop import score
-from mtreg.training.settings import default_teacher_layers
-from mtreg.training.stages import MAX_STUDENT_LAYERS, Run, StageResult, student_search
+from mtreg.training.stages import (
+    Run,
+    StageResult,
+    student_search,
+    student_sizes,
+    teacher_sizes,
+)
 
 BATCH = 32
 
@@ -129,18 +150,20 @@ def teacher_outputs(job: Job, model: Standalone, encoded: Encoded, key: str) -> 
 
 
 def distill_from(job: Job, classifier: Classifier, source: str) -> StageResult:
-    """Distil ``classifier`` into students on ``job``'s trunk (the same student search as
-    :func:`~mtreg.training.stages.distill`).
+    """Distil ``classifier`` into students on ``job``'s trunk by the student search of
+    onboarding from data, at each fork depth N − L of the teacher sizes L (see the module).
 
     Returns:
         The student runs; ``best`` is the best student, ``settings["teacher"]`` the
         teacher as a run (stage ``teacher``, its layers, its dev metrics, no training).
+
+    Raises:
+        MtregError: a teacher size above N, or student sizes no depth has room for.
     """
     started = time.perf_counter()
     n = job.config.num_hidden_layers
-    big = max(job.settings.teacher_layers or default_teacher_layers(n))
-    if big > n:
-        raise MtregError(f"teacher layers must be in 1..{n} for trunk {job.trunk.name!r}")
+    sizes = teacher_sizes(job)
+    student_sizes(job.settings, max(sizes))  # refused before the teacher runs
     model = _network(job, classifier)
     weights = tensor_group_hash(classifier.tensors)
     key = {"weights": weights, "head": classifier.head.kind, "max_length": job.max_length}
@@ -156,20 +179,20 @@ def distill_from(job: Job, classifier: Classifier, source: str) -> StageResult:
         best_epoch=0,
         dev_metrics=score(job.spec.head, dev, job.dev.labels, job.metrics),
         seconds=time.perf_counter() - started,
-        key=cache_key(teacher=weights, fork_depth=n - big),
+        key=cache_key(teacher=weights),
     )
     job.say(f"teacher {source}: dev {job.metrics[0]} {teacher.dev_metrics[job.metrics[0]]:.4f}")
-    forked = Run(**{**teacher.to_dict(), "fork_depth": n - big})
-    tensors = classifier.branch_tensors(n - big)
 
-    def student(layers: int) -> Branch:
-        branch = Branch(job.config, layers, job.spec.head, job.settings.dropout, n - big)
+    def student(depth: int, layers: int) -> Branch:
+        tensors = classifier.branch_tensors(depth)
+        branch = Branch(job.config, layers, job.spec.head, job.settings.dropout, depth)
         state = branch.state_dict()
         branch.load_state_dict({k: tensors[k] for k in state}, strict=True)
         # The layers below the fork are the trunk's: so is DeBERTa's relative table.
         branch.take_from_trunk(job.component(job.trunk.objects["embeddings"]), None)
         return branch
 
-    result = student_search(job, forked, min(MAX_STUDENT_LAYERS, big), train, student)
+    depths = {n - size: size for size in sizes}  # up to L layers above depth N − L
+    result = student_search(job, teacher, train, depths, student)
     result.settings["teacher"] = {**teacher.to_dict(), "source": source}
     return result
