@@ -26,7 +26,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any
 
 from mtreg.core.env import STORE_ENV
 from mtreg.core.extras import require
+from mtreg.core.net import url_unreachable
 from mtreg.errors import MtregError, NotFound, StorageError
 
 
@@ -50,6 +51,9 @@ class _Scheme:
     # ``module:Class`` when fsspec's registered class for the scheme is not the one to use.
     filesystem: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # The URL the opened file system sends its requests to, checked once before the first
+    # (None: the library's own timeouts are short enough).
+    endpoint_of: Callable[[Any], str | None] = lambda fs: None
 
 
 _S3 = _Scheme(
@@ -69,12 +73,16 @@ _GCS = _Scheme(
     # layout, on every call while it cannot tell, and logs a warning each time. mtreg's
     # keys are flat objects, which the JSON API class writes and reads on every bucket kind.
     filesystem="gcsfs.core:GCSFileSystem",
+    # gcsfs retries a refused connection six times with backoff, per request: minutes.
+    endpoint_of=lambda fs: fs._location,
 )
 _AZURE = _Scheme(
     "adlfs",
     "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with "
     "AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, and the container's access",
     "the connection string's BlobEndpoint",
+    # The Azure SDK retries a refused connection with backoff, per request.
+    endpoint_of=lambda fs: fs.service_client.url,
 )
 _SCHEMES = {"s3": _S3, "gs": _GCS, "gcs": _GCS, "az": _AZURE, "abfs": _AZURE}
 # These libraries log the errors they raise (gcsfs with a traceback); with no logging set
@@ -141,13 +149,17 @@ class RemoteStore:
                 logger = logging.getLogger(name)
                 if not logger.handlers:
                     logger.addHandler(logging.NullHandler())
-            self._fs = cls(
+            opened = cls(
                 **scheme.options,
                 # Listings are read to decide what exists: a cached one goes stale as soon
                 # as another machine writes.
                 use_listings_cache=False,
                 skip_instance_cache=True,
             )
+            endpoint = scheme.endpoint_of(opened)
+            if endpoint and (reason := url_unreachable(endpoint)):
+                raise StorageError(_failure(self.url, scheme, ConnectionError(reason)))
+            self._fs = opened
         return self._fs
 
     def _key(self, kind: str, name: str) -> str:

@@ -10,14 +10,10 @@ whatever Ray another command started on this machine (found through ``/tmp/ray``
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
+from mtreg.core.net import CONNECT_TIMEOUT_S, unreachable
 from mtreg.errors import MtregError
-
-# How long an address has to answer: ray.init itself retries an unreachable address for
-# minutes before it gives up, and a mistyped one should be one line now.
-CONNECT_TIMEOUT_S = 5.0
 
 
 def check_reachable(address: str, seconds: float = CONNECT_TIMEOUT_S) -> None:
@@ -32,14 +28,12 @@ def check_reachable(address: str, seconds: float = CONNECT_TIMEOUT_S) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise MtregError(f"invalid Ray address {address!r}: write HOST:PORT (or auto)")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), seconds).close()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
+    # ray.init itself retries an unreachable address for minutes before it gives up.
+    if reason := unreachable(host, int(port), seconds):
         raise MtregError(
             f"cannot reach the Ray cluster at {address} ({reason}): start it (`ray start "
             "--head`) or fix --address"
-        ) from None
+        )
 
 
 def connect(ray: Any, address: str | None, **options: Any) -> bool:
