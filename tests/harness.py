@@ -36,6 +36,10 @@ from pgserver import EmbeddedPostgres
 
 POSTGRES_ENV = "MTREG_TEST_POSTGRES_URL"
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+# For the few end-to-end tests that run the README's commands, or whole command sequences
+# in real processes, on its default registry (SQLite in the home): each command they use is
+# tested on PostgreSQL by tests of its own, and these cost minutes per database.
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 # -- the process pool ------------------------------------------------------------------------
 

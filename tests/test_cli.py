@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from factories import Checkpoints, make_branch_file
+from harness import SQLITE_ONLY
 from helpers import snapshot, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
@@ -209,6 +210,7 @@ def test_listing_does_not_import_torch(env: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_predict_and_export_in_real_subprocesses(env: dict[str, str]) -> None:
     run(env, "trunk", "add", "tiny", env["TRUNK"])
     run(env, "register", "sentiment", "--promote")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from factories import Checkpoints
-from harness import registry_state
+from harness import SQLITE_ONLY, registry_state
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +158,7 @@ def _env(tmp_path: Path, db_url: str) -> dict[str, str]:
     return env
 
 
+@SQLITE_ONLY
 def test_walkthrough_runs_as_written(checkpoints: Checkpoints, db_url: str, tmp_path: Path) -> None:
     """Steps 1-8 in order, as one bash script (``set -e``: the first failure stops it),
     then the Serving section's curl against ``mtreg serve`` on that registry."""

@@ -456,6 +456,7 @@ def _json_documents(text: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("databases", ["sqlite"], indirect=True)  # as harness.SQLITE_ONLY
 def test_readme_release_commands_run_as_written(world: World, tmp_path: Path) -> None:
     with world.fresh(tmp_path) as registry:
         url, home = registry.url, str(registry.home.root)
