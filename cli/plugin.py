@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from mtreg.cli.context import Context, pass_context
@@ -14,7 +16,14 @@ from mtreg.core.text import printable
 @pass_context
 def plugins(ctx: Context, as_json: bool) -> None:
     """List task plugins (installed and from plugin paths), their tasks and errors."""
-    discovery = ctx.registry.discover()
+    # The table prints every discovery warning itself, and the probe also logs its own (for
+    # the commands that print none): shown once, here.
+    probe_log = logging.getLogger("mtreg.plugins.probe")
+    probe_log.disabled = not as_json
+    try:
+        discovery = ctx.registry.discover()
+    finally:
+        probe_log.disabled = False
     if as_json:
         echo_json(discovery.to_dict())
         return

@@ -318,6 +318,9 @@ def test_a_probe_that_dies_before_its_first_report_is_a_one_line_warning(
     assert synced.code == 0, synced.stderr
     assert synced.stderr.splitlines() == [warning]
     assert [t["task"] for t in json.loads(synced.stdout)["tasks"]] == ["probe"]
+    # The table prints its warnings itself: the probe's once, not also as a logged line.
+    table = pool.run(values, "plugins")
+    assert table.code == 0 and table.stderr.splitlines() == [f"warning: {warning}"], table.stderr
 
 
 # -- in process: what the CLI relies on ---------------------------------------------------------
