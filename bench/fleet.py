@@ -47,12 +47,14 @@ from typing import Any
 
 # bench/ is the script's folder, hence on sys.path.
 import serve_load
+import sst2tasks
 
 from mtreg.core.text import split_list
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PORT, HEAD_PORT = 8765, 6390
+PLUGIN = "sst2_tasks.py"  # bench/sst2tasks.py's plugin file
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
@@ -76,30 +78,29 @@ def parser() -> argparse.ArgumentParser:
 
 
 def new_version(work: Path) -> str:
-    """Register task0 1.0.1 (new random weights) in serve_load's registry under ``work``;
-    return the new bundle's id (``latest`` moves, ``serving`` does not)."""
+    """Register task0 1.0.1 (new random weights) in the bench registry under ``work``
+    (bench/sst2tasks.py's); return the new bundle's id (``latest`` moves, ``serving`` does
+    not)."""
     import torch
 
     from mtreg.artifacts.branch_file import BranchMeta, branch_shapes, write_branch
     from mtreg.artifacts.checkpoint import read_checkpoint
     from mtreg.core.spec import HeadSpec
 
-    checkpoint = read_checkpoint(serve_load.minilm_folder())
-    head = HeadSpec("classification", serve_load.LABELS)
-    shapes = branch_shapes(checkpoint.config, serve_load.LAYERS, head)
+    checkpoint = read_checkpoint(sst2tasks.minilm_folder())
+    head = HeadSpec("classification", sst2tasks.LABELS)
+    shapes = branch_shapes(checkpoint.config, sst2tasks.LAYERS, head)
     generator = torch.Generator().manual_seed(1)
     tensors = {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
-    prefix = checkpoint.fingerprint.prefix(serve_load.DEPTH)
-    meta = BranchMeta("task0", "1.0.1", serve_load.DEPTH, serve_load.LAYERS, head, 128, prefix)
-    weights = write_branch(work / "weights" / "task0-1.0.1.safetensors", tensors, meta)
-    plugin = work / "plugins" / "bench_tasks.py"
-    old = str(work / "weights" / "task0.safetensors")
-    text = plugin.read_text().replace(
-        f"name='task0', version='1.0.0', trunk='minilm', weights={old!r}",
-        f"name='task0', version='1.0.1', trunk='minilm', weights={str(weights)!r}",
-    )
-    if text == plugin.read_text():
-        raise RuntimeError(f"task0 1.0.0 not found in {plugin}: serve_load's plugin changed")
+    prefix = checkpoint.fingerprint.prefix(sst2tasks.DEPTH)
+    meta = BranchMeta("task0", "1.0.1", sst2tasks.DEPTH, sst2tasks.LAYERS, head, 128, prefix)
+    weights = write_branch(work / "task0-1.0.1.safetensors", tensors, meta)
+    plugin = work / "plugins" / PLUGIN
+    old = plugin.read_text()
+    text = old.replace(repr(str(work / "task0.safetensors")), repr(str(weights)))
+    text = text.replace('version="1.0.0"', 'version="1.0.1" if name == "task0" else "1.0.0"')
+    if text.count("1.0.1") != 2:
+        raise RuntimeError(f"task0 not found in {plugin}: bench/sst2tasks.py's plugin changed")
     plugin.write_text(text)
     with registry(work) as reg:
         reg.discover(refresh=True)
@@ -113,7 +114,7 @@ def registry(work: Path) -> Iterator[Any]:
     from mtreg.registry.api import Registry
 
     reg = Registry(url=f"sqlite:///{work / 'registry.db'}", home=work / "home")
-    reg.plugins_dirs = (work / "plugins" / "bench_tasks.py",)
+    reg.plugins_dirs = (work / "plugins" / PLUGIN,)
     try:
         yield reg
     finally:
@@ -122,7 +123,7 @@ def registry(work: Path) -> Iterator[Any]:
 
 def mtreg_cli(work: Path) -> list[str]:
     """The ``mtreg`` command on serve_load's registry under ``work``."""
-    plugin = str(work / "plugins" / "bench_tasks.py")
+    plugin = str(work / "plugins" / PLUGIN)
     db = f"sqlite:///{work / 'registry.db'}"
     home = str(work / "home")
     return [sys.executable, "-m", "mtreg", "--db", db, "--home", home, "--plugins-dir", plugin]
@@ -285,7 +286,7 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     texts = serve_load.sentences()
     with tempfile.TemporaryDirectory(prefix="mtreg-fleet-") as tmp:
         work = Path(tmp)
-        bundle = serve_load.build_bundle(work)
+        bundle = sst2tasks.build(work, dev=32).bundle
         single = single_machine(work, bundle, texts, args)
         reload = through_reload(work, texts, args)
     ratios = {
