@@ -74,6 +74,15 @@ class TaskData:
     calibration: Sequence[Mapping[str, Any]]
 
 
+def _readable(data: Mapping[str, TaskData], loaded: LoadedBundle) -> dict[str, TaskData]:
+    """Return ``data`` without the dev examples no backend can read (an empty text: real
+    data sets hold a few)."""
+    return {
+        task: replace(d, dev=[e for e in d.dev if input_problem(e, loaded.info[task]) is None])
+        for task, d in data.items()
+    }
+
+
 def compute_gate(
     source: Path,
     bundle_id: str,
@@ -100,11 +109,7 @@ def compute_gate(
     # The one export written inside a home on purpose: its ONNX cache, which verify checks.
     export_onnx(source, folder, quantize="int8", expected_id=bundle_id, homes=())
     loaded = LoadedBundle(source, None, "torch", expected_id=bundle_id)
-    # A dev example no backend can read (an empty text: real data sets hold a few) is left out.
-    data = {
-        task: replace(d, dev=[e for e in d.dev if input_problem(e, loaded.info[task]) is None])
-        for task, d in data.items()
-    }
+    data = _readable(data, loaded)
     calibration = {task: list(d.calibration) for task, d in data.items()}
     failed = write_variants(loaded, folder, calibration)
     # Tracing for export changes the traced torch model's outputs: score a fresh one.
