@@ -29,7 +29,6 @@ writes bench/results/fleet.json and bench/results/fleet.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import json
 import os
@@ -152,18 +151,7 @@ def server(command: list[str], log: Path) -> Iterator[str]:
 
 def drive(url: str, texts: list[str], workload: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run serve_load's closed loop against ``url`` (every task there)."""
-    targets = {task: url for task in serve_load.TASKS}
-    return asyncio.run(
-        serve_load.load(
-            targets,
-            texts,
-            workload,
-            args.requests,
-            args.seconds,
-            args.concurrency,
-            args.warmup,
-        )
-    )
+    return serve_load.measure({task: url for task in serve_load.TASKS}, texts, workload, args)
 
 
 def replicas_answering(url: str, want: int, seconds: float = 20) -> dict[str, str]:

@@ -230,6 +230,24 @@ async def load(
     }
 
 
+def measure(
+    targets: Mapping[str, str], texts: list[str], workload: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Run :func:`load` against ``targets`` (task -> server URL) with the command line's
+    sizes (requests, seconds, concurrency, warm-up); return its result."""
+    return asyncio.run(
+        load(
+            targets,
+            texts,
+            workload,
+            args.requests,
+            args.seconds,
+            args.concurrency,
+            args.warmup,
+        )
+    )
+
+
 def summarise(runs: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Return per setting, from its per-repeat ``runs``: sentences/s and p50/p99 over the
     repeats (median, min, max), and its throughput over each base setting's, repeat by
@@ -390,17 +408,7 @@ def main() -> None:
                     for workload in workloads:
                         # One URL for every task (merged), or one per task (c).
                         targets = {t: urls[i % len(urls)] for i, t in enumerate(TASKS)}
-                        result = asyncio.run(
-                            load(
-                                targets,
-                                texts,
-                                workload,
-                                args.requests,
-                                args.seconds,
-                                args.concurrency,
-                                args.warmup,
-                            )
-                        )
+                        result = measure(targets, texts, workload, args)
                         runs[workload][name].append(result)
                         print(f"repeat {repeat + 1}", name, workload, result, flush=True)
     report = {

@@ -114,14 +114,18 @@ class Group:
     logits: dict[str, torch.Tensor]
 
 
+def group_key(task: TaskEntry) -> GroupKey:
+    """Return how ``task`` reads its input (fields, per token, max length): tasks with the
+    same key share one tokenisation of a row."""
+    return (task.inputs, task.head.per_token, task.max_length)
+
+
 def group_tasks(info: Mapping[str, TaskEntry], names: Iterable[str]) -> dict[GroupKey, list[str]]:
     """Return the tasks ``names`` grouped by how they read their input, groups in order of
     their first task, each group sorted."""
     groups: dict[GroupKey, list[str]] = {}
     for name in sorted(set(names)):
-        task = info[name]
-        key = (task.inputs, task.head.per_token, task.max_length)
-        groups.setdefault(key, []).append(name)
+        groups.setdefault(group_key(info[name]), []).append(name)
     return groups
 
 

@@ -21,7 +21,7 @@ from mtreg.artifacts.gate_file import BACKEND_FILES
 from mtreg.artifacts.manifest import TaskEntry
 from mtreg.runtime.bundle import LoadedBundle, input_fields
 from mtreg.runtime.export import probe_batch, write_graph
-from mtreg.runtime.inference import GroupKey
+from mtreg.runtime.inference import GroupKey, group_key
 
 # The static quantiser's calibration batch size.
 _CALIBRATION_BATCH = 8
@@ -39,9 +39,7 @@ def calibration_feeds(
     unique: dict[GroupKey, tuple[TaskEntry, dict[str, Any]]] = {}
     for task, rows in sorted(examples.items()):
         info = loaded.info[task]
-        _, inputs = unique.setdefault(
-            (info.inputs, info.head.per_token, info.max_length), (info, {})
-        )
+        _, inputs = unique.setdefault(group_key(info), (info, {}))
         for row in rows:
             if (fields := input_fields(row, info)) is not None:
                 inputs.setdefault(repr(fields), tuple(fields) if len(fields) > 1 else fields[0])
