@@ -21,7 +21,10 @@ own cost, shown for scale).
     python bench/teacher.py [--tasks sst2 clinc150] [--train 3000] [--dev N] [--epochs E]
                             [--teacher-layers L ...] [--threads T]
 
-writes bench/results/teacher.json and bench/results/teacher.md.
+writes bench/results/teacher.json and bench/results/teacher.md. Resumable: each task's row
+is kept under bench/results/teacher/TASK.json as soon as its three runs finish, and a rerun
+with the same settings reuses it (``--fresh`` runs every task again), so a run cut short by
+the end of a session goes on from the next task.
 """
 
 from __future__ import annotations
@@ -45,17 +48,16 @@ RESULTS = HERE / "results"
 
 def save_teacher(job: Any, model: Any, folder: Path) -> Path:
     """Write a fully fine-tuned :class:`Standalone` as a transformers classifier folder."""
-    from safetensors.torch import save_file
-
     from mtreg import heads
     from mtreg.artifacts.hf_model import classifier_config, classifier_state_dict, write_config
+    from mtreg.artifacts.tensor_file import write_safetensors
 
     folder.mkdir(parents=True)
     embeddings = {k.removeprefix("embeddings."): v for k, v in model.trunk.state_dict().items()}
     branch = {k: v for k, v in model.branch.state_dict().items() if not k.startswith("context.")}
     head = job.spec.head
     tensors = classifier_state_dict(job.config, embeddings, [], branch, head.per_token)
-    save_file(tensors, str(folder / "model.safetensors"))
+    write_safetensors(folder / "model.safetensors", tensors)
     kind = heads.get(head.kind)
     n = job.config.num_hidden_layers
     config = classifier_config(
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads [torch's]")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--fresh", action="store_true", help="ignore the rows of earlier runs")
     args = parser.parse_args(argv)
     import torch
 
@@ -155,11 +158,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     sizes = {"train": args.train, **({"dev": args.dev} if args.dev else {})}
     config = {task: {"sizes": sizes, "seed": 0} for task in args.tasks}
-    with tempfile.TemporaryDirectory(prefix="mtreg-bench-teacher-") as work:
-        rows = [run_task(Path(work), config, task, args) for task in args.tasks]
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # What a task's row depends on: an earlier row is reused only when these match.
+    same = {k: settings[k] for k in ("train", "dev", "epochs", "full_lr", "teacher_layers")}
+    same["threads"] = torch.get_num_threads()
+    rows = []
+    for task in args.tasks:
+        unit = args.out / "teacher" / f"{task}.json"
+        kept = json.loads(unit.read_text()) if unit.is_file() and not args.fresh else {}
+        if kept.get("settings") != same:
+            with tempfile.TemporaryDirectory(prefix="mtreg-bench-teacher-") as work:
+                kept = {"settings": same, "row": run_task(Path(work), config, task, args)}
+            unit.parent.mkdir(parents=True, exist_ok=True)
+            unit.write_text(json.dumps(kept, indent=1) + "\n")
+        rows.append(kept["row"])
     result = {
         "rows": rows,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
