@@ -10,13 +10,16 @@
   V, per head). Elementwise work (softmax, GELU, layer norms, embeddings) is left out: it
   is a few percent of the matmuls at these sizes. ``tokens`` counts each row at its actual
   token length (the useful work) or at its batch's padded width (what the hardware did).
+* :func:`bucketed`: each backend again over mtreg's length buckets (what ``mtreg serve``
+  runs: ``runtime.inference.length_buckets`` at its default overhead), so the share of the
+  peak is measured for the padding the server actually pays, not only a batch's longest.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,25 +139,73 @@ def bundle_flops(bundle: Any, tasks: Sequence[str], lengths: Sequence[int]) -> i
 
 # The precision each backend of bench/serving.py computes in, hence the peak it is held to.
 PRECISION = {"torch": "fp32", "onnx_fp32": "fp32", "torch_bf16": "bf16", "onnx_int8": "int8"}
+BUCKETED = "_buckets"  # suffix of a backend run over length buckets (:func:`bucketed`)
 
 
-def achieved(bundle: Any, data: Sequence[dict], seconds: dict[str, float], peaks: dict) -> dict:
-    """Return the FLOPs of all of ``bundle``'s tasks over the tokenised batches ``data``
-    (at actual token lengths, and padded to each batch's longest), and for each backend of
-    ``seconds`` (its time over ``data``) its GFLOP/s and percent of its precision's peak."""
-    actual = sum(
-        bundle_flops(bundle, bundle.tasks, b["attention_mask"].sum(1).tolist()) for b in data
-    )
-    padded = sum(
+def precision(name: str) -> str:
+    """Return the precision backend ``name`` (bucketed or not) computes in."""
+    return PRECISION[name.removesuffix(BUCKETED)]
+
+
+def sub_batches(batch: dict[str, torch.Tensor], overhead: int) -> list[dict[str, torch.Tensor]]:
+    """Return ``batch`` (right-padded) split as the server splits it: mtreg's length
+    buckets at ``overhead``, each cut to its longest row."""
+    from mtreg.runtime.inference import length_buckets
+
+    lengths = batch["attention_mask"].sum(1).tolist()
+    pieces = []
+    for rows in length_buckets(lengths, overhead):
+        width, index = max(lengths[r] for r in rows), torch.tensor(rows)
+        pieces.append({key: value[index, :width] for key, value in batch.items()})
+    return pieces
+
+
+def bucketed(
+    candidates: dict[str, Callable[[dict], Any]], data: Sequence[dict]
+) -> tuple[dict[str, Callable[[dict], Any]], list[dict]]:
+    """Return each of ``candidates`` as a backend named ``NAME_buckets`` that runs a batch
+    of ``data`` as its length buckets (split up front, like the tokenisation), and every
+    sub-batch, for :func:`achieved`'s padded count."""
+    from mtreg.runtime.inference import BUCKET_OVERHEAD
+
+    split = {id(batch): sub_batches(batch, BUCKET_OVERHEAD) for batch in data}
+
+    def over_buckets(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        return lambda batch: [fn(piece) for piece in split[id(batch)]]
+
+    runs = {f"{name}{BUCKETED}": over_buckets(fn) for name, fn in candidates.items()}
+    return runs, [piece for pieces in split.values() for piece in pieces]
+
+
+def _padded_flops(bundle: Any, data: Sequence[dict]) -> int:
+    return sum(
         bundle_flops(bundle, bundle.tasks, [b["input_ids"].shape[1]] * b["input_ids"].shape[0])
         for b in data
     )
-    out: dict = {"gflop_actual": actual / 1e9, "gflop_padded": padded / 1e9}
+
+
+def achieved(
+    bundle: Any,
+    data: Sequence[dict],
+    seconds: dict[str, float],
+    peaks: dict,
+    pieces: Sequence[dict] = (),
+) -> dict:
+    """Return the FLOPs of all of ``bundle``'s tasks over the tokenised batches ``data``
+    (at actual token lengths, and padded to each batch's longest), and for each backend of
+    ``seconds`` (its time over ``data``) its GFLOP/s and percent of its precision's peak.
+    A bucketed backend's padded share counts the sub-batches ``pieces`` it ran."""
+    actual = sum(
+        bundle_flops(bundle, bundle.tasks, b["attention_mask"].sum(1).tolist()) for b in data
+    )
+    padded = {"": _padded_flops(bundle, data), BUCKETED: _padded_flops(bundle, pieces)}
+    out: dict = {"gflop_actual": actual / 1e9, "gflop_padded": padded[""] / 1e9}
     for name, spent in seconds.items():
-        peak = peaks[PRECISION[name]]
+        peak = peaks[precision(name)]
+        ran = padded[BUCKETED if name.endswith(BUCKETED) else ""]
         out[f"{name}_gflops"] = actual / spent / 1e9
         out[f"{name}_peak_pct"] = 100 * actual / spent / 1e9 / peak
-        out[f"{name}_padded_peak_pct"] = 100 * padded / spent / 1e9 / peak
+        out[f"{name}_padded_peak_pct"] = 100 * ran / spent / 1e9 / peak
     return out
 
 
@@ -169,19 +220,22 @@ def markdown(backends: dict, peaks: dict) -> list[str]:
         f"{peaks['int8']:.1f} GOP/s ({peaks['int8_source']}; {peaks['int8_by']}). FLOPs are "
         "counted from the bundle's shapes (trunk to depth 4 once, 8 one-layer branches, "
         "poolers and heads, attention included) at each sentence's actual token count; "
-        "'padded' counts what ran, each batch padded to its longest sentence.",
+        "'padded' counts what ran, each batch padded to its longest sentence (a "
+        f"`{BUCKETED}` backend: each of its length buckets padded to its own longest, as "
+        "`mtreg serve` runs them).",
         "",
         "| batch | backend | precision | GFLOP/s (actual) | % of peak | % of peak (padded) |",
         "|---|---|---|---|---|---|",
     ]
     for size in (32, 1):
         v = backends[f"batch_{size}"]
-        for name, precision in PRECISION.items():
+        names = [*PRECISION, *(n for n in v if n.endswith(BUCKETED + "_gflops"))]
+        for name in (n.removesuffix("_gflops") for n in names):
             if f"{name}_gflops" not in v:
-                lines.append(f"| {size} | {name} | {precision} | not run | - | - |")
+                lines.append(f"| {size} | {name} | {precision(name)} | not run | - | - |")
                 continue
             lines.append(
-                f"| {size} | {name} | {precision} | {v[f'{name}_gflops']:.1f} "
+                f"| {size} | {name} | {precision(name)} | {v[f'{name}_gflops']:.1f} "
                 f"| {v[f'{name}_peak_pct']:.1f}% | {v[f'{name}_padded_peak_pct']:.1f}% |"
             )
     return lines
