@@ -334,14 +334,30 @@ def plan(root: Path = UNITS) -> list[str]:
     units = choosing_units()
     if choice is not None:
         units += judging_units(choice["full_lr"], choice["teacher_lr"], choice["search"])
-    lines, pending = [], 0.0
+    lines, pending = [], {"full": 0.0, "branch": 0.0}
+    # Per method: hours the finished units took against their estimates (early stopping
+    # ends most before the epoch cap), to scale what is pending.
+    took, estimated = {"full": 0.0, "branch": 0.0}, {"full": 0.0, "branch": 0.0}
     for u in sorted(units, key=lambda u: (u.estimate(), u.name, u.task)):
         found = read_unit(u.path(root))
         state = f"done ({found['hours']:.2f} h)" if found else f"~{u.estimate() / 3600:.2f} h"
-        pending += 0 if found else u.estimate()
+        if found:
+            took[u.method] += found["hours"]
+            estimated[u.method] += u.estimate() / 3600
+        else:
+            pending[u.method] += u.estimate() / 3600
         fold = "choose" if u.task in CHOOSING else "judge"
         lines.append(f"{fold:6} {u.task:13} {u.name:28} {state}")
-    lines.append(f"pending: {pending / 3600:.1f} CPU hours (estimate at the epoch cap)")
+    total = sum(pending.values())
+    lines.append(f"pending: {total:.1f} CPU hours (estimate at the epoch cap)")
+    scaled = {m: took[m] / estimated[m] for m in pending if estimated[m]}
+    if scaled:
+        likely = sum(h * scaled.get(m, 1.0) for m, h in pending.items())
+        shares = ", ".join(f"{m} units {r:.0%}" for m, r in scaled.items())
+        lines.append(
+            f"finished units took {shares} of their estimates; at that rate (1.0 where none "
+            f"finished) the pending units take about {likely:.1f} CPU hours"
+        )
     if choice is None:
         lines.append("judging units: planned once the choosing units are complete")
     return lines

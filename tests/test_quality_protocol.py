@@ -111,3 +111,18 @@ def test_the_served_branch_follows_onboards_choice(tmp_path: Path) -> None:
     _branch_unit(tmp_path, "cola", 0, 2, [])  # every teacher diverged
     _branch_unit(tmp_path, "cola", 0, 3, [])
     assert pr.served(pr.load(tmp_path), "cola", 0, (2, 3), 2e-4, 0.99) == {"collapsed": True}
+
+
+def test_the_plan_scales_what_is_pending_by_what_finished_units_took(tmp_path: Path) -> None:
+    units = p.choosing_units()
+    branch = [u for u in units if u.method == "branch"]
+    for unit in branch[:2]:  # each took a quarter of its estimate
+        p.write_unit(unit.path(tmp_path), {"hours": unit.estimate() / 3600 / 4, "runs": []})
+    lines = p.plan(tmp_path)
+    full = sum(u.estimate() for u in units if u.method == "full") / 3600
+    rest = sum(u.estimate() for u in branch[2:]) / 3600
+    assert f"pending: {full + rest:.1f} CPU hours" in lines[-3]
+    likely = full + rest / 4  # no full unit finished: their estimates stand
+    assert lines[-2].startswith("finished units took branch units 25% of their estimates")
+    assert lines[-2].endswith(f"about {likely:.1f} CPU hours")
+    assert sum(" done (" in line for line in lines) == 2
