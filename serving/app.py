@@ -28,6 +28,7 @@ from mtreg.runtime.inference import encode_rows
 from mtreg.serving import v2
 from mtreg.serving.access import NOTE, AccessLog, RequestNote
 from mtreg.serving.batcher import Batcher
+from mtreg.serving.body import BodyRefused, read_body, replay
 from mtreg.serving.config import ServeConfig
 from mtreg.serving.dispatch import Refused, dispatch, refuse_if_draining
 from mtreg.serving.metrics import ServeMetrics
@@ -134,42 +135,6 @@ def problem(
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-async def _read_body(receive: Callable, limit: int) -> bytes | None:
-    """Return the request body, or None as soon as it passes ``limit`` bytes.
-
-    The body is counted as it arrives rather than trusted from Content-Length, which a
-    chunked request does not send and any client can understate. Bodies here are JSON that
-    is parsed whole anyway, so holding one (at most ``limit`` bytes) costs nothing extra.
-    """
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks)  # the client left: the app will see an empty body
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Callable) -> Callable:
-    """Return an ASGI ``receive`` that yields ``body`` once, then defers to ``receive``
-    (which then reports the disconnect when the client goes away)."""
-    sent = False
-
-    async def replay() -> dict:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
-
-
 def _endpoint(scope: dict) -> str:
     """The endpoint label of a request: the path template of the route that answered it
     (``/v2/models/{task}/infer``, never the path itself, so that the label's values are
@@ -209,7 +174,7 @@ class Observe:
 
         body = await self._body(receive, scope["path"])
         if isinstance(body, bytes):
-            await self.app(scope, _replay(body, receive), send_and_note)
+            await self.app(scope, replay(body, receive), send_and_note)
         else:
             await body(scope, receive, send_and_note)
         seconds = time.perf_counter() - began
@@ -221,23 +186,14 @@ class Observe:
             self.state.access_log.record(note.entry(scope, status["code"], seconds, arrived))
 
     async def _body(self, receive: Callable, path: str) -> bytes | JSONResponse:
-        """Return the request body, or the problem refusing it: 413 past the size limit,
-        408 (closing the connection) when it has not all arrived within the body timeout,
-        so that a client trickling bytes cannot hold a connection."""
+        """Return the request body, or the problem refusing it (:func:`read_body`)."""
         config = self.state.config
-        try:
-            async with asyncio.timeout(config.body_timeout_s):
-                body = await _read_body(receive, config.max_body_bytes)
-        except TimeoutError:
-            self.state.metrics.dropped.labels(reason="body_timeout").inc()
-            detail = (
-                f"request body not complete after {config.body_timeout_s:g} s; "
-                "send the whole body without pausing"
-            )
-            return problem(408, detail, {"Connection": "close"}, path)
-        if body is None:
-            return problem(413, f"request body over {config.max_body_bytes} bytes", path=path)
-        return body
+        body = await read_body(receive, config.max_body_bytes, config.body_timeout_s)
+        if not isinstance(body, BodyRefused):
+            return body
+        if body.reason is not None:
+            self.state.metrics.dropped.labels(reason=body.reason).inc()
+        return problem(body.status, body.detail, body.headers or None, path)
 
 
 @asynccontextmanager

@@ -7,8 +7,10 @@ so each replica batches requests of every task together with mtreg's own
 watcher as ``mtreg serve`` (its lifespan starts it), polling the registry every
 ``poll_seconds``; replicas on other machines read the same registry database and object
 store, so each swaps on its own within one poll of the alias moving, with no broadcast
-to lose. A request whose replica dies under it is sent again by Serve's proxy
-(:mod:`mtreg.serving.ray_proxy`). Drain: Serve stops routing to a replica it stops, waits
+to lose. A request whose replica dies under it is sent again by Serve's proxy, and a
+body over ``max_body_bytes`` or slower than ``body_timeout_s`` is refused there, before a
+replica sees it (:mod:`mtreg.serving.ray_proxy`); the proxy closes idle keep-alive
+connections after ``keep_alive_s``. Drain: Serve stops routing to a replica it stops, waits
 for its requests up to ``graceful_shutdown_s``, then runs the app's lifespan shutdown
 (queue drained, new work 503 + Retry-After); past ``max_queued`` requests waiting, Serve's
 proxy answers 503 + Retry-After itself.
@@ -29,7 +31,7 @@ from mtreg.core.cluster import connect
 from mtreg.core.extras import EXTRA_MODULES, require
 from mtreg.errors import MtregError
 from mtreg.serving.config import ServeConfig
-from mtreg.serving.ray_proxy import CALLBACK, CALLBACK_ENV
+from mtreg.serving.ray_proxy import BODY_TIMEOUT_ENV, CALLBACK, CALLBACK_ENV, MAX_BODY_ENV
 
 if TYPE_CHECKING:
     from mtreg.registry.api import Registry
@@ -242,14 +244,17 @@ def serve_on_ray(
     from ray import serve
 
     config = _checked(config, opener)
-    # Read by Serve's proxies in the Ray started here; a cluster's nodes set it themselves.
+    # Read by Serve's proxies in the Ray started here; a cluster's nodes set them themselves.
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+    os.environ[MAX_BODY_ENV] = str(config.max_body_bytes)
+    os.environ[BODY_TIMEOUT_ENV] = str(config.body_timeout_s)
     # A Ray started here (no address, no $RAY_ADDRESS) is this command's own: it forwards its
     # replicas' lines, and Serve and Ray stop with the command.
     local = options.address is None and not os.environ.get("RAY_ADDRESS")
     started = connect(ray, options.address, logging_level=logging.WARNING, log_to_driver=local)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        http = {"host": host, "port": port, "keep_alive_timeout_s": config.keep_alive_s}
+        serve.start(http_options=http)
         used = threads or max(1, math.floor(options.replica_cpus))
         try:
             serve.run(application(config, options, opener, used), name=APP_NAME, route_prefix="/")

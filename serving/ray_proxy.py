@@ -1,60 +1,72 @@
 """What mtreg adds to Ray Serve's HTTP proxy: a request whose replica died under it is
-sent again, to a live replica, rather than answered 500.
+sent again, to a live replica, rather than answered 500; and a body too large or too slow
+is refused at the proxy, before it holds the body or a replica sees it.
 
 Serve's proxy answers nothing when the replica holding a request dies (uvicorn then sends
 a bare 500), and it does not resend the request. Every mtreg endpoint only reads, so
-sending a request again is safe: :class:`ResendLost` keeps each request's body, and when
+sending a request again is safe: :class:`ProxyGuard` keeps each request's body, and when
 the proxy ends a request without starting a response, sends it again (Serve has by then
 stopped routing to the dead replica); if that fails too, the client gets 503 with
 Retry-After. Serve loads it in each proxy from the import path in
 ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (:data:`CALLBACK`), which the proxy's node
 must have in its environment (``mtreg serve --engine ray`` sets it for the Ray it starts).
+
+The body limits are ``mtreg serve``'s ``max_body_bytes`` and ``body_timeout_s``, read from
+:data:`MAX_BODY_ENV` and :data:`BODY_TIMEOUT_ENV` in the proxy's environment (set the same
+way; ServeConfig's defaults without them). Serve's proxy has no header timeout or
+connection cap to set: on a cluster those belong to the load balancer in front of it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
+
+from mtreg.serving.body import BodyRefused, read_body, replay
+from mtreg.serving.config import ServeConfig
 
 log = logging.getLogger("mtreg.serving")
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "mtreg.serving.ray_proxy.middlewares"
+MAX_BODY_ENV = "MTREG_PROXY_MAX_BODY_BYTES"
+BODY_TIMEOUT_ENV = "MTREG_PROXY_BODY_TIMEOUT_S"
 RETRY_AFTER_S = 1
 
 
-async def _whole_body(receive: Callable) -> bytes:
-    """Return the request body. Serve's proxy holds each body whole anyway to hand it to a
-    replica, so keeping it here adds no exposure; the replica enforces the size limit."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks)
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+class ProxyGuard:
+    """ASGI middleware around Serve's proxy: refuses a body past the limits, resends a
+    request that got no response."""
 
-
-class ResendLost:
-    """ASGI middleware around Serve's proxy: resends a request that got no response."""
-
-    def __init__(self, app: Any, resends: int = 1) -> None:
+    def __init__(
+        self,
+        app: Any,
+        resends: int = 1,
+        max_body_bytes: int = ServeConfig.max_body_bytes,
+        body_timeout_s: float = ServeConfig.body_timeout_s,
+    ) -> None:
         self.app = app
         self.resends = resends
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body = await _whole_body(receive)
+        from mtreg.serving.app import problem
+
+        body = await read_body(receive, self.max_body_bytes, self.body_timeout_s)
+        if isinstance(body, BodyRefused):
+            refusal = problem(body.status, body.detail, body.headers or None, scope["path"])
+            await refusal(scope, receive, send)
+            return
         for attempt in range(1 + self.resends):
             if await self._once(scope, body, receive, send):
                 return
             log.warning("%s lost with its replica (try %d): resending", scope["path"], attempt + 1)
-        from mtreg.serving.app import problem
-
         detail = "the replica answering this request stopped; send it again"
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         await problem(503, detail, headers, scope["path"])(scope, receive, send)
@@ -62,14 +74,6 @@ class ResendLost:
     async def _once(self, scope: dict, body: bytes, receive: Callable, send: Callable) -> bool:
         """Send the request through the proxy once; return whether a response started."""
         started = False
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if sent:
-                return await receive()  # then the client's disconnect, when it goes
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
 
         async def watch(message: dict) -> None:
             nonlocal started
@@ -77,7 +81,7 @@ class ResendLost:
             await send(message)
 
         try:
-            await self.app(scope, replay, watch)
+            await self.app(scope, replay(body, receive), watch)
         except Exception:
             if started:
                 raise
@@ -89,4 +93,9 @@ def middlewares() -> list[Any]:
     """Return the middlewares Serve's proxy adds (its callback, :data:`CALLBACK`)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(ResendLost)]
+    limits = {}
+    if MAX_BODY_ENV in os.environ:
+        limits["max_body_bytes"] = int(os.environ[MAX_BODY_ENV])
+    if BODY_TIMEOUT_ENV in os.environ:
+        limits["body_timeout_s"] = float(os.environ[BODY_TIMEOUT_ENV])
+    return [Middleware(ProxyGuard, **limits)]

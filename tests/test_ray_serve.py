@@ -28,6 +28,7 @@ from helpers import ray_tmpdir
 from test_serve import TEXTS, Registered, close, serving
 
 from mtreg.errors import MtregError
+from mtreg.serving.config import ServeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +117,13 @@ def test_a_replica_killed_under_load_loses_no_request(seen: Any) -> None:
     refused = {code: n for code, n in statuses.items() if code != "200"}
     assert set(refused) <= {"503"}, statuses  # refusals, if any, say when to come back
     assert got["retry_after_on_503"]
+
+
+def test_a_body_over_the_limit_is_refused_at_the_proxy(seen: Any) -> None:
+    _, _, got = seen
+    status, from_a_replica = got["too_large"]
+    assert status == 413
+    assert not from_a_replica  # no replica named itself: the proxy refused it
 
 
 def test_sigterm_stops_the_server_and_the_ray_it_started(seen: Any) -> None:
@@ -267,6 +275,9 @@ def scenario(plan: dict[str, Any]) -> dict[str, Any]:
             got["v1"] = [_post(client, f"{base}/v1/predict", body).json() for body in V1]
             v2_url = f"{base}/v2/models/sentiment/infer"
             got["v2"] = _post(client, v2_url, V2).json()
+            big = b"x" * (ServeConfig.max_body_bytes + 1)
+            refused = client.post(f"{base}/v1/predict", content=big, timeout=60)
+            got["too_large"] = [refused.status_code, HEADER in refused.headers]
             with Registry(url=plan["url"], home=plan["home"]) as registry:
                 registry.set_alias("serving", plan["new"])
             time.sleep(3)  # 15 polls
