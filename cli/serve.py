@@ -157,6 +157,14 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
     help="With --engine ray: CPUs per replica (its torch threads, unless --threads).",
 )
 @click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="With --engine ray and the Ray it starts: the port where Ray exports every "
+    "replica's metrics for Prometheus (tagged by replica; on a cluster, `ray start "
+    "--metrics-export-port`).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -216,8 +224,9 @@ def serve(
     if ray_options.pop("engine") == "ray":
         _serve_on_ray(ctx, config, host, port, threads, log_level=log_level, **ray_options)
         return
-    if ray_options["address"] or ray_options["autoscale"] or ray_options["replicas"] != 1:
-        raise MtregError("--address, --replicas and --autoscale need --engine ray")
+    ray_only = ("address", "autoscale", "metrics_port")
+    if any(ray_options[name] for name in ray_only) or ray_options["replicas"] != 1:
+        raise MtregError("--address, --replicas, --autoscale and --metrics-port need --engine ray")
     from mtreg.serving.server import serve as run
 
     run(
@@ -241,6 +250,7 @@ def _serve_on_ray(
     replicas: int,
     autoscale: str | None,
     replica_cpus: float,
+    metrics_port: int | None,
     log_level: str,
 ) -> None:
     """Run ``mtreg serve --engine ray`` (see :mod:`mtreg.serving.ray_engine`).
@@ -255,6 +265,7 @@ def _serve_on_ray(
         replicas=replicas,
         autoscale=parse_autoscale(autoscale) if autoscale else None,
         replica_cpus=replica_cpus,
+        metrics_port=metrics_port,
         target_ongoing_requests=config.max_batch_size,
         max_queued=config.queue_size,
         graceful_shutdown_s=config.drain_seconds,

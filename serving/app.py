@@ -31,7 +31,7 @@ from mtreg.serving.batcher import Batcher
 from mtreg.serving.body import BodyRefused, read_body, replay
 from mtreg.serving.config import ServeConfig
 from mtreg.serving.dispatch import Refused, dispatch, refuse_if_draining
-from mtreg.serving.metrics import ServeMetrics
+from mtreg.serving.metrics import Mirror, ServeMetrics
 from mtreg.serving.plan import BadRequest, plan_rows
 from mtreg.serving.reload import RegistryFactory, Reloader, Served, is_directory_ref
 from mtreg.serving.schemas import (
@@ -57,12 +57,16 @@ class ServerState:
     """
 
     def __init__(
-        self, config: ServeConfig, served: Served, registry_factory: RegistryFactory | None
+        self,
+        config: ServeConfig,
+        served: Served,
+        registry_factory: RegistryFactory | None,
+        mirror: Mirror | None = None,
     ) -> None:
         self.config = config
         self.served = served
         self.registry_factory = registry_factory
-        self.metrics = ServeMetrics()
+        self.metrics = ServeMetrics(mirror)
         self.draining = False
         self.started = False
         self.reloader: Reloader | None = None
@@ -337,13 +341,17 @@ async def metrics_text(state: State) -> Response:
 
 
 def create_app(
-    config: ServeConfig, served: Served, registry_factory: RegistryFactory | None = None
+    config: ServeConfig,
+    served: Served,
+    registry_factory: RegistryFactory | None = None,
+    mirror: Mirror | None = None,
 ) -> FastAPI:
     """Return the server's ASGI app serving ``served``.
 
     With ``registry_factory`` and ``config.bundle`` naming an alias (not a directory), the
     app polls the registry every ``config.poll_seconds`` and hot-reloads when it moves.
-    The batcher and reloader start and stop with the app's lifespan.
+    The batcher and reloader start and stop with the app's lifespan. Its metrics are also
+    recorded on ``mirror`` when one is given (:class:`~mtreg.serving.metrics.Mirror`).
     """
     app = FastAPI(
         title="mtreg serve",
@@ -355,7 +363,7 @@ def create_app(
             StarletteHTTPException: http_error,
         },
     )
-    state = ServerState(config, served, registry_factory)
+    state = ServerState(config, served, registry_factory, mirror)
     app.state.server = state
     app.include_router(predict_router(config))
     app.include_router(router)

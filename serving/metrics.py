@@ -1,9 +1,13 @@
 """Prometheus metrics of one server, in a registry of its own (several apps can live in
-one process, as in the tests)."""
+one process, as in the tests), optionally recorded a second time on a :class:`Mirror`:
+under ``--engine ray`` Ray's metrics, which each node exports with the replica's id as a
+tag, so that every replica's series can be scraped while ``/metrics`` through Serve's
+proxy is whichever replica answered."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -17,11 +21,65 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFIX = "mtreg_serve_"
 
 
-class ServeMetrics:
-    """The server's counters, histograms and gauges (names start with :data:`PREFIX`)."""
+class Mirror(Protocol):
+    """Where a server's metrics are also recorded. Each factory returns a metric of that
+    kind which records with ``inc(value, tags=...)``, ``observe(value, tags=...)`` or
+    ``set(value, tags=...)``, the label values as ``tags``."""
 
-    def __init__(self) -> None:
+    def counter(self, name: str, doc: str, labels: tuple[str, ...]) -> Any: ...
+
+    def histogram(
+        self, name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...]
+    ) -> Any: ...
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> Any: ...
+
+
+class Mirrored:
+    """A prometheus_client metric, or one of its labelled children, whose every record is
+    made on a mirror metric too. A gauge's ``clear()`` sets each series it had to 0 on the
+    mirror (a mirror cannot drop a series); ``set_function`` stays Prometheus's only."""
+
+    def __init__(self, metric: Any, mirror: Any, tags: dict[str, str] | None = None) -> None:
+        self._metric, self._mirror, self._tags = metric, mirror, tags or {}
+        self._children: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+
+    def labels(self, **values: str) -> Mirrored:
+        """Return the child of these label values (given by name, as every caller does)."""
+        tags = {k: str(v) for k, v in values.items()}
+        self._children[tuple(sorted(tags.items()))] = tags
+        return Mirrored(self._metric.labels(**tags), self._mirror, tags)
+
+    def inc(self, amount: float = 1) -> None:
+        self._metric.inc(amount)
+        if amount > 0:
+            self._mirror.inc(amount, tags=self._tags)
+
+    def observe(self, value: float) -> None:
+        self._metric.observe(value)
+        self._mirror.observe(value, tags=self._tags)
+
+    def set(self, value: float) -> None:
+        self._metric.set(value)
+        self._mirror.set(value, tags=self._tags)
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        self._metric.set_function(function)
+
+    def clear(self) -> None:
+        self._metric.clear()
+        for tags in self._children.values():
+            self._mirror.set(0, tags=tags)
+        self._children.clear()
+
+
+class ServeMetrics:
+    """The server's counters, histograms and gauges (names start with :data:`PREFIX`),
+    each also recorded on ``mirror`` when one is given."""
+
+    def __init__(self, mirror: Mirror | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.mirror = mirror
         http, task = ("endpoint", "status"), ("task",)
         self.requests = self._counter("requests", "HTTP requests by endpoint and status.", http)
         self.latency = self._histogram(
@@ -98,16 +156,25 @@ class ServeMetrics:
             "branch_rows", "Rows a task version's branch ran on (torch backend).", version
         )
 
-    def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-        return Counter(f"{PREFIX}{name}", doc, labels, registry=self.registry)
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+        metric = Counter(f"{PREFIX}{name}", doc, labels, registry=self.registry)
+        if self.mirror is None:
+            return metric
+        return Mirrored(metric, self.mirror.counter(f"{PREFIX}{name}", doc, labels))
 
     def _histogram(
         self, name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
-    ) -> Histogram:
-        return Histogram(f"{PREFIX}{name}", doc, labels, buckets=buckets, registry=self.registry)
+    ) -> Any:
+        metric = Histogram(f"{PREFIX}{name}", doc, labels, buckets=buckets, registry=self.registry)
+        if self.mirror is None:
+            return metric
+        return Mirrored(metric, self.mirror.histogram(f"{PREFIX}{name}", doc, buckets, labels))
 
-    def _gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-        return Gauge(f"{PREFIX}{name}", doc, labels, registry=self.registry)
+    def _gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+        metric = Gauge(f"{PREFIX}{name}", doc, labels, registry=self.registry)
+        if self.mirror is None:
+            return metric
+        return Mirrored(metric, self.mirror.gauge(f"{PREFIX}{name}", doc, labels))
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         """Report ``depth()`` as the queue depth at every scrape."""

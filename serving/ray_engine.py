@@ -51,6 +51,9 @@ class RayOptions:
         replicas: fixed replica count (ignored with ``autoscale``).
         autoscale: (min, max) replicas for Serve's autoscaling, or None.
         replica_cpus: CPUs Ray reserves per replica; torch threads follow it.
+        metrics_port: where the Ray started here exports its metrics, every replica's
+            ``mtreg_serve_*`` among them (a cluster's nodes: ``ray start
+            --metrics-export-port``); None lets Ray choose.
         max_ongoing_requests: requests a replica holds at once (Serve's default of 5
             would cap mtreg's micro-batches at 5 requests).
         target_ongoing_requests: what autoscaling aims at per replica: a full micro-batch.
@@ -64,6 +67,7 @@ class RayOptions:
     replicas: int = 1
     autoscale: tuple[int, int] | None = None
     replica_cpus: float = 1.0
+    metrics_port: int | None = None
     max_ongoing_requests: int = 256
     target_ongoing_requests: int = 32
     max_queued: int = 1024
@@ -159,8 +163,32 @@ class NameReplica:
         await self.app(scope, receive, named if scope["type"] == "http" else send)
 
 
+class RayMirror:
+    """A replica's metrics mirror (:class:`~mtreg.serving.metrics.Mirror`): Ray Serve's
+    metrics, which Ray exports on each node for Prometheus with the replica's id, its
+    deployment and application as tags."""
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...]) -> Any:
+        from ray.serve import metrics
+
+        return metrics.Counter(name, description=doc, tag_keys=labels)
+
+    def histogram(
+        self, name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...]
+    ) -> Any:
+        from ray.serve import metrics
+
+        return metrics.Histogram(name, description=doc, boundaries=list(buckets), tag_keys=labels)
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> Any:
+        from ray.serve import metrics
+
+        return metrics.Gauge(name, description=doc, tag_keys=labels)
+
+
 class Replica:
-    """One replica: loads the bundle, then hands Serve the app that serves it."""
+    """One replica: loads the bundle, then hands Serve the app that serves it (its metrics
+    mirrored on Ray's, so that each replica's can be scraped)."""
 
     def __init__(self, config: ServeConfig, opener: RegistryOpener | None, threads: int) -> None:
         from mtreg.serving.app import create_app
@@ -169,7 +197,7 @@ class Replica:
         set_threads(threads)
         served = load_first(config, opener)
         log.info("replica loaded bundle %s", served.id[:12])
-        self.asgi = create_app(config, served, opener)
+        self.asgi = create_app(config, served, opener, RayMirror())
         self.asgi.add_middleware(NameReplica, name=f"{_replica_id()} {os.getpid()}")
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -223,6 +251,26 @@ def _wait_for_signal() -> None:
         pass
 
 
+def _ray_start(options: RayOptions) -> tuple[bool, dict[str, Any]]:
+    """Return whether this command starts its own Ray (no address, no ``$RAY_ADDRESS``: it
+    then forwards its replicas' lines, and Serve and Ray stop with it) and the options of
+    ``ray.init``.
+
+    Raises:
+        MtregError: ``metrics_port`` for a cluster, whose nodes set their own.
+    """
+    local = options.address is None and not os.environ.get("RAY_ADDRESS")
+    init: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": local}
+    if options.metrics_port is not None:
+        if not local:
+            raise MtregError(
+                "--metrics-port sets the port of a Ray started here; on a cluster give each "
+                "node's `ray start --metrics-export-port`"
+            )
+        init["_metrics_export_port"] = options.metrics_port
+    return local, init
+
+
 def serve_on_ray(
     config: ServeConfig,
     options: RayOptions,
@@ -235,9 +283,11 @@ def serve_on_ray(
     then delete the deployment (draining its replicas) and stop the Ray this started.
 
     Raises:
-        MtregError: Ray or the serve extra is missing, the cluster is unreachable, or the
-            bundle cannot be loaded (replicas failing to start); one line each.
+        MtregError: Ray or the serve extra is missing, the cluster is unreachable,
+            ``metrics_port`` names no Ray of this command's, or the bundle cannot be
+            loaded (replicas failing to start); one line each.
     """
+    local, init = _ray_start(options)
     for module in (*EXTRA_MODULES["ray"], *EXTRA_MODULES["serve"]):
         require(module)
     import ray
@@ -248,10 +298,7 @@ def serve_on_ray(
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     os.environ[MAX_BODY_ENV] = str(config.max_body_bytes)
     os.environ[BODY_TIMEOUT_ENV] = str(config.body_timeout_s)
-    # A Ray started here (no address, no $RAY_ADDRESS) is this command's own: it forwards its
-    # replicas' lines, and Serve and Ray stop with the command.
-    local = options.address is None and not os.environ.get("RAY_ADDRESS")
-    started = connect(ray, options.address, logging_level=logging.WARNING, log_to_driver=local)
+    started = connect(ray, options.address, **init)
     try:
         http = {"host": host, "port": port, "keep_alive_timeout_s": config.keep_alive_s}
         serve.start(http_options=http)

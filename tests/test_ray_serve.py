@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from factories import Checkpoints
 from helpers import ray_tmpdir
+from prometheus_client.parser import text_string_to_metric_families
 from test_serve import TEXTS, Registered, close, serving
 
 from mtreg.errors import MtregError
@@ -43,6 +44,7 @@ V2 = {
     ]
 }
 HEADER = "x-mtreg-replica"
+METRICS_PORT = 9555
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
@@ -119,6 +121,13 @@ def test_a_replica_killed_under_load_loses_no_request(seen: Any) -> None:
     assert got["retry_after_on_503"]
 
 
+def test_ray_exports_each_replica_s_metrics(seen: Any) -> None:
+    _, _, got = seen
+    replicas = {name.split()[0] for name in got["replicas"]}  # "SERVE_ID PID"
+    assert set(got["ray_metrics"]) == replicas, got["ray_metrics"]
+    assert all(count >= 1 for count in got["ray_metrics"].values())
+
+
 def test_a_body_over_the_limit_is_refused_at_the_proxy(seen: Any) -> None:
     _, _, got = seen
     status, from_a_replica = got["too_large"]
@@ -175,7 +184,12 @@ def test_ray_options_become_serve_settings() -> None:
     [
         (["--engine", "ray", "--autoscale", "4:2"], "--autoscale takes MIN:MAX replicas"),
         (["--engine", "ray", "--autoscale", "x"], "--autoscale takes MIN:MAX replicas"),
-        (["--replicas", "2"], "--address, --replicas and --autoscale need --engine ray"),
+        (["--replicas", "2"], "--address, --replicas, --autoscale and --metrics-port need"),
+        (["--metrics-port", "9000"], "--address, --replicas, --autoscale and --metrics-port"),
+        (
+            ["--engine", "ray", "--address", "127.0.0.1:1", "--metrics-port", "9000"],
+            "--metrics-port sets the port of a Ray started here; on a cluster give each node's",
+        ),
     ],
 )
 def test_bad_ray_options_are_one_line(options: list[str], message: str, tmp_path: Path) -> None:
@@ -224,6 +238,25 @@ def _replicas(
     return found
 
 
+def _replicas_in_ray_metrics(client: Any, want: int, seconds: float = 60) -> dict[str, float]:
+    """Return replica id -> the /v1/predict 200s Ray's metrics export counts for it, once
+    ``want`` replicas are there (Ray exports every few seconds) or ``seconds`` passed."""
+    counted: dict[str, float] = {}
+    deadline = time.monotonic() + seconds
+    while len(counted) < want and time.monotonic() < deadline:
+        time.sleep(2)
+        text = client.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.startswith("ray_mtreg_serve_requests") and (
+                    labels.get("endpoint"),
+                    labels.get("status"),
+                ) == ("/v1/predict", "200"):
+                    counted[labels["replica"]] = sample.value
+    return counted
+
+
 def _under_load(client: Any, base: str, during: Any) -> tuple[dict[str, int], bool]:
     """Send requests from 8 threads while ``during()`` runs; return statuses and whether
     every 503 carried Retry-After."""
@@ -265,6 +298,7 @@ def scenario(plan: dict[str, Any]) -> dict[str, Any]:
     cli = [sys.executable, "-m", "mtreg", "--db", plan["url"], "--plugins-dir", plan["plugins"]]
     command = [*cli, "serve", "--engine", "ray", "--replicas", "2", "--replica-cpus", "0.5"]
     command += ["--port", "8765", "--poll-seconds", "0.2", "--log-level", "warning"]
+    command += ["--metrics-port", str(METRICS_PORT)]
     log = Path(plan["out"]).with_suffix(".log")
     with log.open("w") as stderr:
         server = subprocess.Popen(command, env=env, stderr=stderr)
@@ -282,6 +316,7 @@ def scenario(plan: dict[str, Any]) -> dict[str, Any]:
                 registry.set_alias("serving", plan["new"])
             time.sleep(3)  # 15 polls
             got["reloaded"] = _replicas(client, base, len(got["replicas"]), server, 10)
+            got["ray_metrics"] = _replicas_in_ray_metrics(client, len(got["replicas"]))
             victim = int(next(iter(got["replicas"])).split()[-1])
             statuses, retry = _under_load(client, base, lambda: os.kill(victim, signal.SIGKILL))
             got["killed_under_load"], got["retry_after_on_503"] = statuses, retry
