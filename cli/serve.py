@@ -150,6 +150,13 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
     help="With --engine ray: autoscale between MIN and MAX replicas (replaces --replicas).",
 )
 @click.option(
+    "--autoscaling-config",
+    default=None,
+    metavar="JSON",
+    help="With --autoscale: more of Ray Serve's autoscaling_config, e.g. "
+    '\'{"upscale_delay_s": 10, "downscale_delay_s": 120}\'.',
+)
+@click.option(
     "--replica-cpus",
     default=1.0,
     show_default=True,
@@ -224,7 +231,7 @@ def serve(
     if ray_options.pop("engine") == "ray":
         _serve_on_ray(ctx, config, host, port, threads, log_level=log_level, **ray_options)
         return
-    ray_only = ("address", "autoscale", "metrics_port")
+    ray_only = ("address", "autoscale", "autoscaling_config", "metrics_port")
     if any(ray_options[name] for name in ray_only) or ray_options["replicas"] != 1:
         raise MtregError("--address, --replicas, --autoscale and --metrics-port need --engine ray")
     from mtreg.serving.server import serve as run
@@ -249,6 +256,7 @@ def _serve_on_ray(
     address: str | None,
     replicas: int,
     autoscale: str | None,
+    autoscaling_config: str | None,
     replica_cpus: float,
     metrics_port: int | None,
     log_level: str,
@@ -258,12 +266,19 @@ def _serve_on_ray(
     Raises:
         MtregError: bad --autoscale, Ray missing, the cluster unreachable.
     """
-    from mtreg.serving.ray_engine import RayOptions, RegistryOpener, parse_autoscale, serve_on_ray
+    from mtreg.serving.ray_engine import (
+        RayOptions,
+        RegistryOpener,
+        parse_autoscale,
+        parse_autoscaling,
+        serve_on_ray,
+    )
 
     options = RayOptions(
         address=address,
         replicas=replicas,
         autoscale=parse_autoscale(autoscale) if autoscale else None,
+        autoscaling=parse_autoscaling(autoscaling_config) if autoscaling_config else {},
         replica_cpus=replica_cpus,
         metrics_port=metrics_port,
         target_ongoing_requests=config.max_batch_size,

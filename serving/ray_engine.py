@@ -18,12 +18,13 @@ proxy answers 503 + Retry-After itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from mtreg.artifacts.manifest import bundle_directory
@@ -50,6 +51,8 @@ class RayOptions:
             None to start a local Ray for this command and stop it on exit.
         replicas: fixed replica count (ignored with ``autoscale``).
         autoscale: (min, max) replicas for Serve's autoscaling, or None.
+        autoscaling: more of Serve's ``autoscaling_config`` (``upscale_delay_s``,
+            ``look_back_period_s``...), over mtreg's; Serve checks them when deploying.
         replica_cpus: CPUs Ray reserves per replica; torch threads follow it.
         metrics_port: where the Ray started here exports its metrics, every replica's
             ``mtreg_serve_*`` among them (a cluster's nodes: ``ray start
@@ -66,6 +69,7 @@ class RayOptions:
     address: str | None = None
     replicas: int = 1
     autoscale: tuple[int, int] | None = None
+    autoscaling: dict[str, Any] = field(default_factory=dict)
     replica_cpus: float = 1.0
     metrics_port: int | None = None
     max_ongoing_requests: int = 256
@@ -99,8 +103,27 @@ class RayOptions:
                 "max_replicas": high,
                 "initial_replicas": max(low, 1),
                 "target_ongoing_requests": self.target_ongoing_requests,
+                **self.autoscaling,
             }
         return settings
+
+
+def parse_autoscaling(text: str) -> dict[str, Any]:
+    """Return the JSON object ``text`` (Serve's ``autoscaling_config`` keys).
+
+    Raises:
+        MtregError: not a JSON object.
+    """
+    try:
+        found = json.loads(text)
+    except ValueError as exc:
+        found = exc
+    if not isinstance(found, dict):
+        raise MtregError(
+            f"--autoscaling-config takes a JSON object of Ray Serve's autoscaling_config keys "
+            f"(e.g. '{{\"upscale_delay_s\": 10}}'), got {text!r}"
+        )
+    return found
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -251,6 +274,33 @@ def _wait_for_signal() -> None:
         pass
 
 
+def _check_autoscaling(options: RayOptions) -> None:
+    """Check the deployment's autoscaling config with Serve's own model, before Ray starts.
+
+    Raises:
+        MtregError: a key Serve does not know (Serve would ignore it) or a bad value.
+    """
+    from ray.serve.config import AutoscalingConfig
+
+    config = options.deployment_settings().get("autoscaling_config")
+    if config is None:
+        if options.autoscaling:
+            raise MtregError("--autoscaling-config needs --autoscale MIN:MAX")
+        return
+    unknown = sorted(set(config) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise MtregError(
+            f"--autoscaling-config: Ray Serve's autoscaling_config has no {', '.join(unknown)}; "
+            f"it takes {', '.join(sorted(AutoscalingConfig.model_fields))}"
+        )
+    try:
+        AutoscalingConfig(**config)
+    except ValueError as exc:  # pydantic's ValidationError
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        where = ".".join(map(str, first["loc"]))
+        raise MtregError(f"--autoscaling-config: {where}: {first['msg']}") from None
+
+
 def _ray_start(options: RayOptions) -> tuple[bool, dict[str, Any]]:
     """Return whether this command starts its own Ray (no address, no ``$RAY_ADDRESS``: it
     then forwards its replicas' lines, and Serve and Ray stop with it) and the options of
@@ -293,6 +343,7 @@ def serve_on_ray(
     import ray
     from ray import serve
 
+    _check_autoscaling(options)
     config = _checked(config, opener)
     # Read by Serve's proxies in the Ray started here; a cluster's nodes set them themselves.
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)

@@ -45,6 +45,8 @@ V2 = {
 }
 HEADER = "x-mtreg-replica"
 METRICS_PORT = 9555
+# Serve's autoscaling_config over mtreg's, for a test that scales within seconds.
+AUTOSCALING = {"upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s": 2}
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
@@ -141,6 +143,16 @@ def test_sigterm_stops_the_server_and_the_ray_it_started(seen: Any) -> None:
     assert got["ray_left"] == [], got["ray_left"]
 
 
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(seen: Any) -> None:
+    _, _, got = seen
+    scaled = got["autoscaling"]
+    assert scaled["idle_alone"]  # --autoscale 1:2 starts with one replica
+    assert scaled["under_load"] == 2  # 8 clients against a target of 2 requests each
+    assert scaled["alone_again"]  # and back to one once the load stops
+    assert set(scaled["load_statuses"]) == {"200"}, scaled["load_statuses"]
+    assert scaled["exit_code"] == 0, scaled["seconds"]
+
+
 def test_an_unreachable_cluster_is_one_line(seen: Any) -> None:
     _, _, got = seen
     code, stderr = got["unreachable"]
@@ -185,6 +197,18 @@ def test_ray_options_become_serve_settings() -> None:
         (["--engine", "ray", "--autoscale", "4:2"], "--autoscale takes MIN:MAX replicas"),
         (["--engine", "ray", "--autoscale", "x"], "--autoscale takes MIN:MAX replicas"),
         (["--replicas", "2"], "--address, --replicas, --autoscale and --metrics-port need"),
+        (
+            ["--engine", "ray", "--autoscale", "1:2", "--autoscaling-config", '{"upscale": 1}'],
+            "--autoscaling-config: Ray Serve's autoscaling_config has no upscale; it takes",
+        ),
+        (
+            ["--engine", "ray", "--autoscale", "1:2", "--autoscaling-config", "[1]"],
+            "--autoscaling-config takes a JSON object of Ray Serve's autoscaling_config keys",
+        ),
+        (
+            ["--engine", "ray", "--autoscaling-config", '{"upscale_delay_s": 1}'],
+            "--autoscaling-config needs --autoscale MIN:MAX",
+        ),
         (["--metrics-port", "9000"], "--address, --replicas, --autoscale and --metrics-port"),
         (
             ["--engine", "ray", "--address", "127.0.0.1:1", "--metrics-port", "9000"],
@@ -257,34 +281,103 @@ def _replicas_in_ray_metrics(client: Any, want: int, seconds: float = 60) -> dic
     return counted
 
 
-def _under_load(client: Any, base: str, during: Any) -> tuple[dict[str, int], bool]:
-    """Send requests from 8 threads while ``during()`` runs; return statuses and whether
-    every 503 carried Retry-After."""
-    statuses: dict[str, int] = {}
-    retry = [True]
-    stop = threading.Event()
+class Load:
+    """Requests from 8 threads while its ``with`` block runs: the statuses they got, whether
+    every 503 carried Retry-After, and the replicas that answered."""
 
-    def worker() -> None:
-        while not stop.is_set():
+    def __init__(self, client: Any, base: str) -> None:
+        self.client, self.base = client, base
+        self.statuses: dict[str, int] = {}
+        self.replicas: set[str] = set()
+        self.retry_after = True
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work) for _ in range(8)]
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
             try:
-                response = _post(client, f"{base}/v1/predict", {"inputs": TEXTS})
+                response = _post(self.client, f"{self.base}/v1/predict", {"inputs": TEXTS})
                 code = str(response.status_code)
                 if code == "503" and "retry-after" not in response.headers:
-                    retry[0] = False
+                    self.retry_after = False
+                if HEADER in response.headers:
+                    self.replicas.add(response.headers[HEADER])
             except Exception as exc:  # a dropped connection is a lost request too
                 code = type(exc).__name__
-            statuses[code] = statuses.get(code, 0) + 1
+            self.statuses[code] = self.statuses.get(code, 0) + 1
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1)
-    during()
-    time.sleep(3)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    return statuses, retry[0]
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM ``server`` and wait for it (kill it past two minutes)."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def autoscaling(cli: list[str], env: dict[str, str], base: str, log: Path) -> dict[str, Any]:
+    """``--autoscale 1:2`` with a micro-batch of 2 as the target: one replica idle, two
+    under the load of 8 clients, one again once the load stops; return what was seen."""
+    command = [*cli, "serve", "--engine", "ray", "--autoscale", "1:2", "--replica-cpus", "0.5"]
+    command += ["--max-batch-size", "2", "--autoscaling-config", json.dumps(AUTOSCALING)]
+    command += ["--port", "8765", "--poll-seconds", "0", "--log-level", "warning"]
+    # Serve's proxy pushes the load it sees every 10 s by default: 1 s here, for the test.
+    env = {**env, "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+    with log.open("w") as stderr:
+        server = subprocess.Popen(command, env=env, stderr=stderr)
+    import httpx
+
+    got: dict[str, Any] = {}
+    clock = time.monotonic
+    try:
+        with httpx.Client() as client:
+            began = clock()
+            _replicas(client, base, 1, server)
+            got["idle_alone"] = _one_replica_answers(client, base, seconds=30)
+            got["seconds"] = {"deployed": round(clock() - began, 1)}
+            with Load(client, base) as load:
+                began = clock()
+                while len(load.replicas) < 2 and clock() - began < 120:
+                    time.sleep(0.5)
+                got["seconds"]["scaled_up"] = round(clock() - began, 1)
+                time.sleep(2)  # both answering for a while
+            got["under_load"], got["load_statuses"] = len(load.replicas), load.statuses
+            began = clock()
+            got["alone_again"] = _one_replica_answers(client, base, seconds=120)
+            got["seconds"]["scaled_down"] = round(clock() - began, 1)
+    except Exception:
+        print(log.read_text()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        _stop(server)
+    got["exit_code"] = server.returncode
+    return got
+
+
+def _one_replica_answers(client: Any, base: str, seconds: float) -> bool:
+    """Return whether 20 requests in a row were answered by one replica (two alive answer
+    that way with probability 2^-19) within ``seconds``."""
+    last: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        response = _post(client, f"{base}/v1/predict", {"inputs": ["hello"]})
+        last = [*last[-19:], response.headers.get(HEADER, "")]
+        if len(last) == 20 and len(set(last)) == 1 and last[0]:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def scenario(plan: dict[str, Any]) -> dict[str, Any]:
@@ -318,18 +411,16 @@ def scenario(plan: dict[str, Any]) -> dict[str, Any]:
             got["reloaded"] = _replicas(client, base, len(got["replicas"]), server, 10)
             got["ray_metrics"] = _replicas_in_ray_metrics(client, len(got["replicas"]))
             victim = int(next(iter(got["replicas"])).split()[-1])
-            statuses, retry = _under_load(client, base, lambda: os.kill(victim, signal.SIGKILL))
-            got["killed_under_load"], got["retry_after_on_503"] = statuses, retry
+            with Load(client, base) as load:
+                time.sleep(1)
+                os.kill(victim, signal.SIGKILL)
+                time.sleep(3)
+            got["killed_under_load"], got["retry_after_on_503"] = load.statuses, load.retry_after
     except Exception:
         print(log.read_text()[-3000:], file=sys.stderr)  # the server's side of it
         raise
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop(server)
     got["exit_code"], got["stderr_tail"] = server.returncode, log.read_text()[-3000:]
     # The namespace has its own loopback: whatever still listens there, the server left.
     left = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True)
@@ -342,6 +433,7 @@ def scenario(plan: dict[str, Any]) -> dict[str, Any]:
         timeout=120,
     )
     got["unreachable"] = [unreachable.returncode, unreachable.stderr]
+    got["autoscaling"] = autoscaling(cli, env, base, log.with_name("autoscaling.log"))
     return got
 
 
