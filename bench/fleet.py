@@ -174,6 +174,37 @@ def replicas_answering(url: str, want: int, seconds: float = 20) -> dict[str, st
     return found
 
 
+# What a process's command line names -> its role in the CPU accounting (the first match).
+ROLES = (
+    ("ServeReplica", "replica"),
+    ("ProxyActor", "serve_proxy"),
+    ("ServeController", "serve_controller"),
+    ("-m mtreg", "mtreg_serve"),
+)
+
+
+def cpu_by_role() -> dict[str, float]:
+    """Return the CPU seconds so far of every process in this PID namespace by role
+    (:data:`ROLES`; this process, the load's clients, is ``load``; Ray's own daemons and
+    the rest ``other``), to see where a machine's cores went during a measurement."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # it exited
+        fields = stat.rsplit(")", 1)[1].split()  # from field 3 (state) on
+        seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        role = next((r for key, r in ROLES if key in command), "other")
+        role = "load" if int(entry.name) == os.getpid() else role
+        out[role] = out.get(role, 0.0) + seconds
+    return out
+
+
 @contextmanager
 def two_nodes() -> Iterator[str]:
     """Start a head and a worker node of one CPU each; yield the head's address; stop both
@@ -224,7 +255,12 @@ def single_machine(work: Path, bundle: Path, texts: list[str], args: argparse.Na
         command = [*mtreg_cli(work), "serve", *common, *extra]
         with server(command, work / f"{name}.log") as url:
             for workload in results:
+                before = cpu_by_role()
                 results[workload][name] = drive(url, texts, workload, args)
+                spent = {r: s - before.get(r, 0.0) for r, s in cpu_by_role().items()}
+                results[workload][name]["cpu_s"] = {
+                    r: round(s, 1) for r, s in spent.items() if s >= 0.1
+                }
                 print(name, workload, results[workload][name], file=sys.stderr, flush=True)
     return results
 
@@ -329,8 +365,9 @@ def markdown(report: dict[str, Any]) -> str:
         "Settings are ENGINE_tTHREADS (torch threads); each engine is tried at the same "
         "thread counts, and the goal compares the best of each.",
         "",
-        "| workload | setting | sentences/s | vs best uvicorn | p50 ms | p99 ms | errors |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| workload | setting | sentences/s | vs best uvicorn | p50 ms | p99 ms | errors "
+        "| CPU s by process |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     best = {}
     for workload, settings in report["single_machine"].items():
@@ -339,7 +376,8 @@ def markdown(report: dict[str, Any]) -> str:
             out.append(
                 f"| {workload} | {name} | {r['throughput_per_s']} | "
                 f"{r['throughput_per_s'] / (best[workload]['uvicorn'] or 1):.2f}x "
-                f"| {r['p50_ms']} | {r['p99_ms']} | {r['errors'] or '-'} |"
+                f"| {r['p50_ms']} | {r['p99_ms']} | {r['errors'] or '-'} "
+                f"| {', '.join(f'{k} {v}' for k, v in r.get('cpu_s', {}).items())} |"
             )
     ratios = [f"{w} {b['ray_1_replica'] / (b['uvicorn'] or 1):.2f}x" for w, b in best.items()]
     out += ["", f"Best Ray replica against best uvicorn (goal: >= 0.85x): {', '.join(ratios)}."]
