@@ -398,8 +398,10 @@ def markdown(report: dict[str, Any]) -> str:
     onboarded = report["onboard"]
     if isinstance(onboarded, dict):
         out.append(
-            f"Sequential {onboarded['sequential_s']} s, Ray {onboarded['ray_s']} s (ratio "
-            f"{onboarded['ratio_ray_vs_sequential']}); same choices: "
+            f"Sequential {onboarded['sequential_s']} s (every core), Ray {onboarded['ray_s']} s "
+            f"(ratio {onboarded['ratio_ray_vs_sequential']}); sequential on one node's CPU "
+            f"{onboarded['sequential_1cpu_s']} s "
+            f"(ratio {onboarded['ratio_ray_vs_sequential_1cpu']}); same choices: "
             f"{onboarded['same_choices']} (bench/results/fleet_onboard.md has the details)."
         )
     else:

@@ -1,12 +1,16 @@
 """Four small tasks onboarded side by side on a two-node Ray cluster, against the same four
 one after another (#18): wall time, its ratio, and whether the chosen branches are the same.
 
-Both halves run ``mtreg onboard T1 T2 T3 T4 --json`` with the same settings, each on a fresh
+Each half runs ``mtreg onboard T1 T2 T3 T4 --json`` with the same settings, each on a fresh
 registry of its own (SQLite, the packaged MiniLM as trunk ``minilm``, the tasks fixed-seed
 subsamples of GLUE: :mod:`benchtasks`):
 
 * ``sequential``: ``--engine local``, one task after another in one process, torch's
   default threads (every core of the machine);
+* ``sequential_1cpu``: the same with one torch thread (``OMP_NUM_THREADS=1``): one
+  after another on the CPU of one of the two nodes below. On a machine of two cores the
+  first is the harder baseline (torch already spreads one task over both cores); the
+  second is what the second node adds;
 * ``ray``: ``--engine ray --address`` a cluster of two ``ray start`` nodes of ``--num-cpus
   1`` each, started inside private network and PID namespaces (``unshare``, as root: Ray
   rewrites 127.0.0.1 to the host's address), one CPU and one torch thread per task. The
@@ -18,11 +22,14 @@ every task's onboarding and registration). "Same choice" compares each task's ch
 (stage, layers, learning rate) and its dev score; "same bytes" its branch file's sha256
 (threads differ between the halves, so floating-point sums may differ in the last bits).
 
-    python bench/fleet_onboard.py [--tasks sst2,mrpc,rte,cola] [--train 64] [--dev 64]
-                                  [--max-length 32] [--epochs 1]
+    python bench/fleet_onboard.py [--tasks sst2,mrpc,rte,cola] [--train 512] [--dev 128]
+                                  [--max-length 64] [--epochs 2]
 
-The defaults are small so that the run fits in minutes on a 2-core machine: the numbers
-are of the parallelism, not of the tasks' quality.
+The defaults are small so that the run fits in minutes on a 2-core machine (the numbers
+are of the parallelism, not of the tasks' quality), yet large enough that training, not
+starting Python, torch and Ray workers, is most of the time: at 64 examples and one epoch
+a task trained in about 3 s, and the Ray half's start-up (about 5 s a worker) made it the
+slower one (13.8 s one after another against 18.5 s on two nodes).
 
 writes bench/results/fleet_onboard.json and bench/results/fleet_onboard.md. ``run(args)``
 (``args`` from :func:`parser`) is what ``bench/fleet.py`` calls.
@@ -104,10 +111,10 @@ def parser() -> argparse.ArgumentParser:
     """Return the benchmark's argument parser (``parser().parse_args([])``: the defaults)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="sst2,mrpc,rte,cola", help="four GLUE tasks")
-    p.add_argument("--train", type=int, default=64, help="training examples per task")
-    p.add_argument("--dev", type=int, default=64, help="dev examples per task")
-    p.add_argument("--max-length", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--train", type=int, default=512, help="training examples per task")
+    p.add_argument("--dev", type=int, default=128, help="dev examples per task")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=None, help="default: a temporary folder")
     return p
@@ -118,6 +125,28 @@ def _flags(args: argparse.Namespace) -> list[str]:
     flags = ["--search", "2..2", "--lr", "2e-4", "--student-search", "1..1"]
     flags += ["--student-lr", "2e-4", "--epochs", str(args.epochs), "--patience", "0"]
     return [*flags, "--batch-size", "16", "--device", "cpu", "--json"]
+
+
+def _sequential(
+    cli: list[str], tasks: list[str], args: argparse.Namespace, env: dict[str, str]
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """Onboard ``tasks`` one after another (``--engine local``) with ``env`` over the
+    benchmark's; return each task's choice and the command's wall seconds.
+
+    Raises:
+        RuntimeError: the command failed.
+    """
+    began = time.perf_counter()
+    done = subprocess.run(
+        [*cli, "onboard", *tasks, *_flags(args)],
+        env={**_env(), **env},
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - began
+    if done.returncode:
+        raise RuntimeError(f"a sequential half failed: {done.stderr[-2000:]}")
+    return _choices(json.loads(done.stdout)), seconds
 
 
 def _home(work: Path, name: str, config: dict[str, Any]) -> list[str]:
@@ -158,7 +187,7 @@ def _choices(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run both halves; return the result (also what ``bench/fleet.py`` shows).
+    """Run the three halves; return the result (also what ``bench/fleet.py`` shows).
 
     Raises:
         RuntimeError: a half's command failed, or the namespaces cannot be made.
@@ -167,19 +196,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = {"train": args.train, "dev": args.dev}
     config = {t: {"sizes": sizes, "seed": 0, "max_length": args.max_length} for t in tasks}
     work = args.work or Path(tempfile.mkdtemp(prefix="mtreg-fleet-onboard-"))
-    sequential_cli, ray_cli = _home(work, "sequential", config), _home(work, "ray", config)
-
-    began = time.perf_counter()
-    done = subprocess.run(
-        [*sequential_cli, "onboard", *tasks, *_flags(args)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
-    sequential_s = time.perf_counter() - began
-    if done.returncode:
-        raise RuntimeError(f"the sequential half failed: {done.stderr[-2000:]}")
-    sequential = _choices(json.loads(done.stdout))
+    ray_cli = _home(work, "ray", config)
+    sequential, sequential_s = _sequential(_home(work, "sequential", config), tasks, args, {})
+    one_cpu = {"OMP_NUM_THREADS": "1"}  # torch's threads: one node's CPU
+    alone, alone_s = _sequential(_home(work, "sequential_1cpu", config), tasks, args, one_cpu)
 
     command = [*ray_cli, "onboard", *tasks, *_flags(args), "--engine", "ray"]
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -204,16 +224,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"train": args.train, "dev": args.dev, "max_length": args.max_length},
         "flags": _flags(args),
         "sequential_s": round(sequential_s, 2),
+        "sequential_1cpu_s": round(alone_s, 2),
         "ray_s": round(cluster["wall_s"], 2),
         "ray_cluster_start_s": round(cluster["cluster_s"], 2),
         "ratio_ray_vs_sequential": round(cluster["wall_s"] / sequential_s, 3),
+        "ratio_ray_vs_sequential_1cpu": round(cluster["wall_s"] / alone_s, 3),
         "same_choices": all(
             sequential[t].get("chosen") == on_ray[t].get("chosen")
             and sequential[t].get("score") == on_ray[t].get("score")
             for t in tasks
         ),
         "same_bytes": all(sequential[t].get("sha256") == on_ray[t].get("sha256") for t in tasks),
-        "per_task": {"sequential": sequential, "ray": on_ray},
+        "per_task": {"sequential": sequential, "sequential_1cpu": alone, "ray": on_ray},
         "machine": {
             "cpus": os.cpu_count(),
             "load_before": os.getloadavg()[0],
@@ -243,9 +265,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {task} | {cells[0]} | {cells[1]} | {a.get('sha256') == b.get('sha256')} |")
     lines += [
         "",
-        f"Wall time: sequential {result['sequential_s']} s, Ray {result['ray_s']} s "
-        f"(ratio {result['ratio_ray_vs_sequential']}; the two nodes took "
-        f"{result['ray_cluster_start_s']} s to start, not counted); same choices: "
+        f"Wall time: sequential {result['sequential_s']} s (torch on every core), Ray "
+        f"{result['ray_s']} s (ratio {result['ratio_ray_vs_sequential']}; the two nodes took "
+        f"{result['ray_cluster_start_s']} s to start, not counted); one after another on "
+        f"one node's CPU (one torch thread) {result['sequential_1cpu_s']} s (ratio "
+        f"{result['ratio_ray_vs_sequential_1cpu']}); same choices: "
         f"{result['same_choices']}; same bytes: {result['same_bytes']}.",
         "",
         f"Command: `{result['command']}`",
