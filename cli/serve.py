@@ -233,7 +233,10 @@ def serve(
         return
     ray_only = ("address", "autoscale", "autoscaling_config", "metrics_port")
     if any(ray_options[name] for name in ray_only) or ray_options["replicas"] != 1:
-        raise MtregError("--address, --replicas, --autoscale and --metrics-port need --engine ray")
+        raise MtregError(
+            "--address, --replicas, --autoscale, --autoscaling-config and --metrics-port need "
+            "--engine ray"
+        )
     from mtreg.serving.server import serve as run
 
     run(

@@ -52,7 +52,8 @@ class RayOptions:
         replicas: fixed replica count (ignored with ``autoscale``).
         autoscale: (min, max) replicas for Serve's autoscaling, or None.
         autoscaling: more of Serve's ``autoscaling_config`` (``upscale_delay_s``,
-            ``look_back_period_s``...), over mtreg's; Serve checks them when deploying.
+            ``look_back_period_s``...), over mtreg's; checked against Serve's own model
+            before Ray starts.
         replica_cpus: CPUs Ray reserves per replica; torch threads follow it.
         metrics_port: where the Ray started here exports its metrics, every replica's
             ``mtreg_serve_*`` among them (a cluster's nodes: ``ray start

@@ -45,6 +45,7 @@ V2 = {
 }
 HEADER = "x-mtreg-replica"
 METRICS_PORT = 9555
+NEED_RAY = "--address, --replicas, --autoscale, --autoscaling-config and --metrics-port need"
 # Serve's autoscaling_config over mtreg's, for a test that scales within seconds.
 AUTOSCALING = {"upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s": 2}
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
@@ -196,7 +197,7 @@ def test_ray_options_become_serve_settings() -> None:
     [
         (["--engine", "ray", "--autoscale", "4:2"], "--autoscale takes MIN:MAX replicas"),
         (["--engine", "ray", "--autoscale", "x"], "--autoscale takes MIN:MAX replicas"),
-        (["--replicas", "2"], "--address, --replicas, --autoscale and --metrics-port need"),
+        (["--replicas", "2"], NEED_RAY),
         (
             ["--engine", "ray", "--autoscale", "1:2", "--autoscaling-config", '{"upscale": 1}'],
             "--autoscaling-config: Ray Serve's autoscaling_config has no upscale; it takes",
@@ -206,10 +207,14 @@ def test_ray_options_become_serve_settings() -> None:
             "--autoscaling-config takes a JSON object of Ray Serve's autoscaling_config keys",
         ),
         (
+            ["--autoscaling-config", '{"upscale_delay_s": 1}'],
+            NEED_RAY,
+        ),
+        (
             ["--engine", "ray", "--autoscaling-config", '{"upscale_delay_s": 1}'],
             "--autoscaling-config needs --autoscale MIN:MAX",
         ),
-        (["--metrics-port", "9000"], "--address, --replicas, --autoscale and --metrics-port"),
+        (["--metrics-port", "9000"], NEED_RAY),
         (
             ["--engine", "ray", "--address", "127.0.0.1:1", "--metrics-port", "9000"],
             "--metrics-port sets the port of a Ray started here; on a cluster give each node's",
