@@ -28,6 +28,8 @@ LOADER_TIMEOUT_ENV = "MTREG_LOADER_TIMEOUT"
 CACHE_MAX_BYTES_ENV = "MTREG_CACHE_MAX_BYTES"
 CACHE_DIR_ENV = "MTREG_CACHE_DIR"
 FAULT_ENV = "MTREG_FAULT"
+PROXY_MAX_BODY_ENV = "MTREG_PROXY_MAX_BODY_BYTES"
+PROXY_BODY_TIMEOUT_ENV = "MTREG_PROXY_BODY_TIMEOUT_S"
 
 # Long enough for a plugin that imports torch and transformers from a cold disk.
 DEFAULT_PLUGIN_TIMEOUT = 60.0
@@ -152,3 +154,24 @@ def fault(env: Mapping[str, str] = os.environ) -> str | None:
     """Return ``$MTREG_FAULT`` (``<point>[:action]``, a crash-test hook), or None when unset
     or empty."""
     return env.get(FAULT_ENV) or None
+
+
+def proxy_body_limits(env: Mapping[str, str] = os.environ) -> dict[str, float]:
+    """Return the body limits Ray Serve's proxy enforces, from ``$MTREG_PROXY_MAX_BODY_BYTES``
+    (as ``max_body_bytes``) and ``$MTREG_PROXY_BODY_TIMEOUT_S`` (as ``body_timeout_s``); only
+    those set and not empty, so that ServeConfig's defaults hold for the rest.
+
+    Raises:
+        MtregError: a value is not a positive number.
+    """
+    limits: dict[str, float] = {}
+    raw = env.get(PROXY_MAX_BODY_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) <= 0:
+            raise MtregError(
+                f"{PROXY_MAX_BODY_ENV} must be a number of bytes greater than 0, got {raw!r}"
+            )
+        limits["max_body_bytes"] = int(raw)
+    if env.get(PROXY_BODY_TIMEOUT_ENV, "").strip():
+        limits["body_timeout_s"] = _seconds(PROXY_BODY_TIMEOUT_ENV, 0.0, env)
+    return limits

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from mtreg.artifacts.manifest import bundle_directory
+from mtreg.core import env
 from mtreg.core.cluster import connect
 from mtreg.core.extras import EXTRA_MODULES, require
 from mtreg.errors import MtregError
 from mtreg.serving.config import ServeConfig
-from mtreg.serving.ray_proxy import BODY_TIMEOUT_ENV, CALLBACK, CALLBACK_ENV, MAX_BODY_ENV
+from mtreg.serving.ray_proxy import CALLBACK, CALLBACK_ENV
 
 if TYPE_CHECKING:
     from mtreg.registry.api import Registry
@@ -348,8 +349,8 @@ def serve_on_ray(
     config = _checked(config, opener)
     # Read by Serve's proxies in the Ray started here; a cluster's nodes set them themselves.
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)
-    os.environ[MAX_BODY_ENV] = str(config.max_body_bytes)
-    os.environ[BODY_TIMEOUT_ENV] = str(config.body_timeout_s)
+    os.environ[env.PROXY_MAX_BODY_ENV] = str(config.max_body_bytes)
+    os.environ[env.PROXY_BODY_TIMEOUT_ENV] = str(config.body_timeout_s)
     started = connect(ray, options.address, **init)
     try:
         http = {"host": host, "port": port, "keep_alive_timeout_s": config.keep_alive_s}

@@ -12,7 +12,7 @@ Retry-After. Serve loads it in each proxy from the import path in
 must have in its environment (``mtreg serve --engine ray`` sets it for the Ray it starts).
 
 The body limits are ``mtreg serve``'s ``max_body_bytes`` and ``body_timeout_s``, read from
-:data:`MAX_BODY_ENV` and :data:`BODY_TIMEOUT_ENV` in the proxy's environment (set the same
+:func:`mtreg.core.env.proxy_body_limits` in the proxy's environment (set the same
 way; ServeConfig's defaults without them). Serve's proxy has no header timeout or
 connection cap to set: on a cluster those belong to the load balancer in front of it.
 """
@@ -20,10 +20,10 @@ connection cap to set: on a cluster those belong to the load balancer in front o
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
+from mtreg.core import env
 from mtreg.serving.body import BodyRefused, read_body, replay
 from mtreg.serving.config import ServeConfig
 
@@ -31,8 +31,6 @@ log = logging.getLogger("mtreg.serving")
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "mtreg.serving.ray_proxy.middlewares"
-MAX_BODY_ENV = "MTREG_PROXY_MAX_BODY_BYTES"
-BODY_TIMEOUT_ENV = "MTREG_PROXY_BODY_TIMEOUT_S"
 RETRY_AFTER_S = 1
 
 
@@ -93,9 +91,4 @@ def middlewares() -> list[Any]:
     """Return the middlewares Serve's proxy adds (its callback, :data:`CALLBACK`)."""
     from starlette.middleware import Middleware
 
-    limits = {}
-    if MAX_BODY_ENV in os.environ:
-        limits["max_body_bytes"] = int(os.environ[MAX_BODY_ENV])
-    if BODY_TIMEOUT_ENV in os.environ:
-        limits["body_timeout_s"] = float(os.environ[BODY_TIMEOUT_ENV])
-    return [Middleware(ProxyGuard, **limits)]
+    return [Middleware(ProxyGuard, **env.proxy_body_limits())]

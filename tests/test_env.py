@@ -115,3 +115,19 @@ def test_home_database_url_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert home.database_url("sqlite:///given.db") == "sqlite:///given.db"
     monkeypatch.setenv(env.HOME_ENV, str(tmp_path / "h"))
     assert Home.resolve() == Home((tmp_path / "h").resolve())
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        (env.PROXY_MAX_BODY_ENV, "-1"),
+        (env.PROXY_MAX_BODY_ENV, "1e6"),
+        (env.PROXY_BODY_TIMEOUT_ENV, "soon"),
+    ],
+)
+def test_a_proxy_limit_that_is_not_a_positive_number_is_refused_by_name(
+    name: str, raw: str
+) -> None:
+    with pytest.raises(MtregError, match=name):
+        env.proxy_body_limits({name: raw})
+    assert env.proxy_body_limits({name: " "}) == {}

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from mtreg.serving.ray_proxy import BODY_TIMEOUT_ENV, MAX_BODY_ENV, ProxyGuard, middlewares
+from mtreg.core.env import PROXY_BODY_TIMEOUT_ENV as BODY_TIMEOUT_ENV
+from mtreg.core.env import PROXY_MAX_BODY_ENV as MAX_BODY_ENV
+from mtreg.serving.ray_proxy import ProxyGuard, middlewares
 
 
 class Proxy:
