@@ -126,7 +126,8 @@ def _read_inputs(path: Path, skip_bad: bool, fits: Callable[[Any], str | None]) 
     default="cpu",
     show_default=True,
     metavar="cpu|cuda[:N]",
-    help="Run the torch network on this device (a GPU under bf16/fp16 autocast).",
+    help="Run on this device: on a GPU, torch under bf16/fp16 autocast, or the fp32 ONNX "
+    "graph on the CUDA execution provider.",
 )
 @click.argument("text", required=False)
 @click.argument("text_pair", required=False)

@@ -121,7 +121,8 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
 @_config_option(
     "--device",
     metavar="cpu|cuda[:N]",
-    help="Run the torch network on this device (a GPU under bf16/fp16 autocast).",
+    help="Run on this device: on a GPU, torch under bf16/fp16 autocast, or the fp32 ONNX "
+    "graph on the CUDA execution provider.",
 )
 @click.option(
     "--engine",

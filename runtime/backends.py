@@ -37,6 +37,7 @@ from mtreg.artifacts.onnx_info import GRAPH, OnnxInfo, verify_onnx
 from mtreg.core.extras import require
 from mtreg.errors import MtregError, NotFound
 from mtreg.nn.network import MultiTaskModel
+from mtreg.runtime.device import CPU, check_device, onnx_providers
 
 log = logging.getLogger("mtreg.runtime")
 
@@ -56,13 +57,21 @@ class OnnxModel:
     opens them; a caller opening several graphs of one folder verifies it once and passes
     the ``verified`` record (hashing every graph per graph opened cost seconds per load).
     The graph computes every output in one call, so ``rows`` and ``timings`` (per-branch
-    times) are accepted and not used.
+    times) are accepted and not used. ``device``: ``cpu``, or ``cuda[:N]`` for onnxruntime's
+    CUDA provider (:func:`~mtreg.runtime.device.onnx_providers`); inputs and logits stay
+    CPU arrays either way.
     """
 
     def __init__(
-        self, path: Path, bundle_id: str, graph: str = GRAPH, verified: OnnxInfo | None = None
+        self,
+        path: Path,
+        bundle_id: str,
+        graph: str = GRAPH,
+        verified: OnnxInfo | None = None,
+        device: str = CPU,
     ) -> None:
         onnxruntime = require("onnxruntime")
+        providers = onnx_providers(check_device(device))
         self.info: OnnxInfo = verified or verify_onnx(path, bundle_id)
         options = onnxruntime.SessionOptions()
         # As many threads as torch uses, so the backends compare (and share a CPU) fairly.
@@ -71,7 +80,7 @@ class OnnxModel:
         # tokeniser) between calls.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(
-            str(Path(path) / graph), options, providers=["CPUExecutionProvider"]
+            str(Path(path) / graph), options, providers=providers
         )
         self.outputs = [o.name for o in self.session.get_outputs()]
         # A family without token types (DistilBERT, ModernBERT) has no token_type_ids input.
@@ -189,11 +198,12 @@ class GateFolder:
     info: OnnxInfo
     gate: Gate
 
-    def model(self, name: str) -> OnnxModel:
-        """Return gated ONNX backend ``name`` on this folder's graph (not hashed again)."""
+    def model(self, name: str, device: str = CPU) -> OnnxModel:
+        """Return gated ONNX backend ``name`` on this folder's graph (not hashed again),
+        running on ``device``."""
         graph = BACKEND_FILES[name]
         assert graph is not None
-        return OnnxModel(self.path, self.folder_id, graph, verified=self.info)
+        return OnnxModel(self.path, self.folder_id, graph, verified=self.info, device=device)
 
 
 def load_gate(bundle_id: str, home: Home | None = None) -> GateFolder | None:
@@ -238,11 +248,13 @@ def gated_model(
     torch_model: Callable[[], MultiTaskModel],
     torch_only: bool,
     home: Home | None = None,
+    device: str = CPU,
 ) -> tuple[Callable, Choice]:
     """Build the model for ``backend`` (``fastest`` or one of :data:`GATED`) and say what
     serves: ``fastest`` picks per batch size from the gate (among torch backends only when
     ``torch_only``: a release's candidate runs on torch); a named backend runs as asked, with
-    a note when the gate does not find it eligible for ``tasks``. Logs the choice's line.
+    a note when the gate does not find it eligible for ``tasks``; an ONNX backend runs its
+    graph on ``device``. Logs the choice's line.
 
     Raises:
         NotFound: an ONNX backend asked by name for a bundle without a gate folder.
@@ -268,7 +280,7 @@ def gated_model(
             )
         if gate is not None and not gate.backends[backend].eligible(tasks):
             note = f"{backend} is not within the quality gate for every task (asked for anyway)"
-    models = {name: _build(name, torch_model, folder) for name in set(choice.values())}
+    models = {name: _build(name, torch_model, folder, device) for name in set(choice.values())}
     base = gate.backends[REFERENCE].seconds if gate else {}
     speedup = {
         size: _ratio(base.get(size), gate.backends[name].seconds.get(size) if gate else None)
@@ -287,11 +299,11 @@ def _ratio(reference: float | None, seconds: float | None) -> float:
 
 
 def _build(
-    name: str, torch_model: Callable[[], MultiTaskModel], folder: GateFolder | None
+    name: str, torch_model: Callable[[], MultiTaskModel], folder: GateFolder | None, device: str
 ) -> Callable:
     if name == REFERENCE:
         return torch_model()
     if name == "torch-bf16":
         return Bf16Model(torch_model())
     assert folder is not None  # an ONNX backend without a gate was refused before
-    return folder.model(name)
+    return folder.model(name, device)

@@ -132,10 +132,16 @@ class LoadedBundle:
         elif backend in (FASTEST, *GATED):
             # A release's candidate is a torch branch: then only torch backends may serve.
             self.model, self.choice = gated_model(
-                backend, self.bundle_id, self.tasks, self._torch_model, bool(self.releases), home
+                backend,
+                self.bundle_id,
+                self.tasks,
+                self._torch_model,
+                bool(self.releases),
+                home,
+                device,
             )
         else:
-            onnx = OnnxModel(self.path, self.bundle_id)
+            onnx = OnnxModel(self.path, self.bundle_id, device=device)
             self.onnx_info = onnx.info
             both = {"torch": self._torch_model(), "onnx": onnx}
             self.model = onnx if backend == "onnx" else measured_faster(both, self.tokenizer)
@@ -380,8 +386,9 @@ def load_bundle(
             gated backend by name (``torch-bf16``, ``onnx-int8``, ...); ``onnx`` or ``auto``
             (whichever measured faster) for a folder written by ``mtreg export --format onnx``.
         registry: the :class:`mtreg.Registry` resolving aliases (default: ``Registry()``).
-        device: ``cpu``, or ``cuda[:N]`` for the torch network on a GPU under bf16/fp16
-            autocast (:mod:`mtreg.runtime.device`).
+        device: ``cpu``, or ``cuda[:N]``: the torch network on a GPU under bf16/fp16
+            autocast, or the fp32 ONNX graph on onnxruntime's CUDA provider
+            (:mod:`mtreg.runtime.device`).
 
     Raises:
         NotFound: no such directory, alias, bundle or task. Damaged: a file that differs

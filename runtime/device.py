@@ -4,9 +4,10 @@
 On a GPU the weights move to the device once, at load; each call moves the tokenised
 batch there, runs under autocast in bf16 where the GPU supports it (fp16 elsewhere: both
 keep fp32 weights and accumulate in fp32), and returns fp32 logits on the CPU, so the rest
-of the inference path (length buckets, results) does not change. The device is orthogonal
-to the backend, but only the torch network moves: ``torch`` runs on it, and so does
-``fastest`` (its gate timed CPU backends); the ONNX backends run on the CPU.
+of the inference path (length buckets, results) does not change. ``torch`` runs on a GPU,
+and so does ``fastest`` (its gate timed CPU backends). The fp32 ONNX graphs (``onnx``,
+``onnx-fp32``) run on onnxruntime's CUDA execution provider, which needs the
+``onnxruntime-gpu`` package; the int8 graphs and CPU autocast are CPU backends.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
 
+from mtreg.core.extras import require
 from mtreg.errors import MtregError
 
 CPU = "cpu"
@@ -77,20 +79,50 @@ class OnDevice:
         return {task: logits.float().cpu() for task, logits in out.items()}
 
 
+# The ONNX backends whose graph is fp32: onnxruntime's CUDA provider runs them whole, while
+# an int8 graph's integer matmuls have no CUDA kernel and would run on the CPU in pieces.
+GPU_ONNX = ("onnx", "onnx-fp32")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
 def gpu_backend(backend: str) -> str:
     """Return the backend that serves ``backend`` on a GPU: torch for ``torch`` and for
-    ``fastest`` (its gate timed the backends on the CPU).
+    ``fastest`` (its gate timed the backends on the CPU), the fp32 ONNX graph for ``onnx``
+    and ``onnx-fp32``.
 
     Raises:
-        MtregError: any other backend (torch-bf16 autocasts on the CPU; ONNX graphs run
-            on the CPU).
+        MtregError: any other backend (torch-bf16 autocasts on the CPU; the int8 graphs
+            and ``auto``'s timing are for the CPU).
     """
+    if backend in GPU_ONNX:
+        return backend
     if backend not in ("torch", "fastest"):
         raise MtregError(
-            f"a GPU runs the torch backend, not {backend!r}: use --backend torch "
-            "(autocast picks bf16 or fp16 on the GPU)"
+            f"a GPU runs the torch backend or the fp32 ONNX graph, not {backend!r}: use "
+            "--backend torch (autocast picks bf16 or fp16 on the GPU) or --backend onnx-fp32"
         )
     return "torch"
+
+
+def onnx_providers(device: torch.device, available: Sequence[str] | None = None) -> list:
+    """Return the onnxruntime execution providers for ``device``: the CPU's, or CUDA's on
+    GPU ``device.index`` with the CPU's behind it for any operator CUDA lacks.
+    ``available``: the providers this onnxruntime has (default: it is asked).
+
+    Raises:
+        MtregError: a GPU, and an onnxruntime without the CUDA provider (the CPU package).
+    """
+    if device.type == CPU:
+        return ["CPUExecutionProvider"]
+    if available is None:
+        available = require("onnxruntime").get_available_providers()
+    if CUDA_PROVIDER not in available:
+        raise MtregError(
+            f"device {str(device)!r}: this onnxruntime has no {CUDA_PROVIDER} (it has "
+            f"{', '.join(available)}): install onnxruntime-gpu in place of onnxruntime, "
+            "or use --backend torch"
+        )
+    return [(CUDA_PROVIDER, {"device_id": device.index or 0}), "CPUExecutionProvider"]
 
 
 def place(model: torch.nn.Module, device: str) -> torch.nn.Module | OnDevice:

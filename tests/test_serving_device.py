@@ -1,5 +1,6 @@
-"""``--device cuda``: the torch network on a GPU under autocast, answering as it does on the
-CPU; refused in one line where there is no GPU or the backend cannot run on one."""
+"""``--device cuda``: the torch network on a GPU under autocast, and the fp32 ONNX graph on
+onnxruntime's CUDA provider, answering as on the CPU; refused in one line where there is no
+GPU, no CUDA provider, or the backend cannot run on one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
 from factories import Checkpoints
@@ -14,12 +16,15 @@ from helpers import SERVING_TASKS, registered_bundle
 
 from mtreg.errors import MtregError
 from mtreg.runtime.bundle import load_bundle
-from mtreg.runtime.device import check_device, gpu_backend
+from mtreg.runtime.device import CUDA_PROVIDER, check_device, gpu_backend, onnx_providers
+from mtreg.runtime.export import export_onnx
 
 TASKS = SERVING_TASKS[:4]  # the one-text tasks: every head kind
 TEXTS = ["what", "the movie was great", "i want a refund for my order now, it never came"]
 GPU = torch.cuda.is_available()
 NO_GPU = "no CUDA GPU here (torch.cuda.is_available() is False): the GPU path runs where one is"
+CUDA_ONNX = GPU and CUDA_PROVIDER in onnxruntime.get_available_providers()
+NO_CUDA_ONNX = f"no CUDA GPU with onnxruntime's {CUDA_PROVIDER} here (install onnxruntime-gpu)"
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +48,49 @@ def test_the_gpu_answers_as_the_cpu_does(bundle_dir: Path, backend: str) -> None
             assert torch.allclose(torch.tensor(on_gpu[task]["logits"]), expected, atol=5e-2)
 
 
+@pytest.mark.skipif(not CUDA_ONNX, reason=NO_CUDA_ONNX)
+def test_the_onnx_graph_on_the_cuda_provider_answers_as_on_the_cpu(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    export_onnx(bundle_dir, tmp_path / "onnx")
+    cpu = load_bundle(tmp_path / "onnx", backend="onnx").predict(TEXTS, with_logits=True)
+    gpu = load_bundle(tmp_path / "onnx", backend="onnx", device="cuda")
+    assert gpu.model.session.get_providers()[0] == CUDA_PROVIDER
+    for on_cpu, on_gpu in zip(cpu, gpu.predict(TEXTS, with_logits=True), strict=True):
+        for task in on_cpu:
+            # fp32 on both; the GPU's kernels sum in another order (TF32 is off in ORT).
+            expected = torch.tensor(on_cpu[task]["logits"])
+            assert torch.allclose(torch.tensor(on_gpu[task]["logits"]), expected, atol=1e-3)
+
+
+def test_the_cuda_provider_is_asked_for_on_a_gpu_and_its_absence_is_one_line() -> None:
+    assert onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    with_cuda = ["TensorrtExecutionProvider", CUDA_PROVIDER, "CPUExecutionProvider"]
+    assert onnx_providers(torch.device("cuda:1"), with_cuda) == [
+        (CUDA_PROVIDER, {"device_id": 1}),
+        "CPUExecutionProvider",
+    ]
+    with pytest.raises(MtregError, match="install onnxruntime-gpu") as refused:
+        onnx_providers(torch.device("cuda"), ["CPUExecutionProvider"])
+    assert "\n" not in str(refused.value)
+    # This machine's own onnxruntime: the CPU package, or onnxruntime-gpu.
+    if CUDA_PROVIDER in onnxruntime.get_available_providers():
+        assert onnx_providers(torch.device("cuda"))[0][0] == CUDA_PROVIDER
+    else:
+        with pytest.raises(MtregError, match=CUDA_PROVIDER):
+            onnx_providers(torch.device("cuda"))
+
+
 @pytest.mark.parametrize("name", ["tpu", "cuda:x", "banana"])
 def test_an_unknown_device_is_refused(name: str) -> None:
     with pytest.raises(MtregError, match="unknown device"):
         check_device(name)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "auto", "torch-bf16", "onnx-int8"])
-def test_a_gpu_runs_the_torch_backend_only(backend: str) -> None:
+@pytest.mark.parametrize("backend", ["auto", "torch-bf16", "onnx-int8", "onnx-int8-static"])
+def test_a_gpu_runs_torch_or_the_fp32_graph_only(backend: str) -> None:
     assert gpu_backend("fastest") == gpu_backend("torch") == "torch"
+    assert gpu_backend("onnx") == "onnx" and gpu_backend("onnx-fp32") == "onnx-fp32"
     with pytest.raises(MtregError, match="--backend torch"):
         gpu_backend(backend)
 
