@@ -32,6 +32,8 @@ runs. Judging units run once the choosing units are complete, at the chosen conf
 
     python bench/protocol.py --plan                  # the units and their estimated cost
     nice -n 15 python bench/protocol.py --run --threads 1 --until 14:05   # cheapest first
+    # two cores: start a second runner beside it, with a work folder of its own
+    MTREG_BENCH_WORK=~/.cache/mtreg-bench/protocol-2 nice -n 15 python bench/protocol.py --run ...
     python bench/protocol.py --report      # bench/results/quality-protocol.{md,json,png}
 """
 
@@ -53,6 +55,7 @@ sys.path.insert(0, str(HERE))
 import benchtasks  # noqa: E402  (bench/ is not a package)
 
 UNITS = HERE / "results" / "quality" / "units"
+CLAIMS = ".claims"  # under UNITS: which runner on this machine has which unit
 WORK = Path(os.environ.get("MTREG_BENCH_WORK", Path.home() / ".cache" / "mtreg-bench" / "protocol"))
 
 CHOOSING = ("mrpc", "stsb", "cola")
@@ -187,14 +190,38 @@ def write_unit(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def claim(unit: Unit, root: Path = UNITS) -> Path | None:
+    """Claim ``unit`` for this process, so that runners started side by side on one machine
+    (each its own core) take different units: return the claim file (remove it when the
+    unit is done), or None when a live process holds it. A dead holder's claim is taken."""
+    path = root / CLAIMS / f"{unit.task}-{unit.name}.pid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text() or 0)
+                os.kill(holder, 0)  # raises when no such process
+                return None
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)  # its holder died: take it over
+                continue
+        with os.fdopen(fd, "w") as out:
+            out.write(str(os.getpid()))
+        return path
+    return None
+
+
 def run_units(
     units: Sequence[Unit],
     compute: Callable[[Unit], dict[str, Any]],
     root: Path = UNITS,
     until: float | None = None,
 ) -> list[Unit]:
-    """Run the unfinished ``units``, cheapest first, writing each as it finishes; stop before
-    a unit whose estimate would end after ``until`` (epoch seconds). Returns those run."""
+    """Run the unfinished ``units``, cheapest first, writing each as it finishes; skip one
+    another runner has claimed (:func:`claim`); stop before a unit whose estimate would end
+    after ``until`` (epoch seconds). Returns those run."""
     done = []
     for unit in sorted(units, key=lambda u: (u.estimate(), u.name, u.task)):
         if read_unit(unit.path(root)) is not None:
@@ -202,10 +229,18 @@ def run_units(
         if until is not None and time.time() + unit.estimate() > until:
             log(f"{unit.task} {unit.name}: not started, it would end after the stop time")
             continue
-        started = time.time()
-        data = compute(unit)
-        data |= {"unit": unit.__dict__, "hours": (time.time() - started) / 3600}
-        write_unit(unit.path(root), data)
+        held = claim(unit, root)
+        if held is None:
+            continue
+        try:
+            if read_unit(unit.path(root)) is not None:  # finished while this runner looked
+                continue
+            started = time.time()
+            data = compute(unit)
+            data |= {"unit": unit.__dict__, "hours": (time.time() - started) / 3600}
+            write_unit(unit.path(root), data)
+        finally:
+            held.unlink(missing_ok=True)
         log(f"{unit.task} {unit.name}: done in {(time.time() - started) / 60:.1f} min")
         done.append(unit)
     return done

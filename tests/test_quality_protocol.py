@@ -5,6 +5,9 @@ composed from the units by ``mtreg onboard``'s own rule."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,24 @@ def test_a_finished_unit_is_skipped_and_a_half_written_one_runs_again(tmp_path: 
     assert set(p.run_units(units, _compute(calls), tmp_path)) == {units[1], units[2]}
     assert sorted(calls) == sorted([units[1].name, units[2].name])
     assert not list(tmp_path.rglob(".*.tmp"))  # no temporaries left behind
+
+
+def test_a_unit_claimed_by_a_live_runner_is_left_to_it_and_a_dead_ones_claim_is_taken(
+    tmp_path: Path,
+) -> None:
+    units = [p.Unit("mrpc", "full", lr, 0) for lr in p.FULL_LRS]
+    held = p.claim(units[0], tmp_path)
+    assert held is not None and held.read_text() == str(os.getpid())
+    assert p.claim(units[0], tmp_path) is None  # this live process holds it
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, check=True)
+    stale = tmp_path / p.CLAIMS / f"mrpc-{units[1].name}.pid"
+    stale.write_text(dead.stdout.strip())
+    calls: list[str] = []
+    assert set(p.run_units(units, _compute(calls), tmp_path)) == set(units[1:])
+    assert sorted(calls) == sorted(u.name for u in units[1:])
+    assert p.read_unit(units[0].path(tmp_path)) is None
+    assert list((tmp_path / p.CLAIMS).iterdir()) == [held]  # the runner released its claims
 
 
 def test_units_stop_before_the_stop_time(tmp_path: Path) -> None:
