@@ -9,23 +9,22 @@ root; loopback only), where every server below runs, one after the other:
 
 * ``uvicorn``: ``mtreg serve --bundle DIR --threads T`` (one process);
 * ``ray_1_replica``: ``mtreg serve --engine ray --replicas 1 --replica-cpus CPUS
-  --threads T`` on a local Ray it starts; the ratio of the best of each over the thread
-  counts T of ``--threads`` (default: the CPUs) is the goal (within 15%). On a small
-  machine Serve's proxy competes with the replica's torch threads for the same cores, so
-  both engines get the same thread counts to try;
+  --threads T`` on a local Ray it starts (the default ingress, Serve's proxy); the ratio of
+  the best of each over the thread counts T of ``--threads`` (default: the CPUs) is the
+  goal (within 15%). On a small machine the ingress competes with the replica's torch
+  threads for the same cores, so both engines get the same thread counts to try;
+* ``ray_1_replica_haproxy``: the same behind HAProxy (``--ingress haproxy``);
 * ``ray_2_nodes``: two ``ray start`` nodes of ``--num-cpus 1`` (head + worker), then
   ``mtreg serve --engine ray --address HEAD --replicas 2 --replica-cpus 1 --threads 1``
   following the alias ``serving``; while the load runs the alias moves to a bundle with a
   new version of task0. Counted: requests lost (errors), and which bundle each replica
   answers with afterwards.
 
-Then, when ``bench/fleet_onboard.py`` exists, its ``run`` (four tasks onboarded on two Ray
-nodes against one after another) is called and its result shown under ``onboard``.
+Then bench/fleet_onboard.py's ``run`` (four tasks onboarded on two Ray nodes against one
+after another) is shown under ``onboard``.
 
     python bench/fleet.py [--seconds 10] [--concurrency 32] [--workloads all_tasks,one_task]
-                          [--threads 1,2] [--no-onboard]
-
-writes bench/results/fleet.json and bench/results/fleet.md.
+                          [--threads 1,2] [--no-onboard]   # bench/results/fleet.{json,md}
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ import serve_load
 import sst2tasks
 
 from mtreg.core.text import split_list
+from mtreg.serving.ray_ingress import DEFAULT_INGRESS, ingress_env
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -62,6 +62,7 @@ RAY_ENV = {
     # Serve's proxies on the nodes started here resend requests lost with a replica.
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mtreg.serving.ray_proxy.middlewares",
 }
+NODE_ENV = {**os.environ, **RAY_ENV, **ingress_env(DEFAULT_INGRESS)}  # nodes pick the ingress
 
 
 def parser() -> argparse.ArgumentParser:
@@ -212,7 +213,7 @@ def two_nodes() -> Iterator[str]:
     ray_cli = str(Path(sys.executable).with_name("ray"))
     address = f"127.0.0.1:{HEAD_PORT}"
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": NODE_ENV}
     head = [ray_cli, "start", "--head", "--port", str(HEAD_PORT), "--include-dashboard", "false"]
     nodes = [subprocess.Popen([*head, *common], **quiet)]
     try:
@@ -245,6 +246,7 @@ def single_machine(work: Path, bundle: Path, texts: list[str], args: argparse.Na
         "uvicorn": [],
         "ray_1_replica": ["--engine", "ray", "--replicas", "1", "--replica-cpus", cpus],
     }
+    engines["ray_1_replica_haproxy"] = [*engines["ray_1_replica"], "--ingress", "haproxy"]
     settings = {
         f"{engine}_t{threads}": [*extra, "--threads", threads]
         for threads in split_list(args.threads or cpus)
@@ -326,10 +328,8 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
         bundle = sst2tasks.build(work, dev=32).bundle
         single = single_machine(work, bundle, texts, args)
         reload = through_reload(work, texts, args)
-    ratios = {}
-    for workload, settings in single.items():
-        best = best_of(settings)
-        ratios[workload] = round(best["ray_1_replica"] / best["uvicorn"], 3)
+    best = {w: best_of(s) for w, s in single.items()}
+    ratios = {w: {e: round(b[e] / b["uvicorn"], 3) for e in list(b)[1:]} for w, b in best.items()}
     return {
         "benchmark": "fleet",
         "cpus": len(os.sched_getaffinity(0)),
@@ -348,8 +348,8 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
 def best_of(settings: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Return each engine's best throughput over its ``ENGINE_tT`` settings."""
     return {
-        engine: max(r["throughput_per_s"] for n, r in settings.items() if n.startswith(engine))
-        for engine in ("uvicorn", "ray_1_replica")
+        e: max(r["throughput_per_s"] for n, r in settings.items() if n.rsplit("_t", 1)[0] == e)
+        for e in ("uvicorn", "ray_1_replica", "ray_1_replica_haproxy")
     }
 
 
@@ -379,7 +379,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {r['p50_ms']} | {r['p99_ms']} | {r['errors'] or '-'} "
                 f"| {', '.join(f'{k} {v}' for k, v in r.get('cpu_s', {}).items())} |"
             )
-    ratios = [f"{w} {b['ray_1_replica'] / (b['uvicorn'] or 1):.2f}x" for w, b in best.items()]
+    ratios = [
+        f"{w} {b['ray_1_replica'] / (b['uvicorn'] or 1):.2f}x (behind HAProxy "
+        f"{b['ray_1_replica_haproxy'] / (b['uvicorn'] or 1):.2f}x)"
+        for w, b in best.items()
+    ]
     out += ["", f"Best Ray replica against best uvicorn (goal: >= 0.85x): {', '.join(ratios)}."]
     r = report["two_nodes_through_reload"]
     out += [

@@ -14,6 +14,7 @@ from mtreg.cli.defaults import default_option, field_default, given
 from mtreg.core.text import split_list
 from mtreg.errors import MtregError
 from mtreg.serving.config import ServeConfig
+from mtreg.serving.ray_ingress import DEFAULT_INGRESS, INGRESSES
 
 
 def _config_option(*decls: str, **attrs: Any) -> Callable[[Any], Any]:
@@ -165,6 +166,14 @@ def _config(tasks: tuple[str, ...] | None, **values: Any) -> ServeConfig:
     help="With --engine ray: CPUs per replica (its torch threads, unless --threads).",
 )
 @click.option(
+    "--ingress",
+    type=click.Choice(INGRESSES),
+    default=None,
+    help=f"With --engine ray and the Ray it starts: what takes HTTP to the replicas: HAProxy "
+    f"straight to each replica, or Serve's Python proxy [default: {DEFAULT_INGRESS}; a "
+    "cluster's nodes choose at `ray start`].",
+)
+@click.option(
     "--metrics-port",
     default=None,
     type=click.IntRange(1, 65535),
@@ -208,8 +217,8 @@ def serve(
     /openapi.json (docs at /docs).
 
     Requests for different tasks share micro-batches. Stops on SIGTERM after draining.
-    With --engine ray, each replica batches on its own behind Ray Serve's HTTP proxy and
-    follows the alias by itself.
+    With --engine ray, each replica batches on its own behind HAProxy (or Serve's HTTP
+    proxy) and follows the alias by itself.
     """
     config = _config(
         bundle=bundle,
@@ -232,11 +241,11 @@ def serve(
     if ray_options.pop("engine") == "ray":
         _serve_on_ray(ctx, config, host, port, threads, log_level=log_level, **ray_options)
         return
-    ray_only = ("address", "autoscale", "autoscaling_config", "metrics_port")
+    ray_only = ("address", "autoscale", "autoscaling_config", "metrics_port", "ingress")
     if any(ray_options[name] for name in ray_only) or ray_options["replicas"] != 1:
         raise MtregError(
-            "--address, --replicas, --autoscale, --autoscaling-config and --metrics-port need "
-            "--engine ray"
+            "--address, --replicas, --autoscale, --autoscaling-config, --metrics-port and "
+            "--ingress need --engine ray"
         )
     from mtreg.serving.server import serve as run
 
@@ -263,6 +272,7 @@ def _serve_on_ray(
     autoscaling_config: str | None,
     replica_cpus: float,
     metrics_port: int | None,
+    ingress: str | None,
     log_level: str,
 ) -> None:
     """Run ``mtreg serve --engine ray`` (see :mod:`mtreg.serving.ray_engine`).
@@ -285,6 +295,7 @@ def _serve_on_ray(
         autoscaling=parse_autoscaling(autoscaling_config) if autoscaling_config else {},
         replica_cpus=replica_cpus,
         metrics_port=metrics_port,
+        ingress=ingress,
         target_ongoing_requests=config.max_batch_size,
         max_queued=config.queue_size,
         graceful_shutdown_s=config.drain_seconds,

