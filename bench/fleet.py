@@ -48,21 +48,14 @@ from typing import Any
 # bench/ is the script's folder, hence on sys.path.
 import serve_load
 import sst2tasks
+from raynodes import METRICS_PORTS, RAY_ENV, cpu_by_role, replica_requests, two_nodes
 
 from mtreg.core.text import split_list
-from mtreg.serving.ray_ingress import DEFAULT_INGRESS, ingress_env
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PORT, HEAD_PORT = 8765, 6390
+PORT = 8765
 PLUGIN = "sst2_tasks.py"  # bench/sst2tasks.py's plugin file
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    # Serve's proxies on the nodes started here resend requests lost with a replica.
-    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mtreg.serving.ray_proxy.middlewares",
-}
-NODE_ENV = {**os.environ, **RAY_ENV, **ingress_env(DEFAULT_INGRESS)}  # nodes pick the ingress
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
         "same budget for both) [the CPUs]",
     )
     p.add_argument("--no-onboard", action="store_true", help="skip bench/fleet_onboard.py")
+    p.add_argument(
+        "--cluster-only", action="store_true", help="run the two-node half into the last report"
+    )
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -175,67 +171,6 @@ def replicas_answering(url: str, want: int, seconds: float = 20) -> dict[str, st
     return found
 
 
-# What a process's command line names -> its role in the CPU accounting (the first match).
-ROLES = (
-    ("ServeReplica", "replica"),
-    ("ProxyActor", "serve_proxy"),
-    ("ServeController", "serve_controller"),
-    ("-m mtreg", "mtreg_serve"),
-)
-
-
-def cpu_by_role() -> dict[str, float]:
-    """Return the CPU seconds so far of every process in this PID namespace by role
-    (:data:`ROLES`; this process, the load's clients, is ``load``; Ray's own daemons and
-    the rest ``other``), to see where a machine's cores went during a measurement."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue  # it exited
-        fields = stat.rsplit(")", 1)[1].split()  # from field 3 (state) on
-        seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        role = next((r for key, r in ROLES if key in command), "other")
-        role = "load" if int(entry.name) == os.getpid() else role
-        out[role] = out.get(role, 0.0) + seconds
-    return out
-
-
-@contextmanager
-def two_nodes() -> Iterator[str]:
-    """Start a head and a worker node of one CPU each; yield the head's address; stop both
-    by their PIDs."""
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    address = f"127.0.0.1:{HEAD_PORT}"
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": NODE_ENV}
-    head = [ray_cli, "start", "--head", "--port", str(HEAD_PORT), "--include-dashboard", "false"]
-    nodes = [subprocess.Popen([*head, *common], **quiet)]
-    try:
-        import ray
-
-        for _ in range(600):
-            try:
-                ray.init(address=address, logging_level="ERROR")
-                break
-            except Exception:
-                time.sleep(0.5)
-        nodes.append(subprocess.Popen([ray_cli, "start", "--address", address, *common], **quiet))
-        while sum(node["Alive"] for node in ray.nodes()) < 2:
-            time.sleep(0.5)
-        ray.shutdown()
-        yield address
-    finally:
-        for node in reversed(nodes):
-            node.terminate()
-            node.wait(timeout=120)
-
-
 def single_machine(work: Path, bundle: Path, texts: list[str], args: argparse.Namespace) -> dict:
     """uvicorn vs one Ray Serve replica on the same bundle, each at every torch thread
     count of ``--threads``: workload -> setting (``ENGINE_tTHREADS``) -> result."""
@@ -295,6 +230,8 @@ def through_reload(work: Path, texts: list[str], args: argparse.Namespace) -> di
             result = drive(url, texts, "one_task", args)
             mover.join()
             after = replicas_answering(url, 2)
+            metrics = replica_requests(want=2)
+    counted = {replica for by_replica in metrics.values() for replica in by_replica}
     return {
         **result,
         "cluster_start_s": round(cluster_s, 1),
@@ -304,6 +241,8 @@ def through_reload(work: Path, texts: list[str], args: argparse.Namespace) -> di
         "replicas_before": before,
         "replicas_after": after,
         "every_replica_reloaded": len(after) == 2 and set(after.values()) == {new},
+        "ray_metrics_by_node_port": metrics,
+        "every_replica_in_ray_metrics": {name.split()[0] for name in after} <= counted,
     }
 
 
@@ -326,6 +265,8 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mtreg-fleet-") as tmp:
         work = Path(tmp)
         bundle = sst2tasks.build(work, dev=32).bundle
+        if args.cluster_only:
+            return {"two_nodes_through_reload": through_reload(work, texts, args)}
         single = single_machine(work, bundle, texts, args)
         reload = through_reload(work, texts, args)
     best = {w: best_of(s) for w, s in single.items()}
@@ -396,6 +337,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"({len(r['replicas_after'])} replicas answered). Cluster start {r['cluster_start_s']} s, "
         f"deployment {r['deploy_s']} s (not counted).",
         "",
+        f"Ray's metrics export on each node (ports {', '.join(map(str, METRICS_PORTS))}), "
+        f"/v1/predict 200s by replica: {r.get('ray_metrics_by_node_port', 'not measured')}; "
+        f"every replica counted: {r.get('every_replica_in_ray_metrics', 'not measured')}"
+        + (f" (`{report['cluster_command']}`)." if "cluster_command" in report else "."),
+        "",
         "## Onboarding four tasks on two Ray nodes",
         "",
     ]
@@ -431,6 +377,12 @@ def main() -> None:
     if ran.returncode or not lines:
         sys.exit(f"the benchmark failed inside the namespaces (exit {ran.returncode})")
     report = json.loads(lines[-1].removeprefix("FLEET "))
+    if args.cluster_only:  # the last full run's report, with this cluster half
+        cluster = {**report, "cluster_command": f"python bench/fleet.py {' '.join(sys.argv[1:])}"}
+        report = json.loads((RESULTS / "fleet.json").read_text()) | cluster
+        write(report)
+        print(markdown(report))
+        return
     report["onboard"] = "not run yet (bench/fleet_onboard.py is running)"
     write(report)  # the serving half is kept if the onboarding half fails or is stopped
     # Outside the namespaces: fleet_onboard makes its own.
