@@ -10,10 +10,10 @@ which runs the app as ``mtreg serve`` does. Serve's Python proxy is off the requ
 measured on 2 cores (bench/fleet.py), it spent about 4 ms of CPU per request, and each
 request cost the replica a second actor call back to it. A request whose replica dies
 before answering is sent again to another by HAProxy's layer-7 retries (every mtreg
-endpoint only reads, so sending one again is safe), but not always: in three runs of a
-replica killed under the load of 8 clients, one request of about 1,400 reached its client
-as a closed connection, which the ``proxy`` ingress never let through. A body past the
-limits is refused there too (413).
+endpoint only reads, so sending one again is safe), but not always: in five runs of a
+replica killed under the load of 8 clients, 3 requests of about 5,000 (2 in one run)
+reached their client as a closed connection, which the ``proxy`` ingress never let
+through. A body past the limits is refused there too (413).
 
 Serve reads these settings from the environment of every Ray process when it starts:
 :func:`ingress_env` is what the Ray that ``mtreg serve`` starts gets; a cluster's nodes
