@@ -52,55 +52,27 @@ from typing import Any
 
 # bench/ is the script's folder, hence on sys.path.
 from benchtasks import DATA_DIR, PLUGIN_NAME, open_registry
+from raynodes import RAY_ENV
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-PORT = 6391  # the head's port, inside the private network namespace
 
-# Inside the namespaces: two nodes of one CPU each, both alive before the command is timed;
-# then the command; then the nodes stopped by their PIDs. Prints one JSON line.
+# Inside the namespaces: bench/raynodes.py's two nodes of one CPU each, both alive before
+# the command is timed; then the command; then the nodes stopped. Prints one JSON line.
 CLUSTER = textwrap.dedent(
     """
-    import json, socket, subprocess, sys, time
+    import json, subprocess, sys, time
 
-    ray_cli, port, command = sys.argv[1], sys.argv[2], sys.argv[3:]
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block"]
-    began = time.perf_counter()
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--port", port, "--include-dashboard", "false", *common],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    nodes = [head]
-    while True:  # the head's port answers first; ray.init would retry for minutes
-        try:
-            socket.create_connection(("127.0.0.1", int(port)), 1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    import ray
+    sys.path.insert(0, sys.argv[1])
+    from raynodes import two_nodes
 
-    for _ in range(600):  # the port answers before the head's raylet has registered
-        try:
-            ray.init(address=address, logging_level="ERROR")
-            break
-        except ConnectionError:
-            time.sleep(0.5)
-    nodes.append(subprocess.Popen(
-        [ray_cli, "start", "--address", address, *common],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    ))
-    while sum(n["Alive"] for n in ray.nodes()) < 2:
-        time.sleep(0.5)
-    ray.shutdown()
-    cluster_s = time.perf_counter() - began
     began = time.perf_counter()
-    done = subprocess.run([*command, "--address", address], capture_output=True, text=True)
-    wall_s = time.perf_counter() - began
-    for node in reversed(nodes):
-        node.terminate()
-        node.wait(timeout=120)
+    with two_nodes() as address:
+        cluster_s = time.perf_counter() - began
+        began = time.perf_counter()
+        done = subprocess.run([*sys.argv[2:], "--address", address], capture_output=True,
+                              text=True)
+        wall_s = time.perf_counter() - began
     print(json.dumps({"code": done.returncode, "stdout": done.stdout, "stderr": done.stderr,
                       "wall_s": wall_s, "cluster_s": cluster_s}))
     """
@@ -202,9 +174,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     alone, alone_s = _sequential(_home(work, "sequential_1cpu", config), tasks, args, one_cpu)
 
     command = [*ray_cli, "onboard", *tasks, *_flags(args), "--engine", "ray"]
-    ray_bin = str(Path(sys.executable).with_name("ray"))
     inside = ["bash", "-c", 'ip link set lo up && exec "$@"', "-"]
-    inside += [sys.executable, "-c", CLUSTER, ray_bin, str(PORT), *command]
+    inside += [sys.executable, "-c", CLUSTER, str(HERE), *command]
     ran = subprocess.run(
         ["unshare", "--net", "--pid", "--fork", "--mount-proc", *inside],
         env=_env(),

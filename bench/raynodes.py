@@ -8,6 +8,7 @@ namespace with loopback only (bench/fleet.py re-runs itself in one).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -71,9 +72,15 @@ def two_nodes() -> Iterator[str]:
     head += ["--metrics-export-port", str(METRICS_PORTS[0])]
     nodes = [subprocess.Popen([*head, *common], **quiet)]
     try:
+        while True:  # the head's port answers first; ray.init would retry for minutes
+            try:
+                socket.create_connection(("127.0.0.1", HEAD_PORT), 1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
         import ray
 
-        for _ in range(600):
+        for _ in range(600):  # the port answers before the head's raylet has registered
             try:
                 ray.init(address=address, logging_level="ERROR")
                 break
