@@ -217,8 +217,8 @@ def serve(
     /openapi.json (docs at /docs).
 
     Requests for different tasks share micro-batches. Stops on SIGTERM after draining.
-    With --engine ray, each replica batches on its own behind HAProxy (or Serve's HTTP
-    proxy) and follows the alias by itself.
+    With --engine ray, each replica batches on its own behind Serve's HTTP proxy (or
+    HAProxy, --ingress haproxy) and follows the alias by itself.
     """
     config = _config(
         bundle=bundle,

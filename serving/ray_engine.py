@@ -1,18 +1,17 @@
 """``mtreg serve --engine ray``: the bundle as a Ray Serve deployment of N replicas.
 
 Each replica is the single-process server's app (:func:`mtreg.serving.app.create_app`:
-the same ``/v1`` and ``/v2`` routers, middleware and lifespan) behind HAProxy or Serve's
-HTTP proxy (:mod:`mtreg.serving.ray_ingress`), so each replica batches requests of every
+the same ``/v1`` and ``/v2`` routers, middleware and lifespan) behind Serve's HTTP proxy or
+HAProxy (:mod:`mtreg.serving.ray_ingress`), so each replica batches requests of every
 task together with mtreg's own :class:`~mtreg.serving.batcher.Batcher`. Hot reload: every
 replica runs the same reload watcher as ``mtreg serve`` (its lifespan starts it), polling
-the registry every
-``poll_seconds``; replicas on other machines read the same registry database and object
-store, so each swaps on its own within one poll of the alias moving, with no broadcast
-to lose. A request whose replica dies under it is sent again (by HAProxy's retries, or
-by mtreg's middleware in Serve's proxy, :mod:`mtreg.serving.ray_proxy`, which also refuses
-a body past the limits before a replica sees it); idle keep-alive connections close after
-``keep_alive_s``. Drain: Serve stops routing to a replica it stops, waits
-for its requests up to ``graceful_shutdown_s``, then runs the app's lifespan shutdown
+the registry every ``poll_seconds``; replicas on other machines read the same registry
+database and object store, so each swaps on its own within one poll of the alias moving,
+with no broadcast to lose. A request whose replica dies under it is sent again (by mtreg's
+middleware in Serve's proxy, :mod:`mtreg.serving.ray_proxy`, which also refuses a body past
+the limits before a replica sees it; or by HAProxy's retries); idle keep-alive connections
+close after ``keep_alive_s``. Drain: Serve stops routing to a replica it stops, waits for
+its requests up to ``graceful_shutdown_s``, then runs the app's lifespan shutdown
 (queue drained, new work 503 + Retry-After); past ``max_queued`` requests waiting, Serve's
 proxy answers 503 + Retry-After itself.
 """
@@ -62,8 +61,8 @@ class RayOptions:
             ``mtreg_serve_*`` among them (a cluster's nodes: ``ray start
             --metrics-export-port``); None lets Ray choose.
         ingress: what takes HTTP to the replicas of the Ray started here
-            (:mod:`mtreg.serving.ray_ingress`); None: HAProxy there, and on a cluster
-            what its nodes were started with.
+            (:mod:`mtreg.serving.ray_ingress`); None: Serve's proxy there (the default
+            ingress), and on a cluster what its nodes were started with.
         max_ongoing_requests: requests a replica holds at once (Serve's default of 5
             would cap mtreg's micro-batches at 5 requests).
         target_ongoing_requests: what autoscaling aims at per replica: a full micro-batch.
