@@ -12,8 +12,9 @@ what the choice never saw: 20k-example sets, 150 intents, and tagging.
 
 **Candidates.** Full fine-tuning: learning rate in :data:`FULL_LRS`. Onboarding
 (``mtreg onboard``'s code, :mod:`mtreg.training.stages`): teacher depths in
-:data:`TEACHER_SEARCHES`, teacher learning rate in :data:`TEACHER_LRS`, tolerance in
-:data:`TOLERANCES` (students at onboarding's default rate). Both methods: epochs from the
+:data:`TEACHER_SEARCHES` (those within the onboarding budget, :data:`ONBOARD_BUDGET`),
+teacher learning rate in :data:`TEACHER_LRS`, tolerance in :data:`TOLERANCES` (students
+at onboarding's default rate). Both methods: epochs from the
 one early-stopping rule (:func:`mtreg.training.settings.epoch_cap`, patience
 ``PATIENCE``), every configuration on :data:`SEEDS`; the same number of learning rates each.
 
@@ -89,7 +90,12 @@ TRAIN_SIZES = {
 }
 FULL_LRS = (2e-5, 5e-5, 1e-4)
 TEACHER_LRS = (1e-4, 2e-4, 5e-4)
-TEACHER_SEARCHES = ((2, 3), (2, 3, 4))
+# Onboarding's cost with the defaults may be at most this many full fine-tunings (issue #22),
+# so a search is a candidate only where it fits at equal epochs (:func:`search_layers`):
+# (2,) trains 3 layers per epoch, (2, 3) 9, the 6 of one full fine-tuning times 1.5; (2, 3, 4)
+# 19, over 3x, and is not searched (its L=4 units were about half the choosing cost).
+ONBOARD_BUDGET = 1.5
+TEACHER_SEARCHES = ((2,), (2, 3))
 TOLERANCES = (0.98, 0.99)
 SEEDS = (0, 1)
 GOAL = 0.996
@@ -146,9 +152,22 @@ class Unit:
         n = TRAIN_SIZES[self.task]
         if self.method == "full":
             return MAX_EPOCHS * n / FULL_EXAMPLES_PER_S
-        # the teacher's L layers, then students of 1..min(3, L-1) layers at twice the cap
-        layer_epochs = MAX_EPOCHS * (self.layers + 2 * sum(range(1, min(3, self.layers - 1) + 1)))
+        # the teacher's L layers, then its students' layers at twice the cap
+        layer_epochs = MAX_EPOCHS * (self.layers + 2 * sum(students(self.layers)))
         return n / CACHE_EXAMPLES_PER_S + n * layer_epochs / BRANCH_LAYER_EXAMPLES_PER_S
+
+
+def students(depth: int) -> range:
+    """Return the student depths onboarding distils from a teacher of ``depth`` layers."""
+    from mtreg.training.stages import MAX_STUDENT_LAYERS
+
+    return range(1, min(MAX_STUDENT_LAYERS, depth - 1) + 1)
+
+
+def search_layers(search: Sequence[int]) -> int:
+    """Return the layers onboarding trains per epoch for the teacher depths ``search``:
+    each teacher's and its students' (one full fine-tuning of the trunk trains all)."""
+    return sum(depth + sum(students(depth)) for depth in search)
 
 
 def choosing_units(tasks: Iterable[str] = CHOOSING) -> list[Unit]:
@@ -326,11 +345,11 @@ class Runner:
         except MtregError as exc:  # every candidate (the one teacher) diverged
             return {"runs": [], "diverged": [str(exc)]}
         runs, diverged = list(teachers.runs), list(teachers.diverged)
-        for small in range(1, min(stages.MAX_STUDENT_LAYERS, unit.layers - 1) + 1):
+        for small in students(unit.layers):
             one = replace(job, settings=replace(job.settings, student_layers=(small,)))
-            students = stages.distill(one)
-            runs += students.runs
-            diverged += students.diverged
+            distilled = stages.distill(one)
+            runs += distilled.runs
+            diverged += distilled.diverged
         return {"runs": [self._scored_run(job, r) for r in runs], "diverged": diverged}
 
     def _scored_run(self, job: Any, run: Any) -> dict[str, Any]:

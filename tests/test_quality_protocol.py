@@ -32,8 +32,15 @@ def test_every_candidate_runs_on_every_seed_with_the_same_number_of_rates() -> N
     branch = [u for u in units if u.method == "branch"]
     assert len(p.SEEDS) >= 2 and len(p.FULL_LRS) == len(p.TEACHER_LRS)
     assert len(full) == len(p.FULL_LRS) * len(p.SEEDS)
-    assert len(branch) == len(p.TEACHER_LRS) * len(p.SEEDS) * 3  # L in 2..4
+    assert len(branch) == len(p.TEACHER_LRS) * len(p.SEEDS) * 2  # L in 2..3
     assert len({u.path() for u in units}) == len(units)  # one file each
+
+
+def test_every_searched_depth_fits_the_onboarding_budget_at_equal_epochs() -> None:
+    full = 6  # the MiniLM trunk's layers, all trained by full fine-tuning
+    assert p.search_layers((2, 3)) == 2 + 1 + 3 + (1 + 2)  # teachers and their students
+    assert all(p.search_layers(s) <= p.ONBOARD_BUDGET * full for s in p.TEACHER_SEARCHES)
+    assert p.search_layers((2, 3, 4)) > p.ONBOARD_BUDGET * full  # why L=4 is not searched
 
 
 def _compute(calls: list[str]):
