@@ -11,7 +11,9 @@ root; loopback only), where every server below runs, one after the other:
 * ``ray_1_replica``: ``mtreg serve --engine ray --replicas 1 --replica-cpus CPUS
   --threads T`` on a local Ray it starts (the default ingress, Serve's proxy); the ratio of
   the best of each over the thread counts T of ``--threads`` (default: the CPUs) is the
-  goal (within 15%). On a small machine the ingress competes with the replica's torch
+  goal (within 15%), taken round by round over ``--repeats`` rounds of every setting in
+  rotated order (bench/repeats.py; one 8-second run of each differed by 10% and more
+  between runs). On a small machine the ingress competes with the replica's torch
   threads for the same cores, so both engines get the same thread counts to try;
 * ``ray_1_replica_haproxy``: the same behind HAProxy (``--ingress haproxy``);
 * ``ray_2_nodes``: two ``ray start`` nodes of ``--num-cpus 1`` (head + worker), then
@@ -24,7 +26,8 @@ Then bench/fleet_onboard.py's ``run`` (four tasks onboarded on two Ray nodes aga
 after another) is shown under ``onboard``.
 
     python bench/fleet.py [--seconds 10] [--concurrency 32] [--workloads all_tasks,one_task]
-                          [--threads 1,2] [--no-onboard]   # bench/results/fleet.{json,md}
+                          [--threads 1,2] [--repeats 3] [--no-onboard]
+                                              # bench/results/fleet.{json,md}
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +54,7 @@ from typing import Any
 import serve_load
 import sst2tasks
 from raynodes import METRICS_PORTS, RAY_ENV, cpu_by_role, replica_requests, two_nodes
+from repeats import Spread, ratios, rotations
 
 from mtreg.core.text import split_list
 
@@ -71,6 +77,12 @@ def parser() -> argparse.ArgumentParser:
         "--threads",
         help="torch threads of each server, a comma list (each engine tried at each, the "
         "same budget for both) [the CPUs]",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of every single-machine setting, in rotated order (bench/repeats.py)",
     )
     p.add_argument("--no-onboard", action="store_true", help="skip bench/fleet_onboard.py")
     p.add_argument(
@@ -173,7 +185,8 @@ def replicas_answering(url: str, want: int, seconds: float = 20) -> dict[str, st
 
 def single_machine(work: Path, bundle: Path, texts: list[str], args: argparse.Namespace) -> dict:
     """uvicorn vs one Ray Serve replica on the same bundle, each at every torch thread
-    count of ``--threads``: workload -> setting (``ENGINE_tTHREADS``) -> result."""
+    count of ``--threads``, ``--repeats`` rounds in rotated order: workload -> setting
+    (``ENGINE_tTHREADS``) -> one result per round."""
     cpus = str(len(os.sched_getaffinity(0)))
     common = ["--bundle", str(bundle), "--port", str(PORT), "--poll-seconds", "0"]
     common += ["--queue-size", "4096", "--log-level", "warning"]
@@ -187,18 +200,20 @@ def single_machine(work: Path, bundle: Path, texts: list[str], args: argparse.Na
         for threads in split_list(args.threads or cpus)
         for engine, extra in engines.items()
     }
-    results: dict[str, dict[str, Any]] = {w: {} for w in split_list(args.workloads)}
-    for name, extra in settings.items():
-        command = [*mtreg_cli(work), "serve", *common, *extra]
-        with server(command, work / f"{name}.log") as url:
-            for workload in results:
-                before = cpu_by_role()
-                results[workload][name] = drive(url, texts, workload, args)
-                spent = {r: s - before.get(r, 0.0) for r, s in cpu_by_role().items()}
-                results[workload][name]["cpu_s"] = {
-                    r: round(s, 1) for r, s in spent.items() if s >= 0.1
-                }
-                print(name, workload, results[workload][name], file=sys.stderr, flush=True)
+    results: dict[str, dict[str, list]] = {
+        w: {name: [] for name in settings} for w in split_list(args.workloads)
+    }
+    for repeat, order in rotations(list(settings), args.repeats):
+        for name in order:
+            command = [*mtreg_cli(work), "serve", *common, *settings[name]]
+            with server(command, work / f"{name}.log") as url:
+                for workload in results:
+                    before = cpu_by_role()
+                    result = drive(url, texts, workload, args)
+                    spent = {r: s - before.get(r, 0.0) for r, s in cpu_by_role().items()}
+                    result["cpu_s"] = {r: round(s, 1) for r, s in spent.items() if s >= 0.1}
+                    results[workload][name].append(result)
+                    print(repeat, name, workload, result, file=sys.stderr, flush=True)
     return results
 
 
@@ -269,8 +284,7 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
             return {"two_nodes_through_reload": through_reload(work, texts, args)}
         single = single_machine(work, bundle, texts, args)
         reload = through_reload(work, texts, args)
-    best = {w: best_of(s) for w, s in single.items()}
-    ratios = {w: {e: round(b[e] / b["uvicorn"], 3) for e in list(b)[1:]} for w, b in best.items()}
+    ratios = {w: engine_ratios(settings) for w, settings in single.items()}
     return {
         "benchmark": "fleet",
         "cpus": len(os.sched_getaffinity(0)),
@@ -279,6 +293,7 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
         "load_before": os.getloadavg()[0],
         "concurrency": args.concurrency,
         "seconds_limit": args.seconds,
+        "repeats": args.repeats,
         "single_machine": single,
         "ratio_ray_vs_uvicorn": ratios,
         "two_nodes_through_reload": reload,
@@ -286,12 +301,29 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def best_of(settings: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Return each engine's best throughput over its ``ENGINE_tT`` settings."""
+ENGINES = ("uvicorn", "ray_1_replica", "ray_1_replica_haproxy")
+
+
+def best_of(settings: dict[str, list[dict[str, Any]]], repeat: int) -> dict[str, float]:
+    """Return each engine's best throughput in round ``repeat`` over its ``ENGINE_tT``
+    settings (each engine gets the same thread counts to try)."""
+    engine_of = {name: name.rsplit("_t", 1)[0] for name in settings}  # ENGINE_tTHREADS
+    runs = settings.items()
     return {
-        e: max(r["throughput_per_s"] for n, r in settings.items() if n.rsplit("_t", 1)[0] == e)
-        for e in ("uvicorn", "ray_1_replica", "ray_1_replica_haproxy")
+        e: max(r[repeat]["throughput_per_s"] for n, r in runs if engine_of[n] == e) for e in ENGINES
     }
+
+
+def engine_ratios(settings: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Return, per Ray engine, its best throughput over uvicorn's best, round by round
+    (the two ran minutes apart at most), as the median and range over the rounds."""
+    rounds = range(len(next(iter(settings.values()))))
+    best = [best_of(settings, i) for i in rounds]
+    out = {}
+    for name in ENGINES[1:]:
+        spread = ratios([b[name] for b in best], [b["uvicorn"] for b in best])
+        out[name] = spread and {k: round(v, 3) for k, v in vars(spread).items()}
+    return out
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -306,26 +338,27 @@ def markdown(report: dict[str, Any]) -> str:
         "Settings are ENGINE_tTHREADS (torch threads); each engine is tried at the same "
         "thread counts, and the goal compares the best of each.",
         "",
-        "| workload | setting | sentences/s | vs best uvicorn | p50 ms | p99 ms | errors "
-        "| CPU s by process |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| workload | setting | sentences/s | p50 ms | p99 ms | errors | CPU s by process |",
+        "|---|---|---:|---:|---:|---|---|",
     ]
-    best = {}
     for workload, settings in report["single_machine"].items():
-        best[workload] = best_of(settings)
-        for name, r in settings.items():
+        for name, runs in settings.items():
+            errors = dict(sum((Counter(run["errors"]) for run in runs), Counter()))
+            cpu = median_cpu([run.get("cpu_s", {}) for run in runs])
             out.append(
-                f"| {workload} | {name} | {r['throughput_per_s']} | "
-                f"{r['throughput_per_s'] / (best[workload]['uvicorn'] or 1):.2f}x "
-                f"| {r['p50_ms']} | {r['p99_ms']} | {r['errors'] or '-'} "
-                f"| {', '.join(f'{k} {v}' for k, v in r.get('cpu_s', {}).items())} |"
+                f"| {workload} | {name} | {spread_text(runs, 'throughput_per_s')} "
+                f"| {spread_text(runs, 'p50_ms')} | {spread_text(runs, 'p99_ms')} "
+                f"| {errors or '-'} | {', '.join(f'{k} {v}' for k, v in cpu.items())} |"
             )
-    ratios = [
-        f"{w} {b['ray_1_replica'] / (b['uvicorn'] or 1):.2f}x (behind HAProxy "
-        f"{b['ray_1_replica_haproxy'] / (b['uvicorn'] or 1):.2f}x)"
-        for w, b in best.items()
+    lines = []
+    for workload, by_engine in report["ratio_ray_vs_uvicorn"].items():
+        proxy, haproxy = (Spread(**by_engine[e]) for e in ENGINES[1:])
+        lines.append(f"{workload} {proxy.ratio_text()} (behind HAProxy {haproxy.ratio_text()})")
+    out += [
+        "",
+        f"Best Ray replica against best uvicorn, round by round over {report['repeats']} "
+        f"rounds, median (range) (goal: >= 0.85x): {', '.join(lines)}.",
     ]
-    out += ["", f"Best Ray replica against best uvicorn (goal: >= 0.85x): {', '.join(ratios)}."]
     r = report["two_nodes_through_reload"]
     out += [
         "",
@@ -389,6 +422,18 @@ def main() -> None:
     report["onboard"] = onboard(args)
     write(report)
     print(markdown(report))
+
+
+def spread_text(runs: list[dict[str, Any]], key: str) -> str:
+    """Return ``median (min-max)`` of ``key`` over the rounds ``runs``."""
+    spread = Spread.of([run[key] for run in runs if run[key] is not None])
+    return spread.text() if spread else "-"
+
+
+def median_cpu(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Return each process role's median CPU seconds over the rounds."""
+    roles = sorted({role for cpu in rounds for role in cpu})
+    return {r: round(statistics.median(cpu.get(r, 0.0) for cpu in rounds), 1) for r in roles}
 
 
 def write(report: dict[str, Any]) -> None:

@@ -38,6 +38,12 @@ class Spread:
             return None
         return cls(statistics.median(values), min(values), max(values))
 
+    def text(self) -> str:
+        """Return it as ``12.3 (11.0-13.1)`` (the range only over several values)."""
+        if self.low == self.high:
+            return f"{self.median:.1f}"
+        return f"{self.median:.1f} ({self.low:.1f}-{self.high:.1f})"
+
     def ratio_text(self) -> str:
         """Return it as ``1.23x (1.10-1.31)`` (the range only over several values)."""
         if self.low == self.high:

@@ -282,11 +282,7 @@ def _cell(spread: dict[str, float] | None, ratio: bool = False) -> str:
     if spread is None:
         return "-"
     value = Spread(**spread)
-    if ratio:
-        return value.ratio_text()
-    if value.low == value.high:
-        return f"{value.median:.1f}"
-    return f"{value.median:.1f} ({value.low:.1f}-{value.high:.1f})"
+    return value.ratio_text() if ratio else value.text()
 
 
 def gate_lines(report: dict[str, Any]) -> list[str]:
