@@ -13,10 +13,10 @@ before answering is sent again to another by HAProxy's layer-7 retries (every mt
 endpoint only reads, so sending one again is safe), but not always: in five runs of a
 replica killed under the load of 8 clients, 3 requests of about 5,000 (2 in one run)
 reached their client as a closed connection, which the ``proxy`` ingress never let
-through. Looked at closer (8 kills under 8 clients, HAProxy's log read from its syslog
-target): most were requests in flight on the killed replica that reached their client as
-a connection closed with no response within 0.2 s of the kill, with no log line from
-HAProxy; one was a response cut after its headers, which no proxy can resend: the replica
+through. Looked at closer (six kills under 8 clients, about 1,500 requests, HAProxy's log
+read from its syslog target): 4 requests in flight on the killed replica reached their
+client as a connection closed with no response within 0.2 s of the kill, with no log line
+from HAProxy; 1 was a response cut after its headers, which no proxy can resend: the replica
 had sent its status line 0.3 s before the body, because Serve runs the app on a thread of
 its own and forwards each ASGI message as it comes. Running the app on the replica's loop
 (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``) did not help: 7 closed connections in 5
