@@ -34,9 +34,11 @@ def load(root: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def _run(data: dict[str, Any]) -> Any:
+    """Return a unit's run row as onboarding's Run; units leave out its checkpoint key,
+    which choosing never reads."""
     from mtreg.training.stages import Run
 
-    return Run(**{k: data[k] for k in Run.__dataclass_fields__ if k in data})
+    return Run(**{"key": "", **{k: data[k] for k in Run.__dataclass_fields__ if k in data}})
 
 
 def served(

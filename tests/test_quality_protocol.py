@@ -111,7 +111,6 @@ def _row(stage: str, layers: int, depth: int, dev: float, reported: float) -> di
         "best_epoch": 3,
         "dev_metrics": {"accuracy": dev},
         "seconds": 1.0,
-        "key": f"{stage}{layers}{depth}",
         "reported": {"metrics": {"accuracy": reported}},
         "layers_per_request": depth + layers,
     }
