@@ -232,17 +232,25 @@ def claim(unit: Unit, root: Path = UNITS) -> Path | None:
     return None
 
 
+def run_order(units: Iterable[Unit]) -> list[Unit]:
+    """Return ``units`` cheapest first, except that a judging unit of a later seed waits
+    for every judging unit of an earlier one: the judging run spans sessions, and one
+    seed of every judging task (both methods) is a complete picture, where half the tasks
+    on two seeds is not."""
+    return sorted(units, key=lambda u: (u.task in JUDGING and u.seed, u.estimate(), u.name, u.task))
+
+
 def run_units(
     units: Sequence[Unit],
     compute: Callable[[Unit], dict[str, Any]],
     root: Path = UNITS,
     until: float | None = None,
 ) -> list[Unit]:
-    """Run the unfinished ``units``, cheapest first, writing each as it finishes; skip one
-    another runner has claimed (:func:`claim`); stop before a unit whose estimate would end
-    after ``until`` (epoch seconds). Returns those run."""
+    """Run the unfinished ``units`` in :func:`run_order`, writing each as it finishes; skip
+    one another runner has claimed (:func:`claim`); stop before a unit whose estimate would
+    end after ``until`` (epoch seconds). Returns those run."""
     done = []
-    for unit in sorted(units, key=lambda u: (u.estimate(), u.name, u.task)):
+    for unit in run_order(units):
         if read_unit(unit.path(root)) is not None:
             continue
         if until is not None and time.time() + unit.estimate() > until:
@@ -392,7 +400,7 @@ def plan(root: Path = UNITS) -> list[str]:
     # Per method: hours the finished units took against their estimates (early stopping
     # ends most before the epoch cap), to scale what is pending.
     took, estimated = {"full": 0.0, "branch": 0.0}, {"full": 0.0, "branch": 0.0}
-    for u in sorted(units, key=lambda u: (u.estimate(), u.name, u.task)):
+    for u in run_order(units):
         found = read_unit(u.path(root))
         state = f"done ({found['hours']:.2f} h)" if found else f"~{u.estimate() / 3600:.2f} h"
         if found:

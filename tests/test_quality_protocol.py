@@ -89,6 +89,17 @@ def test_a_unit_claimed_by_a_live_runner_is_left_to_it_and_a_dead_ones_claim_is_
     assert list((tmp_path / p.CLAIMS).iterdir()) == [held]  # the runner released its claims
 
 
+def test_judging_runs_every_task_on_the_first_seed_before_any_on_the_second() -> None:
+    order = p.run_order(p.judging_units(5e-5, 2e-4, (2, 3)) + p.choosing_units(["mrpc"]))
+    seeds = [u.seed for u in order if u.task in p.JUDGING]
+    assert seeds == sorted(seeds) and set(seeds) == set(p.SEEDS)
+    assert {(u.task, u.method) for u in order if u.task in p.JUDGING and u.seed == 0} == {
+        (task, method) for task in p.JUDGING for method in ("full", "branch")
+    }
+    choosing = [u for u in order if u.task in p.CHOOSING]
+    assert choosing == sorted(choosing, key=lambda u: (u.estimate(), u.name))  # cheapest first
+
+
 def test_units_stop_before_the_stop_time(tmp_path: Path) -> None:
     calls: list[str] = []
     units = [p.Unit("cola", "full", 2e-5, 0)]
