@@ -390,39 +390,14 @@ def chosen_or_none(root: Path = UNITS) -> dict[str, Any] | None:
     return protocol_report.choose(root)
 
 
-def plan(root: Path = UNITS) -> list[str]:
-    """Return the plan's lines: every unit, done or not, with its estimated cost."""
+def planned_units(root: Path = UNITS) -> list[Unit]:
+    """Return every unit the protocol needs now: the choosing units, and the judging units
+    of the choice once the choosing units are complete."""
     choice = chosen_or_none(root)
     units = choosing_units()
     if choice is not None:
         units += judging_units(choice["full_lr"], choice["teacher_lr"], choice["search"])
-    lines, pending = [], {"full": 0.0, "branch": 0.0}
-    # Per method: hours the finished units took against their estimates (early stopping
-    # ends most before the epoch cap), to scale what is pending.
-    took, estimated = {"full": 0.0, "branch": 0.0}, {"full": 0.0, "branch": 0.0}
-    for u in run_order(units):
-        found = read_unit(u.path(root))
-        state = f"done ({found['hours']:.2f} h)" if found else f"~{u.estimate() / 3600:.2f} h"
-        if found:
-            took[u.method] += found["hours"]
-            estimated[u.method] += u.estimate() / 3600
-        else:
-            pending[u.method] += u.estimate() / 3600
-        fold = "choose" if u.task in CHOOSING else "judge"
-        lines.append(f"{fold:6} {u.task:13} {u.name:28} {state}")
-    total = sum(pending.values())
-    lines.append(f"pending: {total:.1f} CPU hours (estimate at the epoch cap)")
-    scaled = {m: took[m] / estimated[m] for m in pending if estimated[m]}
-    if scaled:
-        likely = sum(h * scaled.get(m, 1.0) for m, h in pending.items())
-        shares = ", ".join(f"{m} units {r:.0%}" for m, r in scaled.items())
-        lines.append(
-            f"finished units took {shares} of their estimates; at that rate (1.0 where none "
-            f"finished) the pending units take about {likely:.1f} CPU hours"
-        )
-    if choice is None:
-        lines.append("judging units: planned once the choosing units are complete")
-    return lines
+    return units
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -435,7 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--until", help="HH:MM (UTC): start no unit that would end later")
     args = parser.parse_args(argv)
     if args.plan:
-        print("\n".join(plan()))
+        import protocol_report
+
+        print("\n".join(protocol_report.plan()))
     if args.run:
         import torch
 
@@ -445,11 +422,7 @@ def main(argv: list[str] | None = None) -> None:
             hour, minute = (int(x) for x in args.until.split(":"))
             now = time.gmtime()
             until = time.time() + ((hour - now.tm_hour) * 60 + minute - now.tm_min) * 60
-        choice = chosen_or_none()
-        units = choosing_units()
-        if choice is not None:
-            units += judging_units(choice["full_lr"], choice["teacher_lr"], choice["search"])
-        run_units(units, Runner(), until=until)
+        run_units(planned_units(), Runner(), until=until)
     if args.report:
         import protocol_report
 

@@ -156,7 +156,7 @@ def test_the_plan_scales_what_is_pending_by_what_finished_units_took(tmp_path: P
     branch = [u for u in units if u.method == "branch"]
     for unit in branch[:2]:  # each took a quarter of its estimate
         p.write_unit(unit.path(tmp_path), {"hours": unit.estimate() / 3600 / 4, "runs": []})
-    lines = p.plan(tmp_path)
+    lines = pr.plan(tmp_path)
     full = sum(u.estimate() for u in units if u.method == "full") / 3600
     rest = sum(u.estimate() for u in branch[2:]) / 3600
     assert f"pending: {full + rest:.1f} CPU hours" in lines[-3]
