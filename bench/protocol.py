@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and plan, run or report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", action="store_true", help="print the units and their cost")
-    parser.add_argument("--run", action="store_true", help="run unfinished units, cheapest first")
+    parser.add_argument("--run", action="store_true", help="run unfinished units (run_order)")
     parser.add_argument("--report", action="store_true", help="write the report")
     parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
     parser.add_argument("--until", help="HH:MM (UTC): start no unit that would end later")

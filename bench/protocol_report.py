@@ -1,5 +1,6 @@
-"""The protocol's choice and report (bench/protocol.py): which configuration the choosing
-tasks select, and how it does on every task with finished units.
+"""The protocol's plan, choice and report (bench/protocol.py): what is left to run and
+what it costs, which configuration the choosing tasks select, and how it does on every
+task with finished units.
 
 Written to bench/results/quality-protocol.md, .json and .png from whatever units exist;
 what is missing is said, and no choice is made from an incomplete set of choosing units.
