@@ -22,8 +22,9 @@ root; loopback only), where every server below runs, one after the other:
   new version of task0. Counted: requests lost (errors), and which bundle each replica
   answers with afterwards.
 
-Then bench/fleet_onboard.py's ``run`` (four tasks onboarded on two Ray nodes against one
-after another) is shown under ``onboard``.
+Each single-machine row also shows how the server batched (bench/servestats.py).
+
+Then bench/fleet_onboard.py's ``run`` is shown under ``onboard``.
 
     python bench/fleet.py [--seconds 10] [--concurrency 32] [--workloads all_tasks,one_task]
                           [--threads 1,2] [--repeats 3] [--no-onboard]
@@ -33,7 +34,6 @@ after another) is shown under ``onboard``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -52,6 +52,7 @@ from typing import Any
 
 # bench/ is the script's folder, hence on sys.path.
 import serve_load
+import servestats
 import sst2tasks
 from raynodes import METRICS_PORTS, RAY_ENV, cpu_by_role, replica_requests, two_nodes
 from repeats import Spread, ratios, rotations
@@ -208,10 +209,11 @@ def single_machine(work: Path, bundle: Path, texts: list[str], args: argparse.Na
             command = [*mtreg_cli(work), "serve", *common, *settings[name]]
             with server(command, work / f"{name}.log") as url:
                 for workload in results:
-                    before = cpu_by_role()
+                    before, batched = cpu_by_role(), servestats.scrape(url)
                     result = drive(url, texts, workload, args)
                     spent = {r: s - before.get(r, 0.0) for r, s in cpu_by_role().items()}
                     result["cpu_s"] = {r: round(s, 1) for r, s in spent.items() if s >= 0.1}
+                    result |= servestats.batching(batched, servestats.scrape(url))
                     results[workload][name].append(result)
                     print(repeat, name, workload, result, file=sys.stderr, flush=True)
     return results
@@ -262,16 +264,13 @@ def through_reload(work: Path, texts: list[str], args: argparse.Namespace) -> di
 
 
 def onboard(args: argparse.Namespace) -> dict[str, Any] | str:
-    """Run bench/fleet_onboard.py's ``run`` when it exists; else say so."""
-    path = HERE / "fleet_onboard.py"
+    """Run bench/fleet_onboard.py's ``run`` (four tasks onboarded on two Ray nodes, and one
+    after another), unless ``--no-onboard``."""
     if args.no_onboard:
         return "skipped (--no-onboard)"
-    if not path.exists():
-        return "bench/fleet_onboard.py does not exist yet"
-    spec = importlib.util.spec_from_file_location("fleet_onboard", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.run(module.parser().parse_args([]))
+    import fleet_onboard
+
+    return fleet_onboard.run(fleet_onboard.parser().parse_args([]))
 
 
 def inside(args: argparse.Namespace) -> dict[str, Any]:
@@ -317,8 +316,7 @@ def best_of(settings: dict[str, list[dict[str, Any]]], repeat: int) -> dict[str,
 def engine_ratios(settings: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
     """Return, per Ray engine, its best throughput over uvicorn's best, round by round
     (the two ran minutes apart at most), as the median and range over the rounds."""
-    rounds = range(len(next(iter(settings.values()))))
-    best = [best_of(settings, i) for i in rounds]
+    best = [best_of(settings, i) for i in range(len(next(iter(settings.values()))))]
     out = {}
     for name in ENGINES[1:]:
         spread = ratios([b[name] for b in best], [b["uvicorn"] for b in best])
@@ -338,8 +336,9 @@ def markdown(report: dict[str, Any]) -> str:
         "Settings are ENGINE_tTHREADS (torch threads); each engine is tried at the same "
         "thread counts, and the goal compares the best of each.",
         "",
-        "| workload | setting | sentences/s | p50 ms | p99 ms | errors | CPU s by process |",
-        "|---|---|---:|---:|---:|---|---|",
+        "| workload | setting | sentences/s | p50 ms | p99 ms | inputs/batch | queue wait ms "
+        "| errors | CPU s by process |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for workload, settings in report["single_machine"].items():
         for name, runs in settings.items():
@@ -348,6 +347,7 @@ def markdown(report: dict[str, Any]) -> str:
             out.append(
                 f"| {workload} | {name} | {spread_text(runs, 'throughput_per_s')} "
                 f"| {spread_text(runs, 'p50_ms')} | {spread_text(runs, 'p99_ms')} "
+                f"| {spread_text(runs, 'inputs_per_batch')} | {spread_text(runs, 'queue_wait_ms')} "
                 f"| {errors or '-'} | {', '.join(f'{k} {v}' for k, v in cpu.items())} |"
             )
     lines = []
@@ -425,8 +425,8 @@ def main() -> None:
 
 
 def spread_text(runs: list[dict[str, Any]], key: str) -> str:
-    """Return ``median (min-max)`` of ``key`` over the rounds ``runs``."""
-    spread = Spread.of([run[key] for run in runs if run[key] is not None])
+    """Return ``median (min-max)`` of ``key`` over the rounds ``runs`` ("-" where none has it)."""
+    spread = Spread.of([run[key] for run in runs if run.get(key) is not None])
     return spread.text() if spread else "-"
 
 

@@ -90,3 +90,19 @@ def test_the_report_says_which_gate_f_served_and_that_its_metric_is_meaningless(
     assert "batch 1: onnx-int8 (4.00x fp32" in line and "batch 32: torch (1.00x" in line
     assert "onnx-int8 7/8" in line
     assert "meaningless" in caveat and "agreement with fp32 is real" in caveat
+
+
+def test_batching_is_read_from_the_server_s_own_metrics() -> None:
+    import servestats
+
+    from mtreg.serving.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    metrics.batch_size.observe(8)
+    before = servestats.parse(metrics.render().decode())
+    for size, wait in ((12, 0.05), (14, 0.15)):  # two batches during the measurement
+        metrics.batch_size.observe(size)
+        metrics.queue_wait.observe(wait)
+    after = servestats.parse(metrics.render().decode())
+    assert servestats.batching(before, after) == {"inputs_per_batch": 13.0, "queue_wait_ms": 100.0}
+    assert servestats.batching(after, after) == {"inputs_per_batch": None, "queue_wait_ms": None}
