@@ -55,7 +55,7 @@ import serve_load
 import servestats
 import sst2tasks
 from raynodes import METRICS_PORTS, RAY_ENV, cpu_by_role, replica_requests, two_nodes
-from repeats import Spread, ratios, rotations
+from repeats import Spread, count, ratios, rotations
 
 from mtreg.core.text import split_list
 
@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=count,
         default=3,
         help="rounds of every single-machine setting, in rotated order (bench/repeats.py)",
     )

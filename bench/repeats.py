@@ -9,9 +9,19 @@ then summarised as its median and range, rather than as a ratio of two medians.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+
+def count(text: str) -> int:
+    """Return ``--repeats`` as an int; raise argparse's error for one below 1 (no round
+    would run, and the report would have nothing to compare)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def rotations(names: Sequence[str], repeats: int) -> Iterator[tuple[int, list[str]]]:

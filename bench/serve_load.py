@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import sst2tasks
-from repeats import Spread, ratios, rotations
+from repeats import Spread, count, ratios, rotations
 
 from mtreg.core.text import split_list
 
@@ -260,8 +260,8 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
     for name in runs:
         errors: dict[str, int] = {}
         for run in runs[name]:
-            for key, count in run["errors"].items():
-                errors[key] = errors.get(key, 0) + count
+            for key, n in run["errors"].items():
+                errors[key] = errors.get(key, 0) + n
         entry: dict[str, Any] = {
             "sentences": sum(run["sentences"] for run in runs[name]),
             "errors": errors,
@@ -363,7 +363,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5)
     parser.add_argument("--settings", default=ALL_SETTINGS, help="letters of the settings")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
+    parser.add_argument("--repeats", type=count, default=3, help="interleaved repeats")
     parser.add_argument("--gate-dev", type=int, default=300, help="dev sentences per task")
     parser.add_argument("--cache", type=Path, default=CACHE, help="the gated registry's cache")
     args = parser.parse_args()

@@ -106,3 +106,17 @@ def test_batching_is_read_from_the_server_s_own_metrics() -> None:
     after = servestats.parse(metrics.render().decode())
     assert servestats.batching(before, after) == {"inputs_per_batch": 13.0, "queue_wait_ms": 100.0}
     assert servestats.batching(after, after) == {"inputs_per_batch": None, "queue_wait_ms": None}
+
+
+def test_fewer_than_one_repeat_is_refused_by_the_parser() -> None:
+    import argparse
+
+    import fleet
+
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 1, got 0"):
+        repeats.count("0")  # serve_load's --repeats type too
+    parser = fleet.parser()
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(["--repeats", "0"])
+    assert refused.value.code == 2
+    assert parser.parse_args(["--repeats", "2"]).repeats == 2
