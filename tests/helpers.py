@@ -251,20 +251,39 @@ SERVING_TASKS = [
 ONE_TEXT_TASKS = ["sentiment", "topics", "score", "slots"]
 
 
-def namespace_unavailable() -> str | None:
-    """Return why this machine cannot mount a tmpfs in a private mount namespace
-    (``unshare -m``: root or CAP_SYS_ADMIN), or None when it can (the full-disk and
-    read-only tests make their disks that way)."""
-    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d && rmdir $d"
+MOUNT_PROBE = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d && rmdir $d"
+NET_PROBE = "ip link set lo up"
+
+
+def unshare(*namespaces: str) -> list[str]:
+    """Return the argv prefix that runs a command in new ``namespaces`` (``unshare``'s flags).
+
+    Root makes them directly. Any other user first makes a user namespace in which it is
+    root (``--map-root-user``), which kernels with unprivileged user namespaces allow, so a
+    newcomer's test run needs no sudo for the Ray, full-disk and read-only-home tests."""
+    as_user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    return ["unshare", *as_user, *namespaces]
+
+
+def namespace_unavailable(*namespaces: str, probe: str = MOUNT_PROBE) -> str | None:
+    """Return why this machine cannot run shell ``probe`` inside :func:`unshare`'s
+    ``namespaces`` (default: a tmpfs mounted in a private mount namespace, as the full-disk
+    and read-only tests make their disks), or None when it can."""
+    namespaces = namespaces or ("--mount",)
     if shutil.which("unshare") is None:
         return "no `unshare` command here"
     try:
-        done = subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True, timeout=30)
+        done = subprocess.run(
+            [*unshare(*namespaces), "sh", "-c", probe], capture_output=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"`unshare -m` failed: {exc}"
+        return f"`unshare {' '.join(namespaces)}` failed: {exc}"
     if done.returncode != 0:
         reason = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        return f"cannot mount in a private namespace (needs root or CAP_SYS_ADMIN): {reason[0]}"
+        return (
+            f"cannot make private namespaces ({' '.join(namespaces)}): run as root, or allow "
+            f"unprivileged user namespaces (sysctl user.max_user_namespaces): {reason[0]}"
+        )
     return None
 
 

@@ -4,7 +4,7 @@ writer. Each is one line (``core/disk.py``) saying what to do, exit code 1, no t
 no half-written file.
 
 A file in the way is made with plain files; the full disk is a real small tmpfs in a private
-mount namespace (``unshare -m``, root only; ``helpers.namespace_unavailable``).
+mount namespace (``helpers.unshare``: root, or a user namespace; ``helpers.namespace_unavailable``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 from factories import Checkpoints
 from harness import CliPool
-from helpers import namespace_unavailable, publish_tasks
+from helpers import namespace_unavailable, publish_tasks, unshare
 from toy import FLAGS, open_toy_registry
 
 from mtreg.artifacts.checkpoint import read_checkpoint
@@ -91,7 +91,7 @@ def on_a_full_disk(mnt: Path, code: str, folder: Path) -> str:
         f'{sys.executable} -c "$CODE" "{folder}" && ls -A "{folder}"'
     )
     done = subprocess.run(
-        ["unshare", "-m", "bash", "-c", script],
+        [*unshare("--mount"), "bash", "-c", script],
         env={**os.environ, "CODE": code},
         capture_output=True,
         text=True,

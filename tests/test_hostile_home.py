@@ -4,7 +4,8 @@ impossible ``--home``, a read-only home and a full disk. Each ends in exit code 
 saying what to do (listing a read-only registry works), and changes nothing.
 
 The read-only home and the full disk are real: a read-only bind mount and a small tmpfs, made
-in a private mount namespace (``unshare -m``, root only) that vanishes with the command.
+in a private mount namespace (``helpers.unshare``: root, or a user namespace) that vanishes
+with the command.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from factories import Checkpoints, make_branch_file
 from harness import CliPool, Databases, Result
-from helpers import namespace_unavailable, snapshot, task_spec, write_plugin
+from helpers import namespace_unavailable, snapshot, task_spec, unshare, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.artifacts.home import Home
@@ -303,7 +304,7 @@ def in_namespace(
         lines.append(f"{run} >{out}/{i}.out 2>{out}/{i}.err; echo $? >{out}/{i}.code")
     lines.append(after)
     done = subprocess.run(
-        ["unshare", "-m", "bash", "-c", "\n".join(lines)],
+        [*unshare("--mount"), "bash", "-c", "\n".join(lines)],
         env=env,
         capture_output=True,
         text=True,

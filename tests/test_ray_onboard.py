@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from factories import Checkpoints
-from helpers import ray_tmpdir
+from helpers import NET_PROBE, namespace_unavailable, ray_tmpdir, unshare
 from object_stores import object_server
 
 from mtreg.cli.main import cli
@@ -84,6 +83,7 @@ PLUGIN = textwrap.dedent(
 FLAGS = ["--search", "2..2", "--lr", "3e-3", "--student-lr", "3e-3", "--epochs", "2"]
 FLAGS += ["--batch-size", "16", "--patience", "0"]
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+NAMESPACES = ("--net", "--pid", "--fork", "--mount-proc")
 
 # Run inside the namespaces: a worker killed by its PID once a first run is saved; prints
 # what was saved before the kill (name -> mtime) and the command's exit code.
@@ -121,21 +121,11 @@ KILLER = textwrap.dedent(
 )
 
 
-def _namespaces_problem() -> str | None:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "no `unshare` or `ip` command here"
-    probe = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "ip", "link", "set", "lo", "up"]
-    done = subprocess.run(probe, capture_output=True, timeout=30)
-    if done.returncode:
-        return f"cannot make private network and PID namespaces (run as root): {done.stderr!r}"
-    return None
-
-
 @pytest.fixture
 def namespaced() -> Any:
     """Run argv inside private network and PID namespaces with loopback up; return the
     CompletedProcess. Outside CI, skipped where namespaces cannot be made; in CI, failed."""
-    problem = _namespaces_problem()
+    problem = namespace_unavailable(*NAMESPACES, probe=NET_PROBE)
     if problem:
         if os.environ.get("CI"):
             pytest.fail(f"the Ray tests need private namespaces: {problem}")
@@ -144,7 +134,7 @@ def namespaced() -> Any:
     def run(argv: list[str], timeout: int = 900) -> subprocess.CompletedProcess[str]:
         inside = ["bash", "-c", 'ip link set lo up && exec "$@"', "-", *argv]
         return subprocess.run(
-            ["unshare", "--net", "--pid", "--fork", "--mount-proc", *inside],
+            [*unshare(*NAMESPACES), *inside],
             env={**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmpdir()},
             capture_output=True,
             text=True,

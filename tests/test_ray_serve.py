@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 from factories import Checkpoints
-from helpers import ray_tmpdir
+from helpers import NET_PROBE, namespace_unavailable, ray_tmpdir, unshare
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import TEXTS, Registered, close, serving
 
@@ -53,19 +52,18 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 def _namespace_tools() -> None:
     """Fail (in CI) or skip when the namespace cannot be made."""
-    missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
-    if missing or os.geteuid() != 0:
-        why = f"missing {missing}" if missing else "not root"
+    problem = namespace_unavailable("--net", probe=NET_PROBE)
+    if problem:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"Ray tests need unshare and ip as root ({why}): see .ci/run")
-        pytest.skip(f"Ray tests need unshare and ip as root ({why})")
+            pytest.fail(f"the Ray tests need a private network namespace: {problem}")
+        pytest.skip(problem)
 
 
 def in_namespace(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
     """Run ``argv`` in a new network namespace with loopback up (and Ray's test env)."""
     script = "ip link set lo up && exec " + " ".join(f"'{a}'" for a in argv)
     return subprocess.run(
-        ["unshare", "-n", "sh", "-c", script],
+        [*unshare("--net"), "sh", "-c", script],
         env={**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmpdir(), **env},
         capture_output=True,
         text=True,

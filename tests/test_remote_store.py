@@ -36,7 +36,7 @@ import httpx
 import pytest
 from factories import Checkpoints
 from harness import CliPool, Databases, Result, Step, free_socket, start_serve
-from helpers import namespace_unavailable, publish_tasks, snapshot
+from helpers import namespace_unavailable, publish_tasks, snapshot, unshare
 from object_stores import STORE_VARIABLES as VARIABLES
 from object_stores import ObjectServer, object_server
 
@@ -481,11 +481,11 @@ def test_a_full_cache_disk_is_a_one_line_error_and_a_rerun_with_room_completes(
 mount -t tmpfs -o size=24k tmpfs {mnt}
 {predict} >{out}/full.out 2>{out}/full.err; echo $? >{out}/full.code
 ls -A {mnt}/objects >{out}/listing 2>/dev/null; ls -A {mnt}/bundles >>{out}/listing 2>/dev/null
-mount -o remount,size=64m {mnt}
+mount -o remount,size=64m tmpfs {mnt}
 {predict} >{out}/room.out 2>{out}/room.err; echo $? >{out}/room.code
 """
     done = subprocess.run(
-        ["unshare", "-m", "bash", "-c", script],
+        [*unshare("--mount"), "bash", "-c", script],
         env=setup.env(str(mnt)),
         capture_output=True,
         text=True,
