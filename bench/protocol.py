@@ -45,6 +45,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -240,6 +241,18 @@ def run_order(units: Iterable[Unit]) -> list[Unit]:
     return sorted(units, key=lambda u: (u.task in JUDGING and u.seed, u.estimate(), u.name, u.task))
 
 
+def realized_shares(units: Iterable[Unit], root: Path = UNITS) -> dict[str, float]:
+    """Return, per method, the hours its finished ``units`` took over their estimates at the
+    epoch cap (early stopping ends most sooner); a method with none finished is absent."""
+    took, estimated = Counter[str](), Counter[str]()  # float counts
+    for unit in units:
+        found = read_unit(unit.path(root))
+        if found:
+            took[unit.method] += found["hours"]
+            estimated[unit.method] += unit.estimate() / 3600
+    return {method: took[method] / estimated[method] for method in took}
+
+
 def run_units(
     units: Sequence[Unit],
     compute: Callable[[Unit], dict[str, Any]],
@@ -247,13 +260,15 @@ def run_units(
     until: float | None = None,
 ) -> list[Unit]:
     """Run the unfinished ``units`` in :func:`run_order`, writing each as it finishes; skip
-    one another runner has claimed (:func:`claim`); stop before a unit whose estimate would
-    end after ``until`` (epoch seconds). Returns those run."""
+    one another runner has claimed (:func:`claim`); start none expected to end after
+    ``until`` (epoch seconds; estimates scaled by :func:`realized_shares`). Returns those run."""
+    shares = realized_shares(units, root)
     done = []
     for unit in run_order(units):
         if read_unit(unit.path(root)) is not None:
             continue
-        if until is not None and time.time() + unit.estimate() > until:
+        expected = unit.estimate() * shares.get(unit.method, 1.0)
+        if until is not None and time.time() + expected > until:
             log(f"{unit.task} {unit.name}: not started, it would end after the stop time")
             continue
         held = claim(unit, root)
@@ -407,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", action="store_true", help="run unfinished units (run_order)")
     parser.add_argument("--report", action="store_true", help="write the report")
     parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    parser.add_argument("--until", help="HH:MM (UTC): start no unit that would end later")
+    parser.add_argument("--until", help="HH:MM (UTC): start no unit expected to end later")
     args = parser.parse_args(argv)
     if args.plan:
         import protocol_report

@@ -89,22 +89,16 @@ def plan(root: Path = p.UNITS) -> list[str]:
     """Return the plan's lines: every unit, done or not, with its estimated cost."""
     units = p.planned_units(root)
     lines, pending = [], {"full": 0.0, "branch": 0.0}
-    # Per method: hours the finished units took against their estimates (early stopping
-    # ends most before the epoch cap), to scale what is pending.
-    took, estimated = {"full": 0.0, "branch": 0.0}, {"full": 0.0, "branch": 0.0}
     for u in p.run_order(units):
         found = p.read_unit(u.path(root))
         state = f"done ({found['hours']:.2f} h)" if found else f"~{u.estimate() / 3600:.2f} h"
-        if found:
-            took[u.method] += found["hours"]
-            estimated[u.method] += u.estimate() / 3600
-        else:
+        if not found:
             pending[u.method] += u.estimate() / 3600
         fold = "choose" if u.task in p.CHOOSING else "judge"
         lines.append(f"{fold:6} {u.task:13} {u.name:28} {state}")
     total = sum(pending.values())
     lines.append(f"pending: {total:.1f} CPU hours (estimate at the epoch cap)")
-    scaled = {m: took[m] / estimated[m] for m in pending if estimated[m]}
+    scaled = p.realized_shares(units, root)
     if scaled:
         likely = sum(h * scaled.get(m, 1.0) for m, h in pending.items())
         shares = ", ".join(f"{m} units {r:.0%}" for m, r in scaled.items())

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,23 @@ def test_units_stop_before_the_stop_time(tmp_path: Path) -> None:
     units = [p.Unit("cola", "full", 2e-5, 0)]
     assert p.run_units(units, _compute(calls), tmp_path, until=0.0) == [] and calls == []
     assert units[0].estimate() > 0 and MAX_EPOCHS >= 1
+
+
+def test_the_stop_time_scales_estimates_by_how_long_finished_units_of_the_method_took(
+    tmp_path: Path,
+) -> None:
+    finished, pending = p.Unit("cola", "full", 2e-5, 0), p.Unit("cola", "full", 5e-5, 0)
+    half = finished.estimate() / 2 / 3600
+    p.write_unit(finished.path(tmp_path), {"metric": "mcc", "runs": [], "hours": half})
+    assert p.realized_shares([finished, pending], tmp_path) == {"full": 0.5}
+    calls: list[str] = []
+    # Time for 60% of the estimate: too little at the epoch cap, enough at the rate seen.
+    until = time.time() + 0.6 * pending.estimate()
+    assert p.run_units([finished, pending], _compute(calls), tmp_path, until=until) == [pending]
+    assert calls == [pending.name]
+    branch = p.Unit("cola", "branch", 2e-4, 0, 2)  # no branch unit finished: not scaled
+    until = time.time() + 0.6 * branch.estimate()
+    assert p.run_units([finished, branch], _compute(calls), tmp_path, until=until) == []
 
 
 def _branch_unit(root: Path, task: str, seed: int, layers: int, rows: list[dict]) -> None:
