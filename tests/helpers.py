@@ -252,7 +252,7 @@ ONE_TEXT_TASKS = ["sentiment", "topics", "score", "slots"]
 
 
 MOUNT_PROBE = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d && rmdir $d"
-NET_PROBE = "ip link set lo up"
+LOOPBACK_UP = "ip link set lo up"  # first thing in a new network namespace, and its probe
 
 
 def unshare(*namespaces: str) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from factories import Checkpoints
-from helpers import NET_PROBE, namespace_unavailable, ray_tmpdir, unshare
+from helpers import LOOPBACK_UP, namespace_unavailable, ray_tmpdir, unshare
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import TEXTS, Registered, close, serving
 
@@ -52,7 +52,7 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 def _namespace_tools() -> None:
     """Fail (in CI) or skip when the namespace cannot be made."""
-    problem = namespace_unavailable("--net", probe=NET_PROBE)
+    problem = namespace_unavailable("--net", probe=LOOPBACK_UP)
     if problem:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the Ray tests need a private network namespace: {problem}")
@@ -61,7 +61,7 @@ def _namespace_tools() -> None:
 
 def in_namespace(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
     """Run ``argv`` in a new network namespace with loopback up (and Ray's test env)."""
-    script = "ip link set lo up && exec " + " ".join(f"'{a}'" for a in argv)
+    script = f"{LOOPBACK_UP} && exec " + " ".join(f"'{a}'" for a in argv)
     return subprocess.run(
         [*unshare("--net"), "sh", "-c", script],
         env={**os.environ, **RAY_ENV, "RAY_TMPDIR": ray_tmpdir(), **env},
