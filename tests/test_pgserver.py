@@ -28,9 +28,10 @@ def test_the_embedded_server_is_real_unprivileged_loopback_and_goes_away() -> No
             ).one()
             conn.exec_driver_sql('CREATE DATABASE "pgserver_probe"')
             conn.exec_driver_sql('DROP DATABASE "pgserver_probe"')
+            # While the connection is open: its backend process ends soon after it closes.
+            owner = pwd.getpwuid(os.stat(f"/proc/{row[5]}").st_uid).pw_name
         engine.dispose()
         assert row[:5] == (ROLE, False, True, "off", "127.0.0.1")
-        owner = pwd.getpwuid(os.stat(f"/proc/{row[5]}").st_uid).pw_name  # the backend's
         expected = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         assert owner == expected
     finally:
