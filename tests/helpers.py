@@ -12,8 +12,9 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import pytest
 import sqlalchemy as sa
 
 
@@ -265,10 +266,26 @@ def unshare(*namespaces: str) -> list[str]:
     return ["unshare", *as_user, *namespaces]
 
 
+def missing(message: str) -> NoReturn:
+    """Skip the calling test for ``message``; under CI (``CI=true``: .ci/run installs all the
+    suite needs) fail it instead, so that nothing CI should run is ever skipped silently."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def require_namespaces(*namespaces: str, probe: str = MOUNT_PROBE) -> None:
+    """Return when this machine can run shell ``probe`` inside :func:`unshare`'s
+    ``namespaces`` (default: a tmpfs mounted in a private mount namespace, as the full-disk
+    and read-only tests make their disks); otherwise :func:`missing` with the reason."""
+    problem = namespace_unavailable(*namespaces, probe=probe)
+    if problem:
+        missing(problem)
+
+
 def namespace_unavailable(*namespaces: str, probe: str = MOUNT_PROBE) -> str | None:
     """Return why this machine cannot run shell ``probe`` inside :func:`unshare`'s
-    ``namespaces`` (default: a tmpfs mounted in a private mount namespace, as the full-disk
-    and read-only tests make their disks), or None when it can."""
+    ``namespaces``, or None when it can."""
     namespaces = namespaces or ("--mount",)
     if shutil.which("unshare") is None:
         return "no `unshare` command here"

@@ -32,10 +32,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from harness import free_socket
+from helpers import missing
 
 BUCKET = "team"
 # An mtreg process's environment is built without these, then given the server's own.
@@ -90,11 +91,8 @@ class ObjectServer:
         self.operator.rm_file(f"{BUCKET}/{key}")
 
 
-def _missing(what: str, install: str) -> None:
-    message = f"{what} is not installed: {install}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+def _missing(what: str, install: str) -> NoReturn:
+    missing(f"{what} is not installed: {install}")
 
 
 def _wait_for(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from factories import Checkpoints, make_branch_file
 from harness import CliPool, Databases, Result
-from helpers import namespace_unavailable, snapshot, task_spec, unshare, write_plugin
+from helpers import require_namespaces, snapshot, task_spec, unshare, write_plugin
 
 from mtreg.artifacts.checkpoint import read_checkpoint
 from mtreg.artifacts.home import Home
@@ -286,10 +286,8 @@ def test_a_postgres_role_without_rights_is_a_one_line_error() -> None:
 
 @pytest.fixture(scope="module")
 def namespace() -> None:
-    """Skip (with the reason) where the tests cannot make mounts of their own."""
-    reason = namespace_unavailable()
-    if reason:
-        pytest.skip(reason)
+    """Skip (with the reason; fail under CI) where the tests cannot make mounts of their own."""
+    require_namespaces()
 
 
 def in_namespace(

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from factories import Checkpoints
-from helpers import LOOPBACK_UP, namespace_unavailable, ray_tmpdir, unshare
+from helpers import LOOPBACK_UP, ray_tmpdir, require_namespaces, unshare
 from object_stores import object_server
 
 from mtreg.cli.main import cli
@@ -125,11 +125,7 @@ KILLER = textwrap.dedent(
 def namespaced() -> Any:
     """Run argv inside private network and PID namespaces with loopback up; return the
     CompletedProcess. Outside CI, skipped where namespaces cannot be made; in CI, failed."""
-    problem = namespace_unavailable(*NAMESPACES, probe=LOOPBACK_UP)
-    if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"the Ray tests need private namespaces: {problem}")
-        pytest.skip(problem)
+    require_namespaces(*NAMESPACES, probe=LOOPBACK_UP)
 
     def run(argv: list[str], timeout: int = 900) -> subprocess.CompletedProcess[str]:
         inside = ["bash", "-c", f'{LOOPBACK_UP} && exec "$@"', "-", *argv]

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from factories import Checkpoints
-from helpers import LOOPBACK_UP, namespace_unavailable, ray_tmpdir, unshare
+from helpers import LOOPBACK_UP, ray_tmpdir, require_namespaces, unshare
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import TEXTS, Registered, close, serving
 
@@ -52,11 +52,7 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 def _namespace_tools() -> None:
     """Fail (in CI) or skip when the namespace cannot be made."""
-    problem = namespace_unavailable("--net", probe=LOOPBACK_UP)
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the Ray tests need a private network namespace: {problem}")
-        pytest.skip(problem)
+    require_namespaces("--net", probe=LOOPBACK_UP)
 
 
 def in_namespace(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:

@@ -36,7 +36,7 @@ import httpx
 import pytest
 from factories import Checkpoints
 from harness import CliPool, Databases, Result, Step, free_socket, start_serve
-from helpers import namespace_unavailable, publish_tasks, snapshot, unshare
+from helpers import publish_tasks, require_namespaces, snapshot, unshare
 from object_stores import STORE_VARIABLES as VARIABLES
 from object_stores import ObjectServer, object_server
 
@@ -467,9 +467,7 @@ def test_verify_remote_without_a_remote_store_is_a_one_line_error(
 def test_a_full_cache_disk_is_a_one_line_error_and_a_rerun_with_room_completes(
     setup: Setup, pool: CliPool
 ) -> None:
-    reason = namespace_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
     setup.publish("a")
     expected = predicted(pool.run(setup.env("warm"), "predict", TEXT))
     mnt, out = setup.tmp / "mnt", setup.tmp / "out"
