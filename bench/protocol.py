@@ -18,7 +18,7 @@ at onboarding's default rate). Both methods: epochs from the
 one early-stopping rule (:func:`mtreg.training.settings.epoch_cap`, patience
 ``PATIENCE``), every configuration on :data:`SEEDS`; the same number of learning rates each.
 
-**Selection** (:mod:`protocol_report`), on the choosing tasks only, mean over seeds then
+**Selection** (:mod:`protocol_choice`), on the choosing tasks only, mean over seeds then
 tasks (so a rate that collapses on one seed pays for it): full fine-tuning takes the rate of
 the highest mean dev score (a tie goes to the lower rate); onboarding takes, among the
 configurations whose mean ratio to that full fine-tuning is at least :data:`GOAL`, the one
@@ -398,11 +398,11 @@ class Runner:
 
 def chosen_or_none(root: Path = UNITS) -> dict[str, Any] | None:
     """Return the protocol's choice when every choosing unit is finished, else None."""
-    import protocol_report
+    import protocol_choice
 
     if any(read_unit(u.path(root)) is None for u in choosing_units()):
         return None
-    return protocol_report.choose(root)
+    return protocol_choice.choose(root)
 
 
 def planned_units(root: Path = UNITS) -> list[Unit]:

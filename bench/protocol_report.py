@@ -1,6 +1,6 @@
-"""The protocol's plan, choice and report (bench/protocol.py): what is left to run and
-what it costs, which configuration the choosing tasks select, and how it does on every
-task with finished units.
+"""The protocol's plan and report (bench/protocol.py): what is left to run and what it
+costs, the choice (:mod:`protocol_choice`), and how the chosen configuration does against
+full fine-tuning on every task with finished units, with each fold's verdict on the goal.
 
 Written to bench/results/quality-protocol.md, .json and .png from whatever units exist;
 what is missing is said, and no choice is made from an incomplete set of choosing units.
@@ -11,6 +11,7 @@ baseline, and the earlier subsample run (bench/quality.py) wrote it.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -19,70 +20,15 @@ from typing import Any
 
 import protocol as p
 import quality
+from protocol_choice import choose, full_mean, load, metric_of, score, served
 
 Z95 = 1.96
 STEM = "quality-protocol"
-
-
-def load(root: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """Return every finished unit under ``root`` by (task, unit name)."""
-    found = {}
-    for path in sorted(root.glob("*/*.json")):
-        data = p.read_unit(path)
-        if data is not None:
-            found[(path.parent.name, path.stem)] = data
-    return found
-
-
-def _run(data: dict[str, Any]) -> Any:
-    """Return a unit's run row as onboarding's Run; units leave out its checkpoint key,
-    which choosing never reads."""
-    from mtreg.training.stages import Run
-
-    return Run(**{"key": "", **{k: data[k] for k in Run.__dataclass_fields__ if k in data}})
-
-
-def served(
-    units: dict, task: str, seed: int, search: Sequence[int], lr: float, tolerance: float
-) -> dict[str, Any] | None:
-    """Return the branch ``mtreg onboard`` would keep for a configuration (teachers of
-    ``search`` at ``lr``, students at its default rate, ``tolerance``) from the branch
-    units of (task, seed); ``{"collapsed": True}`` when every teacher diverged; None while a
-    unit is missing."""
-    from mtreg.training.onboard import choose
-
-    parts = [units.get((task, p.Unit(task, "branch", lr, seed, d).name)) for d in search]
-    if any(part is None for part in parts):
-        return None
-    rows = [row for part in parts for row in part["runs"]]  # type: ignore[index]
-    teachers = [r for r in rows if r["stage"] == "teacher"]
-    if not teachers:
-        return {"collapsed": True}
-    metric = parts[0]["metric"]  # type: ignore[index]
-    best = max(teachers, key=lambda r: (r["dev_metrics"][metric], -r["layers"]))
-    # onboard's choice sees every teacher and the students of the best one
-    depth = best["fork_depth"]
-    same_fork = [r for r in rows if r["stage"] == "student" and r["fork_depth"] == depth]
-    candidates = teachers + same_fork
-    picked = choose([_run(r) for r in candidates], _run(best), metric, tolerance)
-    return next(r for r in candidates if _run(r) == picked)
-
-
-def _score(row: dict[str, Any] | None, metric: str) -> float | None:
-    if row is None:
-        return None
-    return 0.0 if row.get("collapsed") else row["reported"]["metrics"][metric]
-
-
-def full_mean(units: dict, task: str, lr: float) -> tuple[float | None, int]:
-    """Return full fine-tuning's mean reported score at ``lr`` over the finished seeds, and
-    how many seeds that is."""
-    scores = []
-    for seed in p.SEEDS:
-        unit = units.get((task, p.Unit(task, "full", lr, seed).name))
-        if unit is not None:
-            scores.append(unit["runs"][0]["reported"]["metrics"][unit["metric"]])
-    return (statistics.fmean(scores) if scores else None), len(scores)
+# Issue #22's goal beside the mean (protocol.GOAL): every task at least TASK_GOAL of full
+# fine-tuning (or within noise of it), the bundle at most LAYER_GOAL of the layers of one
+# model per task.
+TASK_GOAL = 0.98
+LAYER_GOAL = 0.30
 
 
 def plan(root: Path = p.UNITS) -> list[str]:
@@ -109,75 +55,6 @@ def plan(root: Path = p.UNITS) -> list[str]:
     if not any(u.task in p.JUDGING for u in units):
         lines.append("judging units: planned once the choosing units are complete")
     return lines
-
-
-def configs() -> list[tuple[tuple[int, ...], float, float]]:
-    """Return every onboarding configuration: (teacher depths, teacher rate, tolerance)."""
-    return [(s, lr, t) for s in p.TEACHER_SEARCHES for lr in p.TEACHER_LRS for t in p.TOLERANCES]
-
-
-def config_row(units: dict, tasks: Sequence[str], config: tuple, full_lr: dict) -> dict:
-    """Return a configuration's mean ratio to full fine-tuning and mean layers per request
-    over ``tasks`` (mean over seeds, then tasks), with how many (task, seed) cells it has."""
-    search, lr, tolerance = config
-    ratios, layers, cells = [], [], 0
-    for task in tasks:
-        full, _ = full_mean(units, task, full_lr.get(task, p.FULL_LRS[0]))
-        per_seed = []
-        for seed in p.SEEDS:
-            row = served(units, task, seed, search, lr, tolerance)
-            metric = _metric(units, task)
-            if row is None or full is None or metric is None:
-                continue
-            cells += 1
-            per_seed.append((_score(row, metric) / full, row.get("layers_per_request", 6)))
-        if per_seed:
-            ratios.append(statistics.fmean(r for r, _ in per_seed))
-            layers.append(statistics.fmean(n for _, n in per_seed))
-    return {
-        "search": list(search),
-        "teacher_lr": lr,
-        "tolerance": tolerance,
-        "ratio": statistics.fmean(ratios) if ratios else None,
-        "layers": statistics.fmean(layers) if layers else None,
-        "cells": cells,
-    }
-
-
-def _metric(units: dict, task: str) -> str | None:
-    return next((u["metric"] for (t, _), u in units.items() if t == task), None)
-
-
-def choose(root: Path) -> dict[str, Any]:
-    """Return the protocol's choice from the choosing tasks' units (see bench/protocol.py):
-    the full fine-tuning rate, and the onboarding configuration, with their tables."""
-    units = load(root)
-    full = []
-    for lr in p.FULL_LRS:
-        means = [full_mean(units, t, lr)[0] for t in p.CHOOSING]
-        done = [m for m in means if m is not None]
-        full.append(
-            {"lr": lr, "mean": statistics.fmean(done) if done else None, "tasks": len(done)}
-        )
-    scored = [f for f in full if f["mean"] is not None]
-    full_lr = max(scored, key=lambda f: (f["mean"], -f["lr"]))["lr"] if scored else None
-    rates = {t: full_lr for t in p.CHOOSING} if full_lr else {}
-    rows = [config_row(units, p.CHOOSING, c, rates) for c in configs()]
-    rated = [r for r in rows if r["ratio"] is not None]
-    good = [r for r in rated if r["ratio"] >= p.GOAL]
-    best = (
-        min(good, key=lambda r: (r["layers"], -r["ratio"]))
-        if good
-        else max(rated, key=lambda r: r["ratio"], default=None)
-    )
-    return {
-        "full_lr": full_lr,
-        "full": full,
-        "configs": rows,
-        "teacher_lr": best and best["teacher_lr"],
-        "search": best and best["search"],
-        "tolerance": best and best["tolerance"],
-    }
 
 
 def floor(units: dict, task: str, lr: float) -> dict[str, Any] | None:
@@ -223,10 +100,87 @@ def task_rows(units: dict, choice: dict[str, Any]) -> list[dict[str, Any]]:
         row |= {"full": known[lr][0], "seeds": known[lr][1], "floor": floor(units, task, lr)}
         row["provisional"] = choice["full_lr"] is None
         if choice["search"] is not None:
-            config = (tuple(choice["search"]), choice["teacher_lr"], choice["tolerance"])
-            row["served"] = config_row(units, [task], config, {task: lr})
+            row["compared"] = compared(units, task, choice, lr)
         rows.append(row)
     return rows
+
+
+def compared(
+    units: dict, task: str, choice: dict[str, Any], full_lr: float
+) -> dict[str, Any] | None:
+    """Return the chosen onboarding configuration against full fine-tuning at ``full_lr``
+    on ``task``'s reported split, over the seeds where both finished (None: no such seed):
+    mean scores, the ratio with its 95% interval (paired bootstrap over examples, per seed),
+    whether it meets :data:`TASK_GOAL` or is within noise of it, and each seed's branch."""
+    metric = metric_of(units, task)
+    config = (tuple(choice["search"]), choice["teacher_lr"], choice["tolerance"])
+    seeds = []
+    for seed in p.SEEDS:
+        full = units.get((task, p.Unit(task, "full", full_lr, seed).name))
+        row = served(units, task, seed, *config)
+        if full is None or row is None or metric is None:
+            continue
+        ref = full["runs"][0]
+        se = 0.0  # a collapsed branch has no predictions; its score is 0
+        if not row.get("collapsed"):
+            se = quality.paired_bootstrap_se(
+                metric,
+                row["reported"]["predictions"],
+                ref["reported"]["predictions"],
+                ref["reported"]["references"],
+            )
+        seeds.append(
+            {
+                "seed": seed,
+                "full": ref["reported"]["metrics"][metric],
+                "served": score(row, metric),
+                "se": se,
+                "fork": row.get("fork_depth"),
+                "layers": row.get("layers", 0),
+                "trunk_layers": ref["layers_per_request"],
+            }
+        )
+    if not seeds:
+        return None
+    full, mean = (statistics.fmean(s[k] for s in seeds) for k in ("full", "served"))
+    half = Z95 * math.sqrt(sum(s["se"] ** 2 for s in seeds)) / len(seeds)
+    out = {"seeds": seeds, "full": full, "served": mean, "ratio": mean / full}
+    out |= {"low": (mean - half) / full, "high": (mean + half) / full}
+    out["ok"] = out["ratio"] >= TASK_GOAL or out["high"] >= TASK_GOAL
+    return out
+
+
+def verdict(rows: Sequence[dict[str, Any]], fold: str, tasks: Sequence[str]) -> dict[str, Any]:
+    """Return a fold's verdict on the goal from its task rows (:func:`task_rows`): mean and
+    lowest ratio, every task at :data:`TASK_GOAL` or within noise, the bundle's layers per
+    request over one model per task (mean over the seeds every task has), full fine-tuning
+    clear of the majority floor on every task; ``complete`` when every task is in."""
+    done = [r for r in rows if r["fold"] == fold and r.get("compared")]
+    out: dict[str, Any] = {"fold": fold, "tasks": len(done), "of": len(tasks)}
+    out["complete"] = len(done) == len(tasks)
+    if not done:
+        return out
+    ratios = {r["task"]: r["compared"]["ratio"] for r in done}
+    lowest = min(ratios, key=ratios.__getitem__)
+    out |= {"mean": statistics.fmean(ratios.values()), "lowest": [lowest, ratios[lowest]]}
+    out["every_task"] = all(r["compared"]["ok"] for r in done)
+    out["floors"] = all(r["floor"] is not None and r["floor"]["clears"] for r in done)
+    shares = []
+    for seed in p.SEEDS:
+        parts = [s for r in done for s in r["compared"]["seeds"] if s["seed"] == seed]
+        if len(parts) == len(done):  # a bundle of every task: trunk to the deepest fork
+            layers = max(s["fork"] or 0 for s in parts) + sum(s["layers"] for s in parts)
+            shares.append(layers / sum(s["trunk_layers"] for s in parts))
+    out["layer_share"] = statistics.fmean(shares) if shares else None
+    out["met"] = bool(
+        out["complete"]
+        and out["mean"] >= p.GOAL
+        and out["every_task"]
+        and out["floors"]
+        and shares
+        and out["layer_share"] <= LAYER_GOAL
+    )
+    return out
 
 
 def hours(units: dict) -> dict[str, float]:
@@ -330,7 +284,60 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['task']} | {r['fold']} | {100 * r['full']:.1f} ({r['full_lr']:g}, "
             f"{r['seeds']}){tag} | {majority} | {gap} | {clears} |"
         )
+    lines += comparison_markdown(report)
     return "\n".join([*lines, *units_markdown(report["units"])]) + "\n"
+
+
+def comparison_markdown(report: dict[str, Any]) -> list[str]:
+    """Return the chosen configuration against full fine-tuning per task, and each fold's
+    verdict on the goal (nothing before the choice is made)."""
+    choice = report["choice"]
+    if choice["search"] is None:
+        return []
+    depths = ",".join(map(str, choice["search"]))
+    lines = ["", "## The choice against full fine-tuning", ""]
+    lines.append(
+        f"Full fine-tuning at lr {choice['full_lr']:g}; onboarding with teachers L in {depths} "
+        f"at lr {choice['teacher_lr']:g}, tolerance {choice['tolerance']} (students at "
+        "onboarding's default rate). Scores on the reported split, mean over seeds; 95% "
+        "intervals from a paired bootstrap over its examples, per seed. Branch: fork depth + "
+        "branch layers, per seed."
+    )
+    lines += ["", "| task | fold | full FT | onboarded | % of full [95%] | branch | ≥ 98% |"]
+    lines += ["|---|---|---:|---:|---:|---|---|"]
+    for r in report["tasks"]:
+        c = r.get("compared")
+        if not c:
+            continue
+        branch = ", ".join(
+            "collapsed" if s["fork"] is None else f"{s['fork']}+{s['layers']}" for s in c["seeds"]
+        )
+        ok = "yes" if c["ratio"] >= TASK_GOAL else "within noise" if c["ok"] else "no"
+        lines.append(
+            f"| {r['task']} | {r['fold']} | {100 * c['full']:.1f} | {100 * c['served']:.1f} | "
+            f"{100 * c['ratio']:.1f}% [{100 * c['low']:.1f}, {100 * c['high']:.1f}] | "
+            f"{branch} | {ok} |"
+        )
+    return [*lines, "", *(f"- {verdict_line(v)}" for v in report["verdicts"])]
+
+
+def verdict_line(v: dict[str, Any]) -> str:
+    """Return a fold's verdict (:func:`verdict`) as one sentence."""
+    head = f"**{v['fold']}** ({v['tasks']} of {v['of']} tasks)"
+    if not v["tasks"]:
+        return f"{head}: no task compared yet."
+    share = "–" if v["layer_share"] is None else f"{100 * v['layer_share']:.0f}%"
+    state = "met" if v["met"] else "not met" if v["complete"] else "open (tasks missing)"
+    task, lowest = v["lowest"]
+    return (
+        f"{head}: mean {100 * v['mean']:.1f}% of full fine-tuning (lowest: {task}, "
+        f"{100 * lowest:.1f}%); every task ≥ 98% or within noise: "
+        f"{'yes' if v['every_task'] else 'no'}; bundle layers per request over one model per "
+        f"task: {share}; full fine-tuning clears the majority floor on every task: "
+        f"{'yes' if v['floors'] else 'no'}. Goal (mean ≥ {100 * p.GOAL:.1f}%, every task "
+        f"≥ {100 * TASK_GOAL:.0f}%, ≤ {100 * LAYER_GOAL:.0f}% of the layers, floors "
+        f"cleared): {state}."
+    )
 
 
 def figure(report: dict[str, Any], path: Path) -> None:
@@ -381,6 +388,10 @@ def write(root: Path, out: Path) -> dict[str, Any]:
         "tasks": task_rows(units, choice),
         "units": unit_rows(units),
     }
+    report["verdicts"] = [
+        verdict(report["tasks"], "choose", p.CHOOSING),
+        verdict(report["tasks"], "judge", p.JUDGING),
+    ]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{STEM}.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (out / f"{STEM}.md").write_text(markdown(report))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import protocol as p
+import protocol_choice as pc
 import protocol_report as pr
 
 from mtreg.training.settings import MAX_EPOCHS
@@ -157,16 +158,16 @@ def test_the_served_branch_follows_onboards_choice(tmp_path: Path) -> None:
     rows = [_row("teacher", 3, 3, 0.90, 0.91), _row("student", 1, 3, 0.88, 0.87)]
     rows.append(_row("student", 2, 3, 0.895, 0.9))
     _branch_unit(tmp_path, "mrpc", 0, 3, rows)
-    units = pr.load(tmp_path)
-    loose = pr.served(units, "mrpc", 0, (2, 3), 2e-4, 0.97)
-    strict = pr.served(units, "mrpc", 0, (2, 3), 2e-4, 0.99)
+    units = pc.load(tmp_path)
+    loose = pc.served(units, "mrpc", 0, (2, 3), 2e-4, 0.97)
+    strict = pc.served(units, "mrpc", 0, (2, 3), 2e-4, 0.99)
     assert (loose["stage"], loose["layers"]) == ("student", 1)  # 0.88 >= 0.873
     assert (strict["stage"], strict["layers"]) == ("student", 2)  # 0.895 >= 0.891
-    assert pr.served(units, "mrpc", 0, (2, 3, 4), 2e-4, 0.99) is None  # L=4 unit missing
-    assert pr.served(units, "mrpc", 1, (2, 3), 2e-4, 0.99) is None  # seed 1 not run
+    assert pc.served(units, "mrpc", 0, (2, 3, 4), 2e-4, 0.99) is None  # L=4 unit missing
+    assert pc.served(units, "mrpc", 1, (2, 3), 2e-4, 0.99) is None  # seed 1 not run
     _branch_unit(tmp_path, "cola", 0, 2, [])  # every teacher diverged
     _branch_unit(tmp_path, "cola", 0, 3, [])
-    assert pr.served(pr.load(tmp_path), "cola", 0, (2, 3), 2e-4, 0.99) == {"collapsed": True}
+    assert pc.served(pc.load(tmp_path), "cola", 0, (2, 3), 2e-4, 0.99) == {"collapsed": True}
 
 
 def test_the_plan_scales_what_is_pending_by_what_finished_units_took(tmp_path: Path) -> None:
@@ -182,3 +183,61 @@ def test_the_plan_scales_what_is_pending_by_what_finished_units_took(tmp_path: P
     assert lines[-2].startswith("finished units took branch units 25% of their estimates")
     assert lines[-2].endswith(f"about {likely:.1f} CPU hours")
     assert sum(" done (" in line for line in lines) == 2
+
+
+REFERENCES = [1] * 120 + [0] * 80
+CHOICE = {"full_lr": 5e-5, "search": [2, 3], "teacher_lr": 2e-4, "tolerance": 0.99}
+
+
+def _predicted(wrong: int) -> dict[str, Any]:
+    """The reported split with the first ``wrong`` examples mislabelled."""
+    predictions = [1 - r if i < wrong else r for i, r in enumerate(REFERENCES)]
+    accuracy = sum(a == b for a, b in zip(predictions, REFERENCES, strict=True)) / 200
+    return {"metrics": {"accuracy": accuracy}, "predictions": predictions, "references": REFERENCES}
+
+
+def _compared_task(root: Path, task: str, extra_wrong: int) -> None:
+    """Full fine-tuning at 90% on both seeds; onboarding serves the L=3 teacher's 1-layer
+    student (fork 3), wrong on ``extra_wrong`` more examples."""
+    for seed in p.SEEDS:
+        full = {"reported": _predicted(20), "layers_per_request": 6}
+        unit = p.Unit(task, "full", CHOICE["full_lr"], seed)
+        p.write_unit(unit.path(root), {"metric": "accuracy", "runs": [full], "hours": 0.1})
+        _branch_unit(root, task, seed, 2, [_row("teacher", 2, 4, 0.80, 0.79)])
+        student = _row("student", 1, 3, 0.895, 0.0) | {"reported": _predicted(20 + extra_wrong)}
+        _branch_unit(root, task, seed, 3, [_row("teacher", 3, 3, 0.90, 0.91), student])
+
+
+def test_the_report_judges_each_task_and_each_fold_against_the_goal(tmp_path: Path) -> None:
+    for task in p.JUDGING:
+        _compared_task(tmp_path / "met", task, 0)
+    rows = pr.task_rows(pc.load(tmp_path / "met"), CHOICE)
+    assert [r["compared"]["ratio"] for r in rows] == [1.0] * len(p.JUDGING)
+    judged = pr.verdict(rows, "judge", p.JUDGING)
+    assert judged["complete"] and judged["every_task"] and judged["floors"]  # 90 > 60
+    assert judged["layer_share"] == (3 + len(p.JUDGING)) / (6 * len(p.JUDGING))  # 9 of 36
+    assert judged["met"]
+    assert pr.verdict(rows, "choose", p.CHOOSING) == {
+        "fold": "choose",
+        "tasks": 0,
+        "of": 3,
+        "complete": False,
+    }
+
+    _compared_task(tmp_path / "short", "rte", 5)  # 87.5 against 90: 97.2%, within noise
+    _compared_task(tmp_path / "short", "sst2", 14)  # 83.0: 92.2%, clearly short
+    rows = pr.task_rows(pc.load(tmp_path / "short"), CHOICE)
+    rte, sst2 = (r["compared"] for r in rows)
+    assert rte["ratio"] < pr.TASK_GOAL <= rte["high"] and rte["ok"]
+    assert sst2["high"] < pr.TASK_GOAL and not sst2["ok"]
+    assert rte["low"] < rte["ratio"] < rte["high"]
+    judged = pr.verdict(rows, "judge", p.JUDGING)
+    assert (judged["tasks"], judged["complete"], judged["met"]) == (2, False, False)
+    assert judged["lowest"] == ["sst2", sst2["ratio"]] and not judged["every_task"]
+    assert judged["layer_share"] == 5 / 12  # the trunk to fork 3 and two 1-layer branches
+    report = {"choice": CHOICE, "tasks": rows, "verdicts": [judged]}
+    text = "\n".join(pr.comparison_markdown(report))
+    assert "| rte | judge | 90.0 | 87.5 | 97.2% [" in text and "| 3+1, 3+1 | within noise |" in text
+    assert "| sst2 | judge | 90.0 | 83.0 | 92.2% [" in text and "| 3+1, 3+1 | no |" in text
+    assert "**judge** (2 of 6 tasks): mean 94.7% of full fine-tuning (lowest: sst2, 92.2%)" in text
+    assert text.endswith("floors cleared): open (tasks missing).")
