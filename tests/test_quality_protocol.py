@@ -241,3 +241,22 @@ def test_the_report_judges_each_task_and_each_fold_against_the_goal(tmp_path: Pa
     assert "| sst2 | judge | 90.0 | 83.0 | 92.2% [" in text and "| 3+1, 3+1 | no |" in text
     assert "**judge** (2 of 6 tasks): mean 94.7% of full fine-tuning (lowest: sst2, 92.2%)" in text
     assert text.endswith("floors cleared): open (tasks missing).")
+
+
+def test_the_product_defaults_are_what_the_protocol_chose() -> None:
+    # Issue #22: `mtreg onboard TASK` with no options is the configuration the report
+    # judges. Until the choosing units are complete, the defaults must be a candidate.
+    from mtreg.training.settings import Settings, default_teacher_layers
+
+    report = json.loads((p.HERE / "results" / f"{pr.STEM}.json").read_text())
+    defaults = Settings()
+    search = default_teacher_layers(6)  # the MiniLM trunk the protocol runs on
+    if report["complete"]:
+        choice = report["choice"]
+        assert tuple(choice["search"]) == search
+        assert (choice["teacher_lr"],) == defaults.teacher_lrs
+        assert choice["tolerance"] == defaults.tolerance
+    else:
+        assert search in p.TEACHER_SEARCHES
+        assert defaults.teacher_lrs[0] in p.TEACHER_LRS and len(defaults.teacher_lrs) == 1
+        assert defaults.tolerance in p.TOLERANCES
