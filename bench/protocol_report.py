@@ -111,7 +111,9 @@ def compared(
     """Return the chosen onboarding configuration against full fine-tuning at ``full_lr``
     on ``task``'s reported split, over the seeds where both finished (None: no such seed):
     mean scores, the ratio with its 95% interval (paired bootstrap over examples, per seed),
-    whether it meets :data:`TASK_GOAL` or is within noise of it, and each seed's branch."""
+    whether it meets :data:`TASK_GOAL` or is within noise of it, each seed's branch, and
+    the cost: the search's units' wall hours over the full unit's (an upper bound on
+    onboarding's: the units distil students of every teacher, onboarding only the best's)."""
     metric = metric_of(units, task)
     config = (tuple(choice["search"]), choice["teacher_lr"], choice["tolerance"])
     seeds = []
@@ -121,6 +123,8 @@ def compared(
         if full is None or row is None or metric is None:
             continue
         ref = full["runs"][0]
+        searched = [p.Unit(task, "branch", choice["teacher_lr"], seed, d) for d in config[0]]
+        branch_hours = sum(units[(task, u.name)]["hours"] for u in searched)
         se = 0.0  # a collapsed branch has no predictions; its score is 0
         if not row.get("collapsed"):
             se = quality.paired_bootstrap_se(
@@ -138,6 +142,7 @@ def compared(
                 "fork": row.get("fork_depth"),
                 "layers": row.get("layers", 0),
                 "trunk_layers": ref["layers_per_request"],
+                "cost": branch_hours / full["hours"],
             }
         )
     if not seeds:
@@ -145,6 +150,7 @@ def compared(
     full, mean = (statistics.fmean(s[k] for s in seeds) for k in ("full", "served"))
     half = Z95 * math.sqrt(sum(s["se"] ** 2 for s in seeds)) / len(seeds)
     out = {"seeds": seeds, "full": full, "served": mean, "ratio": mean / full}
+    out["cost"] = statistics.fmean(s["cost"] for s in seeds)
     out |= {"low": (mean - half) / full, "high": (mean + half) / full}
     out["ok"] = out["ratio"] >= TASK_GOAL or out["high"] >= TASK_GOAL
     return out
@@ -164,6 +170,7 @@ def verdict(rows: Sequence[dict[str, Any]], fold: str, tasks: Sequence[str]) -> 
     lowest = min(ratios, key=ratios.__getitem__)
     out |= {"mean": statistics.fmean(ratios.values()), "lowest": [lowest, ratios[lowest]]}
     out["every_task"] = all(r["compared"]["ok"] for r in done)
+    out["cost"] = statistics.fmean(r["compared"]["cost"] for r in done)
     out["floors"] = all(r["floor"] is not None and r["floor"]["clears"] for r in done)
     shares = []
     for seed in p.SEEDS:
@@ -301,10 +308,12 @@ def comparison_markdown(report: dict[str, Any]) -> list[str]:
         f"at lr {choice['teacher_lr']:g}, tolerance {choice['tolerance']} (students at "
         "onboarding's default rate). Scores on the reported split, mean over seeds; 95% "
         "intervals from a paired bootstrap over its examples, per seed. Branch: fork depth + "
-        "branch layers, per seed."
+        "branch layers, per seed. Cost: the search's units' wall hours over the full unit's, "
+        "mean over seeds (an upper bound: the units distil students of every teacher, "
+        "`mtreg onboard` only of the best one; bench/onboarding.py measures onboarding)."
     )
-    lines += ["", "| task | fold | full FT | onboarded | % of full [95%] | branch | ≥ 98% |"]
-    lines += ["|---|---|---:|---:|---:|---|---|"]
+    lines += ["", "| task | fold | full FT | onboarded | % of full [95%] | branch | ≥ 98% | cost |"]
+    lines += ["|---|---|---:|---:|---:|---|---|---:|"]
     for r in report["tasks"]:
         c = r.get("compared")
         if not c:
@@ -316,7 +325,7 @@ def comparison_markdown(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['task']} | {r['fold']} | {100 * c['full']:.1f} | {100 * c['served']:.1f} | "
             f"{100 * c['ratio']:.1f}% [{100 * c['low']:.1f}, {100 * c['high']:.1f}] | "
-            f"{branch} | {ok} |"
+            f"{branch} | {ok} | {c['cost']:.2f}× |"
         )
     return [*lines, "", *(f"- {verdict_line(v)}" for v in report["verdicts"])]
 
@@ -334,7 +343,8 @@ def verdict_line(v: dict[str, Any]) -> str:
         f"{100 * lowest:.1f}%); every task ≥ 98% or within noise: "
         f"{'yes' if v['every_task'] else 'no'}; bundle layers per request over one model per "
         f"task: {share}; full fine-tuning clears the majority floor on every task: "
-        f"{'yes' if v['floors'] else 'no'}. Goal (mean ≥ {100 * p.GOAL:.1f}%, every task "
+        f"{'yes' if v['floors'] else 'no'}; the search's units took {v['cost']:.2f}× the full "
+        f"units' wall time. Goal (mean ≥ {100 * p.GOAL:.1f}%, every task "
         f"≥ {100 * TASK_GOAL:.0f}%, ≤ {100 * LAYER_GOAL:.0f}% of the layers, floors "
         f"cleared): {state}."
     )

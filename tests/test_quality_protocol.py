@@ -202,7 +202,7 @@ def _compared_task(root: Path, task: str, extra_wrong: int) -> None:
     for seed in p.SEEDS:
         full = {"reported": _predicted(20), "layers_per_request": 6}
         unit = p.Unit(task, "full", CHOICE["full_lr"], seed)
-        p.write_unit(unit.path(root), {"metric": "accuracy", "runs": [full], "hours": 0.1})
+        p.write_unit(unit.path(root), {"metric": "accuracy", "runs": [full], "hours": 0.25})
         _branch_unit(root, task, seed, 2, [_row("teacher", 2, 4, 0.80, 0.79)])
         student = _row("student", 1, 3, 0.895, 0.0) | {"reported": _predicted(20 + extra_wrong)}
         _branch_unit(root, task, seed, 3, [_row("teacher", 3, 3, 0.90, 0.91), student])
@@ -234,11 +234,14 @@ def test_the_report_judges_each_task_and_each_fold_against_the_goal(tmp_path: Pa
     judged = pr.verdict(rows, "judge", p.JUDGING)
     assert (judged["tasks"], judged["complete"], judged["met"]) == (2, False, False)
     assert judged["lowest"] == ["sst2", sst2["ratio"]] and not judged["every_task"]
+    assert judged["cost"] == rte["cost"]
     assert judged["layer_share"] == 5 / 12  # the trunk to fork 3 and two 1-layer branches
     report = {"choice": CHOICE, "tasks": rows, "verdicts": [judged]}
     text = "\n".join(pr.comparison_markdown(report))
-    assert "| rte | judge | 90.0 | 87.5 | 97.2% [" in text and "| 3+1, 3+1 | within noise |" in text
-    assert "| sst2 | judge | 90.0 | 83.0 | 92.2% [" in text and "| 3+1, 3+1 | no |" in text
+    assert rte["cost"] == 0.8  # two branch units of 0.1 h against a full unit of 0.25 h
+    assert "| rte | judge | 90.0 | 87.5 | 97.2% [" in text
+    assert "| 3+1, 3+1 | within noise | 0.80× |" in text
+    assert "| sst2 | judge | 90.0 | 83.0 | 92.2% [" in text and "| 3+1, 3+1 | no | 0.80× |" in text
     assert "**judge** (2 of 6 tasks): mean 94.7% of full fine-tuning (lowest: sst2, 92.2%)" in text
     assert text.endswith("floors cleared): open (tasks missing).")
 
