@@ -50,11 +50,6 @@ AUTOSCALING = {"upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
-def _namespace_tools() -> None:
-    """Fail (in CI) or skip when the namespace cannot be made."""
-    require_namespaces("--net", probe=LOOPBACK_UP)
-
-
 def in_namespace(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
     """Run ``argv`` in a new network namespace with loopback up (and Ray's test env)."""
     script = f"{LOOPBACK_UP} && exec " + " ".join(f"'{a}'" for a in argv)
@@ -72,7 +67,7 @@ def seen(
     tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoints
 ) -> Iterator[tuple[Registered, dict[str, Any], dict[str, Any]]]:
     """Run the scenario once; yield the registry, its plan and what the scenario saw."""
-    _namespace_tools()
+    require_namespaces("--net", probe=LOOPBACK_UP)  # skip, or fail under CI
     reg = Registered(tmp_path_factory.mktemp("ray"), checkpoints)
     old = reg.registry.bundle("serving").id
     new = reg.upgrade("sentiment", "1.1.0", seed=7)  # `latest` moves, `serving` stays
