@@ -278,30 +278,21 @@ def require_namespaces(*namespaces: str, probe: str = MOUNT_PROBE) -> None:
     """Return when this machine can run shell ``probe`` inside :func:`unshare`'s
     ``namespaces`` (default: a tmpfs mounted in a private mount namespace, as the full-disk
     and read-only tests make their disks); otherwise :func:`missing` with the reason."""
-    problem = namespace_unavailable(*namespaces, probe=probe)
-    if problem:
-        missing(problem)
-
-
-def namespace_unavailable(*namespaces: str, probe: str = MOUNT_PROBE) -> str | None:
-    """Return why this machine cannot run shell ``probe`` inside :func:`unshare`'s
-    ``namespaces``, or None when it can."""
     namespaces = namespaces or ("--mount",)
     if shutil.which("unshare") is None:
-        return "no `unshare` command here"
+        missing("no `unshare` command here")
     try:
         done = subprocess.run(
             [*unshare(*namespaces), "sh", "-c", probe], capture_output=True, timeout=30
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"`unshare {' '.join(namespaces)}` failed: {exc}"
+        missing(f"`unshare {' '.join(namespaces)}` failed: {exc}")
     if done.returncode != 0:
         reason = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        return (
+        missing(
             f"cannot make private namespaces ({' '.join(namespaces)}): run as root, or allow "
             f"unprivileged user namespaces (sysctl user.max_user_namespaces): {reason[0]}"
         )
-    return None
 
 
 HUB_COMMIT = "a" * 40  # the revision hub_cache lays a download out at

@@ -4,7 +4,8 @@ writer. Each is one line (``core/disk.py``) saying what to do, exit code 1, no t
 no half-written file.
 
 A file in the way is made with plain files; the full disk is a real small tmpfs in a private
-mount namespace (``helpers.unshare``: root, or a user namespace; ``helpers.namespace_unavailable``).
+mount namespace (``helpers.unshare``: root, or a user namespace; ``helpers.require_namespaces``
+probes for it).
 """
 
 from __future__ import annotations
