@@ -57,28 +57,41 @@ def plan(root: Path = p.UNITS) -> list[str]:
     return lines
 
 
+def mean_interval(values: Sequence[float], ses: Sequence[float]) -> tuple[float, float]:
+    """Return the mean of per-seed ``values`` and the half-width of its 95% interval, from
+    each seed's standard error (seeds independent)."""
+    return statistics.fmean(values), Z95 * math.sqrt(sum(se**2 for se in ses)) / len(ses)
+
+
 def floor(units: dict, task: str, lr: float) -> dict[str, Any] | None:
-    """Return seed 0's full fine-tuning against the majority floor on the reported split:
-    the difference and its 95% interval (paired bootstrap over examples)."""
-    unit = units.get((task, p.Unit(task, "full", lr, 0).name))
-    if unit is None:
-        return None
-    metric, reported = unit["metric"], unit["runs"][0]["reported"]
-    refs, preds = reported["references"], reported["predictions"]
-    const = quality.majority(refs)
+    """Return full fine-tuning against the majority floor on the reported split, mean over
+    the seeds that finished: the difference and its 95% interval (paired bootstrap over
+    examples, per seed). None when no seed finished."""
     from mtreg.training.metrics import evaluate
 
-    full_score = evaluate([metric], preds, refs)[metric]
-    base = evaluate([metric], const, refs)[metric]
-    se = quality.paired_bootstrap_se(metric, preds, const, refs)
-    diff = full_score - base
+    diffs, ses, fulls, bases = [], [], [], []
+    for seed in p.SEEDS:
+        unit = units.get((task, p.Unit(task, "full", lr, seed).name))
+        if unit is None:
+            continue
+        metric, reported = unit["metric"], unit["runs"][0]["reported"]
+        refs, preds = reported["references"], reported["predictions"]
+        const = quality.majority(refs)
+        fulls.append(evaluate([metric], preds, refs)[metric])
+        bases.append(evaluate([metric], const, refs)[metric])
+        diffs.append(fulls[-1] - bases[-1])
+        ses.append(quality.paired_bootstrap_se(metric, preds, const, refs))
+    if not diffs:
+        return None
+    diff, half = mean_interval(diffs, ses)
     return {
-        "majority": base,
-        "full": full_score,
+        "majority": statistics.fmean(bases),
+        "full": statistics.fmean(fulls),
         "diff": diff,
-        "low": diff - Z95 * se,
-        "high": diff + Z95 * se,
-        "clears": diff - Z95 * se > 0,
+        "low": diff - half,
+        "high": diff + half,
+        "clears": diff - half > 0,
+        "seeds": len(diffs),
     }
 
 
@@ -147,8 +160,8 @@ def compared(
         )
     if not seeds:
         return None
-    full, mean = (statistics.fmean(s[k] for s in seeds) for k in ("full", "served"))
-    half = Z95 * math.sqrt(sum(s["se"] ** 2 for s in seeds)) / len(seeds)
+    full = statistics.fmean(s["full"] for s in seeds)
+    mean, half = mean_interval([s["served"] for s in seeds], [s["se"] for s in seeds])
     out = {"seeds": seeds, "full": full, "served": mean, "ratio": mean / full}
     out["cost"] = statistics.fmean(s["cost"] for s in seeds)
     out |= {"low": (mean - half) / full, "high": (mean + half) / full}

@@ -246,6 +246,24 @@ def test_the_report_judges_each_task_and_each_fold_against_the_goal(tmp_path: Pa
     assert text.endswith("floors cleared): open (tasks missing).")
 
 
+def test_the_majority_floor_is_judged_over_every_seed_that_finished(tmp_path: Path) -> None:
+    def full(seed: int, wrong: int) -> None:
+        unit = p.Unit("rte", "full", CHOICE["full_lr"], seed)
+        runs = [{"reported": _predicted(wrong)}]
+        p.write_unit(unit.path(tmp_path), {"metric": "accuracy", "runs": runs, "hours": 0.2})
+
+    assert pr.floor(pc.load(tmp_path), "rte", CHOICE["full_lr"]) is None
+    full(0, 20)  # 90% against the majority's 60%
+    one = pr.floor(pc.load(tmp_path), "rte", CHOICE["full_lr"])
+    assert one["seeds"] == 1 and one["majority"] == 0.6 and abs(one["diff"] - 0.30) < 1e-9
+    full(1, 30)  # 85%
+    both = pr.floor(pc.load(tmp_path), "rte", CHOICE["full_lr"])
+    assert both["seeds"] == 2 and abs(both["full"] - 0.875) < 1e-9
+    assert abs(both["diff"] - 0.275) < 1e-9 and both["clears"]
+    # Two independent seeds narrow the interval (by about the square root of two).
+    assert both["high"] - both["low"] < 0.8 * (one["high"] - one["low"])
+
+
 def test_the_product_defaults_are_what_the_protocol_chose() -> None:
     # Issue #22: `mtreg onboard TASK` with no options is the configuration the report
     # judges. Until the choosing units are complete, the defaults must be a candidate.
