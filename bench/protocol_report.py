@@ -11,7 +11,6 @@ baseline, and the earlier subsample run (bench/quality.py) wrote it.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -57,41 +56,45 @@ def plan(root: Path = p.UNITS) -> list[str]:
     return lines
 
 
-def mean_interval(values: Sequence[float], ses: Sequence[float]) -> tuple[float, float]:
-    """Return the mean of per-seed ``values`` and the half-width of its 95% interval, from
-    each seed's standard error (seeds independent)."""
-    return statistics.fmean(values), Z95 * math.sqrt(sum(se**2 for se in ses)) / len(ses)
+def references_of(runs: Sequence[dict[str, Any]]) -> list[Any]:
+    """Return the reported split's references, which every seed's run must share.
+
+    Raises:
+        ValueError: the runs were scored on different examples.
+    """
+    refs = runs[0]["reported"]["references"]
+    if any(r["reported"]["references"] != refs for r in runs[1:]):
+        raise ValueError("seeds were scored on different examples; rerun their units")
+    return refs
 
 
 def floor(units: dict, task: str, lr: float) -> dict[str, Any] | None:
     """Return full fine-tuning against the majority floor on the reported split, mean over
     the seeds that finished: the difference and its 95% interval (paired bootstrap over
-    examples, per seed). None when no seed finished."""
+    examples, the seeds resampled together). None when no seed finished."""
     from mtreg.training.metrics import evaluate
 
-    diffs, ses, fulls, bases = [], [], [], []
-    for seed in p.SEEDS:
-        unit = units.get((task, p.Unit(task, "full", lr, seed).name))
-        if unit is None:
-            continue
-        metric, reported = unit["metric"], unit["runs"][0]["reported"]
-        refs, preds = reported["references"], reported["predictions"]
-        const = quality.majority(refs)
-        fulls.append(evaluate([metric], preds, refs)[metric])
-        bases.append(evaluate([metric], const, refs)[metric])
-        diffs.append(fulls[-1] - bases[-1])
-        ses.append(quality.paired_bootstrap_se(metric, preds, const, refs))
-    if not diffs:
+    found = [units.get((task, p.Unit(task, "full", lr, seed).name)) for seed in p.SEEDS]
+    runs = [u["runs"][0] for u in found if u is not None]
+    if not runs:
         return None
-    diff, half = mean_interval(diffs, ses)
+    metric, refs = next(u for u in found if u is not None)["metric"], references_of(runs)
+    const = quality.majority(refs)
+    full = statistics.fmean(
+        evaluate([metric], r["reported"]["predictions"], refs)[metric] for r in runs
+    )
+    base = evaluate([metric], const, refs)[metric]
+    pairs = [(r["reported"]["predictions"], const) for r in runs]
+    half = Z95 * quality.mean_difference_se(metric, pairs, refs)
+    diff = full - base
     return {
-        "majority": statistics.fmean(bases),
-        "full": statistics.fmean(fulls),
+        "majority": base,
+        "full": full,
         "diff": diff,
         "low": diff - half,
         "high": diff + half,
         "clears": diff - half > 0,
-        "seeds": len(diffs),
+        "seeds": len(runs),
     }
 
 
@@ -123,13 +126,14 @@ def compared(
 ) -> dict[str, Any] | None:
     """Return the chosen onboarding configuration against full fine-tuning at ``full_lr``
     on ``task``'s reported split, over the seeds where both finished (None: no such seed):
-    mean scores, the ratio with its 95% interval (paired bootstrap over examples, per seed),
-    whether it meets :data:`TASK_GOAL` or is within noise of it, each seed's branch, and
-    the cost: the search's units' wall hours over the full unit's (an upper bound on
-    onboarding's: the units distil students of every teacher, onboarding only the best's)."""
+    mean scores, the ratio with its 95% interval (paired bootstrap over examples, the seeds
+    resampled together), whether it meets :data:`TASK_GOAL` or is within noise of it, each
+    seed's branch, and the cost: the search's units' wall hours over the full unit's (an
+    upper bound on onboarding's: the units distil students of every teacher, onboarding only
+    the best's)."""
     metric = metric_of(units, task)
     config = (tuple(choice["search"]), choice["teacher_lr"], choice["tolerance"])
-    seeds = []
+    seeds, pairs, runs = [], [], []
     for seed in p.SEEDS:
         full = units.get((task, p.Unit(task, "full", full_lr, seed).name))
         row = served(units, task, seed, *config)
@@ -138,20 +142,15 @@ def compared(
         ref = full["runs"][0]
         searched = [p.Unit(task, "branch", choice["teacher_lr"], seed, d) for d in config[0]]
         branch_hours = sum(units[(task, u.name)]["hours"] for u in searched)
-        se = 0.0  # a collapsed branch has no predictions; its score is 0
-        if not row.get("collapsed"):
-            se = quality.paired_bootstrap_se(
-                metric,
-                row["reported"]["predictions"],
-                ref["reported"]["predictions"],
-                ref["reported"]["references"],
-            )
+        # A collapsed branch predicted nothing; it scores 0.
+        predictions = None if row.get("collapsed") else row["reported"]["predictions"]
+        pairs.append((predictions, ref["reported"]["predictions"]))
+        runs.append(ref)
         seeds.append(
             {
                 "seed": seed,
                 "full": ref["reported"]["metrics"][metric],
                 "served": score(row, metric),
-                "se": se,
                 "fork": row.get("fork_depth"),
                 "layers": row.get("layers", 0),
                 "trunk_layers": ref["layers_per_request"],
@@ -160,8 +159,8 @@ def compared(
         )
     if not seeds:
         return None
-    full = statistics.fmean(s["full"] for s in seeds)
-    mean, half = mean_interval([s["served"] for s in seeds], [s["se"] for s in seeds])
+    full, mean = (statistics.fmean(s[k] for s in seeds) for k in ("full", "served"))
+    half = Z95 * quality.mean_difference_se(metric, pairs, references_of(runs))
     out = {"seeds": seeds, "full": full, "served": mean, "ratio": mean / full}
     out["cost"] = statistics.fmean(s["cost"] for s in seeds)
     out |= {"low": (mean - half) / full, "high": (mean + half) / full}

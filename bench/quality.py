@@ -279,27 +279,48 @@ def paired_bootstrap_se(
 ) -> float:
     """Return the bootstrap standard error of ``metric(a) - metric(b)`` over examples resampled
     together (fixed seed), the noise scale of a one-seed comparison on this split."""
-    key = hashlib.sha256(json.dumps([metric, a, b, references, n]).encode()).hexdigest()
+    return mean_difference_se(metric, [(a, b)], references, n)
+
+
+def mean_difference_se(
+    metric: str,
+    pairs: Sequence[tuple[Sequence[Any] | None, Sequence[Any]]],
+    references: Sequence[Any],
+    n: int = BOOTSTRAP,
+) -> float:
+    """Return the bootstrap standard error of the mean over ``pairs`` (one per seed) of
+    ``metric(a) - metric(b)``, every pair scored on the same resample of the examples (fixed
+    seed). Seeds share one split, so their errors are correlated: resampling them together
+    keeps that, where pooling per-seed errors as if independent would narrow the interval.
+    An ``a`` of None scores 0 (a collapsed model that predicted nothing)."""
+    key = hashlib.sha256(json.dumps([metric, pairs, references, n]).encode()).hexdigest()
     if key not in _BOOTSTRAPS:
-        _BOOTSTRAPS[key] = _bootstrap_se(metric, a, b, references, n)
+        _BOOTSTRAPS[key] = _bootstrap_se(metric, pairs, references, n)
     return _BOOTSTRAPS[key]
 
 
 def _bootstrap_se(
-    metric: str, a: Sequence[Any], b: Sequence[Any], references: Sequence[Any], n: int
+    metric: str,
+    pairs: Sequence[tuple[Sequence[Any] | None, Sequence[Any]]],
+    references: Sequence[Any],
+    n: int,
 ) -> float:
     from mtreg.training.metrics import evaluate
 
+    def scored(predictions: Sequence[Any] | None, idx: list[int], refs: list[Any]) -> float:
+        if predictions is None:
+            return 0.0
+        return evaluate([metric], [predictions[i] for i in idx], refs)[metric]
+
     rng = random.Random(0)
     size = len(references)
-    diffs = []
+    means = []
     for _ in range(n):
         idx = [rng.randrange(size) for _ in range(size)]
         refs = [references[i] for i in idx]
-        left = evaluate([metric], [a[i] for i in idx], refs)[metric]
-        right = evaluate([metric], [b[i] for i in idx], refs)[metric]
-        diffs.append(left - right)
-    return statistics.stdev(diffs)
+        diffs = [scored(a, idx, refs) - scored(b, idx, refs) for a, b in pairs]
+        means.append(statistics.fmean(diffs))
+    return statistics.stdev(means)
 
 
 def majority(references: Sequence[Any]) -> list[Any]:

@@ -247,21 +247,27 @@ def test_the_report_judges_each_task_and_each_fold_against_the_goal(tmp_path: Pa
 
 
 def test_the_majority_floor_is_judged_over_every_seed_that_finished(tmp_path: Path) -> None:
-    def full(seed: int, wrong: int) -> None:
+    def full(seed: int, wrong: range) -> dict[str, Any] | None:
+        """Write seed's full unit, wrong on the examples in ``wrong``; return the floor."""
+        predictions = [1 - r if i in wrong else r for i, r in enumerate(REFERENCES)]
+        reported = {"predictions": predictions, "references": REFERENCES}
         unit = p.Unit("rte", "full", CHOICE["full_lr"], seed)
-        runs = [{"reported": _predicted(wrong)}]
+        runs = [{"reported": reported}]
         p.write_unit(unit.path(tmp_path), {"metric": "accuracy", "runs": runs, "hours": 0.2})
+        return pr.floor(pc.load(tmp_path), "rte", CHOICE["full_lr"])
 
     assert pr.floor(pc.load(tmp_path), "rte", CHOICE["full_lr"]) is None
-    full(0, 20)  # 90% against the majority's 60%
-    one = pr.floor(pc.load(tmp_path), "rte", CHOICE["full_lr"])
+    one = full(0, range(20))  # 90% against the majority's 60%
     assert one["seeds"] == 1 and one["majority"] == 0.6 and abs(one["diff"] - 0.30) < 1e-9
-    full(1, 30)  # 85%
-    both = pr.floor(pc.load(tmp_path), "rte", CHOICE["full_lr"])
-    assert both["seeds"] == 2 and abs(both["full"] - 0.875) < 1e-9
-    assert abs(both["diff"] - 0.275) < 1e-9 and both["clears"]
-    # Two independent seeds narrow the interval (by about the square root of two).
-    assert both["high"] - both["low"] < 0.8 * (one["high"] - one["low"])
+    width = one["high"] - one["low"]
+    # A second seed wrong on the same examples adds no evidence: the interval stays.
+    same = full(1, range(20))
+    assert same["seeds"] == 2 and abs(same["high"] - same["low"] - width) < 1e-9
+    # Wrong on other examples (85%): the mean moves and the interval narrows, but less than
+    # pooling the two seeds' errors as if independent would (by the square root of two).
+    other = full(1, range(100, 130))
+    assert abs(other["full"] - 0.875) < 1e-9 and abs(other["diff"] - 0.275) < 1e-9
+    assert width / 2**0.5 < other["high"] - other["low"] < width and other["clears"]
 
 
 def test_the_product_defaults_are_what_the_protocol_chose() -> None:
