@@ -319,9 +319,9 @@ def comparison_markdown(report: dict[str, Any]) -> list[str]:
         f"Full fine-tuning at lr {choice['full_lr']:g}; onboarding with teachers L in {depths} "
         f"at lr {choice['teacher_lr']:g}, tolerance {choice['tolerance']} (students at "
         "onboarding's default rate). Scores on the reported split, mean over seeds; 95% "
-        "intervals from a paired bootstrap over its examples, per seed. Branch: fork depth + "
-        "branch layers, per seed. Cost: the search's units' wall hours over the full unit's, "
-        "mean over seeds (an upper bound: the units distil students of every teacher, "
+        "intervals from a paired bootstrap over its examples, every seed on the same resample. "
+        "Branch: fork depth + branch layers, per seed. Cost: the search's units' wall hours "
+        "over the full unit's, mean over seeds (an upper bound: the units distil students of every teacher, "
         "`mtreg onboard` only of the best one; bench/onboarding.py measures onboarding)."
     )
     lines += ["", "| task | fold | full FT | onboarded | % of full [95%] | branch | ≥ 98% | cost |"]
