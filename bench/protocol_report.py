@@ -321,8 +321,9 @@ def comparison_markdown(report: dict[str, Any]) -> list[str]:
         "onboarding's default rate). Scores on the reported split, mean over seeds; 95% "
         "intervals from a paired bootstrap over its examples, every seed on the same resample. "
         "Branch: fork depth + branch layers, per seed. Cost: the search's units' wall hours "
-        "over the full unit's, mean over seeds (an upper bound: the units distil students of every teacher, "
-        "`mtreg onboard` only of the best one; bench/onboarding.py measures onboarding)."
+        "over the full unit's, mean over seeds (an upper bound: the units distil students of "
+        "every teacher, `mtreg onboard` only of the best one; bench/onboarding.py measures "
+        "onboarding)."
     )
     lines += ["", "| task | fold | full FT | onboarded | % of full [95%] | branch | ≥ 98% | cost |"]
     lines += ["|---|---|---:|---:|---:|---|---|---:|"]
