@@ -74,11 +74,12 @@ def floor(units: dict, task: str, lr: float) -> dict[str, Any] | None:
     examples, the seeds resampled together). None when no seed finished."""
     from mtreg.training.metrics import evaluate
 
-    found = [units.get((task, p.Unit(task, "full", lr, seed).name)) for seed in p.SEEDS]
-    runs = [u["runs"][0] for u in found if u is not None]
-    if not runs:
+    names = [p.Unit(task, "full", lr, seed).name for seed in p.SEEDS]
+    found = [units[(task, name)] for name in names if (task, name) in units]
+    if not found:
         return None
-    metric, refs = next(u for u in found if u is not None)["metric"], references_of(runs)
+    runs = [u["runs"][0] for u in found]
+    metric, refs = found[0]["metric"], references_of(runs)
     const = quality.majority(refs)
     full = statistics.fmean(
         evaluate([metric], r["reported"]["predictions"], refs)[metric] for r in runs

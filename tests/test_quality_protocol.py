@@ -15,6 +15,7 @@ from typing import Any
 import protocol as p
 import protocol_choice as pc
 import protocol_report as pr
+import pytest
 
 from mtreg.training.settings import MAX_EPOCHS
 
@@ -268,6 +269,13 @@ def test_the_majority_floor_is_judged_over_every_seed_that_finished(tmp_path: Pa
     other = full(1, range(100, 130))
     assert abs(other["full"] - 0.875) < 1e-9 and abs(other["diff"] - 0.275) < 1e-9
     assert width / 2**0.5 < other["high"] - other["low"] < width and other["clears"]
+    full(1, range(20))
+    unit = p.Unit("rte", "full", CHOICE["full_lr"], 1)
+    written = json.loads(unit.path(tmp_path).read_text())
+    written["runs"][0]["reported"]["references"] = REFERENCES[::-1]  # another split's order
+    p.write_unit(unit.path(tmp_path), written)
+    with pytest.raises(ValueError, match="seeds were scored on different examples; rerun"):
+        pr.floor(pc.load(tmp_path), "rte", CHOICE["full_lr"])
 
 
 def test_the_product_defaults_are_what_the_protocol_chose() -> None:
