@@ -44,6 +44,37 @@ _USER_CACHE = tempfile.mkdtemp(prefix="mtreg-test-cache-")
 os.environ[CACHE_DIR_ENV] = _USER_CACHE
 
 
+GPU_OPTION = "--gpu"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--gpu``: also run the tests marked ``gpu``, which need a CUDA GPU."""
+    parser.addoption(
+        GPU_OPTION,
+        action="store_true",
+        help="also run the tests marked gpu: they need a CUDA GPU, and fail without one",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say up front whether the GPU tests are in this run."""
+    if config.getoption(GPU_OPTION):
+        return "gpu tests: included (--gpu); each fails where there is no CUDA GPU"
+    return "gpu tests: left out; `scripts/dev test --gpu` runs them on a machine with a CUDA GPU"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave the ``gpu`` tests out unless ``--gpu`` asks for them. They are a suite of their
+    own, asked for by the one running it, rather than skipped wherever the hardware lacks:
+    a default run then skips nothing, and a GPU run that finds no GPU fails."""
+    if config.getoption(GPU_OPTION):
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop the embedded PostgreSQL server the session started, if any; remove the
     session's user cache folder."""

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import missing
 
 from mtreg.core.env import DATA_DIR_ENV, using_data_dir
 from mtreg.errors import MtregError
@@ -40,7 +41,7 @@ SHARED = _shared_data()
 def shared(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point MTREG_DATA_DIR at the real shared data, or skip."""
     if SHARED is None:
-        pytest.skip(f"shared data not found ({DATA_DIR_ENV} unset and {REPO_DATA} absent)")
+        missing(f"shared data not found ({DATA_DIR_ENV} unset and {REPO_DATA} absent)")
     monkeypatch.setenv(DATA_DIR_ENV, str(SHARED))
     return SHARED
 
@@ -97,7 +98,7 @@ def test_installed_as_entry_points_of_mtreg() -> None:
     dist = importlib.metadata.distribution("mtreg")
     found = {ep.name: ep.value for ep in dist.entry_points if ep.group == "mtreg"}
     if not found:
-        pytest.skip("this mtreg install predates its entry points: `pip install -e .` again")
+        missing("this mtreg install predates its entry points: `pip install -e .` again")
     assert found == {"glue": "mtreg.plugins.glue", "intent": "mtreg.plugins.intent"}
 
 

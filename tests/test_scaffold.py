@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from click.testing import CliRunner
+from helpers import missing
 
 from mtreg.cli.main import cli
 from mtreg.cli.scaffold import plan_plugin, scaffold_plugin
@@ -93,7 +94,7 @@ def test_generated_code_is_ruff_clean_for_every_kind(
     tmp_path: Path, kind: str, labels: list[str], pair: bool
 ) -> None:
     if not Path(RUFF).exists():
-        pytest.skip("ruff is not installed")
+        missing("ruff is not installed: pip install -e '.[test]'")
     name = "n" * 64  # the longest name must not break the line length
     target = scaffold_plugin(plan_plugin(name, labels, kind=kind, pair=pair), tmp_path)
     for args in (["check", "--no-cache", "."], ["format", "--no-cache", "--check", "."]):
@@ -161,7 +162,7 @@ def test_generated_package_passes_its_own_test_and_builds(tmp_path: Path) -> Non
         text=True,
     )
     if build.returncode != 0 and "setuptools" in build.stderr and "No module" in build.stderr:
-        pytest.skip("setuptools is not installed in this environment: cannot build offline")
+        missing("setuptools is not installed in this environment: cannot build offline")
     assert build.returncode == 0, build.stdout + build.stderr
     assert (site / "mtreg_demo_x" / "__init__.py").is_file()
     (info,) = site.glob("mtreg_demo_x-0.1.0.dist-info")
@@ -193,7 +194,7 @@ def test_scaffolded_plugin_installs_and_onboards_in_a_subprocess(
         text=True,
     )
     if install.returncode != 0 and "No module" in install.stderr:
-        pytest.skip("setuptools is not installed in this environment: cannot build offline")
+        missing("setuptools is not installed in this environment: cannot build offline")
     assert install.returncode == 0, install.stderr
     data = tmp_path / "data" / "reviews"
     data.mkdir(parents=True)

@@ -1,6 +1,9 @@
 """``--device cuda``: the torch network on a GPU under autocast, and the fp32 ONNX graph on
 onnxruntime's CUDA provider, answering as on the CPU; refused in one line where there is no
-GPU, no CUDA provider, or the backend cannot run on one."""
+GPU, no CUDA provider, or the backend cannot run on one.
+
+The tests marked ``gpu`` run only with ``--gpu`` (tests/conftest.py), and fail on a machine
+without what they need."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from mtreg.runtime.export import export_onnx
 TASKS = SERVING_TASKS[:4]  # the one-text tasks: every head kind
 TEXTS = ["what", "the movie was great", "i want a refund for my order now, it never came"]
 GPU = torch.cuda.is_available()
-NO_GPU = "no CUDA GPU here (torch.cuda.is_available() is False): the GPU path runs where one is"
+NO_GPU = "no CUDA GPU here (torch.cuda.is_available() is False): run --gpu where there is one"
 CUDA_ONNX = GPU and CUDA_PROVIDER in onnxruntime.get_available_providers()
 NO_CUDA_ONNX = f"no CUDA GPU with onnxruntime's {CUDA_PROVIDER} here (install onnxruntime-gpu)"
 
@@ -33,9 +36,16 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoint
     return registered_bundle(tmp, checkpoints.copy(tmp / "trunk", num_layers=4), TASKS)
 
 
-@pytest.mark.skipif(not GPU, reason=NO_GPU)
+def require(available: bool, reason: str) -> None:
+    """Fail the calling ``gpu`` test with ``reason`` unless ``available``."""
+    if not available:
+        pytest.fail(reason, pytrace=False)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "fastest"])
 def test_the_gpu_answers_as_the_cpu_does(bundle_dir: Path, backend: str) -> None:
+    require(GPU, NO_GPU)
     cpu = load_bundle(bundle_dir, backend="torch").predict(TEXTS, with_logits=True)
     gpu = load_bundle(bundle_dir, backend=backend, device="cuda")
     assert gpu.backend == "torch"
@@ -48,10 +58,11 @@ def test_the_gpu_answers_as_the_cpu_does(bundle_dir: Path, backend: str) -> None
             assert torch.allclose(torch.tensor(on_gpu[task]["logits"]), expected, atol=5e-2)
 
 
-@pytest.mark.skipif(not CUDA_ONNX, reason=NO_CUDA_ONNX)
+@pytest.mark.gpu
 def test_the_onnx_graph_on_the_cuda_provider_answers_as_on_the_cpu(
     bundle_dir: Path, tmp_path: Path
 ) -> None:
+    require(CUDA_ONNX, NO_CUDA_ONNX)
     export_onnx(bundle_dir, tmp_path / "onnx")
     cpu = load_bundle(tmp_path / "onnx", backend="onnx").predict(TEXTS, with_logits=True)
     gpu = load_bundle(tmp_path / "onnx", backend="onnx", device="cuda")
