@@ -197,15 +197,17 @@ def _predicted(wrong: int) -> dict[str, Any]:
     return {"metrics": {"accuracy": accuracy}, "predictions": predictions, "references": REFERENCES}
 
 
-def _compared_task(root: Path, task: str, extra_wrong: int) -> None:
-    """Full fine-tuning at 90% on both seeds; onboarding serves the L=3 teacher's 1-layer
-    student (fork 3), wrong on ``extra_wrong`` more examples."""
+def _compared_task(root: Path, task: str, extra_wrong: int, full_wrong: int = 20) -> None:
+    """Full fine-tuning wrong on ``full_wrong`` of 200 examples (90%) on both seeds;
+    onboarding serves the L=3 teacher's 1-layer student (fork 3), wrong on ``extra_wrong``
+    more examples."""
     for seed in p.SEEDS:
-        full = {"reported": _predicted(20), "layers_per_request": 6}
+        full = {"reported": _predicted(full_wrong), "layers_per_request": 6}
         unit = p.Unit(task, "full", CHOICE["full_lr"], seed)
         p.write_unit(unit.path(root), {"metric": "accuracy", "runs": [full], "hours": 0.25})
         _branch_unit(root, task, seed, 2, [_row("teacher", 2, 4, 0.80, 0.79)])
-        student = _row("student", 1, 3, 0.895, 0.0) | {"reported": _predicted(20 + extra_wrong)}
+        wrong = full_wrong + extra_wrong
+        student = _row("student", 1, 3, 0.895, 0.0) | {"reported": _predicted(wrong)}
         _branch_unit(root, task, seed, 3, [_row("teacher", 3, 3, 0.90, 0.91), student])
 
 
@@ -245,6 +247,25 @@ def test_the_report_judges_each_task_and_each_fold_against_the_goal(tmp_path: Pa
     assert "| sst2 | judge | 90.0 | 83.0 | 92.2% [" in text and "| 3+1, 3+1 | no | 0.80× |" in text
     assert "**judge** (2 of 6 tasks): mean 94.7% of full fine-tuning (lowest: sst2, 92.2%)" in text
     assert text.endswith("floors cleared): open (tasks missing).")
+
+
+def test_a_task_below_its_floor_fails_the_goal_and_the_mean_without_it_is_shown(
+    tmp_path: Path,
+) -> None:
+    _compared_task(tmp_path, "rte", 0, full_wrong=76)  # 62% against a majority of 60%
+    _compared_task(tmp_path, "sst2", 0)
+    rows = pr.task_rows(pc.load(tmp_path), CHOICE)
+    assert [r["floor"]["clears"] for r in rows] == [False, True]
+    judged = pr.verdict(rows, "judge", p.JUDGING)
+    assert not judged["floors"] and not judged["met"]
+    assert judged["below_floor"] == ["rte"] and judged["mean_above_floor"] == 1.0
+    assert "floor on every task: no (not on rte; mean without it: 100.0%);" in pr.verdict_line(
+        judged
+    )
+    _compared_task(tmp_path / "all", "sst2", 0)
+    cleared = pr.verdict(pr.task_rows(pc.load(tmp_path / "all"), CHOICE), "judge", p.JUDGING)
+    assert cleared["below_floor"] == [] and cleared["mean_above_floor"] is None
+    assert "floor on every task: yes;" in pr.verdict_line(cleared)
 
 
 def test_the_majority_floor_is_judged_over_every_seed_that_finished(tmp_path: Path) -> None:
