@@ -347,13 +347,13 @@ class Runner:
 
     def _full(self, job: Any, unit: Unit) -> dict[str, Any]:
         import finetune as ft
-        import quality
+        import scores
 
         result = ft.finetune(job, unit.lr, progress=job.progress)
         reported = self._reported(job)
         logits = ft.predict_live(result.model, reported, ft.pad_id(job))
         run = {k: v for k, v in result.to_dict().items() if k != "history"}
-        run["reported"] = quality.scored(job.spec.head, job.metrics, logits, reported.labels)
+        run["reported"] = scores.scored(job.spec.head, job.metrics, logits, reported.labels)
         run["layers_per_request"] = job.config.num_hidden_layers
         return {"runs": [run], "history": result.history}
 
@@ -376,7 +376,7 @@ class Runner:
         return {"runs": [self._scored_run(job, r) for r in runs], "diverged": diverged}
 
     def _scored_run(self, job: Any, run: Any) -> dict[str, Any]:
-        import quality
+        import scores
 
         from mtreg.training.job import compute_hidden, hidden_states
         from mtreg.training.loop import Split, predict_logits
@@ -391,7 +391,7 @@ class Runner:
             hidden = compute_hidden(job, reported, [k])[k]
         logits = predict_logits(found[1], Split(hidden, reported.labels))
         out = {k: v for k, v in run.to_dict().items() if k not in ("key", "resumed")}
-        out["reported"] = quality.scored(job.spec.head, job.metrics, logits, reported.labels)
+        out["reported"] = scores.scored(job.spec.head, job.metrics, logits, reported.labels)
         out["layers_per_request"] = run.fork_depth + run.layers
         return out
 

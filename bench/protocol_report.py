@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import protocol as p
-import quality
+import scores
 from protocol_choice import choose, full_mean, load, metric_of, score, served
 
 Z95 = 1.96
@@ -80,13 +80,13 @@ def floor(units: dict, task: str, lr: float) -> dict[str, Any] | None:
         return None
     runs = [u["runs"][0] for u in found]
     metric, refs = found[0]["metric"], references_of(runs)
-    const = quality.majority(refs)
+    const = scores.majority(refs)
     full = statistics.fmean(
         evaluate([metric], r["reported"]["predictions"], refs)[metric] for r in runs
     )
     base = evaluate([metric], const, refs)[metric]
     pairs = [(r["reported"]["predictions"], const) for r in runs]
-    half = Z95 * quality.mean_difference_se(metric, pairs, refs)
+    half = Z95 * scores.mean_difference_se(metric, pairs, refs)
     diff = full - base
     return {
         "majority": base,
@@ -161,7 +161,7 @@ def compared(
     if not seeds:
         return None
     full, mean = (statistics.fmean(s[k] for s in seeds) for k in ("full", "served"))
-    half = Z95 * quality.mean_difference_se(metric, pairs, references_of(runs))
+    half = Z95 * scores.mean_difference_se(metric, pairs, references_of(runs))
     out = {"seeds": seeds, "full": full, "served": mean, "ratio": mean / full}
     out["cost"] = statistics.fmean(s["cost"] for s in seeds)
     out |= {"low": (mean - half) / full, "high": (mean + half) / full}

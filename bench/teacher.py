@@ -43,7 +43,8 @@ sys.path.insert(0, str(HERE))
 
 import benchtasks  # noqa: E402  (bench/ is not a package)
 from onboarding import Clock, _say  # noqa: E402
-from quality import TEST_TASKS, score_bundle, scored  # noqa: E402
+from quality_units import TEST_TASKS  # noqa: E402
+from scores import score_bundle, scored  # noqa: E402
 
 RESULTS = HERE / "results"
 

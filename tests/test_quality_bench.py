@@ -20,6 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import benchtasks
 import quality
+import quality_report
+import quality_serving
+import quality_units
+import scores
 
 PNG = b"\x89PNG\r\n\x1a\n"
 POS, NEG = ["good", "great", "love", "fun"], ["bad", "awful", "hate", "boring"]
@@ -111,9 +115,9 @@ def test_figure_renders_a_png(tmp_path: Path) -> None:
 
 def test_paired_bootstrap_is_zero_for_equal_predictions_and_positive_otherwise() -> None:
     refs = [i % 2 for i in range(50)]
-    assert quality.paired_bootstrap_se("accuracy", refs, refs, refs, n=20) == 0
+    assert scores.paired_bootstrap_se("accuracy", refs, refs, refs, n=20) == 0
     other = [1 - r if i % 5 == 0 else r for i, r in enumerate(refs)]
-    assert quality.paired_bootstrap_se("accuracy", refs, other, refs, n=20) > 0
+    assert scores.paired_bootstrap_se("accuracy", refs, other, refs, n=20) > 0
 
 
 @pytest.mark.parametrize(
@@ -126,7 +130,7 @@ def test_paired_bootstrap_is_zero_for_equal_predictions_and_positive_otherwise()
     ],
 )
 def test_majority_is_the_constant_predictor(references: list, expected: list) -> None:
-    assert quality.majority(references) == expected
+    assert scores.majority(references) == expected
 
 
 @pytest.mark.parametrize("wrong, learned", [(2, True), (20, False)])
@@ -136,26 +140,26 @@ def test_floor_row_sets_full_and_served_against_the_majority(
     references = [i % 2 for i in range(40)]  # majority: 50%
     full = [1 - r if i < wrong else r for i, r in enumerate(references)]
     split = {"metrics": {"accuracy": 1 - wrong / 40}, "predictions": full}
-    quality.write_json(
+    quality_units.write_json(
         tmp_path / "sst2" / "seed0" / "full-lr2e-05.json",
         {"lr": 2e-5, "dev_metrics": split["metrics"], "dev": {**split, "references": references}},
     )
     bundle = {"tasks": {"sst2": {"dev": {"metrics": {"accuracy": 0.8}}}}}
-    quality.write_json(tmp_path / "bundle-seed0.json", bundle)
-    row = quality.floor_row(tmp_path, "sst2")
+    quality_units.write_json(tmp_path / "bundle-seed0.json", bundle)
+    row = quality_report.floor_row(tmp_path, "sst2")
     assert row is not None and row["majority"] == 0.5 and row["served"] == 0.8
     assert row["learned"] is learned and row["se"] > 0
     gain = (0.8 - 0.5) / (row["full"] - 0.5) if learned else None  # 20 wrong: full = 50%
     assert row["gain_kept"] == (pytest.approx(gain) if learned else None)
-    text = "".join(quality.floor_markdown({"floor": {"sst2": row}, "overall": {}}))
+    text = "".join(quality_report.floor_markdown({"floor": {"sst2": row}, "overall": {}}))
     assert ("not above" in text) is not learned
 
 
 def test_report_marks_missing_units(tmp_path: Path) -> None:
-    report = quality.build_report(tmp_path / "units", ["sst2", "rte"], [0, 1])
+    report = quality_report.build_report(tmp_path / "units", ["sst2", "rte"], [0, 1])
     assert "sst2 seed 0 full fine-tuning" in report["missing"]
     assert "rte seed 1 onboard" in report["missing"] and "serving cost" in report["missing"]
-    assert "## Missing" in quality.report_markdown(report)
+    assert "## Missing" in quality_report.report_markdown(report)
     # Variants run only when asked: one never started is not missing.
     assert not [m for m in report["missing"] if "strict" in m or "deep" in m]
 
@@ -164,17 +168,16 @@ def test_report_marks_missing_units(tmp_path: Path) -> None:
 def test_a_tiny_run_scores_the_bundle_and_resumes(
     tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(quality, "TASKS", {"sst2": {"sizes": {"train": 64}}})
-    monkeypatch.setattr(quality, "SMALL", ("sst2",))
-    monkeypatch.setattr(quality, "LRS", (1e-3, 3e-3))
-    monkeypatch.setattr(quality, "EPOCHS", 3)
-    monkeypatch.setattr(quality, "TEACHER_LAYERS", (2,))
-    monkeypatch.setattr(quality, "BOOTSTRAP", 10)
-    deep = quality.Variant("deep", "Deeper", "L 1..2.", {"teacher_layers": (1, 2)}, False)
-    loose = quality.Variant("loose", "Looser", "0.5.", {"tolerance": 0.5}, True, "-deep")
-    monkeypatch.setattr(quality, "VARIANTS", (quality.VARIANTS[0], deep, loose))
-    monkeypatch.setattr(quality, "TIMING_SENTENCES", 16)
-    monkeypatch.setattr(quality, "peak_rss", lambda kind, path: 1.0)
+    monkeypatch.setattr(quality_units, "TASKS", {"sst2": {"sizes": {"train": 64}}})
+    monkeypatch.setattr(quality_units, "SMALL", ("sst2",))
+    monkeypatch.setattr(quality_units, "LRS", (1e-3, 3e-3))
+    monkeypatch.setattr(quality_units, "EPOCHS", 3)
+    monkeypatch.setattr(quality_units, "TEACHER_LAYERS", (2,))
+    deep = quality_units.Variant("deep", "Deeper", "L 1..2.", {"teacher_layers": (1, 2)}, False)
+    loose = quality_units.Variant("loose", "Looser", "0.5.", {"tolerance": 0.5}, True, "-deep")
+    monkeypatch.setattr(quality_units, "VARIANTS", (quality_units.VARIANTS[0], deep, loose))
+    monkeypatch.setattr(quality_serving, "TIMING_SENTENCES", 16)
+    monkeypatch.setattr(quality_serving, "peak_rss", lambda kind, path: 1.0)
     monkeypatch.setattr(benchtasks, "open_registry", _tiny_registry(tiny["ckpt"]))
     units, out = tiny["root"] / "units", tiny["root"] / "out"
 
@@ -184,8 +187,8 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
             quality.run(
                 bench,
                 (0, 1),
-                lambda: quality.write_report(units, out, ["sst2"], (0, 1)),
-                quality.VARIANTS,
+                lambda: quality_report.write_report(units, out, ["sst2"], (0, 1)),
+                quality_units.VARIANTS,
             )
         finally:
             bench.close()
@@ -282,7 +285,7 @@ def test_a_tiny_run_scores_the_bundle_and_resumes(
     assert calls == ["ft"]
     # A grid change makes the onboarding stale; its registered version holds the old
     # search's weights, so the benchmark stops with what to remove, and trains nothing.
-    monkeypatch.setattr(quality, "LRS", (1e-3, 3e-3, 9e-3))
+    monkeypatch.setattr(quality_units, "LRS", (1e-3, 3e-3, 9e-3))
     bench = quality.Bench(tiny["root"] / "work", units, ["sst2"])
     try:
         with pytest.raises(RuntimeError, match=r"other settings; remove .*registry\.db"):
@@ -297,16 +300,18 @@ def test_an_onboard_unit_from_another_search_is_stale(tmp_path: Path) -> None:
     settings = bench.settings(0)
     unit = {
         "settings": {
-            "teacher_layers": list(quality.TEACHER_LAYERS),
-            "teacher_lrs": list(quality.LRS),
-            "student_lrs": list(quality.STUDENT_LRS),
+            "teacher_layers": list(quality_units.TEACHER_LAYERS),
+            "teacher_lrs": list(quality_units.LRS),
+            "student_lrs": list(quality_units.STUDENT_LRS),
         },
         "tolerance": 0.99,
     }
-    assert quality.searched_as(unit, settings)
-    assert not quality.searched_as(unit, bench.settings(0, tolerance=0.98))
-    assert not quality.searched_as(unit, bench.settings(0, teacher_lrs=quality.LRS[:-1]))
-    assert not quality.searched_as(unit, bench.settings(0, teacher_layers=(2, 3, 4)))
+    assert quality_units.searched_as(unit, settings)
+    assert not quality_units.searched_as(unit, bench.settings(0, tolerance=0.98))
+    assert not quality_units.searched_as(
+        unit, bench.settings(0, teacher_lrs=quality_units.LRS[:-1])
+    )
+    assert not quality_units.searched_as(unit, bench.settings(0, teacher_layers=(2, 3, 4)))
 
 
 def test_link_missing_adds_only_finished_files_the_target_lacks(tmp_path: Path) -> None:
@@ -317,8 +322,8 @@ def test_link_missing_adds_only_finished_files_the_target_lacks(tmp_path: Path) 
     (source / "task" / "1.0.0" / "student.json").write_text("base")
     (target / "task" / "1.0.0").mkdir(parents=True)
     (target / "task" / "1.0.0" / "student.json").write_text("own")
-    quality.link_missing(source, target)
-    quality.link_missing(tmp_path / "absent", target)
+    quality_units.link_missing(source, target)
+    quality_units.link_missing(tmp_path / "absent", target)
     folder = target / "task" / "1.0.0"
     assert sorted(p.name for p in folder.iterdir()) == ["student.json", "teacher.safetensors"]
     assert (folder / "student.json").read_text() == "own"
@@ -328,7 +333,7 @@ def test_link_missing_adds_only_finished_files_the_target_lacks(tmp_path: Path) 
 
 
 def _best(units: Path) -> str:
-    best = quality.best_full(units, "sst2", 0)
+    best = quality_units.best_full(units, "sst2", 0)
     assert best is not None
     return json.dumps(best)
 
