@@ -39,7 +39,8 @@ SHARED = _shared_data()
 
 @pytest.fixture
 def shared(monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point MTREG_DATA_DIR at the real shared data, or skip."""
+    """Point MTREG_DATA_DIR at the real shared data, or skip (fail under CI) with where
+    it was looked for."""
     if SHARED is None:
         missing(f"shared data not found ({DATA_DIR_ENV} unset and {REPO_DATA} absent)")
     monkeypatch.setenv(DATA_DIR_ENV, str(SHARED))
