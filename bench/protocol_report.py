@@ -173,10 +173,13 @@ def verdict(rows: Sequence[dict[str, Any]], fold: str, tasks: Sequence[str]) -> 
     """Return a fold's verdict on the goal from its task rows (:func:`task_rows`): mean and
     lowest ratio, every task at :data:`TASK_GOAL` or within noise, the bundle's layers per
     request over one model per task (mean over the seeds every task has), full fine-tuning
-    clear of the majority floor on every task; ``complete`` when every task is in."""
+    clear of the majority floor on every task; ``complete`` when every task is in on every
+    seed (``runs`` of ``of_runs`` task-seeds compared)."""
     done = [r for r in rows if r["fold"] == fold and r.get("compared")]
     out: dict[str, Any] = {"fold": fold, "tasks": len(done), "of": len(tasks)}
-    out["complete"] = len(done) == len(tasks)
+    out["runs"] = sum(len(r["compared"]["seeds"]) for r in done)
+    out["of_runs"] = len(tasks) * len(p.SEEDS)
+    out["complete"] = out["runs"] == out["of_runs"]
     if not done:
         return out
     ratios = {r["task"]: r["compared"]["ratio"] for r in done}
@@ -198,14 +201,14 @@ def verdict(rows: Sequence[dict[str, Any]], fold: str, tasks: Sequence[str]) -> 
             layers = max(s["fork"] or 0 for s in parts) + sum(s["layers"] for s in parts)
             shares.append(layers / sum(s["trunk_layers"] for s in parts))
     out["layer_share"] = statistics.fmean(shares) if shares else None
-    out["met"] = bool(
-        out["complete"]
-        and out["mean"] >= p.GOAL
+    out["meets_so_far"] = bool(
+        out["mean"] >= p.GOAL
         and out["every_task"]
         and out["floors"]
         and shares
         and out["layer_share"] <= LAYER_GOAL
     )
+    out["met"] = out["complete"] and out["meets_so_far"]
     return out
 
 
@@ -356,7 +359,9 @@ def verdict_line(v: dict[str, Any]) -> str:
     if not v["tasks"]:
         return f"{head}: no task compared yet."
     share = "–" if v["layer_share"] is None else f"{100 * v['layer_share']:.0f}%"
-    state = "met" if v["met"] else "not met" if v["complete"] else "open (tasks missing)"
+    state = "met" if v["meets_so_far"] else "not met"
+    if not v["complete"]:
+        state = f"open ({v['runs']} of {v['of_runs']} task-seeds in); so far {state}"
     task, lowest = v["lowest"]
     return (
         f"{head}: mean {100 * v['mean']:.1f}% of full fine-tuning (lowest: {task}, "

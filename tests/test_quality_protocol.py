@@ -219,11 +219,24 @@ def test_the_report_judges_each_task_and_each_fold_against_the_goal(tmp_path: Pa
     judged = pr.verdict(rows, "judge", p.JUDGING)
     assert judged["complete"] and judged["every_task"] and judged["floors"]  # 90 > 60
     assert judged["layer_share"] == (3 + len(p.JUDGING)) / (6 * len(p.JUDGING))  # 9 of 36
-    assert judged["met"]
+    assert judged["met"] and pr.verdict_line(judged).endswith("floors cleared): met.")
+    # Every task in, one seed of one task missing: open, and what holds so far.
+    p.Unit("qqp", "full", CHOICE["full_lr"], 1).path(tmp_path / "met").unlink()
+    partial = pr.task_rows(pc.load(tmp_path / "met"), CHOICE)
+    judged = pr.verdict(partial, "judge", p.JUDGING)
+    assert (judged["tasks"], judged["runs"], judged["complete"], judged["met"]) == (
+        6,
+        11,
+        False,
+        False,
+    )
+    assert pr.verdict_line(judged).endswith("open (11 of 12 task-seeds in); so far met.")
     assert pr.verdict(rows, "choose", p.CHOOSING) == {
         "fold": "choose",
         "tasks": 0,
         "of": 3,
+        "runs": 0,
+        "of_runs": 6,
         "complete": False,
     }
 
@@ -246,7 +259,7 @@ def test_the_report_judges_each_task_and_each_fold_against_the_goal(tmp_path: Pa
     assert "| 3+1, 3+1 | within noise | 0.80× |" in text
     assert "| sst2 | judge | 90.0 | 83.0 | 92.2% [" in text and "| 3+1, 3+1 | no | 0.80× |" in text
     assert "**judge** (2 of 6 tasks): mean 94.7% of full fine-tuning (lowest: sst2, 92.2%)" in text
-    assert text.endswith("floors cleared): open (tasks missing).")
+    assert text.endswith("floors cleared): open (4 of 12 task-seeds in); so far not met.")
 
 
 def test_a_task_below_its_floor_fails_the_goal_and_the_mean_without_it_is_shown(
