@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import benchtasks  # noqa: E402  (bench/ is not a package)
+from quality_units import log  # noqa: E402
 
 UNITS = HERE / "results" / "quality" / "units"
 CLAIMS = ".claims"  # under UNITS: which runner on this machine has which unit
@@ -100,19 +101,12 @@ TEACHER_SEARCHES = ((2,), (2, 3))
 TOLERANCES = (0.98, 0.99)
 SEEDS = (0, 1)
 GOAL = 0.996
-# Training examples per CPU-second at 1 thread, fp32, ~48 tokens, from one BERT layer's
-# forward and backward on this 2-core AMD EPYC (AVX2; no AVX-512 BF16 or AMX): 0.45 CPU-s
-# per batch of 32 (bf16 autocast: 4.8 s, emulated, 10x slower). Full: 6 layers; a branch
-# layer on cached states; caching: forward only. Estimates assume the epoch cap (early
-# stopping usually ends sooner) and a machine to itself.
+# Training examples per CPU-second at 1 thread, fp32, ~48 tokens: one BERT layer's forward
+# and backward took 0.45 CPU-s per batch of 32 on this 2-core AMD EPYC (AVX2, no AMX). Full:
+# 6 layers; a branch layer on cached states; caching: forward only; at the epoch cap.
 FULL_EXAMPLES_PER_S = 11.0
 BRANCH_LAYER_EXAMPLES_PER_S = 70.0
 CACHE_EXAMPLES_PER_S = 35.0
-
-
-def log(line: str) -> None:
-    """Print a timestamped progress line."""
-    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
 def precision() -> str:
@@ -234,23 +228,28 @@ def claim(unit: Unit, root: Path = UNITS) -> Path | None:
 
 
 def run_order(units: Iterable[Unit]) -> list[Unit]:
-    """Return ``units`` cheapest first, except that a judging unit of a later seed waits
-    for every judging unit of an earlier one: the judging run spans sessions, and one
-    seed of every judging task (both methods) is a complete picture, where half the tasks
-    on two seeds is not."""
+    """Return ``units`` cheapest first, but every judging unit of a seed before any of the
+    next: one seed of every judging task is a complete picture, half the tasks on two not."""
     return sorted(units, key=lambda u: (u.task in JUDGING and u.seed, u.estimate(), u.name, u.task))
 
 
-def realized_shares(units: Iterable[Unit], root: Path = UNITS) -> dict[str, float]:
-    """Return, per method, the hours its finished ``units`` took over their estimates at the
-    epoch cap (early stopping ends most sooner); a method with none finished is absent."""
-    took, estimated = Counter[str](), Counter[str]()  # float counts
+def realized_shares(units: Iterable[Unit], root: Path = UNITS) -> dict[Any, float]:
+    """Return the hours finished ``units`` took over their estimates at the epoch cap (early
+    stopping ends most sooner), per method and per (task, method): a task's own units
+    predict its others best (SNIPS stops under a tenth of the cap, QQP near a fifth)."""
+    took, estimated = Counter[Any](), Counter[Any]()  # float counts
     for unit in units:
-        found = read_unit(unit.path(root))
-        if found:
-            took[unit.method] += found["hours"]
-            estimated[unit.method] += unit.estimate() / 3600
-    return {method: took[method] / estimated[method] for method in took}
+        if found := read_unit(unit.path(root)):
+            for key in (unit.method, (unit.task, unit.method)):
+                took[key] += found["hours"]
+                estimated[key] += unit.estimate() / 3600
+    return {key: took[key] / estimated[key] for key in took}
+
+
+def expected_seconds(unit: Unit, shares: dict[Any, float]) -> float:
+    """Return ``unit``'s estimate scaled by :func:`realized_shares`: its task's share, else
+    its method's, else unscaled."""
+    return unit.estimate() * shares.get((unit.task, unit.method), shares.get(unit.method, 1.0))
 
 
 def run_units(
@@ -261,13 +260,13 @@ def run_units(
 ) -> list[Unit]:
     """Run the unfinished ``units`` in :func:`run_order`, writing each as it finishes; skip
     one another runner has claimed (:func:`claim`); start none expected to end after
-    ``until`` (epoch seconds; estimates scaled by :func:`realized_shares`). Returns those run."""
+    ``until`` (epoch seconds; :func:`expected_seconds`). Returns those run."""
     shares = realized_shares(units, root)
     done = []
     for unit in run_order(units):
         if read_unit(unit.path(root)) is not None:
             continue
-        expected = unit.estimate() * shares.get(unit.method, 1.0)
+        expected = expected_seconds(unit, shares)
         if until is not None and time.time() + expected > until:
             log(f"{unit.task} {unit.name}: not started, it would end after the stop time")
             continue

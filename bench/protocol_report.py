@@ -33,23 +33,23 @@ LAYER_GOAL = 0.30
 def plan(root: Path = p.UNITS) -> list[str]:
     """Return the plan's lines: every unit, done or not, with its estimated cost."""
     units = p.planned_units(root)
-    lines, pending = [], {"full": 0.0, "branch": 0.0}
+    scaled = p.realized_shares(units, root)
+    lines, total, likely = [], 0.0, 0.0
     for u in p.run_order(units):
         found = p.read_unit(u.path(root))
         state = f"done ({found['hours']:.2f} h)" if found else f"~{u.estimate() / 3600:.2f} h"
         if not found:
-            pending[u.method] += u.estimate() / 3600
+            total += u.estimate() / 3600
+            likely += p.expected_seconds(u, scaled) / 3600
         fold = "choose" if u.task in p.CHOOSING else "judge"
         lines.append(f"{fold:6} {u.task:13} {u.name:28} {state}")
-    total = sum(pending.values())
     lines.append(f"pending: {total:.1f} CPU hours (estimate at the epoch cap)")
-    scaled = p.realized_shares(units, root)
     if scaled:
-        likely = sum(h * scaled.get(m, 1.0) for m, h in pending.items())
-        shares = ", ".join(f"{m} units {r:.0%}" for m, r in scaled.items())
+        shares = ", ".join(f"{m} units {r:.0%}" for m, r in scaled.items() if isinstance(m, str))
         lines.append(
-            f"finished units took {shares} of their estimates; at that rate (1.0 where none "
-            f"finished) the pending units take about {likely:.1f} CPU hours"
+            f"finished units took {shares} of their estimates (per task where it has finished "
+            f"units of the method); at those rates the pending units take about {likely:.1f} "
+            "CPU hours"
         )
     if not any(u.task in p.JUDGING for u in units):
         lines.append("judging units: planned once the choosing units are complete")

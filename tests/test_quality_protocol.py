@@ -116,7 +116,12 @@ def test_the_stop_time_scales_estimates_by_how_long_finished_units_of_the_method
     finished, pending = p.Unit("cola", "full", 2e-5, 0), p.Unit("cola", "full", 5e-5, 0)
     half = finished.estimate() / 2 / 3600
     p.write_unit(finished.path(tmp_path), {"metric": "mcc", "runs": [], "hours": half})
-    assert p.realized_shares([finished, pending], tmp_path) == {"full": 0.5}
+    shares = p.realized_shares([finished, pending], tmp_path)
+    assert shares == {"full": 0.5, ("cola", "full"): 0.5}
+    # Another task's full unit takes the method's share; cola's the task's own.
+    other = p.Unit("mrpc", "full", 2e-5, 0)
+    assert p.expected_seconds(other, {"full": 0.5}) == other.estimate() / 2
+    assert p.expected_seconds(pending, shares | {"full": 0.9}) == pending.estimate() / 2
     calls: list[str] = []
     # Time for 60% of the estimate: too little at the epoch cap, enough at the rate seen.
     until = time.time() + 0.6 * pending.estimate()
