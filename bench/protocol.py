@@ -414,6 +414,13 @@ def planned_units(root: Path = UNITS) -> list[Unit]:
     return units
 
 
+def until_seconds(hhmm: str) -> float:
+    """Return the epoch seconds of ``hhmm`` (UTC) today."""
+    hour, minute = (int(x) for x in hhmm.split(":"))
+    now = time.gmtime()
+    return time.time() + ((hour - now.tm_hour) * 60 + minute - now.tm_min) * 60
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and plan, run or report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -431,11 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        until = None
-        if args.until:
-            hour, minute = (int(x) for x in args.until.split(":"))
-            now = time.gmtime()
-            until = time.time() + ((hour - now.tm_hour) * 60 + minute - now.tm_min) * 60
+        until = until_seconds(args.until) if args.until else None
         run_units(planned_units(), Runner(), until=until)
     if args.report:
         import protocol_report

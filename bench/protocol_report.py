@@ -222,6 +222,29 @@ def hours(units: dict) -> dict[str, float]:
     return out
 
 
+def precisions(units: dict) -> dict[str, dict[str, int]]:
+    """Return, per precision the finished units trained at, how many units of each task and
+    method ("mrpc full"): it follows the machine a unit ran on (:func:`protocol.precision`)."""
+    out: dict[str, dict[str, int]] = {}
+    for (task, name), unit in sorted(units.items()):
+        kind = f"{task} {name.split('-')[0]}"
+        counts = out.setdefault(unit["precision"], {})
+        counts[kind] = counts.get(kind, 0) + 1
+    return out
+
+
+def precision_line(found: dict[str, dict[str, int]]) -> str:
+    """Return the report's line on precisions: each one's unit count, and which units ran at
+    any but the most common one."""
+    totals = {k: sum(v.values()) for k, v in found.items()}
+    common = max(totals, key=totals.__getitem__)
+    parts = []
+    for name in sorted(found, key=lambda k: -totals[k]):
+        detail = ", ".join(f"{kind} {n}" for kind, n in found[name].items())
+        parts.append(f"{name} {totals[name]}" + ("" if name == common else f" ({detail})"))
+    return "Units by precision (the machine's: bf16 where the CPU has it): " + "; ".join(parts)
+
+
 def unit_rows(units: dict) -> list[dict[str, Any]]:
     """Return one row per finished unit: its runs' scores (dev; reported split), epochs
     (best/run), training rate (example-layers per second) and hours."""
@@ -278,6 +301,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"tasks: {', '.join(p.JUDGING)}. Units finished: {report['finished']} of "
         f"{report['planned']} choosing units. Hours (unit wall time): "
         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(report["hours"].items())),
+        "",
+        precision_line(report["precisions"]) + ".",
         "",
         "## Full fine-tuning's rate on the choosing tasks (mean over seeds, then tasks)",
         "",
@@ -431,6 +456,7 @@ def write(root: Path, out: Path) -> dict[str, Any]:
         "finished": finished,
         "planned": len(choosing),
         "hours": hours(units),
+        "precisions": precisions(units),
         "tasks": task_rows(units, choice),
         "units": unit_rows(units),
     }

@@ -334,3 +334,17 @@ def test_the_product_defaults_are_what_the_protocol_chose() -> None:
         assert search in p.TEACHER_SEARCHES
         assert defaults.teacher_lrs[0] in p.TEACHER_LRS and len(defaults.teacher_lrs) == 1
         assert defaults.tolerance in p.TOLERANCES
+
+
+def test_the_report_says_which_units_ran_at_another_precision(tmp_path: Path) -> None:
+    ran = [("mrpc", "full", 1e-4, "fp32"), ("mrpc", "full", 2e-5, "bf16")]
+    ran += [("rte", "full", 1e-4, "bf16"), ("rte", "branch", 2e-4, "bf16")]
+    for task, method, lr, precision in ran:
+        unit = p.Unit(task, method, lr, 0, 3 if method == "branch" else 0)
+        p.write_unit(unit.path(tmp_path), {"precision": precision, "hours": 0.1})
+    found = pr.precisions(pc.load(tmp_path))
+    assert found == {
+        "bf16": {"mrpc full": 1, "rte branch": 1, "rte full": 1},
+        "fp32": {"mrpc full": 1},
+    }
+    assert pr.precision_line(found).endswith(": bf16 3; fp32 1 (mrpc full 1)")

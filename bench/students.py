@@ -1,0 +1,163 @@
+"""Students' learning rate on the choosing tasks: a diagnosis for the quality protocol's
+next round (issue #22), not a choice.
+
+The protocol (bench/protocol.py) fixed the student rate at onboarding's default (5e-4)
+before choosing, and never searched it. On its judging tasks no 1- or 2-layer student of
+SST-2's 3-layer teacher came within 99% of it, so the teacher was served and the bundle
+kept 36% of the layers. This script asks the same question on the choosing tasks only
+(CoLA, MRPC, STS-B), where a choice may look: the protocol's chosen teacher (3 layers at
+2e-4, the product's defaults otherwise), then its students of 1 and 2 layers at each rate
+of ``STUDENT_LRS``, every run scored on dev. Reported: each student as a share of its
+teacher, and per rate how many come within the 0.99 tolerance.
+
+    python bench/students.py --run [--seeds 0 1] [--until HH:MM]   # resumable units
+    python bench/students.py --report
+
+Units are kept under bench/results/students/TASK/ as they finish (runners side by side
+take different units, as in bench/protocol.py); the report is bench/results/students.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import protocol  # noqa: E402  (bench/ is not a package)
+
+ROOT = HERE / "results" / "students"
+WORK = protocol.WORK.parent / "students"
+STUDENT_LRS = (1e-4, 2e-4, 5e-4)
+TEACHER_LR = 2e-4
+TEACHER_LAYERS = 3
+TOLERANCE = 0.99
+
+
+class StudentRunner(protocol.Runner):
+    """The protocol's runner, with every student trained at each of :data:`STUDENT_LRS`."""
+
+    def settings(self, unit: protocol.Unit) -> Any:
+        """Return the protocol's settings of ``unit`` with the students' rates searched."""
+        return replace(super().settings(unit), student_lrs=STUDENT_LRS)
+
+
+def units(seeds: tuple[int, ...]) -> list[protocol.Unit]:
+    """Return one unit per choosing task and seed: the chosen teacher and its students."""
+    return [
+        protocol.Unit(task, "branch", TEACHER_LR, seed, TEACHER_LAYERS)
+        for seed in seeds
+        for task in protocol.CHOOSING
+    ]
+
+
+def rows(root: Path = ROOT) -> list[dict[str, Any]]:
+    """Return a row per finished unit and student: task, seed, l, rate, dev score, epochs
+    (best/run) and the student's share of its teacher's dev score."""
+    out = []
+    for path in sorted(root.glob("*/*.json")):
+        unit = protocol.read_unit(path)
+        if unit is None:
+            continue
+        metric = unit["metric"]
+        teacher = next(r for r in unit["runs"] if r["stage"] == "teacher")
+        base = teacher["reported"]["metrics"][metric]
+        for run in unit["runs"]:
+            if run["stage"] != "student":
+                continue
+            score = run["reported"]["metrics"][metric]
+            out.append(
+                {
+                    "task": unit["unit"]["task"],
+                    "seed": unit["unit"]["seed"],
+                    "teacher": base,
+                    "layers": run["layers"],
+                    "lr": run["lr"],
+                    "score": score,
+                    "epochs": f"{run['best_epoch']}/{run['epochs_run']}",
+                    "share": score / base if base else None,
+                }
+            )
+    return out
+
+
+def summary(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return per (l, rate): the mean share of the teacher over units and how many units'
+    students come within :data:`TOLERANCE` of their teacher."""
+    out = []
+    for layers, lr in sorted({(r["layers"], r["lr"]) for r in found}):
+        shares = [r["share"] for r in found if (r["layers"], r["lr"]) == (layers, lr)]
+        shares = [s for s in shares if s is not None]
+        out.append(
+            {
+                "layers": layers,
+                "lr": lr,
+                "mean_share": statistics.fmean(shares) if shares else None,
+                "within": sum(s >= TOLERANCE for s in shares),
+                "units": len(shares),
+            }
+        )
+    return out
+
+
+def report(root: Path = ROOT) -> str:
+    """Write bench/results/students.{md,json} from the finished units; return the markdown."""
+    found = rows(root)
+    summed = summary(found)
+    lines = ["# Students' learning rate on the choosing tasks (bench/students.py)", ""]
+    lines += [
+        f"Teacher: {TEACHER_LAYERS} layers at {TEACHER_LR:g} (fork depth 3 of MiniLM-L6), the "
+        f"protocol's settings otherwise; students of 1 and 2 layers at each rate; dev scores "
+        f"(x100). A diagnosis for the protocol's next round: the protocol's own students "
+        f"trained at 5e-4 only.",
+        "",
+        f"| l | student lr | mean % of teacher | within {TOLERANCE} | units |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for s in summed:
+        mean = "–" if s["mean_share"] is None else f"{100 * s['mean_share']:.1f}%"
+        lines.append(f"| {s['layers']} | {s['lr']:g} | {mean} | {s['within']} | {s['units']} |")
+    lines += ["", "| task | seed | teacher | l | lr | student | epochs | % of teacher |"]
+    lines += ["|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in found:
+        share = "–" if r["share"] is None else f"{100 * r['share']:.1f}%"
+        lines.append(
+            f"| {r['task']} | {r['seed']} | {100 * r['teacher']:.1f} | {r['layers']} | "
+            f"{r['lr']:g} | {100 * r['score']:.1f} | {r['epochs']} | {share} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (HERE / "results" / "students.md").write_text(text)
+    data = {"summary": summed, "rows": found, "student_lrs": list(STUDENT_LRS)}
+    (HERE / "results" / "students.json").write_text(json.dumps(data, indent=1) + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line; run units and/or write the report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="store_true", help="run the unfinished units")
+    parser.add_argument("--report", action="store_true", help="write the report")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds [0]")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    parser.add_argument("--until", help="HH:MM (UTC): start no unit expected to end later")
+    args = parser.parse_args(argv)
+    if args.run:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        until = protocol.until_seconds(args.until) if args.until else None
+        protocol.run_units(units(tuple(args.seeds)), StudentRunner(WORK), ROOT, until)
+    if args.report:
+        print(report())
+    if not (args.run or args.report):
+        parser.error("give --run or --report")
+
+
+if __name__ == "__main__":
+    main()
