@@ -236,6 +236,8 @@ def precisions(units: dict) -> dict[str, dict[str, int]]:
 def precision_line(found: dict[str, dict[str, int]]) -> str:
     """Return the report's line on precisions: each one's unit count, and which units ran at
     any but the most common one."""
+    if not found:
+        return "Units by precision: no unit has finished"
     totals = {k: sum(v.values()) for k, v in found.items()}
     common = max(totals, key=totals.__getitem__)
     parts = []

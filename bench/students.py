@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import protocol  # noqa: E402  (bench/ is not a package)
+import protocol_choice  # noqa: E402
 
 ROOT = HERE / "results" / "students"
 WORK = protocol.WORK.parent / "students"
@@ -61,10 +62,7 @@ def rows(root: Path = ROOT) -> list[dict[str, Any]]:
     """Return a row per finished unit and student: task, seed, l, rate, dev score, epochs
     (best/run) and the student's share of its teacher's dev score."""
     out = []
-    for path in sorted(root.glob("*/*.json")):
-        unit = protocol.read_unit(path)
-        if unit is None:
-            continue
+    for unit in protocol_choice.load(root).values():
         metric = unit["metric"]
         teacher = next(r for r in unit["runs"] if r["stage"] == "teacher")
         base = teacher["reported"]["metrics"][metric]

@@ -348,3 +348,4 @@ def test_the_report_says_which_units_ran_at_another_precision(tmp_path: Path) ->
         "fp32": {"mrpc full": 1},
     }
     assert pr.precision_line(found).endswith(": bf16 3; fp32 1 (mrpc full 1)")
+    assert pr.precision_line({}) == "Units by precision: no unit has finished"
