@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -129,16 +130,28 @@ def report(root: Path = ROOT) -> str:
             f"| {r['task']} | {r['seed']} | {100 * r['teacher']:.1f} | {r['layers']} | "
             f"{r['lr']:g} | {100 * r['score']:.1f} | {r['epochs']} | {share} |"
         )
-    text = "\n".join(lines) + "\n"
-    (HERE / "results" / "students.md").write_text(text)
     data = {"summary": summed, "rows": found, "student_lrs": list(STUDENT_LRS)}
-    (HERE / "results" / "students.json").write_text(json.dumps(data, indent=1) + "\n")
+    return write_report(HERE / "results" / "students", lines, data)
+
+
+def write_report(stem: Path, lines: list[str], data: dict[str, Any]) -> str:
+    """Write ``lines`` to ``stem``.md and ``data`` to ``stem``.json; return the markdown."""
+    text = "\n".join(lines) + "\n"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     return text
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the command line; run units and/or write the report."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def command(
+    doc: str,
+    run: Callable[[tuple[int, ...], float | None], object],
+    report: Callable[[], str],
+    argv: list[str] | None = None,
+) -> None:
+    """The command line of a diagnosis (this one, bench/hidden_distill.py): ``--run``
+    calls ``run(seeds, until)`` (``until`` in epoch seconds or None) on ``--threads``
+    torch threads, ``--report`` prints ``report()``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--run", action="store_true", help="run the unfinished units")
     parser.add_argument("--report", action="store_true", help="write the report")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds [0]")
@@ -149,12 +162,20 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        until = protocol.until_seconds(args.until) if args.until else None
-        protocol.run_units(units(tuple(args.seeds)), StudentRunner(WORK), ROOT, until)
+        run(tuple(args.seeds), protocol.until_seconds(args.until) if args.until else None)
     if args.report:
         print(report())
     if not (args.run or args.report):
         parser.error("give --run or --report")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line; run units and/or write the report."""
+
+    def run(seeds: tuple[int, ...], until: float | None) -> None:
+        protocol.run_units(units(seeds), StudentRunner(WORK), ROOT, until)
+
+    command(__doc__, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -266,13 +266,21 @@ class Branch(nn.Module):
         if unexpected:
             raise RuntimeError(f"trunk tensor {unexpected[0]!r} does not fit the branch")
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        """Return logits [B, C] for trunk state ``hidden`` [B, T, H] and 0/1 ``mask`` [B, T]
-        ([B, T, C] for a per-token head)."""
+    def encode(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """Return the branch's top hidden state [B, T, H] (after the final norm, where the
+        family has one) for trunk state ``hidden`` [B, T, H] and 0/1 ``mask`` [B, T]."""
         context = self.context(hidden, mask)
         for layer in self.layers:
             hidden = self.run(layer, hidden, context)
-        if self.final_norm is not None:
-            hidden = self.final_norm(hidden)
-        x = hidden if self.pooler is None else self.pooler(hidden, mask)
+        return hidden if self.final_norm is None else self.final_norm(hidden)
+
+    def classify(self, states: Tensor, mask: Tensor) -> Tensor:
+        """Return logits [B, C] ([B, T, C] for a per-token head) for the branch's top
+        hidden state ``states`` (:meth:`encode`) and 0/1 ``mask`` [B, T]."""
+        x = states if self.pooler is None else self.pooler(states, mask)
         return self.head(F.dropout(x, self.dropout, self.training))
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """Return logits [B, C] for trunk state ``hidden`` [B, T, H] and 0/1 ``mask`` [B, T]
+        ([B, T, C] for a per-token head)."""
+        return self.classify(self.encode(hidden, mask), mask)

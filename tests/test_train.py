@@ -23,7 +23,15 @@ from mtreg.errors import MtregError
 from mtreg.registry.api import Registry
 from mtreg.training.cache import ActivationCache, cache_key
 from mtreg.training.job import compute_hidden, hidden_states, prepare, uncached_batch_loss
-from mtreg.training.loop import TEMPERATURE, Split, autocast, batch_loss
+from mtreg.training.loop import (
+    TEMPERATURE,
+    Split,
+    autocast,
+    batch_loss,
+    fit,
+    predict_logits,
+    predict_states,
+)
 from mtreg.training.settings import Settings
 from mtreg.training.stages import load_run, student_branch, teacher_branch, train_teachers
 
@@ -115,6 +123,58 @@ def test_student_starts_from_the_teachers_bottom_layers_and_head(registry: Regis
             assert torch.equal(getattr(student, part).state_dict()[name], tensor)
     with pytest.raises(MtregError, match=r"student needs 1\.\.2"):
         student_branch(job, teacher, 3)
+
+
+def test_hidden_state_loss_adds_the_masked_mse_to_the_teachers_states(
+    registry: Registry,
+) -> None:
+    job = prepare(registry, "toy", FAST)
+    # Rows cut to different lengths: padding must not count.
+    hidden = [h[: 3 + i % 4] for i, h in enumerate(hidden_states(job, "train", [0])[0])]
+    teacher = teacher_branch(job, 3, seed=0).eval()
+    student = student_branch(job, teacher, 1).eval()
+    split = Split(hidden, job.train.labels)
+    states = predict_states(teacher, split)
+    assert [s.shape for s in states] == [h.shape for h in hidden]
+    indices = [0, 5, 10]
+    own = predict_states(student, split)
+    torch.manual_seed(0)
+    targets = [torch.randn_like(s) for s in own]
+    with torch.no_grad():
+        plain = float(batch_loss(student, job.spec.head, split, indices))
+        targeted = replace(split, teacher_states=targets)
+        with_states = float(batch_loss(student, job.spec.head, targeted, indices))
+        # Matching states of its own: nothing is added.
+        same = replace(split, teacher_states=own)
+        unchanged = float(batch_loss(student, job.spec.head, same, indices))
+    squared = sum(float(((own[i] - targets[i]) ** 2).sum()) for i in indices)
+    count = sum(own[i].numel() for i in indices)
+    assert with_states - plain == pytest.approx(squared / count, rel=1e-4)
+    assert unchanged == pytest.approx(plain, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_student_trained_with_the_hidden_state_loss_moves_toward_the_teachers_states(
+    registry: Registry,
+) -> None:
+    job = prepare(registry, "toy", FAST)
+    train_hidden = hidden_states(job, "train", [0])[0]
+    dev = Split(hidden_states(job, "dev", [0])[0], job.dev.labels)
+    teacher = teacher_branch(job, 3, seed=0).eval()
+    split = Split(train_hidden, job.train.labels)
+    logits, states = predict_logits(teacher, split), predict_states(teacher, split)
+
+    def distance(student: torch.nn.Module) -> float:
+        own = predict_states(student, split)
+        return sum(float(((a - b) ** 2).mean()) for a, b in zip(own, states, strict=True))
+
+    recipe = job.recipe(1e-3, 3)
+    runs = {}
+    for name, targets in (("soft", None), ("soft+states", states)):
+        train = Split(train_hidden, job.train.labels, logits, targets)
+        student = student_branch(job, teacher, 1)
+        runs[name] = fit(student, job.spec.head, train, dev, job.metrics, recipe).branch
+    assert distance(runs["soft+states"]) < 0.5 * distance(runs["soft"])
 
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:

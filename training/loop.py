@@ -98,11 +98,13 @@ def autocast(precision: str, device: str) -> contextlib.AbstractContextManager[A
 @dataclass
 class Split:
     """Cached inputs of one data split: per-example hidden states at the fork depth, the
-    encoded labels, and (for distillation) the teacher's logits."""
+    encoded labels, and (for distillation) the teacher's logits and, optionally, its top
+    hidden states [len, H] for a hidden-state loss (see :func:`batch_loss`)."""
 
     hidden: list[torch.Tensor]
     labels: list[Any]
     teacher: list[torch.Tensor] | None = None
+    teacher_states: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -158,20 +160,41 @@ def linear_schedule(
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
-@torch.no_grad()
 def predict_logits(
     branch: nn.Module, split: Split, batch_size: int = 64, device: str = "cpu"
 ) -> list[torch.Tensor]:
     """Run ``branch`` (in eval mode) over a split; return per-example logits on the CPU
     (per-token heads: [len, labels] per example, padding removed)."""
+    return _per_example(branch, branch, split, batch_size, device)
+
+
+def predict_states(
+    branch: nn.Module, split: Split, batch_size: int = 64, device: str = "cpu"
+) -> list[torch.Tensor]:
+    """Run ``branch`` (a :class:`~mtreg.nn.layers.Branch`, in eval mode) over a split;
+    return per-example top hidden states [len, H] on the CPU, padding removed: the targets
+    of a hidden-state loss (:attr:`Split.teacher_states`)."""
+    return _per_example(branch, branch.encode, split, batch_size, device)
+
+
+@torch.no_grad()
+def _per_example(
+    branch: nn.Module,
+    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    split: Split,
+    batch_size: int,
+    device: str,
+) -> list[torch.Tensor]:
+    """Return ``run(hidden, mask)`` per example of ``split`` ([B, T, ...] outputs cut to each
+    example's length, [B, ...] outputs per row), ``branch`` in eval mode."""
     branch.eval()
     out: list[torch.Tensor] = []
     for start in range(0, len(split), batch_size):
         rows = split.hidden[start : start + batch_size]
         hidden, mask = pad_hidden(rows, device)
-        logits = branch(hidden, mask).float().cpu()
+        values = run(hidden, mask).float().cpu()
         for i, row in enumerate(rows):
-            out.append(logits[i, : row.shape[0]] if logits.ndim == 3 else logits[i])
+            out.append(values[i, : row.shape[0]] if values.ndim == 3 else values[i])
     return out
 
 
@@ -186,12 +209,27 @@ def batch_loss(
     branch: nn.Module, head: HeadSpec, split: Split, indices: Sequence[int], device: str = "cpu"
 ) -> torch.Tensor:
     """Return the training loss of ``branch`` on the examples at ``indices`` of ``split``:
-    the hard loss, plus the soft (distillation) loss when ``split.teacher`` is set."""
+    the hard loss, plus the soft (distillation) loss when ``split.teacher`` is set, plus
+    the mean squared error between the branch's top hidden state and the teacher's over
+    the real tokens when ``split.teacher_states`` is set (``branch`` is then a
+    :class:`~mtreg.nn.layers.Branch`: its states come from ``encode``)."""
     kind = heads.get(head.kind)
     hidden, mask = pad_hidden([split.hidden[i] for i in indices], device)
     labels = kind.stack([split.labels[i] for i in indices], hidden.shape[1]).to(device)
-    logits = branch(hidden, mask).float()  # the losses in fp32 under bf16 autocast
+    states_loss = None
+    if split.teacher_states is None:
+        logits = branch(hidden, mask)
+    else:
+        states = branch.encode(hidden, mask)
+        logits = branch.classify(states, mask)
+        target, _ = pad_hidden([split.teacher_states[i] for i in indices], device)
+        real = mask.unsqueeze(-1).to(torch.float32)
+        squared = (states.float() - target) ** 2 * real
+        states_loss = squared.sum() / (real.sum() * states.shape[-1])
+    logits = logits.float()  # the losses in fp32 under bf16 autocast
     loss = kind.loss(logits, labels)
+    if states_loss is not None:
+        loss = loss + states_loss
     if split.teacher is not None:
         rows = [split.teacher[i] for i in indices]
         if head.per_token:
