@@ -415,8 +415,18 @@ def planned_units(root: Path = UNITS) -> list[Unit]:
 
 
 def until_seconds(hhmm: str) -> float:
-    """Return the epoch seconds of ``hhmm`` (UTC) today."""
-    hour, minute = (int(x) for x in hhmm.split(":"))
+    """Return the epoch seconds of ``hhmm`` (UTC) today (an argparse ``type``).
+
+    Raises:
+        argparse.ArgumentTypeError: not an HH:MM time of day.
+    """
+    hour_text, _, minute_text = hhmm.partition(":")
+    try:
+        hour, minute = int(hour_text), int(minute_text)
+    except ValueError:
+        hour = minute = -1
+    if not (0 <= hour < 24 and 0 <= minute < 60):
+        raise argparse.ArgumentTypeError(f"{hhmm!r} is not a time of day: give HH:MM (UTC)")
     now = time.gmtime()
     return time.time() + ((hour - now.tm_hour) * 60 + minute - now.tm_min) * 60
 
@@ -428,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", action="store_true", help="run unfinished units (run_order)")
     parser.add_argument("--report", action="store_true", help="write the report")
     parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    parser.add_argument("--until", help="HH:MM (UTC): start no unit expected to end later")
+    parser.add_argument(
+        "--until", type=until_seconds, help="HH:MM (UTC): start no unit expected to end later"
+    )
     args = parser.parse_args(argv)
     if args.plan:
         import protocol_report
@@ -438,8 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        until = until_seconds(args.until) if args.until else None
-        run_units(planned_units(), Runner(), until=until)
+        run_units(planned_units(), Runner(), until=args.until)
     if args.report:
         import protocol_report
 

@@ -156,13 +156,17 @@ def command(
     parser.add_argument("--report", action="store_true", help="write the report")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds [0]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    parser.add_argument("--until", help="HH:MM (UTC): start no unit expected to end later")
+    parser.add_argument(
+        "--until",
+        type=protocol.until_seconds,
+        help="HH:MM (UTC): start no unit expected to end later",
+    )
     args = parser.parse_args(argv)
     if args.run:
         import torch
 
         torch.set_num_threads(args.threads)
-        run(tuple(args.seeds), protocol.until_seconds(args.until) if args.until else None)
+        run(tuple(args.seeds), args.until)
     if args.report:
         print(report())
     if not (args.run or args.report):

@@ -16,6 +16,7 @@ import protocol as p
 import protocol_choice as pc
 import protocol_report as pr
 import pytest
+import students
 
 from mtreg.training.settings import MAX_EPOCHS
 
@@ -349,3 +350,16 @@ def test_the_report_says_which_units_ran_at_another_precision(tmp_path: Path) ->
     }
     assert pr.precision_line(found).endswith(": bf16 3; fp32 1 (mrpc full 1)")
     assert pr.precision_line({}) == "Units by precision: no unit has finished"
+
+
+@pytest.mark.parametrize("text", ["25:00", "12:60", "noon", "12", "7:5x"])
+def test_a_stop_time_that_is_not_hh_mm_is_a_usage_error_before_anything_runs(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for main in (p.main, students.main):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--run", "--until", text])
+        assert exit_.value.code == 2
+        assert f"{text!r} is not a time of day: give HH:MM (UTC)" in capsys.readouterr().err
+    ahead = p.until_seconds(time.strftime("%H:%M", time.gmtime(time.time() + 3600)))
+    assert 3500 < (ahead - time.time()) % 86400 < 3700  # the same hour tomorrow past midnight
