@@ -19,7 +19,6 @@ bench/results/hidden_distill/TASK/; the report is bench/results/hidden_distill.{
 
 from __future__ import annotations
 
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +32,6 @@ import protocol_choice  # noqa: E402
 import students  # noqa: E402
 
 ROOT = HERE / "results" / "hidden_distill"
-LOSSES = ("soft", "soft+states")
 
 
 class HiddenRunner(students.StudentRunner):
@@ -116,23 +114,10 @@ def rows(root: Path = ROOT) -> list[dict[str, Any]]:
 
 
 def summary(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Return per (loss, rate): the mean share of the teacher and how many units' students
-    come within the tolerance."""
-    out = []
-    for loss in LOSSES:
-        for lr in sorted({r["lr"] for r in found if r["loss"] == loss}):
-            shares = [r["share"] for r in found if (r["loss"], r["lr"]) == (loss, lr)]
-            shares = [s for s in shares if s is not None]
-            out.append(
-                {
-                    "loss": loss,
-                    "lr": lr,
-                    "mean_share": statistics.fmean(shares) if shares else None,
-                    "within": sum(s >= students.TOLERANCE for s in shares),
-                    "units": len(shares),
-                }
-            )
-    return out
+    """Return per (loss, rate), then per loss for the best rate in each unit: the mean
+    share of the teacher and how many units' students come within the tolerance (see
+    ``students.summary``)."""
+    return students.summary(found, "loss")
 
 
 def report(root: Path = ROOT, out: Path = HERE / "results") -> str:
@@ -153,7 +138,8 @@ def report(root: Path = ROOT, out: Path = HERE / "results") -> str:
     ]
     for s in summed:
         mean = "–" if s["mean_share"] is None else f"{100 * s['mean_share']:.1f}%"
-        lines.append(f"| {s['loss']} | {s['lr']:g} | {mean} | {s['within']} | {s['units']} |")
+        rate = students.rate(s["lr"])
+        lines.append(f"| {s['loss']} | {rate} | {mean} | {s['within']} | {s['units']} |")
     lines += ["", "| task | seed | teacher | loss | lr | student | epochs | % of teacher |"]
     lines += ["|---|---:|---:|---|---:|---:|---|---:|"]
     for r in found:

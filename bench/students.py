@@ -86,23 +86,40 @@ def rows(root: Path = ROOT) -> list[dict[str, Any]]:
     return out
 
 
-def summary(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Return per (l, rate): the mean share of the teacher over units and how many units'
-    students come within :data:`TOLERANCE` of their teacher."""
+def summary(found: list[dict[str, Any]], group: str = "layers") -> list[dict[str, Any]]:
+    """Return per (``group``, rate), ``group`` a key of the rows (the students' layers
+    here, the loss in bench/hidden_distill.py): the mean share of the teacher over units
+    and how many units' students come within :data:`TOLERANCE` of their teacher; then per
+    ``group`` the same for the best of the rates in each unit (``lr`` None), as onboarding
+    searching every rate would keep it (the best student on dev)."""
     out = []
-    for layers, lr in sorted({(r["layers"], r["lr"]) for r in found}):
-        shares = [r["share"] for r in found if (r["layers"], r["lr"]) == (layers, lr)]
-        shares = [s for s in shares if s is not None]
-        out.append(
-            {
-                "layers": layers,
-                "lr": lr,
-                "mean_share": statistics.fmean(shares) if shares else None,
-                "within": sum(s >= TOLERANCE for s in shares),
-                "units": len(shares),
-            }
-        )
+    for value, lr in sorted({(r[group], r["lr"]) for r in found}):
+        shares = [r["share"] for r in found if (r[group], r["lr"]) == (value, lr)]
+        out.append(_shares_row(group, value, lr, shares))
+    for value in sorted({r[group] for r in found}):
+        best: dict[tuple[str, int], float] = {}
+        for r in found:
+            if r[group] == value and r["share"] is not None:
+                unit = (r["task"], r["seed"])
+                best[unit] = max(best.get(unit, r["share"]), r["share"])
+        out.append(_shares_row(group, value, None, list(best.values())))
     return out
+
+
+def _shares_row(group: str, value: Any, lr: float | None, shares: list[Any]) -> dict[str, Any]:
+    known = [s for s in shares if s is not None]
+    return {
+        group: value,
+        "lr": lr,
+        "mean_share": statistics.fmean(known) if known else None,
+        "within": sum(s >= TOLERANCE for s in known),
+        "units": len(known),
+    }
+
+
+def rate(lr: float | None) -> str:
+    """Return a summary row's rate as the reports print it."""
+    return "best of the rates" if lr is None else f"{lr:g}"
 
 
 def report(root: Path = ROOT) -> str:
@@ -121,7 +138,7 @@ def report(root: Path = ROOT) -> str:
     ]
     for s in summed:
         mean = "–" if s["mean_share"] is None else f"{100 * s['mean_share']:.1f}%"
-        lines.append(f"| {s['layers']} | {s['lr']:g} | {mean} | {s['within']} | {s['units']} |")
+        lines.append(f"| {s['layers']} | {rate(s['lr'])} | {mean} | {s['within']} | {s['units']} |")
     lines += ["", "| task | seed | teacher | l | lr | student | epochs | % of teacher |"]
     lines += ["|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in found:

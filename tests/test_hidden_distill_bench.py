@@ -37,11 +37,14 @@ def test_the_report_sets_each_loss_against_the_teacher_per_rate(tmp_path: Path) 
     ]
     assert rows[1]["epochs"] == "3/6" and rows[3]["share"] == pytest.approx(0.95)
     summed = hd.summary(rows)
-    assert [(s["loss"], s["within"], s["units"]) for s in summed] == [
-        ("soft", 0, 2),
-        ("soft+states", 1, 2),
+    assert [(s["loss"], s["lr"], s["within"], s["units"]) for s in summed] == [
+        ("soft", 5e-4, 0, 2),
+        ("soft+states", 5e-4, 1, 2),
+        ("soft", None, 0, 2),
+        ("soft+states", None, 1, 2),
     ]
     assert summed[1]["mean_share"] == pytest.approx(0.975)
     text = hd.report(tmp_path / "units", tmp_path)
     assert "| soft+states | 0.0005 | 97.5% | 1 | 2 |" in text
+    assert "| soft+states | best of the rates | 97.5% | 1 | 2 |" in text
     assert (tmp_path / "hidden_distill.json").is_file()
