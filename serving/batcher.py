@@ -256,17 +256,22 @@ class Batcher:
                 try:
                     if alone.error is not None:
                         raise alone.error
-                    pending.done(self._chunks(pending.bundle, alone.chunks), None)
+                    self._answer(pending, self._chunks(pending.bundle, alone.chunks))
                 except Exception:
                     self._fail(pending)
             return
         start = 0
         for pending in batch:
-            pending.done(results[start : start + len(pending.rows)], None)
+            self._answer(pending, results[start : start + len(pending.rows)])
             start += len(pending.rows)
-        for row in rows:
+
+    def _answer(self, pending: Pending, results: Results) -> None:
+        # Counted before the answer is released, so a scrape that follows a response
+        # already includes it.
+        for row in pending.rows:
             for task in row.tasks:
                 self.metrics.task_inputs.labels(task=task).inc()
+        pending.done(results, None)
 
     def _fail(self, pending: Pending) -> None:
         log.exception("inference failed for a request of %d inputs", len(pending.rows))

@@ -212,6 +212,44 @@ def test_batcher_answers_each_request_its_own_rows_in_order(
     assert set(tokenised_on) == {thread}
 
 
+def test_answered_inputs_are_counted_before_each_answer_and_a_failed_one_is_not(
+    bundle: LoadedBundle,
+) -> None:
+    metrics = ServeMetrics()
+    counted = metrics.task_inputs.labels(task="sentiment")
+
+    def run(b: Any, rows: Any, timings: Any, prepared: Any) -> Any:
+        if any(row.item == "boom" for row in rows):
+            raise ValueError("a broken input")
+        return LoadedBundle.run(b, rows, timings, prepared)
+
+    # One batch of all four requests; "boom" breaks it, so each then runs alone.
+    batcher = Batcher(run, metrics, 8, 200, 512, prepare=lambda b, rows: encode_rows(b, rows))
+    requests = [
+        Request(bundle, [Row(t, ("sentiment",)) for t in texts])
+        for texts in (TEXTS[:2], ["boom"], TEXTS[2:3], TEXTS[3:6])
+    ]
+    seen_at_answer = []
+    for request in requests:
+        deliver = request.pending.done
+
+        def done(results: Any, error: Any, deliver: Any = deliver) -> None:
+            seen_at_answer.append(counted._value.get())
+            deliver(results, error)
+
+        request.pending.done = done
+        batcher.submit(request.pending)
+    batcher.start()
+    answers = [request.wait() for request in requests]
+    batcher.stop()
+    assert {r.pending.batch for r in requests} == {7}, "the four requests shared one batch"
+    assert isinstance(answers[1], BaseException)
+    assert [len(a) for i, a in enumerate(answers) if i != 1] == [2, 1, 3]
+    # Each request's inputs were counted before its answer was released.
+    assert seen_at_answer == [2, 2, 3, 6]
+    assert counted._value.get() == 6
+
+
 def test_the_next_full_batch_is_tokenised_while_one_runs_and_a_partial_one_waits(
     bundle: LoadedBundle,
 ) -> None:
