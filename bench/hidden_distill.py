@@ -133,21 +133,8 @@ def report(root: Path = ROOT, out: Path = HERE / "results") -> str:
         "error to the teacher's top hidden state added; same seed, rates and epoch rule. "
         "Dev scores (x100). A diagnosis, not a choice.",
         "",
-        f"| loss | student lr | mean % of teacher | within {students.TOLERANCE} | units |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for s in summed:
-        mean = "–" if s["mean_share"] is None else f"{100 * s['mean_share']:.1f}%"
-        rate = students.rate(s["lr"])
-        lines.append(f"| {s['loss']} | {rate} | {mean} | {s['within']} | {s['units']} |")
-    lines += ["", "| task | seed | teacher | loss | lr | student | epochs | % of teacher |"]
-    lines += ["|---|---:|---:|---|---:|---:|---|---:|"]
-    for r in found:
-        share = "–" if r["share"] is None else f"{100 * r['share']:.1f}%"
-        lines.append(
-            f"| {r['task']} | {r['seed']} | {100 * r['teacher']:.1f} | {r['loss']} | "
-            f"{r['lr']:g} | {100 * r['score']:.1f} | {r['epochs']} | {share} |"
-        )
+    lines += students.tables(found, summed, "loss", "loss", "---")
     return students.write_report(out / "hidden_distill", lines, {"summary": summed, "rows": found})
 
 

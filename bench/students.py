@@ -133,22 +133,33 @@ def report(root: Path = ROOT) -> str:
         f"(x100). A diagnosis for the protocol's next round: the protocol's own students "
         f"trained at 5e-4 only.",
         "",
-        f"| l | student lr | mean % of teacher | within {TOLERANCE} | units |",
-        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += tables(found, summed, "layers", "l", "---:")
+    data = {"summary": summed, "rows": found, "student_lrs": list(STUDENT_LRS)}
+    return write_report(HERE / "results" / "students", lines, data)
+
+
+def tables(
+    found: list[dict[str, Any]], summed: list[dict[str, Any]], group: str, header: str, align: str
+) -> list[str]:
+    """Return a diagnosis report's two markdown tables: the :func:`summary` rows, then one
+    row per run; the ``group`` column is headed ``header`` and aligned by ``align``."""
+    lines = [
+        f"| {header} | student lr | mean % of teacher | within {TOLERANCE} | units |",
+        f"|{align}|---:|---:|---:|---:|",
     ]
     for s in summed:
         mean = "–" if s["mean_share"] is None else f"{100 * s['mean_share']:.1f}%"
-        lines.append(f"| {s['layers']} | {rate(s['lr'])} | {mean} | {s['within']} | {s['units']} |")
-    lines += ["", "| task | seed | teacher | l | lr | student | epochs | % of teacher |"]
-    lines += ["|---|---:|---:|---:|---:|---:|---|---:|"]
+        lines.append(f"| {s[group]} | {rate(s['lr'])} | {mean} | {s['within']} | {s['units']} |")
+    lines += ["", f"| task | seed | teacher | {header} | lr | student | epochs | % of teacher |"]
+    lines += [f"|---|---:|---:|{align}|---:|---:|---|---:|"]
     for r in found:
         share = "–" if r["share"] is None else f"{100 * r['share']:.1f}%"
         lines.append(
-            f"| {r['task']} | {r['seed']} | {100 * r['teacher']:.1f} | {r['layers']} | "
+            f"| {r['task']} | {r['seed']} | {100 * r['teacher']:.1f} | {r[group]} | "
             f"{r['lr']:g} | {100 * r['score']:.1f} | {r['epochs']} | {share} |"
         )
-    data = {"summary": summed, "rows": found, "student_lrs": list(STUDENT_LRS)}
-    return write_report(HERE / "results" / "students", lines, data)
+    return lines
 
 
 def write_report(stem: Path, lines: list[str], data: dict[str, Any]) -> str:
