@@ -97,6 +97,7 @@ TEACHER_LRS = (1e-4, 2e-4, 5e-4)
 # (2,) trains 3 layers per epoch, (2, 3) 9, the 6 of one full fine-tuning times 1.5; (2, 3, 4)
 # 19, over 3x, and is not searched (its L=4 units were about half the choosing cost).
 ONBOARD_BUDGET = 1.5
+TRUNK_LAYERS = 6  # MiniLM-L6's: one full fine-tuning trains them all, every epoch
 TEACHER_SEARCHES = ((2,), (2, 3))
 TOLERANCES = (0.98, 0.99)
 SEEDS = (0, 1)
@@ -159,10 +160,17 @@ def students(depth: int) -> range:
     return range(1, min(MAX_STUDENT_LAYERS, depth - 1) + 1)
 
 
-def search_layers(search: Sequence[int]) -> int:
+def search_layers(search: Sequence[int], student_rates: int = 1) -> int:
     """Return the layers onboarding trains per epoch for the teacher depths ``search``:
-    each teacher's and its students' (one full fine-tuning of the trunk trains all)."""
-    return sum(depth + sum(students(depth)) for depth in search)
+    each teacher's and its students', each student at ``student_rates`` learning rates
+    (one full fine-tuning of the trunk trains all)."""
+    return sum(depth + student_rates * sum(students(depth)) for depth in search)
+
+
+def within_budget(search: Sequence[int], student_rates: int = 1) -> bool:
+    """Return whether onboarding's layers per epoch (:func:`search_layers`) are at most
+    :data:`ONBOARD_BUDGET` full fine-tunings' at equal epochs."""
+    return search_layers(search, student_rates) <= ONBOARD_BUDGET * TRUNK_LAYERS
 
 
 def choosing_units(tasks: Iterable[str] = CHOOSING) -> list[Unit]:

@@ -32,10 +32,17 @@ def _run(data: dict[str, Any]) -> Any:
 
 
 def served(
-    units: dict, task: str, seed: int, search: Sequence[int], lr: float, tolerance: float
+    units: dict,
+    task: str,
+    seed: int,
+    search: Sequence[int],
+    lr: float,
+    tolerance: float,
+    student_lrs: Sequence[float] | None = None,
 ) -> dict[str, Any] | None:
     """Return the branch ``mtreg onboard`` would keep for a configuration (teachers of
-    ``search`` at ``lr``, students at its default rate, ``tolerance``) from the branch
+    ``search`` at ``lr``, ``tolerance``, students at ``student_lrs``: None takes every
+    student the units hold, the protocol's at onboarding's default rate) from the branch
     units of (task, seed); ``{"collapsed": True}`` when every teacher diverged; None while a
     unit is missing."""
     from mtreg.training.onboard import choose
@@ -51,7 +58,13 @@ def served(
     best = max(teachers, key=lambda r: (r["dev_metrics"][metric], -r["layers"]))
     # onboard's choice sees every teacher and the students of the best one
     depth = best["fork_depth"]
-    same_fork = [r for r in rows if r["stage"] == "student" and r["fork_depth"] == depth]
+    same_fork = [
+        r
+        for r in rows
+        if r["stage"] == "student"
+        and r["fork_depth"] == depth
+        and (student_lrs is None or r["lr"] in student_lrs)
+    ]
     candidates = teachers + same_fork
     picked = choose([_run(r) for r in candidates], _run(best), metric, tolerance)
     return next(r for r in candidates if _run(r) == picked)
@@ -81,16 +94,23 @@ def configs() -> list[tuple[tuple[int, ...], float, float]]:
     return [(s, lr, t) for s in p.TEACHER_SEARCHES for lr in p.TEACHER_LRS for t in p.TOLERANCES]
 
 
-def config_row(units: dict, tasks: Sequence[str], config: tuple, full_lr: dict) -> dict:
+def config_row(
+    units: dict,
+    tasks: Sequence[str],
+    config: tuple,
+    full_lr: dict,
+    student_lrs: Sequence[float] | None = None,
+) -> dict:
     """Return a configuration's mean ratio to full fine-tuning and mean layers per request
-    over ``tasks`` (mean over seeds, then tasks), with how many (task, seed) cells it has."""
+    over ``tasks`` (mean over seeds, then tasks), with how many (task, seed) cells it has;
+    ``student_lrs`` as in :func:`served`."""
     search, lr, tolerance = config
     ratios, layers, cells = [], [], 0
     for task in tasks:
         full, _ = full_mean(units, task, full_lr.get(task, p.FULL_LRS[0]))
         per_seed = []
         for seed in p.SEEDS:
-            row = served(units, task, seed, search, lr, tolerance)
+            row = served(units, task, seed, search, lr, tolerance, student_lrs)
             metric = metric_of(units, task)
             if row is None or full is None or metric is None:
                 continue
@@ -129,13 +149,7 @@ def choose(root: Path) -> dict[str, Any]:
     full_lr = max(scored, key=lambda f: (f["mean"], -f["lr"]))["lr"] if scored else None
     rates = {t: full_lr for t in p.CHOOSING} if full_lr else {}
     rows = [config_row(units, p.CHOOSING, c, rates) for c in configs()]
-    rated = [r for r in rows if r["ratio"] is not None]
-    good = [r for r in rated if r["ratio"] >= p.GOAL]
-    best = (
-        min(good, key=lambda r: (r["layers"], -r["ratio"]))
-        if good
-        else max(rated, key=lambda r: r["ratio"], default=None)
-    )
+    best = pick(rows)
     return {
         "full_lr": full_lr,
         "full": full,
@@ -144,3 +158,15 @@ def choose(root: Path) -> dict[str, Any]:
         "search": best and best["search"],
         "tolerance": best and best["tolerance"],
     }
+
+
+def pick(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Return the row the protocol's rule selects among :func:`config_row` rows: among
+    those whose mean ratio reaches :data:`protocol.GOAL`, the fewest layers per request
+    (a tie: the higher ratio); if none does, the highest ratio (a tie: the first). None
+    when no row has a ratio."""
+    rated = [r for r in rows if r["ratio"] is not None]
+    good = [r for r in rated if r["ratio"] >= p.GOAL]
+    if good:
+        return min(good, key=lambda r: (r["layers"], -r["ratio"]))
+    return max(rated, key=lambda r: r["ratio"], default=None)

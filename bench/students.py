@@ -1,14 +1,24 @@
-"""Students' learning rate on the choosing tasks: a diagnosis for the quality protocol's
-next round (issue #22), not a choice.
+"""Students' learning rate on the choosing tasks (issue #22): a diagnosis, then the
+protocol's rule applied to the students' rate as a second stage of its choice.
 
 The protocol (bench/protocol.py) fixed the student rate at onboarding's default (5e-4)
 before choosing, and never searched it. On its judging tasks no 1- or 2-layer student of
 SST-2's 3-layer teacher came within 99% of it, so the teacher was served and the bundle
 kept 36% of the layers. This script asks the same question on the choosing tasks only
-(CoLA, MRPC, STS-B), where a choice may look: the protocol's chosen teacher (3 layers at
-2e-4, the product's defaults otherwise), then its students of 1 and 2 layers at each rate
-of ``STUDENT_LRS``, every run scored on dev. Reported: each student as a share of its
-teacher, and per rate how many come within the 0.99 tolerance.
+(CoLA, MRPC, STS-B), where a choice may look.
+
+*Diagnosis.* The protocol's chosen teacher (3 layers at 2e-4, the product's defaults
+otherwise), then its students of 1 and 2 layers at each rate of ``STUDENT_LRS``, every run
+scored on dev: each student as a share of its teacher, and per rate how many come within
+the 0.99 tolerance.
+
+*Second stage.* The same for every teacher depth the protocol chose (:data:`SEARCH`), so
+that each student rate set (each non-empty subset of ``STUDENT_LRS``) composes into the
+branch ``mtreg onboard`` would serve, with the protocol's choice otherwise; its ratio to
+full fine-tuning and layers per request are computed as the protocol's own table
+(:func:`protocol_choice.config_row`), and its rule picks among the sets that fit the
+onboarding budget (:func:`protocol.within_budget`). Every teacher and every 5e-4 student
+here retrains a run of the protocol's units; the report checks they score the same.
 
     python bench/students.py --run [--seeds 0 1] [--until HH:MM]   # resumable units
     python bench/students.py --report
@@ -20,6 +30,7 @@ take different units, as in bench/protocol.py); the report is bench/results/stud
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -39,6 +50,7 @@ WORK = protocol.WORK.parent / "students"
 STUDENT_LRS = (1e-4, 2e-4, 5e-4)
 TEACHER_LR = 2e-4
 TEACHER_LAYERS = 3
+SEARCH = (2, 3)  # the protocol's chosen teacher depths: the rate sets are composed over them
 TOLERANCE = 0.99
 
 
@@ -50,20 +62,27 @@ class StudentRunner(protocol.Runner):
         return replace(super().settings(unit), student_lrs=STUDENT_LRS)
 
 
-def units(seeds: tuple[int, ...]) -> list[protocol.Unit]:
-    """Return one unit per choosing task and seed: the chosen teacher and its students."""
+def units(
+    seeds: tuple[int, ...], search: tuple[int, ...] = (TEACHER_LAYERS,)
+) -> list[protocol.Unit]:
+    """Return one unit per choosing task, seed and teacher depth of ``search`` (default:
+    the diagnosis's teacher): the teacher and its students."""
     return [
-        protocol.Unit(task, "branch", TEACHER_LR, seed, TEACHER_LAYERS)
+        protocol.Unit(task, "branch", TEACHER_LR, seed, layers)
+        for layers in search
         for seed in seeds
         for task in protocol.CHOOSING
     ]
 
 
 def rows(root: Path = ROOT) -> list[dict[str, Any]]:
-    """Return a row per finished unit and student: task, seed, l, rate, dev score, epochs
-    (best/run) and the student's share of its teacher's dev score."""
+    """Return a row per student of the diagnosis's finished units (teacher of
+    :data:`TEACHER_LAYERS`): task, seed, l, rate, dev score, epochs (best/run) and the
+    student's share of its teacher's dev score."""
     out = []
     for unit in protocol_choice.load(root).values():
+        if unit["unit"]["layers"] != TEACHER_LAYERS:
+            continue
         metric = unit["metric"]
         teacher = next(r for r in unit["runs"] if r["stage"] == "teacher")
         base = teacher["reported"]["metrics"][metric]
@@ -122,6 +141,60 @@ def rate(lr: float | None) -> str:
     return "best of the rates" if lr is None else f"{lr:g}"
 
 
+def rate_sets() -> list[tuple[float, ...]]:
+    """Return every non-empty subset of :data:`STUDENT_LRS`, fewest rates first."""
+    sizes = range(1, len(STUDENT_LRS) + 1)
+    return [c for n in sizes for c in itertools.combinations(STUDENT_LRS, n)]
+
+
+def composed(root: Path = ROOT, protocol_root: Path = protocol.UNITS) -> dict[str, Any]:
+    """Return the second stage: per student rate set, the protocol's table row
+    (:func:`protocol_choice.config_row` over the choosing tasks, with the protocol's chosen
+    full fine-tuning rate, teacher depths, teacher rate and tolerance; branch units from
+    ``root``, full ones from ``protocol_root``) and whether it fits the onboarding budget;
+    ``chosen``: the rate set the protocol's rule picks among those that fit, and among all
+    (None while a unit is missing)."""
+    choice = protocol_choice.choose(protocol_root)
+    full = {
+        k: u for k, u in protocol_choice.load(protocol_root).items() if k[1].startswith("full-")
+    }
+    units = full | protocol_choice.load(root)  # every branch unit retrained here
+    config = (tuple(choice["search"]), choice["teacher_lr"], choice["tolerance"])
+    full_lr = {task: choice["full_lr"] for task in protocol.CHOOSING}
+    table = []
+    for lrs in rate_sets():
+        row = protocol_choice.config_row(units, protocol.CHOOSING, config, full_lr, lrs)
+        row |= {"student_lrs": list(lrs), "budget": protocol.within_budget(config[0], len(lrs))}
+        table.append(row)
+    complete = [r for r in table if r["cells"] == len(protocol.CHOOSING) * len(protocol.SEEDS)]
+    fits, every = [r for r in complete if r["budget"]], complete if complete == table else []
+    return {
+        "config": {"search": list(config[0]), "teacher_lr": config[1], "tolerance": config[2]},
+        "full_lr": choice["full_lr"],
+        "rows": table,
+        "chosen": (protocol_choice.pick(fits) or {}).get("student_lrs"),
+        "chosen_ignoring_budget": (protocol_choice.pick(every) or {}).get("student_lrs"),
+    }
+
+
+def unreproduced(root: Path = ROOT, protocol_root: Path = protocol.UNITS) -> list[str]:
+    """Return "<task> <unit>: <run>" for each run of a protocol unit whose retrained copy
+    here (same stage, depth, size and rate) scores otherwise on dev, or is missing."""
+    ours, theirs = protocol_choice.load(root), protocol_choice.load(protocol_root)
+    out = []
+    for (task, name), unit in ours.items():
+        kept = {_run_id(r): r["dev_metrics"] for r in unit["runs"]}
+        for run in theirs.get((task, name), {}).get("runs", []):
+            if kept.get(_run_id(run)) != run["dev_metrics"]:
+                stage, depth, layers, lr = _run_id(run)
+                out.append(f"{task} {name}: {stage} k{depth} l{layers} lr{lr:g}")
+    return out
+
+
+def _run_id(run: dict[str, Any]) -> tuple[str, int, int, float]:
+    return run["stage"], run["fork_depth"], run["layers"], run["lr"]
+
+
 def report(root: Path = ROOT) -> str:
     """Write bench/results/students.{md,json} from the finished units; return the markdown."""
     found = rows(root)
@@ -135,8 +208,46 @@ def report(root: Path = ROOT) -> str:
         "",
     ]
     lines += tables(found, summed, "layers", "l", "---:")
+    stage = composed(root)
+    lines += ["", *stage_lines(stage, unreproduced(root))]
     data = {"summary": summed, "rows": found, "student_lrs": list(STUDENT_LRS)}
+    data |= {"second_stage": stage}
     return write_report(HERE / "results" / "students", lines, data)
+
+
+def stage_lines(stage: dict[str, Any], differ: list[str]) -> list[str]:
+    """Return the second stage's markdown: its table, the rule's pick, the reproduction."""
+    config = stage["config"]
+    lines = [
+        "## Second stage: the students' rate set, by the protocol's rule",
+        "",
+        f"The protocol's choice otherwise: teachers L in {config['search']} at "
+        f"{config['teacher_lr']:g}, tolerance {config['tolerance']}, against full fine-tuning "
+        f"at {stage['full_lr']:g}; choosing tasks, mean over seeds then tasks. Budget: "
+        f"layers trained per epoch at most {protocol.ONBOARD_BUDGET:g}× one full "
+        "fine-tuning's (bench/protocol.py, `within_budget`).",
+        "",
+        "| student lrs | fits the budget | % of full | layers/request | cells |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in stage["rows"]:
+        ratio = "–" if r["ratio"] is None else f"{100 * r['ratio']:.1f}%"
+        layers = "–" if r["layers"] is None else f"{r['layers']:.2f}"
+        fits = "yes" if r["budget"] else "no"
+        rates = ", ".join(f"{lr:g}" for lr in r["student_lrs"])
+        lines.append(f"| {rates} | {fits} | {ratio} | {layers} | {r['cells']} |")
+
+    def named(rates: list[float] | None) -> str:
+        return "– (units missing)" if rates is None else ", ".join(f"{lr:g}" for lr in rates)
+
+    lines += [
+        "",
+        f"- The rule picks, among the sets that fit the budget: **{named(stage['chosen'])}**.",
+        f"- Among every set, budget aside: {named(stage['chosen_ignoring_budget'])}.",
+        "- The protocol's runs retrained here score the same on dev: "
+        + ("yes, every one." if not differ else f"**no**: {'; '.join(differ)}."),
+    ]
+    return lines
 
 
 def tables(
@@ -205,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line; run units and/or write the report."""
 
     def run(seeds: tuple[int, ...], until: float | None) -> None:
-        protocol.run_units(units(seeds), StudentRunner(WORK), ROOT, until)
+        protocol.run_units(units(seeds, SEARCH), StudentRunner(WORK), ROOT, until)
 
     command(__doc__, run, report, argv)
 

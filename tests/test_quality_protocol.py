@@ -41,10 +41,12 @@ def test_every_candidate_runs_on_every_seed_with_the_same_number_of_rates() -> N
 
 
 def test_every_searched_depth_fits_the_onboarding_budget_at_equal_epochs() -> None:
-    full = 6  # the MiniLM trunk's layers, all trained by full fine-tuning
     assert p.search_layers((2, 3)) == 2 + 1 + 3 + (1 + 2)  # teachers and their students
-    assert all(p.search_layers(s) <= p.ONBOARD_BUDGET * full for s in p.TEACHER_SEARCHES)
-    assert p.search_layers((2, 3, 4)) > p.ONBOARD_BUDGET * full  # why L=4 is not searched
+    assert p.search_layers((2, 3), student_rates=2) == 2 + 2 * 1 + 3 + 2 * (1 + 2)
+    assert all(p.within_budget(s) for s in p.TEACHER_SEARCHES)
+    assert not p.within_budget((2, 3, 4))  # why L=4 is not searched
+    assert not p.within_budget((2, 3), student_rates=2)  # nor a second student rate
+    assert p.within_budget((2,), student_rates=2)
 
 
 def _compute(calls: list[str]):
@@ -170,6 +172,13 @@ def test_the_served_branch_follows_onboards_choice(tmp_path: Path) -> None:
     strict = pc.served(units, "mrpc", 0, (2, 3), 2e-4, 0.99)
     assert (loose["stage"], loose["layers"]) == ("student", 1)  # 0.88 >= 0.873
     assert (strict["stage"], strict["layers"]) == ("student", 2)  # 0.895 >= 0.891
+    # A 1-layer student at another rate qualifies: served unless the rates leave it out.
+    rows.append(_row("student", 1, 3, 0.893, 0.89) | {"lr": 2e-4})
+    _branch_unit(tmp_path, "mrpc", 0, 3, rows)
+    units = pc.load(tmp_path)
+    both = pc.served(units, "mrpc", 0, (2, 3), 2e-4, 0.99)
+    assert (both["layers"], both["lr"]) == (1, 2e-4)
+    assert pc.served(units, "mrpc", 0, (2, 3), 2e-4, 0.99, student_lrs=(5e-4,)) == strict
     assert pc.served(units, "mrpc", 0, (2, 3, 4), 2e-4, 0.99) is None  # L=4 unit missing
     assert pc.served(units, "mrpc", 1, (2, 3), 2e-4, 0.99) is None  # seed 1 not run
     _branch_unit(tmp_path, "cola", 0, 2, [])  # every teacher diverged
@@ -363,3 +372,14 @@ def test_a_stop_time_that_is_not_hh_mm_is_a_usage_error_before_anything_runs(
         assert f"{text!r} is not a time of day: give HH:MM (UTC)" in capsys.readouterr().err
     ahead = p.until_seconds(time.strftime("%H:%M", time.gmtime(time.time() + 3600)))
     assert 3500 < (ahead - time.time()) % 86400 < 3700  # the same hour tomorrow past midnight
+
+
+def test_the_rule_takes_the_fewest_layers_at_the_goal_else_the_highest_ratio() -> None:
+    def row(ratio: float | None, layers: float) -> dict[str, Any]:
+        return {"ratio": ratio, "layers": layers}
+
+    at_goal = [row(0.999, 5.0), row(0.997, 4.5), row(1.01, 4.5), row(0.99, 3.0)]
+    assert pc.pick(at_goal) == row(1.01, 4.5)  # fewest layers at the goal, then the ratio
+    below = [row(0.98, 5.0), row(0.985, 5.5), row(None, 3.0)]
+    assert pc.pick(below) == row(0.985, 5.5)  # none at the goal: the highest ratio
+    assert pc.pick([row(None, 3.0)]) is None

@@ -46,3 +46,102 @@ def test_each_student_is_reported_as_a_share_of_its_teacher(tmp_path: Path) -> N
         (1, None, 2, 2),  # the best of the rates in each unit
     ]
     assert [s["mean_share"] for s in summed] == pytest.approx([0.975, 0.945, 0.995])
+
+
+def _branch_row(stage: str, layers: int, depth: int, lr: float, dev: float) -> dict:
+    """A run of a branch unit, scored ``dev`` on dev and 0.90 on the reported split."""
+    return {
+        "stage": stage,
+        "layers": layers,
+        "fork_depth": depth,
+        "lr": lr,
+        "epochs": 10,
+        "best_epoch": 3,
+        "epochs_run": 6,
+        "dev_metrics": {"f1": dev},
+        "seconds": 1.0,
+        "reported": {"metrics": {"f1": 0.90}},
+        "layers_per_request": depth + layers,
+    }
+
+
+def _second_stage_units(students: Path, protocol_root: Path) -> None:
+    """MRPC, 2 seeds, full fine-tuning 0.90. The L=3 teacher (0.90 on dev) beats L=2; its
+    1-layer student reaches 0.99 of it at 2e-4 on seed 0 and at 5e-4 on seed 1 only."""
+    for seed in (0, 1):
+        full = p.Unit("mrpc", "full", 1e-4, seed)
+        runs = [{"reported": {"metrics": {"f1": 0.90}}, "layers_per_request": 6}]
+        p.write_unit(full.path(protocol_root), {"metric": "f1", "runs": runs})
+        shallow = p.Unit("mrpc", "branch", 2e-4, seed, 2)
+        runs = [_branch_row("teacher", 2, 4, 2e-4, 0.80)]
+        p.write_unit(shallow.path(students), {"metric": "f1", "runs": runs})
+        good = {0: 2e-4, 1: 5e-4}[seed]
+        runs = [_branch_row("teacher", 3, 3, 2e-4, 0.90)]
+        runs += [
+            _branch_row("student", 1, 3, lr, 0.895 if lr == good else 0.85) for lr in (2e-4, 5e-4)
+        ]
+        runs += [_branch_row("student", 2, 3, lr, 0.90) for lr in (2e-4, 5e-4)]
+        if seed == 0:  # the 2e-4 student that qualifies also scores higher where reported
+            runs[1]["reported"] = {"metrics": {"f1": 0.91}}
+        deep = p.Unit("mrpc", "branch", 2e-4, seed, 3)
+        p.write_unit(deep.path(students), {"metric": "f1", "runs": runs, "unit": deep.__dict__})
+
+
+@pytest.fixture
+def one_task_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    import protocol_choice
+
+    choice = {"full_lr": 1e-4, "search": [2, 3], "teacher_lr": 2e-4, "tolerance": 0.99}
+    monkeypatch.setattr(protocol_choice, "choose", lambda _root: choice)
+    monkeypatch.setattr(p, "CHOOSING", ("mrpc",))
+    monkeypatch.setattr(p, "SEEDS", (0, 1))
+    monkeypatch.setattr(st, "STUDENT_LRS", (2e-4, 5e-4))
+
+
+def test_the_rate_sets_compose_as_onboard_serves_and_the_budget_rules_out_two_rates(
+    tmp_path: Path, one_task_protocol: None
+) -> None:
+    students, protocol_root = tmp_path / "students", tmp_path / "protocol"
+    _second_stage_units(students, protocol_root)
+    stage = st.composed(students, protocol_root)
+    table = {tuple(r["student_lrs"]): r for r in stage["rows"]}
+    assert list(table) == [(2e-4,), (5e-4,), (2e-4, 5e-4)]
+    # One rate: a 1-layer student on one seed, 2 layers on the other; both rates: 1 on both.
+    assert [table[k]["layers"] for k in table] == [4.5, 4.5, 4.0]
+    assert table[(2e-4,)]["ratio"] == pytest.approx((0.91 / 0.90 + 1.0) / 2)
+    assert table[(5e-4,)]["ratio"] == pytest.approx(1.0)
+    assert [table[k]["budget"] for k in table] == [True, True, False]
+    assert all(r["cells"] == 2 for r in stage["rows"])
+    # Every set reaches the goal's ratio: the fewest layers wins, among those that fit.
+    assert stage["chosen"] == [2e-4]
+    assert stage["chosen_ignoring_budget"] == [2e-4, 5e-4]
+
+
+def test_a_rate_set_is_not_chosen_while_a_unit_is_missing(
+    tmp_path: Path, one_task_protocol: None
+) -> None:
+    students, protocol_root = tmp_path / "students", tmp_path / "protocol"
+    _second_stage_units(students, protocol_root)
+    # The protocol's own L=2 unit does not stand in for the one retrained here.
+    p.Unit("mrpc", "branch", 2e-4, 1, 2).path(students).rename(
+        p.Unit("mrpc", "branch", 2e-4, 1, 2).path(protocol_root)
+    )
+    stage = st.composed(students, protocol_root)
+    assert all(r["cells"] == 1 for r in stage["rows"])
+    assert stage["chosen"] is None and stage["chosen_ignoring_budget"] is None
+
+
+def test_a_protocol_run_that_scores_otherwise_when_retrained_is_named(tmp_path: Path) -> None:
+    students, protocol_root = tmp_path / "students", tmp_path / "protocol"
+    unit = p.Unit("mrpc", "branch", 2e-4, 0, 3)
+    ours = [_branch_row("teacher", 3, 3, 2e-4, 0.90), _branch_row("student", 1, 3, 5e-4, 0.85)]
+    ours.append(_branch_row("student", 1, 3, 2e-4, 0.88))  # not in the protocol's unit
+    p.write_unit(unit.path(students), {"metric": "f1", "runs": ours})
+    theirs = [_branch_row("teacher", 3, 3, 2e-4, 0.90), _branch_row("student", 1, 3, 5e-4, 0.86)]
+    p.write_unit(unit.path(protocol_root), {"metric": "f1", "runs": theirs})
+    assert st.unreproduced(students, protocol_root) == [
+        "mrpc branch-L3-lr0.0002-seed0: student k3 l1 lr0.0005"
+    ]
+    theirs[1]["dev_metrics"] = {"f1": 0.85}
+    p.write_unit(unit.path(protocol_root), {"metric": "f1", "runs": theirs})
+    assert st.unreproduced(students, protocol_root) == []
