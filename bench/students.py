@@ -179,15 +179,20 @@ def composed(root: Path = ROOT, protocol_root: Path = protocol.UNITS) -> dict[st
 
 def unreproduced(root: Path = ROOT, protocol_root: Path = protocol.UNITS) -> list[str]:
     """Return "<task> <unit>: <run>" for each run of a protocol unit whose retrained copy
-    here (same stage, depth, size and rate) scores otherwise on dev, or is missing."""
+    here (same stage, depth, size and rate) scores otherwise on dev, or is missing; where
+    the two units trained at different precisions, it says which (a difference is expected
+    there)."""
     ours, theirs = protocol_choice.load(root), protocol_choice.load(protocol_root)
     out = []
     for (task, name), unit in ours.items():
         kept = {_run_id(r): r["dev_metrics"] for r in unit["runs"]}
-        for run in theirs.get((task, name), {}).get("runs", []):
+        other = theirs.get((task, name), {})
+        precisions = other.get("precision"), unit.get("precision")
+        why = "" if precisions[0] == precisions[1] else " ({} there, {} here)".format(*precisions)
+        for run in other.get("runs", []):
             if kept.get(_run_id(run)) != run["dev_metrics"]:
                 stage, depth, layers, lr = _run_id(run)
-                out.append(f"{task} {name}: {stage} k{depth} l{layers} lr{lr:g}")
+                out.append(f"{task} {name}: {stage} k{depth} l{layers} lr{lr:g}{why}")
     return out
 
 

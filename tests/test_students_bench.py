@@ -145,3 +145,11 @@ def test_a_protocol_run_that_scores_otherwise_when_retrained_is_named(tmp_path: 
     theirs[1]["dev_metrics"] = {"f1": 0.85}
     p.write_unit(unit.path(protocol_root), {"metric": "f1", "runs": theirs})
     assert st.unreproduced(students, protocol_root) == []
+    # Trained at another precision: still named, with the precisions.
+    theirs[1]["dev_metrics"] = {"f1": 0.86}
+    written = {"metric": "f1", "runs": theirs, "precision": "fp32"}
+    p.write_unit(unit.path(protocol_root), written)
+    p.write_unit(unit.path(students), {"metric": "f1", "runs": ours, "precision": "bf16"})
+    assert st.unreproduced(students, protocol_root) == [
+        "mrpc branch-L3-lr0.0002-seed0: student k3 l1 lr0.0005 (fp32 there, bf16 here)"
+    ]
