@@ -206,10 +206,10 @@ def report(root: Path = ROOT) -> str:
     summed = summary(found)
     lines = ["# Students' learning rate on the choosing tasks (bench/students.py)", ""]
     lines += [
-        f"Teacher: {TEACHER_LAYERS} layers at {TEACHER_LR:g} (fork depth 3 of MiniLM-L6), the "
-        f"protocol's settings otherwise; students of 1 and 2 layers at each rate; dev scores "
-        f"(x100). A diagnosis for the protocol's next round: the protocol's own students "
-        f"trained at 5e-4 only.",
+        f"The diagnosis. Teacher: {TEACHER_LAYERS} layers at {TEACHER_LR:g} (fork depth 3 of "
+        f"MiniLM-L6), the protocol's settings otherwise; students of 1 and 2 layers at each "
+        f"rate; dev scores (x100). The protocol's own students trained at 5e-4 only. The "
+        f"second stage, at the end, adds the 2-layer teacher's students and chooses.",
         "",
     ]
     lines += tables(found, summed, "layers", "l", "---:")

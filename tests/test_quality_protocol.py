@@ -340,6 +340,15 @@ def test_the_product_defaults_are_what_the_protocol_chose() -> None:
         assert tuple(choice["search"]) == search
         assert (choice["teacher_lr"],) == defaults.teacher_lrs
         assert choice["tolerance"] == defaults.tolerance
+        # The students' rate: the second stage's choice (bench/students.py) on the same tasks.
+        stage = json.loads((p.HERE / "results" / "students.json").read_text())["second_stage"]
+        given = stage["config"]
+        assert tuple(given["search"]) == search
+        assert (given["teacher_lr"], given["tolerance"]) == (
+            choice["teacher_lr"],
+            choice["tolerance"],
+        )
+        assert tuple(stage["chosen"]) == defaults.student_lrs
     else:
         assert search in p.TEACHER_SEARCHES
         assert defaults.teacher_lrs[0] in p.TEACHER_LRS and len(defaults.teacher_lrs) == 1
