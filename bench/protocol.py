@@ -299,16 +299,17 @@ def run_units(
 
 
 class Runner:
-    """Computes units: one registry per seed in the work folder, the protocol's settings."""
+    """Computes units: one registry per seed in the work folder, the protocol's settings,
+    the tasks as ``tasks`` configures them (default :data:`TASKS`)."""
 
-    def __init__(self, work: Path = WORK) -> None:
-        self.work = work
+    def __init__(self, work: Path = WORK, tasks: dict[str, dict[str, Any]] = TASKS) -> None:
+        self.work, self.tasks = work, tasks
         self._registries: dict[int, Any] = {}
 
     def registry(self, seed: int) -> Any:
         """Return the registry of ``seed`` (a home of its own: saved runs are per name)."""
         if seed not in self._registries:
-            config = {t: {**cfg, "seed": 0} for t, cfg in TASKS.items()}
+            config = {t: {**cfg, "seed": 0} for t, cfg in self.tasks.items()}
             self._registries[seed] = benchtasks.open_registry(self.work / f"seed{seed}", config)
         return self._registries[seed]
 
@@ -338,6 +339,7 @@ class Runner:
         out = {"precision": job.settings.precision, "train_size": len(job.train)}
         out["split"] = "test" if unit.task in TEST_TASKS else "dev"
         out["dev_size"], out["metric"] = len(job.dev), job.metrics[0]
+        out["max_length"] = job.max_length
         if unit.method == "full":
             return out | self._full(job, unit)
         return out | self._branches(job, unit)
