@@ -12,7 +12,7 @@ otherwise), then its students of 1 and 2 layers at each rate of ``STUDENT_LRS``,
 scored on dev: each student as a share of its teacher, and per rate how many come within
 the 0.99 tolerance.
 
-*Second stage.* The same for every teacher depth the protocol chose (:data:`SEARCH`), so
+*Second stage.* The same for every teacher depth the protocol chose (2 and 3), so
 that each student rate set (each non-empty subset of ``STUDENT_LRS``) composes into the
 branch ``mtreg onboard`` would serve, with the protocol's choice otherwise; its ratio to
 full fine-tuning and layers per request are computed as the protocol's own table
@@ -50,7 +50,6 @@ WORK = protocol.WORK.parent / "students"
 STUDENT_LRS = (1e-4, 2e-4, 5e-4)
 TEACHER_LR = 2e-4
 TEACHER_LAYERS = 3
-SEARCH = (2, 3)  # the protocol's chosen teacher depths: the rate sets are composed over them
 TOLERANCE = 0.99
 
 
@@ -166,8 +165,9 @@ def composed(root: Path = ROOT, protocol_root: Path = protocol.UNITS) -> dict[st
         row = protocol_choice.config_row(units, protocol.CHOOSING, config, full_lr, lrs)
         row |= {"student_lrs": list(lrs), "budget": protocol.within_budget(config[0], len(lrs))}
         table.append(row)
-    complete = [r for r in table if r["cells"] == len(protocol.CHOOSING) * len(protocol.SEEDS)]
-    fits, every = [r for r in complete if r["budget"]], complete if complete == table else []
+    cells = len(protocol.CHOOSING) * len(protocol.SEEDS)
+    every = table if all(r["cells"] == cells for r in table) else []  # no choice before
+    fits = [r for r in every if r["budget"]]
     return {
         "config": {"search": list(config[0]), "teacher_lr": config[1], "tolerance": config[2]},
         "full_lr": choice["full_lr"],
@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line; run units and/or write the report."""
 
     def run(seeds: tuple[int, ...], until: float | None) -> None:
-        protocol.run_units(units(seeds, SEARCH), StudentRunner(WORK), ROOT, until)
+        search = tuple(protocol_choice.choose(protocol.UNITS)["search"])  # both stages
+        protocol.run_units(units(seeds, search), StudentRunner(WORK), ROOT, until)
 
     command(__doc__, run, report, argv)
 
