@@ -81,13 +81,13 @@ def report(root: Path = ROOT) -> str:
     ]
     for r in rows:
         seeds = ", ".join(f"{100 * s:.1f}" for s in r["scores"]) or "–"
-        f = r["floor"]
+        length, f = r["max_length"] or "–", r["floor"]  # None: unknown or mixed
         if f is None:
-            lines.append(f"| {r['max_length'] or '–'} | {seeds} | – | – | – | – |")
+            lines.append(f"| {length} | {seeds} | – | – | – | – |")
             continue
         gap = f"{100 * f['diff']:+.1f} [{100 * f['low']:.1f}, {100 * f['high']:.1f}]"
         lines.append(
-            f"| {r['max_length']} | {seeds} | {100 * f['full']:.1f} | {100 * f['majority']:.1f} "
+            f"| {length} | {seeds} | {100 * f['full']:.1f} | {100 * f['majority']:.1f} "
             f"| {gap} | {'yes' if f['clears'] else 'no'} |"
         )
     return students.write_report(HERE / "results" / "rte_length", lines, {"rows": rows})
